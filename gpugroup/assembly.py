@@ -1,0 +1,240 @@
+"""Grouped training arrays of DESIGN.md section 2, assembled in bounded chunks against ``xp``.
+
+The heavy part is the gather ``diff3d[nn_indices]``. It runs once per chunk of groups,
+fused with the channel-last transpose and the normalization: per-frame energies come
+first (only the frames the groups use, in float64), then each chunk is gathered once and
+written to ``diffraction`` and ``X_full``. Memory beyond the outputs is one chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of gathered frames per chunk (about a CPU's L2/L3 share; results do not depend on it).
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+
+def is_device_array(a) -> bool:
+    """True for a CuPy array, checked without importing CuPy."""
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def take_frames(xp, stack, idx):
+    """``stack[idx]`` as an ``xp`` array, for any frame store.
+
+    NumPy arrays and memmaps are gathered directly; device arrays on the device; other
+    stores (h5py, zarr) are read at sorted unique indices, which they need or prefer,
+    and re-expanded.
+    """
+    if is_device_array(stack):
+        return stack[xp.asarray(idx)]
+    idx = np.asarray(idx) if not is_device_array(idx) else idx.get()
+    if isinstance(stack, np.ndarray):
+        return xp.asarray(np.take(stack, idx, axis=0))
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return xp.asarray(np.asarray(stack[uniq])[inverse])
+
+
+def chunk_groups(B: int, bytes_per_group: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """Slices covering ``range(B)`` with about ``chunk_bytes`` of data each."""
+    step = max(1, chunk_bytes // max(1, bytes_per_group))
+    return [slice(a, min(B, a + step)) for a in range(0, B, step)]
+
+
+def _run_chunks(xp, fn, slices, workers):
+    """Call ``fn(slice)`` for every slice: a small thread pool on the CPU (NumPy releases
+    the GIL in copies), in order on a device."""
+    if xp is np and workers > 1 and len(slices) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(fn, slices):
+                pass
+    else:
+        for s in slices:
+            fn(s)
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """float64 ``sum_hw stack[i]**2`` for each ``i`` in ``idx`` (an ``xp`` array)."""
+    idx = np.asarray(idx) if not is_device_array(idx) else idx
+    n_frames = int(idx.shape[0])
+    frame_bytes = int(np.prod(stack.shape[1:])) * 8
+    out = xp.empty(n_frames, dtype=xp.float64)
+    for s in chunk_groups(n_frames, frame_bytes, chunk_bytes):
+        f = take_frames(xp, stack, idx[s]).astype(xp.float64)
+        f = f.reshape(f.shape[0], -1)
+        out[s] = xp.einsum("ij,ij->i", f, f)
+    return out
+
+
+def normalization_scale(xp, energies, N: int) -> float:
+    """s = sqrt((N/2)**2 / mean(E)) in float64 (DESIGN.md section 2)."""
+    mean = float(xp.mean(energies))
+    if not mean > 0:
+        raise ValueError(
+            f"the grouped diffraction frames have mean energy {mean}: all-zero (or NaN) frames "
+            f"cannot be normalized; check diff3d"
+        )
+    return float(np.sqrt((N / 2.0) ** 2 / mean))
+
+
+def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """Energies E[nn_indices] of the frames groups use, each frame read once."""
+    nn = nn_indices if is_device_array(nn_indices) else np.asarray(nn_indices)
+    uniq, inverse = (xp if is_device_array(nn) else np).unique(nn, return_inverse=True)
+    return frame_energies(xp, stack, uniq, chunk_bytes)[xp.asarray(inverse).reshape(nn.shape)]
+
+
+def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=None,
+                        out_X=None, chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None,
+                        progress=None):
+    """One fused pass: gather ``stack[nn_indices]`` per chunk, write channel-last.
+
+    Writes ``out_diffraction[g] = stack[nn[g]]`` moved to (N, N, C) and
+    ``out_X[g] = that * float32(scale)``; either output may be None. Outputs are
+    preallocated arrays of shape (B, N, N, C) (NumPy, CuPy, or any store accepting slice
+    assignment, e.g. an HDF5 dataset). ``progress(k)`` is called with the number of groups
+    done after each chunk.
+    """
+    B, C = int(nn_indices.shape[0]), int(nn_indices.shape[1])
+    frame_bytes = int(np.prod(stack.shape[1:])) * np.dtype(stack.dtype).itemsize
+    s32 = None if scale is None else np.float32(scale)
+    workers = default_workers() if workers is None else workers
+
+    def one(sl):
+        frames = take_frames(xp, stack, nn_indices[sl].reshape(-1))
+        frames = frames.reshape((sl.stop - sl.start, C) + tuple(stack.shape[1:]))
+        moved = xp.moveaxis(frames, 1, -1)
+        if out_diffraction is not None:
+            out_diffraction[sl] = moved
+        if out_X is not None:
+            if isinstance(out_X, np.ndarray) or is_device_array(out_X):
+                xp.multiply(moved, s32, out=out_X[sl], casting="unsafe")
+            else:
+                out_X[sl] = (moved * s32).astype(np.float32)
+        if progress is not None:
+            progress(sl.stop - sl.start)
+
+    _run_chunks(xp, one, chunk_groups(B, C * frame_bytes, chunk_bytes), workers)
+
+
+def group_coordinates(xp, x, y, nn_indices, prefix: str = "coords"):
+    """coords_nn (B,1,2,C), coords_offsets (B,1,2,1), coords_relative (B,1,2,C), float64."""
+    nn = xp.asarray(nn_indices)
+    nn_xy = xp.stack([xp.asarray(x)[nn], xp.asarray(y)[nn]], axis=1)[:, None, :, :]
+    offsets = xp.mean(nn_xy, axis=3, keepdims=True)
+    return {
+        f"{prefix}_nn": nn_xy,
+        f"{prefix}_offsets": offsets,
+        f"{prefix}_relative": -(nn_xy - offsets),
+    }
+
+
+def extract_patches(xp, obj, xc, yc, N: int):
+    """N x N patches of ``obj`` centred on each (xc, yc), bilinear, zero outside.
+
+    Convention: x is the column and y the row coordinate in object pixels, pixel (r, c)
+    of ``obj`` sits at (x=c, y=r), and ``patch[k, i, j] = obj(y=yc[k] - N//2 + i,
+    x=xc[k] - N//2 + j)``, so the patch centre pixel (N//2, N//2) lies exactly on the
+    scan position. Returns complex64 (len(xc), N, N).
+    """
+    return _patches(xp, _pad_object(xp, obj, N), xc, yc, N)
+
+
+def _pad_object(xp, obj, N: int):
+    """complex64 object with N + 1 zero pixels on every side (so any window fits)."""
+    obj = xp.asarray(obj)
+    P = N + 1
+    padded = xp.zeros((obj.shape[0] + 2 * P, obj.shape[1] + 2 * P), dtype=xp.complex64)
+    padded[P:-P, P:-P] = obj
+    return padded
+
+
+def _patches(xp, padded, xc, yc, N: int):
+    P = N + 1
+    H, W = padded.shape[0] - 2 * P, padded.shape[1] - 2 * P
+    top = xp.asarray(yc, dtype=xp.float64) - N // 2
+    left = xp.asarray(xc, dtype=xp.float64) - N // 2
+    r0 = xp.floor(top)
+    c0 = xp.floor(left)
+    # The fractional shift is the same for every pixel of a patch: copy one (N+1) x (N+1)
+    # window per patch, then blend neighbouring rows and columns with real weights.
+    # A window clipped to the padding's edge lies wholly in zeros, as it should.
+    r = xp.clip(r0 + P, 0, H + P).astype(xp.int64)
+    c = xp.clip(c0 + P, 0, W + P).astype(xp.int64)
+    win = xp.lib.stride_tricks.sliding_window_view(padded, (P, P))[r, c]
+    fr = (top - r0).astype(xp.float32)[:, None, None]
+    fc = (left - c0).astype(xp.float32)[:, None, None, None]
+    re_im = win.view(xp.float32)  # (k, N+1, 2N+2): interleaved real, imaginary
+    rows = re_im[:, :-1] * (1 - fr)
+    rows += re_im[:, 1:] * fr
+    rows = rows.reshape(rows.shape[0], N, P, 2)
+    out = rows[:, :, :-1] * (1 - fc)
+    out += rows[:, :, 1:] * fc
+    return out.reshape(out.shape[0], N, 2 * N).view(xp.complex64)
+
+
+def object_patches_channel_last(xp, obj, xc, yc, nn_indices, N: int, out,
+                                chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None):
+    """Fill ``out`` (B, N, N, C) with object patches at the members' positions, chunked."""
+    B, C = int(nn_indices.shape[0]), int(nn_indices.shape[1])
+    xc = xp.asarray(xc)
+    yc = xp.asarray(yc)
+    padded = _pad_object(xp, obj, N)
+
+    def one(sl):
+        nn = xp.asarray(nn_indices[sl]).reshape(-1)
+        p = _patches(xp, padded, xc[nn], yc[nn], N).reshape(sl.stop - sl.start, C, N, N)
+        out[sl] = xp.moveaxis(p, 1, -1)
+
+    _run_chunks(xp, one, chunk_groups(B, C * N * N * 16, chunk_bytes),
+                default_workers() if workers is None else workers)
+
+
+def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, ycoords_start,
+                    N: int, Y=None, objectGuess=None, keep_diffraction: bool = True,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers=None, progress=None):
+    """The grouped dict of DESIGN.md section 2 for groups ``nn_indices`` (B, C).
+
+    ``diff3d`` may be a NumPy array, a memmap, an h5py/zarr array or (with xp = cupy) a
+    device array; outputs are ``xp`` arrays. With ``keep_diffraction=False`` the
+    ``diffraction`` entry is None and only ``X_full`` is materialized.
+    """
+    nn = xp.asarray(nn_indices)
+    B, C = int(nn.shape[0]), int(nn.shape[1])
+    s = normalization_scale(xp, group_energies(xp, diff3d, nn, chunk_bytes), N)
+    diffraction = xp.empty((B, N, N, C), dtype=diff3d.dtype) if keep_diffraction else None
+    X_full = xp.empty((B, N, N, C), dtype=xp.float32)
+    gather_channel_last(xp, diff3d, nn, scale=s, out_diffraction=diffraction, out_X=X_full,
+                        chunk_bytes=chunk_bytes, workers=workers, progress=progress)
+    grouped = {
+        "nn_indices": nn,
+        "diffraction": diffraction,
+        "X_full": X_full,
+        "norm_scale": s,
+    }
+    grouped.update(group_coordinates(xp, xcoords, ycoords, nn, "coords"))
+    grouped.update(group_coordinates(xp, xcoords_start, ycoords_start, nn, "coords_start"))
+    if Y is not None:
+        grouped["Y"] = xp.empty((B, N, N, C), dtype=xp.complex64)
+        gather_channel_last(xp, Y, nn, out_diffraction=grouped["Y"], chunk_bytes=chunk_bytes,
+                            workers=workers)
+    elif objectGuess is not None:
+        grouped["Y"] = xp.empty((B, N, N, C), dtype=xp.complex64)
+        object_patches_channel_last(xp, objectGuess, xcoords_start, ycoords_start, nn, N,
+                                    grouped["Y"], chunk_bytes, workers)
+    else:
+        grouped["Y"] = None
+    grouped["objectGuess"] = objectGuess
+    return grouped

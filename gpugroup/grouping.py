@@ -1,0 +1,401 @@
+"""The canonical sample-then-group algorithm of DESIGN.md section 3, written once against ``xp``.
+
+``sample_seeds`` (3.1) -> ``neighbour_pool`` (3.2) -> ``select_members`` (3.3, 3.4), tied
+together by :func:`sample_groups`. Every step is a pure function of (coordinates, nsamples,
+K, C, seed, options): no library RNG, exact float64 re-ranking with stable sorts, and
+per-row work only, so batch sizes, kNN engines and tree layouts cannot change a group.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+
+import numpy as np
+
+from gpugroup import keys
+from gpugroup.backends import get_backend
+
+logger = logging.getLogger(__name__)
+
+#: Rows handled per batch (bounds the (rows, kq) candidate arrays; no effect on results).
+DEFAULT_BATCH_ROWS = 1 << 17
+#: Largest (rows x kq) candidate block while widening kq for incomplete rows.
+_MAX_BLOCK = 1 << 23
+#: Oversampled repeats of one seed walk at most this many distinct combinations.
+_COMB_CAP = (1 << 31) - 1
+
+
+def index_dtype(n: int):
+    """int32 for group indices, int64 when n >= 2**31 (DESIGN.md section 2)."""
+    return np.int32 if n < 2**31 else np.int64
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- 3.1 seeds
+def sample_seeds(xp, n: int, m: int, seed: int, sequential: bool = False):
+    """The first ``m`` positions in seed order (DESIGN.md 3.1).
+
+    Positions are ordered by ``(key(stream(seed, 1), i), i)``; ``sequential`` gives
+    ``0..m-1``. Returns an int64 array of length ``m``.
+    """
+    if sequential:
+        return xp.arange(m, dtype=xp.int64)
+    k = keys.key(xp, keys.stream(seed, keys.SEED_STREAM), xp.arange(n, dtype=xp.int64))
+    if m < n:
+        # Keep only keys <= the m-th smallest, then order those; indices stay ascending
+        # into the stable sort, so equal keys (never seen: key is injective) fall by index.
+        kth = xp.partition(k, m - 1)[m - 1]
+        small = xp.nonzero(k <= kth)[0]
+        return small[xp.argsort(k[small], kind="stable")[:m]].astype(xp.int64)
+    return xp.argsort(k, kind="stable").astype(xp.int64)
+
+
+# --------------------------------------------------------------------------- 3.2 pools
+def _initial_kq(K: int) -> int:
+    # Square grids put 4 or 8 points in a shell; a margin of two shells usually lets the
+    # completeness guard pass on the first query.
+    return K + 16
+
+
+def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BATCH_ROWS):
+    """Pools of DESIGN.md 3.2 for local seed positions ``seeds`` of one point set.
+
+    Returns an int64 array (len(seeds), min(K, n)): column 0 is the seed, then its
+    ``min(K, n) - 1`` nearest other positions ranked by exact float64 ``(d2, p)`` with
+    ``d2 = dx*dx + dy*dy`` (separately rounded element-wise operations).
+    """
+    n = int(x.shape[0])
+    width = min(K, n)
+    out = xp.empty((int(seeds.shape[0]), width), dtype=xp.int64)
+    out[:, 0] = seeds
+    if width == 1:
+        return out
+    for start in range(0, int(seeds.shape[0]), batch_rows):
+        rows = seeds[start : start + batch_rows]
+        out[start : start + int(rows.shape[0]), 1:] = _nearest_others(xp, x, y, rows, width, index)
+    return out
+
+
+def _nearest_others(xp, x, y, rows, width: int, index):
+    """The ``width - 1`` nearest other positions of each row, exactly ranked."""
+    n = index.n
+    result = xp.empty((int(rows.shape[0]), width - 1), dtype=xp.int64)
+    todo = xp.arange(int(rows.shape[0]), dtype=xp.int64)
+    kq = min(n, _initial_kq(width))
+    while int(todo.shape[0]):
+        block = max(1, _MAX_BLOCK // kq)
+        still = []
+        for b in range(0, int(todo.shape[0]), block):
+            sub = todo[b : b + block]
+            ranked, complete = _rerank(xp, x, y, rows[sub], width, kq, index)
+            if kq >= n:
+                complete[:] = True
+            result[sub[complete]] = ranked[complete]
+            still.append(sub[~complete])
+        todo = xp.concatenate(still)
+        if int(todo.shape[0]):
+            logger.debug("completeness guard: widening kq %d -> %d for %d rows",
+                         kq, min(n, 2 * kq), int(todo.shape[0]))
+        kq = min(n, 2 * kq)
+    return result
+
+
+def _rerank(xp, x, y, rows, width: int, kq: int, index):
+    """Exact (d2, p) re-rank of the engine's candidates; returns (ranked, complete)."""
+    cand, floor = index.query(rows, kq)
+    cand = xp.sort(cand, axis=1)  # ascending p, so the stable sort below breaks ties by p
+    dx = x[cand] - x[rows][:, None]
+    dy = y[cand] - y[rows][:, None]
+    d2 = dx * dx
+    d2 += dy * dy  # two separately rounded products, then one rounded sum: no FMA
+    d2[cand == rows[:, None]] = xp.inf  # the seed itself is not its own neighbour
+    order = xp.argsort(d2, axis=1, kind="stable")[:, : width - 1]
+    ranked = xp.take_along_axis(cand, order, axis=1)
+    kth = xp.take_along_axis(d2, order[:, -1:], axis=1)[:, 0]
+    return ranked, kth < floor
+
+
+# --------------------------------------------------------------------------- 3.3 members
+def select_members(xp, pool, pool_len, rows, C: int, seed: int, repeat=None):
+    """Members of DESIGN.md 3.3: the C pool entries with the smallest ``(key(t, p), p)``.
+
+    Parameters
+    ----------
+    pool : (B, P) int64, the pools, padded on the right past ``pool_len``
+    pool_len : (B,) int64, the real length of each pool (>= C)
+    rows : (B,) int64, the row number whose ``t = key(stream(seed, 2), row)`` ranks the pool
+    repeat : (B,) int64 or None, oversampling repeat number r of the row's seed (3.4):
+        repeat r takes combination number ``(r * a) mod M`` (M = comb(pool_len, C), capped,
+        a coprime to M) of the key-ranked pool in colex order, so r = 0 is the plain 3.3
+        choice and repeats r < M of one seed get distinct member sets.
+    """
+    P = int(pool.shape[1])
+    t = keys.key(xp, keys.stream(seed, keys.MEMBER_STREAM), rows)
+    k = keys.key(xp, t[:, None], xp.maximum(pool, 0))
+    valid = xp.arange(P, dtype=xp.int64)[None, :] < pool_len[:, None]
+    # Padding sits right of every real entry, so with a stable sort it stays behind even a
+    # real key equal to the largest uint64.
+    k = xp.where(valid, k, xp.uint64(keys.MASK64))
+    ranked = xp.take_along_axis(pool, xp.argsort(k, axis=1, kind="stable"), axis=1)
+    if repeat is None:
+        return ranked[:, :C]
+    return xp.take_along_axis(ranked, _combination_positions(xp, pool_len, repeat, C, P), axis=1)
+
+
+def _coprime_step(M: int) -> int:
+    """A step near M/phi coprime to M (so r -> r*a mod M is a bijection of 0..M-1)."""
+    if M <= 1:
+        return 0
+    a = max(1, round(M * 0.6180339887498949))
+    while math.gcd(a, M) != 1:
+        a += 1
+    return a
+
+
+def _combination_positions(xp, pool_len, repeat, C: int, P: int):
+    """Ascending positions (B, C) in the ranked pool of combination (r * a) mod M."""
+    tab = np.array([[min(math.comb(c, i), _COMB_CAP) for i in range(C + 1)] for c in range(P + 1)],
+                   dtype=np.int64)
+    M_of_len = tab[:, C]
+    step_of_len = np.array([_coprime_step(int(M)) for M in M_of_len], dtype=np.int64)
+    M = xp.asarray(M_of_len)[pool_len]
+    step = xp.asarray(step_of_len)[pool_len]
+    rem = ((repeat % M) * step) % M
+    tab_x = xp.asarray(tab[:P])
+    pos = xp.empty((int(pool_len.shape[0]), C), dtype=xp.int64)
+    for i in range(C, 0, -1):  # combinatorial number system, greedy from the top
+        col = tab_x[:, i]
+        c_i = (col[None, :] <= rem[:, None]).sum(axis=1) - 1
+        pos[:, i - 1] = c_i
+        rem = rem - col[c_i]
+    return pos
+
+
+# --------------------------------------------------------------------------- together
+def sample_groups(
+    xcoords,
+    ycoords,
+    nsamples: int,
+    K: int,
+    C: int,
+    *,
+    seed=None,
+    backend="auto",
+    sequential: bool = False,
+    enable_oversampling: bool = False,
+    scan_index=None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    output: str = "numpy",
+    index_cache: dict | None = None,
+):
+    """Sample ``nsamples`` groups of ``C`` scan positions (DESIGN.md section 3).
+
+    Parameters
+    ----------
+    xcoords, ycoords : (n,) array_like of float
+        Scan positions (any offset and scale).
+    nsamples : int
+        Number of groups wanted. More than n gives n groups (and a warning) unless
+        ``enable_oversampling``.
+    K : int
+        Pool size: each seed and its K - 1 nearest other positions. Must be >= C.
+    C : int
+        Positions per group (``gridsize**2``). C = 1 groups are the seeds themselves.
+    seed : int or None
+        Seed in [0, 2**64). None draws a 63-bit seed from OS entropy and logs it.
+    backend : {"auto", "cpu", "gpu"}
+        Where to compute; all give the same integers.
+    sequential : bool
+        Seeds are positions 0..m-1 instead of a random sample.
+    enable_oversampling : bool
+        Allow nsamples > n when C > 1: row g takes seed number g mod n and repeats of a
+        seed get distinct member sets while comb(pool size, C) allows.
+    scan_index : (n,) array_like of int, optional
+        When given, pools only hold positions of the seed's own scan.
+    batch_rows : int
+        Rows per batch (memory bound only; results do not depend on it).
+    output : {"numpy", "device"}
+        Return a NumPy array, or the backend's own array (CuPy on the GPU).
+    index_cache : dict, optional
+        Where to keep kNN indexes between calls (``RawData`` passes its own).
+
+    Returns
+    -------
+    numpy.ndarray
+        (B, C) int32 (int64 when n >= 2**31) global position numbers, one row a group.
+
+    Raises
+    ------
+    ValueError
+        Bad coordinates, counts, K < C or n < C ("must be >="), a scan with fewer than C
+        positions.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpugroup import sample_groups
+    >>> yy, xx = np.divmod(np.arange(100), 10)
+    >>> g = sample_groups(xx.astype(float), yy.astype(float), nsamples=10, K=7, C=4,
+    ...                   seed=42, backend="cpu")
+    >>> g[0].tolist()
+    [56, 66, 45, 46]
+    """
+    be = get_backend(backend)
+    xp = be.xp
+    x_np, y_np = _check_coordinates(xcoords, ycoords)
+    n = int(x_np.shape[0])
+    nsamples = _check_count("nsamples", nsamples, 1)
+    K = _check_count("K", K, 1)
+    C = _check_count("C", C, 1)
+    batch_rows = _check_count("batch_rows", batch_rows, 1)
+    if K < C:
+        raise ValueError(
+            f"K must be >= C: K={K} < C={C}. Each group takes C = gridsize**2 positions "
+            f"from a pool of K; pass K >= {C}"
+        )
+    if n < C:
+        raise ValueError(
+            f"the scan must have n >= C positions: n={n} < C={C}; use a smaller gridsize "
+            f"or a larger scan"
+        )
+    if output not in ("numpy", "device"):
+        raise ValueError(f"output must be 'numpy' or 'device', got output={output!r}")
+    seed = keys.resolve_seed(seed)
+    scans = _check_scan_index(scan_index, n, C)
+
+    B, oversample = _group_count(n, nsamples, K, C, enable_oversampling, scans)
+    m = min(B, n)
+    logger.info(
+        "sample_groups: n=%d nsamples=%d -> B=%d groups, K=%d C=%d seed=%d backend=%s%s%s",
+        n, nsamples, B, K, C, seed, be.name, " sequential" if sequential else "",
+        " oversampling" if oversample else "",
+    )
+    seeds = sample_seeds(xp, n, m, seed, sequential)
+    if C == 1:
+        groups = seeds[:, None]
+    else:
+        x = xp.asarray(x_np)
+        y = xp.asarray(y_np)
+        cache = index_cache if index_cache is not None else {}
+        pool, pool_len = _pools(be, x, y, seeds, K, scans, cache, batch_rows)
+        rows = xp.arange(B, dtype=xp.int64)
+        first = rows % m
+        groups = select_members(
+            xp, pool[first], pool_len[first], first, C, seed,
+            repeat=rows // m if oversample else None,
+        )
+    groups = groups.astype(index_dtype(n))
+    return be.asnumpy(groups) if output == "numpy" else groups
+
+
+def _check_coordinates(xcoords, ycoords):
+    x = np.asarray(xcoords)
+    y = np.asarray(ycoords)
+    for name, a in (("xcoords", x), ("ycoords", y)):
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be 1-D (one value per scan position), got shape {a.shape}")
+        if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+            raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"xcoords has {x.shape[0]} entries but ycoords has {y.shape[0]}; "
+            f"pass one x and one y per scan position"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("the scan is empty: xcoords has 0 entries; pass at least one position")
+    x = x.astype(np.float64, copy=False)
+    y = y.astype(np.float64, copy=False)
+    for name, a in (("xcoords", x), ("ycoords", y)):
+        bad = ~np.isfinite(a)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"{name} has {int(bad.sum())} non-finite value(s), first {name}[{i}]={a[i]}; "
+                f"drop or fix those positions"
+            )
+    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+
+
+def _check_scan_index(scan_index, n: int, C: int):
+    """None, or (ids, members) per scan with members ascending global numbers."""
+    if scan_index is None:
+        return None
+    s = np.asarray(scan_index)
+    if s.shape != (n,):
+        raise ValueError(f"scan_index must have shape ({n},) like xcoords, got shape {s.shape}")
+    if not np.issubdtype(s.dtype, np.integer):
+        raise ValueError(f"scan_index must hold integers, got dtype {s.dtype}")
+    ids, counts = np.unique(s, return_counts=True)
+    small = counts < C
+    if small.any():
+        raise ValueError(
+            f"scan {int(ids[small][0])} has {int(counts[small][0])} positions, fewer than C={C}: "
+            f"every scan must have >= C positions when grouping by scan; drop that scan or "
+            f"use a smaller gridsize"
+        )
+    order = np.argsort(s, kind="stable")
+    return [(int(i), members) for i, members in zip(ids, np.split(order, np.cumsum(counts)[:-1]))]
+
+
+def _group_count(n, nsamples, K, C, enable_oversampling, scans):
+    if nsamples <= n:
+        return nsamples, False
+    smallest_pool = min(K, n if scans is None else min(len(mem) for _, mem in scans))
+    if enable_oversampling and C > 1 and smallest_pool >= C:
+        repeats = -(-nsamples // n)
+        distinct = math.comb(smallest_pool, C)
+        if distinct < repeats:
+            logger.warning(
+                "oversampling: nsamples=%d needs %d groups per seed but a pool of %d gives only "
+                "comb(%d, %d)=%d distinct member sets; some groups repeat (raise K)",
+                nsamples, repeats, smallest_pool, smallest_pool, C, distinct,
+            )
+        return nsamples, True
+    why = "enable_oversampling=False" if not enable_oversampling else (
+        "C=1 has one group per seed" if C == 1 else f"pool size {smallest_pool} < C={C}")
+    logger.warning(
+        "nsamples=%d > n=%d positions: returning %d groups (%s); pass "
+        "enable_oversampling=True with gridsize > 1 for more", nsamples, n, n, why,
+    )
+    return n, False
+
+
+def _pools(be, x, y, seeds, K, scans, cache, batch_rows):
+    """Pools for all seeds, padded to width min(K, n); returns (pool, pool_len)."""
+    xp = be.xp
+    if scans is None:
+        key = (be.name, None)
+        if key not in cache:
+            cache[key] = be.build_index(x, y)
+        pool = neighbour_pool(xp, x, y, seeds, K, cache[key], batch_rows)
+        return pool, xp.full(int(seeds.shape[0]), pool.shape[1], dtype=xp.int64)
+    n = int(x.shape[0])
+    width = min(K, max(len(mem) for _, mem in scans))
+    pool = xp.full((int(seeds.shape[0]), width), -1, dtype=xp.int64)
+    pool_len = xp.zeros(int(seeds.shape[0]), dtype=xp.int64)
+    scan_of = np.empty(n, dtype=np.int64)
+    for j, (_, mem) in enumerate(scans):
+        scan_of[mem] = j
+    seed_scan = xp.asarray(scan_of)[seeds]
+    for j, (sid, mem) in enumerate(scans):
+        here = xp.nonzero(seed_scan == j)[0]
+        if not int(here.shape[0]):
+            continue
+        members = xp.asarray(mem)
+        key = (be.name, sid)
+        if key not in cache:
+            cache[key] = be.build_index(x[members], y[members])
+        local = xp.searchsorted(members, seeds[here])
+        p = neighbour_pool(xp, x[members], y[members], local, K, cache[key], batch_rows)
+        pool[here[:, None], xp.arange(p.shape[1])[None, :]] = members[p]
+        pool_len[here] = p.shape[1]
+    return pool, pool_len

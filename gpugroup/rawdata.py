@@ -1,0 +1,344 @@
+"""RawData: a validated ptychography scan and its grouped training arrays.
+
+A drop-in for PtychoPINN's ``ptycho.raw_data.RawData``: the same fields, the same NPZ
+layout (DESIGN.md section 1), ``generate_grouped_data`` returning the dict of section 2,
+built on :func:`gpugroup.sample_groups` (sample-then-group, no cache files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from gpugroup import assembly
+from gpugroup.backends import BACKEND_NAMES, get_backend
+from gpugroup.grouping import _check_coordinates, sample_groups
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("xcoords", "ycoords", "probeGuess")
+OPTIONAL_KEYS = ("xcoords_start", "ycoords_start", "scan_index", "objectGuess", "Y", "norm_Y_I")
+
+
+def _frames_shape(name, a, n=None):
+    shape = tuple(getattr(a, "shape", ()))
+    if len(shape) != 3:
+        raise ValueError(
+            f"{name} must be 3-D (n_frames, N, N), got shape {shape}; stack the frames along "
+            f"axis 0"
+        )
+    if shape[1] != shape[2]:
+        raise ValueError(f"{name} frames must be square N x N, got shape {shape}")
+    if n is not None and shape[0] != n:
+        raise ValueError(
+            f"xcoords has {n} entries but {name} has {shape[0]} frames; pass one frame per "
+            f"scan position"
+        )
+    return shape
+
+
+def _as_frame_store(name, a):
+    """Keep memmaps, HDF5/Zarr datasets and device arrays as they are; make the rest NumPy."""
+    if a is None:
+        raise ValueError(f"{name} is required (an (n, N, N) diffraction amplitude stack)")
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        a = np.asarray(a)
+    dtype = np.dtype(a.dtype)
+    if not (np.issubdtype(dtype, np.number)) or (name == "diff3d" and np.iscomplexobj(np.empty(0, dtype))):
+        raise ValueError(f"{name} must hold real numbers (float32 amplitudes), got dtype {dtype}")
+    return a
+
+
+class RawData:
+    """One ptychography scan (DESIGN.md section 1).
+
+    Parameters
+    ----------
+    xcoords, ycoords : (n,) float
+        Scan positions in object pixels.
+    xcoords_start, ycoords_start : (n,) float or None
+        Nominal positions; None copies ``xcoords``/``ycoords``.
+    diff3d : (n, N, N) array
+        Diffraction amplitudes (float32; uint16 accepted). NumPy arrays, memmaps, h5py or
+        zarr datasets and CuPy arrays are kept as given (not copied).
+    probeGuess : (N, N) complex
+    scan_index : (n,) int or None
+        Scan number of each position; None means all zeros.
+    objectGuess : (H, W) complex, optional
+    Y : (n, N, N) complex, optional ground-truth patches.
+    norm_Y_I, metadata : optional, carried along unchanged.
+    backend : {"auto", "cpu", "gpu"}
+        Default backend for grouping (overridable per call).
+
+    Raises
+    ------
+    ValueError
+        Naming the field, its bad value or shape, and the fix.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpugroup import RawData
+    >>> yy, xx = np.divmod(np.arange(100.0), 10)
+    >>> raw = RawData.from_coords_without_pc(xx * 4, yy * 4, np.ones((100, 8, 8), np.float32),
+    ...                                      np.ones((8, 8), np.complex64), None, backend="cpu")
+    >>> d = raw.generate_grouped_data(8, K=7, nsamples=10, seed=1, gridsize=2)
+    >>> d["X_full"].shape, d["nn_indices"].dtype
+    ((10, 8, 8, 4), dtype('int32'))
+    """
+
+    def __init__(self, xcoords, ycoords, xcoords_start, ycoords_start, diff3d, probeGuess,
+                 scan_index, objectGuess=None, Y=None, norm_Y_I=None, metadata=None, *,
+                 backend="auto"):
+        self.xcoords, self.ycoords = _check_coordinates(xcoords, ycoords)
+        n = self.xcoords.shape[0]
+        if (xcoords_start is None) != (ycoords_start is None):
+            raise ValueError(
+                "xcoords_start and ycoords_start must be given together (or both None to "
+                "copy xcoords/ycoords)"
+            )
+        if xcoords_start is None:
+            self.xcoords_start, self.ycoords_start = self.xcoords, self.ycoords
+        else:
+            xs, ys = _check_coordinates(xcoords_start, ycoords_start)
+            if xs.shape[0] != n:
+                raise ValueError(
+                    f"xcoords has {n} entries but xcoords_start has {xs.shape[0]}; pass one "
+                    f"start position per scan position (or None)"
+                )
+            self.xcoords_start, self.ycoords_start = xs, ys
+        self.diff3d = _as_frame_store("diff3d", diff3d)
+        shape = _frames_shape("diff3d", self.diff3d, n)
+        if probeGuess is None:
+            raise ValueError(f"probeGuess is required: a complex ({shape[1]}, {shape[2]}) probe")
+        self.probeGuess = np.asarray(probeGuess)
+        if self.probeGuess.shape != shape[1:]:
+            raise ValueError(
+                f"probeGuess has shape {self.probeGuess.shape} but the diffraction frames are "
+                f"{shape[1:]}; the probe must match the frame size"
+            )
+        if scan_index is None:
+            scan_index = np.zeros(n, dtype=np.int64)
+        self.scan_index = np.asarray(scan_index)
+        if self.scan_index.shape != (n,) or not np.issubdtype(self.scan_index.dtype, np.integer):
+            raise ValueError(
+                f"scan_index must be ({n},) integers like xcoords, got shape "
+                f"{self.scan_index.shape} dtype {self.scan_index.dtype}; pass None for one scan"
+            )
+        self.objectGuess = None if objectGuess is None else np.asarray(objectGuess)
+        if self.objectGuess is not None and self.objectGuess.ndim != 2:
+            raise ValueError(f"objectGuess must be 2-D (H, W), got shape {self.objectGuess.shape}")
+        self.Y = None if Y is None else _as_frame_store("Y", Y)
+        if self.Y is not None:
+            y_shape = tuple(self.Y.shape)
+            if y_shape != shape:
+                raise ValueError(
+                    f"Y has shape {y_shape} but diff3d has shape {shape}; Y holds one "
+                    f"(N, N) ground-truth patch per frame"
+                )
+        self.norm_Y_I = norm_Y_I
+        self.metadata = dict(metadata) if metadata else {}
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got backend={backend!r}")
+        self.backend = backend
+        self._index_cache: dict = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_coords_without_pc(cls, xcoords, ycoords, diff3d, probeGuess, scan_index,
+                               objectGuess=None, metadata=None, *, backend="auto"):
+        """A scan whose start coordinates equal its coordinates (no position correction)."""
+        return cls(xcoords, ycoords, None, None, diff3d, probeGuess, scan_index,
+                   objectGuess=objectGuess, metadata=metadata, backend=backend)
+
+    @classmethod
+    def from_file(cls, path, *, backend="auto"):
+        """Load a PtychoPINN-layout NPZ (``diffraction`` is accepted for ``diff3d``).
+
+        Raises
+        ------
+        OSError
+            The file is missing, unreadable, truncated or not an NPZ archive.
+        ValueError
+            A required key is missing or a field is malformed.
+        """
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                data = {k: npz[k] for k in npz.files}
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise OSError(
+                f"cannot read scan file {path!r}: {type(exc).__name__}: {exc}. It must be an "
+                f"NPZ archive written by numpy.savez (is it truncated or another format?)"
+            ) from exc
+        if not isinstance(data, dict):
+            raise OSError(f"{path!r} holds a single array, not an NPZ scan archive")
+        return cls._from_mapping(data, path, backend)
+
+    @classmethod
+    def _from_mapping(cls, data, source, backend):
+        if "diff3d" not in data and "diffraction" in data:
+            data["diff3d"] = data.pop("diffraction")
+        missing = [k for k in REQUIRED_KEYS + ("diff3d",) if k not in data]
+        if missing:
+            raise ValueError(
+                f"{source!r} lacks required key(s) {missing}; a scan needs xcoords, ycoords, "
+                f"diff3d (or diffraction) and probeGuess (found {sorted(data)})"
+            )
+        metadata = data.get("_metadata")
+        if metadata is not None:
+            metadata = json.loads(str(metadata))
+        get = data.get
+        return cls(get("xcoords"), get("ycoords"), get("xcoords_start"), get("ycoords_start"),
+                   get("diff3d"), get("probeGuess"), get("scan_index"),
+                   objectGuess=get("objectGuess"), Y=get("Y"), norm_Y_I=get("norm_Y_I"),
+                   metadata=metadata, backend=backend)
+
+    @classmethod
+    def from_files(cls, train_data_file_path, test_data_file_path, *, backend="auto"):
+        """``(train, test)`` scans from two NPZ files."""
+        return (cls.from_file(train_data_file_path, backend=backend),
+                cls.from_file(test_data_file_path, backend=backend))
+
+    def to_dict(self) -> dict:
+        """The scan's arrays under their NPZ keys (None fields left out)."""
+        out = {
+            "xcoords": self.xcoords, "ycoords": self.ycoords,
+            "xcoords_start": self.xcoords_start, "ycoords_start": self.ycoords_start,
+            "diff3d": self.diff3d, "probeGuess": self.probeGuess, "scan_index": self.scan_index,
+            "objectGuess": self.objectGuess, "Y": self.Y, "norm_Y_I": self.norm_Y_I,
+        }
+        if self.metadata:
+            out["_metadata"] = np.array(json.dumps(self.metadata))
+        return {k: v for k, v in out.items() if v is not None}
+
+    def to_file(self, path) -> None:
+        """Write an uncompressed NPZ atomically (a temporary file renamed on success)."""
+        save_npz_atomic(path, {k: np.asarray(v) for k, v in self.to_dict().items()})
+
+    # ------------------------------------------------------------------ description
+    def __len__(self) -> int:
+        return int(self.xcoords.shape[0])
+
+    def __str__(self) -> str:
+        n = len(self)
+        shape = tuple(self.diff3d.shape)
+        lines = [
+            f"RawData: {n} positions, frames {shape[1]}x{shape[2]} {np.dtype(self.diff3d.dtype)}"
+            f" ({type(self.diff3d).__module__.split('.')[0]} store), backend={self.backend!r}",
+            f"  x in [{self.xcoords.min():.6g}, {self.xcoords.max():.6g}], "
+            f"y in [{self.ycoords.min():.6g}, {self.ycoords.max():.6g}]",
+            f"  scans: {len(np.unique(self.scan_index))}, probe {self.probeGuess.shape} "
+            f"{self.probeGuess.dtype}",
+            f"  objectGuess: {None if self.objectGuess is None else self.objectGuess.shape}, "
+            f"Y: {None if self.Y is None else tuple(self.Y.shape)}",
+        ]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+    # ------------------------------------------------------------------ grouping
+    def _generate_groups_efficiently(self, nsamples: int, K: int, C: int, seed=None, **kwargs):
+        """(B, C) int32 groups by sample-then-group (the name PtychoPINN training code calls)."""
+        kwargs.setdefault("backend", self.backend)
+        return sample_groups(self.xcoords, self.ycoords, nsamples, K, C, seed=seed,
+                             index_cache=self._index_cache, **kwargs)
+
+    def generate_grouped_data(self, N, K=4, nsamples=1, dataset_path=None, seed=None,
+                              gridsize=None, sequential_sampling=False,
+                              enable_oversampling=False, neighbor_pool_size=None,
+                              group_by_scan=False, backend=None, keep_diffraction=True,
+                              output="numpy", chunk_bytes=assembly.DEFAULT_CHUNK_BYTES,
+                              progress=None):
+        """Sample groups and assemble the training dict of DESIGN.md section 2.
+
+        Parameters
+        ----------
+        N : int
+            Frame size; must equal the diffraction frames' size.
+        K : int
+            Pool size (seed + K - 1 nearest), >= gridsize**2.
+        nsamples : int
+            Number of groups (more than n needs ``enable_oversampling``).
+        dataset_path : ignored
+            Accepted for PtychoPINN compatibility (it named the old group cache).
+        seed : int or None
+            None draws and logs a fresh seed; the value used is in ``result["seed"]``.
+        gridsize : int or None
+            C = gridsize**2 positions per group; None means 1.
+        sequential_sampling, enable_oversampling, group_by_scan : bool
+            See :func:`gpugroup.sample_groups` (``group_by_scan`` passes ``scan_index``).
+        neighbor_pool_size : int or None
+            Pool size overriding K (PtychoPINN's oversampling knob).
+        backend : {"auto", "cpu", "gpu"} or None
+            None uses the RawData's backend.
+        keep_diffraction : bool
+            False skips the ``diffraction`` copy (``X_full`` only; less memory).
+        output : {"numpy", "device"}
+            NumPy arrays (default), or the backend's own arrays (CuPy on the GPU).
+        chunk_bytes : int
+            Gathered bytes per assembly chunk (memory bound; no effect on results).
+        progress : callable or None
+            Called with the number of groups finished after each chunk.
+
+        Returns
+        -------
+        dict
+            Keys of DESIGN.md section 2 plus ``seed`` and ``norm_scale``.
+        """
+        if dataset_path is not None:
+            logger.debug("dataset_path=%r ignored: gpugroup keeps no group cache", dataset_path)
+        gridsize = 1 if gridsize is None else gridsize
+        if isinstance(gridsize, bool) or not isinstance(gridsize, (int, np.integer)) or gridsize < 1:
+            raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
+        frame = tuple(self.diff3d.shape[1:])
+        if (N, N) != frame:
+            raise ValueError(f"N={N} does not match the diffraction frames {frame}; pass N={frame[0]}")
+        C = int(gridsize) ** 2
+        pool_size = K if neighbor_pool_size is None else neighbor_pool_size
+        be = get_backend(self.backend if backend is None else backend)
+        from gpugroup.keys import resolve_seed
+
+        seed = resolve_seed(seed)
+        nn = sample_groups(
+            self.xcoords, self.ycoords, nsamples, pool_size, C, seed=seed, backend=be,
+            sequential=sequential_sampling, enable_oversampling=enable_oversampling,
+            scan_index=self.scan_index if group_by_scan else None, output="device",
+            index_cache=self._index_cache,
+        )
+        grouped = assembly.assemble_groups(
+            be.xp, nn_indices=nn, diff3d=self.diff3d, xcoords=self.xcoords,
+            ycoords=self.ycoords, xcoords_start=self.xcoords_start,
+            ycoords_start=self.ycoords_start, N=N, Y=self.Y, objectGuess=self.objectGuess,
+            keep_diffraction=keep_diffraction, chunk_bytes=chunk_bytes, progress=progress,
+        )
+        if output == "numpy":
+            grouped = {k: be.asnumpy(v) if _is_array(v) else v for k, v in grouped.items()}
+        grouped["seed"] = seed
+        return grouped
+
+
+def _is_array(v) -> bool:
+    return isinstance(v, np.ndarray) or assembly.is_device_array(v)
+
+
+def save_npz_atomic(path, arrays: dict) -> None:
+    """``numpy.savez`` (uncompressed, memory-mappable) to a temporary file, then rename."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".gpugroup-", suffix=".npz.part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
