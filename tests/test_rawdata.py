@@ -1,0 +1,297 @@
+"""RawData: validation, NPZ round trip, and the grouped dict of DESIGN.md section 2."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from gpugroup import RawData, sample_groups
+from gpugroup.assembly import extract_patches
+
+
+def make_raw(n=120, N=8, seed=0, with_object=False, with_Y=False, dtype=np.float32, **kw):
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    yy, xx = np.divmod(np.arange(n), side)
+    x = xx * 3.0 + rng.uniform(-0.4, 0.4, n) + 20
+    y = yy * 3.0 + rng.uniform(-0.4, 0.4, n) + 20
+    diff = (rng.random((n, N, N)) * 100).astype(dtype)
+    probe = (rng.random((N, N)) + 1j * rng.random((N, N))).astype(np.complex64)
+    obj = None
+    if with_object:
+        obj = (rng.random((side * 3 + 40, side * 3 + 40))
+               + 1j * rng.random((side * 3 + 40, side * 3 + 40))).astype(np.complex64)
+    Y = None
+    if with_Y:
+        Y = (rng.random((n, N, N)) + 1j * rng.random((n, N, N))).astype(np.complex64)
+    return RawData(x, y, x + 0.25, y - 0.5, diff, probe, None, objectGuess=obj, Y=Y,
+                   backend="cpu", **kw)
+
+
+def direct_grouped(raw, nn, N):
+    """The section 2 dict computed the obvious way, in float64, for comparison."""
+    diff = np.asarray(raw.diff3d)[nn]                      # (B, C, N, N)
+    diffraction = np.transpose(diff, (0, 2, 3, 1))
+    E = (diff.astype(np.float64) ** 2).sum(axis=(2, 3))    # (B, C)
+    s = np.sqrt((N / 2) ** 2 / E.mean())
+    out = {"diffraction": diffraction, "X_full": diffraction.astype(np.float64) * s}
+    for prefix, x, y in (("coords", raw.xcoords, raw.ycoords),
+                         ("coords_start", raw.xcoords_start, raw.ycoords_start)):
+        nn_xy = np.stack([x[nn], y[nn]], axis=1)[:, None]   # (B, 1, 2, C)
+        off = nn_xy.mean(axis=3, keepdims=True)
+        out[prefix + "_nn"] = nn_xy
+        out[prefix + "_offsets"] = off
+        out[prefix + "_relative"] = -(nn_xy - off)
+    return out, s
+
+
+@pytest.mark.parametrize("gridsize,K", [(1, 4), (2, 7), (3, 12)])
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+def test_grouped_dict_matches_direct_computation(gridsize, K, dtype):
+    N = 8
+    raw = make_raw(N=N, dtype=dtype)
+    d = raw.generate_grouped_data(N, K=K, nsamples=50, seed=3, gridsize=gridsize)
+    C = gridsize**2
+    nn = d["nn_indices"]
+    assert nn.shape == (50, C) and nn.dtype == np.int32
+    np.testing.assert_array_equal(
+        nn, sample_groups(raw.xcoords, raw.ycoords, 50, K, C, seed=3, backend="cpu"))
+    ref, s = direct_grouped(raw, nn, N)
+    assert d["diffraction"].dtype == dtype and d["diffraction"].shape == (50, N, N, C)
+    np.testing.assert_array_equal(d["diffraction"], ref["diffraction"])
+    assert d["X_full"].dtype == np.float32 and d["X_full"].shape == (50, N, N, C)
+    np.testing.assert_allclose(d["X_full"], ref["X_full"], rtol=1e-6)
+    assert d["norm_scale"] == pytest.approx(s, rel=1e-12)
+    for key in ("coords_nn", "coords_offsets", "coords_relative", "coords_start_nn",
+                "coords_start_offsets", "coords_start_relative"):
+        assert d[key].dtype == np.float64
+        np.testing.assert_allclose(d[key], ref[key], rtol=1e-12, atol=1e-12)
+    assert d["coords_nn"].shape == (50, 1, 2, C)
+    assert d["coords_offsets"].shape == (50, 1, 2, 1)
+    assert d["Y"] is None and d["objectGuess"] is None
+    assert d["seed"] == 3
+
+
+def test_normalization_makes_mean_energy_N_squared_over_4():
+    N = 8
+    raw = make_raw(N=N)
+    d = raw.generate_grouped_data(N, K=7, nsamples=40, seed=1, gridsize=2)
+    energy = (d["X_full"].astype(np.float64) ** 2).sum(axis=(1, 2))
+    assert energy.mean() == pytest.approx((N / 2) ** 2, rel=1e-5)
+
+
+def test_keep_diffraction_false_gives_same_X_full():
+    raw = make_raw()
+    a = raw.generate_grouped_data(8, K=7, nsamples=30, seed=5, gridsize=2)
+    b = raw.generate_grouped_data(8, K=7, nsamples=30, seed=5, gridsize=2, keep_diffraction=False)
+    assert b["diffraction"] is None
+    np.testing.assert_array_equal(a["X_full"], b["X_full"])
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 5000, 1 << 30])
+def test_assembly_does_not_depend_on_chunking(chunk_bytes):
+    raw = make_raw(with_object=True)
+    a = raw.generate_grouped_data(8, K=7, nsamples=60, seed=2, gridsize=2)
+    b = raw.generate_grouped_data(8, K=7, nsamples=60, seed=2, gridsize=2, chunk_bytes=chunk_bytes)
+    for key in ("nn_indices", "diffraction", "Y", "coords_nn"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_allclose(a["X_full"], b["X_full"], rtol=1e-6)
+
+
+def test_Y_gathered_from_ground_truth_patches():
+    raw = make_raw(with_Y=True, with_object=True)
+    d = raw.generate_grouped_data(8, K=7, nsamples=20, seed=4, gridsize=2)
+    assert d["Y"].dtype == np.complex64
+    np.testing.assert_array_equal(d["Y"], np.transpose(raw.Y[d["nn_indices"]], (0, 2, 3, 1)))
+
+
+def test_Y_cut_from_object_at_start_positions():
+    raw = make_raw(with_object=True)
+    d = raw.generate_grouped_data(8, K=7, nsamples=20, seed=4, gridsize=2)
+    nn = d["nn_indices"]
+    expect = extract_patches(np, raw.objectGuess, raw.xcoords_start[nn.ravel()],
+                             raw.ycoords_start[nn.ravel()], 8).reshape(20, 4, 8, 8)
+    np.testing.assert_array_equal(d["Y"], np.transpose(expect, (0, 2, 3, 1)))
+    assert d["objectGuess"] is raw.objectGuess
+
+
+def test_patch_centre_sits_on_scan_position_gridsize_1():
+    N = 16
+    H = W = 64
+    obj = np.zeros((H, W), np.complex64)
+    obj[30, 21] = 1 + 2j                        # a point at x=21, y=30
+    x = np.array([21.0, 10.0, 50.0, 33.0])
+    y = np.array([30.0, 12.0, 40.0, 8.0])
+    raw = RawData(x, y, None, None, np.ones((4, N, N), np.float32), np.ones((N, N), np.complex64),
+                  None, objectGuess=obj, backend="cpu")
+    d = raw.generate_grouped_data(N, K=1, nsamples=4, seed=0, gridsize=1)
+    row = int(np.nonzero(d["nn_indices"][:, 0] == 0)[0][0])
+    patch = d["Y"][row, :, :, 0]
+    assert patch[N // 2, N // 2] == 1 + 2j
+    assert np.count_nonzero(patch) == 1
+    # half a pixel right: the point spreads equally over two columns left of centre
+    p = extract_patches(np, obj, np.array([21.5]), np.array([30.0]), N)[0]
+    np.testing.assert_allclose(p[N // 2, N // 2 - 1 : N // 2 + 1], [0.5 + 1j, 0.5 + 1j], rtol=1e-6)
+
+
+def test_patch_outside_object_is_zero():
+    obj = np.ones((20, 20), np.complex64)
+    p = extract_patches(np, obj, np.array([-100.0, 200.0, 10.0]), np.array([5.0, 5.0, -2.5]), 8)
+    assert not p[0].any() and not p[1].any()
+    # third patch: rows at y = -6.5 .. 0.5; y=-0.5 blends zero and row 0, y=0.5 is inside
+    assert not p[2][:6].any()
+    np.testing.assert_allclose(p[2][6], 0.5)
+    np.testing.assert_allclose(p[2][7], 1.0)
+
+
+def test_oversampling_and_warning(caplog):
+    raw = make_raw(n=30)
+    with caplog.at_level(logging.WARNING):
+        d = raw.generate_grouped_data(8, K=7, nsamples=100, seed=1, gridsize=2)
+    assert d["nn_indices"].shape == (30, 4)
+    assert any("nsamples=100" in r.getMessage() for r in caplog.records)
+    d = raw.generate_grouped_data(8, K=7, nsamples=100, seed=1, gridsize=2, enable_oversampling=True)
+    assert d["nn_indices"].shape == (100, 4)
+    d = raw.generate_grouped_data(8, K=4, nsamples=100, seed=1, gridsize=2,
+                                  enable_oversampling=True, neighbor_pool_size=9)
+    sets = {}
+    for g, row in enumerate(d["nn_indices"]):
+        sets.setdefault(g % 30, []).append(frozenset(row.tolist()))
+    assert all(len(set(v)) == len(v) for v in sets.values())
+
+
+def test_group_by_scan_keeps_groups_inside_scans():
+    raw = make_raw(n=120)
+    raw.scan_index = (np.arange(120) >= 60).astype(np.int64)
+    d = raw.generate_grouped_data(8, K=7, nsamples=80, seed=9, gridsize=2, group_by_scan=True)
+    scans = raw.scan_index[d["nn_indices"]]
+    assert (scans == scans[:, :1]).all()
+
+
+def test_index_cache_is_reused(monkeypatch):
+    raw = make_raw()
+    from gpugroup.backends import cpu
+
+    built = []
+    original = cpu.KDTreeIndex.__init__
+
+    def counting(self, *a, **k):
+        built.append(1)
+        original(self, *a, **k)
+
+    monkeypatch.setattr(cpu.KDTreeIndex, "__init__", counting)
+    a = raw._generate_groups_efficiently(20, 7, 4, seed=1)
+    b = raw._generate_groups_efficiently(20, 7, 4, seed=1)
+    raw.generate_grouped_data(8, K=7, nsamples=20, seed=1, gridsize=2)
+    assert len(built) == 1
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (20, 4) and a.dtype == np.int32
+
+
+# ---------------------------------------------------------------- validation
+def base_fields(n=10, N=4):
+    return dict(xcoords=np.arange(n, dtype=float), ycoords=np.zeros(n), xcoords_start=None,
+                ycoords_start=None, diff3d=np.ones((n, N, N), np.float32),
+                probeGuess=np.ones((N, N), np.complex64), scan_index=None)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(ycoords=np.zeros(9)), r"xcoords has 10 entries but ycoords has 9"),
+    (dict(xcoords=np.r_[np.arange(9.0), np.nan]), r"xcoords.*non-finite.*xcoords\[9\]=nan"),
+    (dict(ycoords=np.r_[np.inf, np.zeros(9)]), r"ycoords.*ycoords\[0\]=inf"),
+    (dict(xcoords=np.zeros((10, 1))), r"xcoords must be 1-D.*\(10, 1\)"),
+    (dict(diff3d=np.ones((9, 4, 4), np.float32)), r"xcoords has 10 entries but diff3d has 9 frames"),
+    (dict(diff3d=np.ones((10, 16), np.float32)), r"diff3d must be 3-D.*\(10, 16\)"),
+    (dict(diff3d=np.ones((10, 4, 5), np.float32)), r"diff3d frames must be square.*\(10, 4, 5\)"),
+    (dict(diff3d=np.ones((10, 4, 4), np.complex64)), r"diff3d must hold real numbers.*complex64"),
+    (dict(probeGuess=np.ones((8, 8), np.complex64)), r"probeGuess has shape \(8, 8\).*\(4, 4\)"),
+    (dict(scan_index=np.zeros(3, int)), r"scan_index must be \(10,\) integers"),
+    (dict(xcoords_start=np.zeros(10)), r"xcoords_start and ycoords_start must be given together"),
+    (dict(xcoords_start=np.zeros(9), ycoords_start=np.zeros(9)), r"xcoords_start has 9"),
+    (dict(xcoords=np.zeros(0), ycoords=np.zeros(0), diff3d=np.ones((0, 4, 4), np.float32)),
+     r"scan is empty"),
+])
+def test_bad_input_names_field_value_and_fix(change, match):
+    fields = base_fields()
+    fields.update(change)
+    with pytest.raises(ValueError, match=match):
+        RawData(**fields)
+
+
+def test_bad_backend_and_objects():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        RawData(**base_fields(), backend="tpu")
+    with pytest.raises(ValueError, match="objectGuess must be 2-D"):
+        RawData(**base_fields(), objectGuess=np.ones(5))
+    with pytest.raises(ValueError, match="Y has shape"):
+        RawData(**base_fields(), Y=np.ones((10, 5, 5), np.complex64))
+
+
+def test_generate_grouped_data_validation():
+    raw = RawData(**base_fields())
+    with pytest.raises(ValueError, match="N=8 does not match the diffraction frames"):
+        raw.generate_grouped_data(8, K=4, nsamples=2, seed=0)
+    with pytest.raises(ValueError, match="must be >="):
+        raw.generate_grouped_data(4, K=3, nsamples=2, seed=0, gridsize=2)
+    with pytest.raises(ValueError, match="gridsize must be a positive int"):
+        raw.generate_grouped_data(4, K=3, nsamples=2, seed=0, gridsize=0)
+    with pytest.raises(ValueError, match="all-zero"):
+        RawData(**{**base_fields(), "diff3d": np.zeros((10, 4, 4), np.float32)}
+                ).generate_grouped_data(4, K=4, nsamples=3, seed=0, gridsize=2)
+
+
+# ---------------------------------------------------------------- files
+def test_npz_round_trip_and_aliases(tmp_path):
+    raw = make_raw(with_object=True, metadata={"energy_keV": 8.0})
+    path = tmp_path / "scan.npz"
+    raw.to_file(path)
+    back = RawData.from_file(path, backend="cpu")
+    for k in ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "probeGuess",
+              "scan_index", "objectGuess"):
+        np.testing.assert_array_equal(getattr(back, k), getattr(raw, k))
+    np.testing.assert_array_equal(np.asarray(back.diff3d), raw.diff3d)
+    assert back.metadata == {"energy_keV": 8.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["scan.npz"]
+    # the PtychoPINN alias "diffraction" and optional keys defaulting
+    p2 = tmp_path / "alias.npz"
+    np.savez(p2, xcoords=raw.xcoords, ycoords=raw.ycoords, diffraction=raw.diff3d,
+             probeGuess=raw.probeGuess)
+    alias = RawData.from_file(p2)
+    np.testing.assert_array_equal(alias.xcoords_start, raw.xcoords)
+    np.testing.assert_array_equal(alias.scan_index, np.zeros(len(raw)))
+    train, test = RawData.from_files(path, p2)
+    assert len(train) == len(test) == len(raw)
+    text = str(back)
+    assert f"{len(raw)} positions" in text and "8x8" in text
+
+
+def test_from_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        RawData.from_file(tmp_path / "missing.npz")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(os.urandom(200))
+    with pytest.raises(OSError, match="junk.npz"):
+        RawData.from_file(junk)
+    good = tmp_path / "good.npz"
+    make_raw().to_file(good)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(OSError, match="truncated.npz"):
+        RawData.from_file(truncated)
+    nokeys = tmp_path / "nokeys.npz"
+    np.savez(nokeys, xcoords=np.zeros(3), ycoords=np.zeros(3))
+    with pytest.raises(ValueError, match=r"lacks required key\(s\) \['probeGuess', 'diff3d'\]"):
+        RawData.from_file(nokeys)
+
+
+def test_to_file_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    raw = make_raw()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        raw.to_file(tmp_path / "out.npz")
+    assert list(tmp_path.iterdir()) == []
