@@ -1,0 +1,638 @@
+"""The ``gpugroup`` command line: simulate, group, demo, info, cleanup-cache.
+
+One function per subcommand (``cmd_<name>``), registered in :func:`build_parser`. This is
+the only module that prints, configures logging (``-v``/``-vv``) or shows progress bars
+(tqdm, when installed). Bad input ends with one line ``gpugroup: error: ...`` on stderr and
+exit status 2 (a traceback only with ``-vv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+PROG = "gpugroup"
+EXIT_OK = 0
+EXIT_ERROR = 2
+CACHE_SUFFIX = ".groups_cache.npz"
+DEMO_PNG = "gpugroup-demo.png"
+OPTIONAL_PACKAGES = ("cupy", "cuml", "dask", "h5py", "zarr", "matplotlib", "tqdm")
+
+EPILOG = """\
+examples:
+  gpugroup simulate scan.npz --n 2000 --N 64 --seed 0
+  gpugroup group scan.npz -o grouped.npz --gridsize 2 --K 7 --nsamples 10000 --seed 42
+  gpugroup group scan.npz -o grouped.npz --backend gpu --oversample --nsamples 50000
+  gpugroup demo --outdir .
+  gpugroup info
+  gpugroup cleanup-cache ~/data --dry-run
+  gpugroup -v group scan.npz -o grouped.npz      (INFO logs; -vv for DEBUG and tracebacks)
+"""
+
+
+class CLIError(ValueError):
+    """Bad command-line input detected by the CLI itself (reported like library errors)."""
+
+
+#: Errors reported as one line with exit status 2; anything else is a bug and shows a traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+# --------------------------------------------------------------------------- helpers
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n} B"  # pragma: no cover
+
+
+def _check_output_path(path: str, flag: str) -> str:
+    """Reject output formats not (yet) supported and missing output directories."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in WRITERS:
+        raise CLIError(
+            f"{flag} {path!r}: unsupported output format {ext or '(no extension)'!r}; "
+            f"use one of {sorted(WRITERS)}"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CLIError(f"{flag} {path!r}: the directory {directory!r} does not exist")
+    return path
+
+
+def _check_input_file(path: str) -> str:
+    if not os.path.exists(path):
+        raise CLIError(f"input file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CLIError(f"input {path!r} is a directory, not a scan file")
+    return path
+
+
+def _write_npz(path: str, grouped: dict) -> None:
+    import numpy as np
+
+    from gpugroup.rawdata import save_npz_atomic
+
+    arrays = {}
+    for key, value in grouped.items():
+        if value is None:
+            continue
+        if key == "seed":
+            value = np.uint64(value)  # seeds span [0, 2**64)
+        arrays[key] = np.asarray(value)
+    save_npz_atomic(path, arrays)
+
+
+#: Grouped-output writers by file extension (HDF5 and Zarr join here later).
+WRITERS = {".npz": _write_npz}
+
+
+def _progress_bar(total: int, desc: str):
+    """``(callback, close)`` for a tqdm bar (no bar when tqdm is missing or not a TTY)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        logger.debug("tqdm not installed: no progress bar")
+        return None, lambda: None
+    bar = tqdm(total=total, desc=desc, unit="group", disable=None, leave=False,
+               file=sys.stderr)
+    return bar.update, bar.close
+
+
+def _expected_groups(n: int, nsamples: int, oversample: bool, C: int) -> int:
+    return nsamples if (oversample and C > 1) else min(nsamples, n)
+
+
+def run_grouping(raw, *, N, gridsize, K, nsamples, seed, backend, sequential=False,
+                 oversample=False, neighbor_pool_size=None, group_by_scan=False,
+                 keep_diffraction=True):
+    """Group ``raw`` with a progress bar; returns ``(grouped, backend, seconds)``."""
+    from gpugroup.backends import get_backend
+
+    be = get_backend(backend)
+    update, close = _progress_bar(
+        _expected_groups(len(raw), nsamples, oversample, gridsize * gridsize), "assembling")
+    t0 = time.perf_counter()
+    try:
+        grouped = raw.generate_grouped_data(
+            N, K=K, nsamples=nsamples, seed=seed, gridsize=gridsize,
+            sequential_sampling=sequential, enable_oversampling=oversample,
+            neighbor_pool_size=neighbor_pool_size, group_by_scan=group_by_scan,
+            backend=be, keep_diffraction=keep_diffraction, progress=update,
+        )
+    finally:
+        close()
+    return grouped, be, time.perf_counter() - t0
+
+
+def _summary(raw, grouped, be, seconds, *, gridsize, K, out=None) -> str:
+    B, C = grouped["nn_indices"].shape
+    N = grouped["X_full"].shape[1]
+    lines = [
+        f"{B} groups of C={C} (gridsize {gridsize}, K={K}) from {len(raw)} positions, "
+        f"frames {N}x{N}",
+        f"  seed {grouped['seed']}  backend {be.name} ({be.description})  "
+        f"time {seconds:.2f} s",
+    ]
+    if out is not None:
+        lines.append(f"  wrote {out} ({_human_bytes(os.path.getsize(out))})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- simulate
+def cmd_simulate(args) -> int:
+    """Write a synthetic scan (Fermat spiral, test object, probe, diffraction amplitudes)."""
+    from gpugroup.simulate import simulate_rawdata
+
+    out = _check_output_path(args.out, "OUT")
+    t0 = time.perf_counter()
+    raw = simulate_rawdata(args.n, args.N, args.seed, backend="cpu")
+    raw.to_file(out)
+    print(f"simulated {len(raw)} positions, frames {args.N}x{args.N}, object "
+          f"{raw.objectGuess.shape[0]}x{raw.objectGuess.shape[1]}, seed {args.seed} in "
+          f"{time.perf_counter() - t0:.2f} s")
+    print(f"  wrote {out} ({_human_bytes(os.path.getsize(out))})")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- group
+def cmd_group(args) -> int:
+    """Sample groups from a scan file and write the grouped training arrays."""
+    from gpugroup.rawdata import RawData
+
+    source = _check_input_file(args.input)
+    out = _check_output_path(args.output, "-o")
+    raw = RawData.from_file(source)
+    N = raw.diff3d.shape[1] if args.N is None else args.N
+    grouped, be, seconds = run_grouping(
+        raw, N=N, gridsize=args.gridsize, K=args.K, nsamples=args.nsamples, seed=args.seed,
+        backend=args.backend, sequential=args.sequential, oversample=args.oversample,
+        neighbor_pool_size=args.neighbor_pool_size, group_by_scan=args.group_by_scan,
+        keep_diffraction=not args.no_diffraction,
+    )
+    WRITERS[os.path.splitext(out)[1].lower()](out, grouped)
+    print(_summary(raw, grouped, be, seconds, gridsize=args.gridsize, K=args.K, out=out))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    """Simulate, group and (with matplotlib) draw a few groups to gpugroup-demo.png."""
+    import tempfile
+
+    from gpugroup.rawdata import RawData
+    from gpugroup.simulate import simulate_rawdata
+
+    if not os.path.isdir(args.outdir):
+        raise CLIError(f"--outdir {args.outdir!r} is not an existing directory")
+    with tempfile.TemporaryDirectory(prefix="gpugroup-demo-") as tmp:
+        scan_path = os.path.join(tmp, "scan.npz")
+        simulate_rawdata(args.n, args.N, 0, backend="cpu").to_file(scan_path)
+        raw = RawData.from_file(scan_path)
+        grouped, be, seconds = run_grouping(
+            raw, N=args.N, gridsize=args.gridsize, K=args.K, nsamples=args.nsamples,
+            seed=args.seed, backend=args.backend)
+        out_npz = os.path.join(tmp, "grouped.npz")
+        _write_npz(out_npz, grouped)
+        print(f"demo: simulated {len(raw)} positions (Fermat spiral, {args.N}x{args.N} "
+              f"frames) and grouped them")
+        print(_summary(raw, grouped, be, seconds, gridsize=args.gridsize, K=args.K))
+    if args.no_plot:
+        return EXIT_OK
+    from importlib.util import find_spec
+
+    if find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no plot (pip install 'gpugroup[plot]')")
+        return EXIT_OK
+    png = os.path.join(args.outdir, DEMO_PNG)
+    plot_demo(raw, grouped, png, seed=grouped["seed"], K=args.K)
+    print(f"  wrote {png}")
+    return EXIT_OK
+
+
+def _spread_rows(centres, count: int):
+    """``count`` group rows spread over the scan's interior (greedy farthest-point).
+
+    Starts at the group nearest the scan's centre and only picks groups within 80 % of
+    the scan's radius, so the drawn groups are typical ones, not edge cases.
+    """
+    import numpy as np
+
+    middle = (centres.min(axis=0) + centres.max(axis=0)) / 2
+    r = np.hypot(*(centres - middle).T)
+    inner = np.flatnonzero(r <= 0.8 * r.max())
+    pts = centres[inner]
+    chosen = [int(np.argmin(r[inner]))]
+    d = np.hypot(*(pts - pts[chosen[0]]).T)
+    while len(chosen) < min(count, len(inner)):
+        nxt = int(np.argmax(d))
+        chosen.append(nxt)
+        d = np.minimum(d, np.hypot(*(pts - pts[nxt]).T))
+    return [int(inner[i]) for i in chosen]
+
+
+def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
+    """Draw the scan with ``n_groups`` groups, one group up close, and its diffraction.
+
+    Left: every scan position over the object's phase, with ``n_groups`` groups (members
+    coloured, lines from the group centre, the group's seed starred). Middle: group 1 with
+    its pool and probe footprints. Right: group 1's C diffraction frames (``X_full``, log
+    scale). Written with matplotlib's Agg backend.
+    """
+    quiet = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in ("matplotlib", "PIL"):  # their DEBUG chatter drowns ours under -vv
+        logging.getLogger(name).setLevel(quiet)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Circle
+
+    from gpugroup.grouping import sample_seeds
+    x, y = raw.xcoords, raw.ycoords
+    n = len(raw)
+    nn = grouped["nn_indices"]
+    B, C = nn.shape
+    N = grouped["X_full"].shape[1]
+    seeds = sample_seeds(np, n, min(B, n), int(seed))  # row g's seed is seeds[g % len]
+    centres = grouped["coords_offsets"][:, 0, :, 0]
+    rows = _spread_rows(centres, n_groups)
+    colours = plt.get_cmap("tab10").colors
+    phase = np.angle(raw.objectGuess)
+    H, W = phase.shape
+
+    fig = plt.figure(figsize=(17, 6.4), layout="constrained")
+    fig.suptitle(f"gpugroup demo: sample-then-group of {n} positions into {B} groups of "
+                 f"C={C} (K={K}, seed {seed})", fontsize=13)
+    left, middle, right = fig.subfigures(1, 3, width_ratios=[1.15, 1.0, 0.95], wspace=0.02)
+    ax = left.subplots()
+    zoom = middle.subplots()
+    for a, dot in ((ax, 3), (zoom, 16)):
+        a.imshow(phase, cmap="Greys", extent=(-0.5, W - 0.5, H - 0.5, -0.5), alpha=0.3,
+                 interpolation="bilinear")
+        a.scatter(x, y, s=dot, color="0.35", lw=0, zorder=2)
+        a.set_aspect("equal")
+        a.set_xlabel("x (object pixels)")
+        a.set_ylabel("y (object pixels)")
+
+    def draw_group(a, g, colour, size, label=None):
+        mem = nn[g]
+        cx, cy = centres[g]
+        for m in mem:
+            a.plot([cx, x[m]], [cy, y[m]], color=colour, lw=1.3, zorder=3)
+        a.scatter(x[mem], y[mem], s=size, color=colour, edgecolor="k", lw=0.6, zorder=4,
+                  label=label)
+        a.scatter([cx], [cy], s=size, marker="+", color=colour, lw=1.5, zorder=4)
+        s_ = seeds[g % len(seeds)]
+        a.scatter([x[s_]], [y[s_]], s=size * 4, marker="*", facecolor="none",
+                  edgecolor="k", lw=1.0, zorder=5)
+
+    for j, g in enumerate(rows):
+        colour = colours[j % len(colours)]
+        draw_group(ax, g, colour, 30)
+        ax.annotate(f"{j + 1}", centres[g], xytext=(7, 5), textcoords="offset points",
+                    fontsize=10, weight="bold", color=colour, zorder=6,
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.7))
+    ax.set_xlim(x.min() - N / 2, x.max() + N / 2)
+    ax.set_ylim(y.max() + N / 2, y.min() - N / 2)
+    left.suptitle(f"all positions over the object phase; {len(rows)} groups drawn\n"
+                  f"(\u2605 seed, + group centre, lines to the C members)", fontsize=11)
+
+    # Group 1 up close: its seed's pool (seed + K-1 nearest), members and probe footprints.
+    g = rows[0]
+    colour = colours[0]
+    s_ = seeds[g % len(seeds)]
+    d2 = (x - x[s_]) ** 2 + (y - y[s_]) ** 2
+    pool = np.argsort(d2, kind="stable")[:K]
+    half = float(np.sqrt(d2[pool].max())) + N / 2
+    zoom.scatter(x[pool], y[pool], s=110, facecolor="none", edgecolor="tab:orange", lw=1.5,
+                 zorder=3, label=f"pool: seed + {K - 1} nearest")
+    for m in nn[g]:
+        zoom.add_patch(Circle((x[m], y[m]), N / 4, fill=False, ls="--", lw=0.9,
+                              color=colour, zorder=3))
+    draw_group(zoom, g, colour, 60, label=f"members: C={C} of the pool")
+    for m in nn[g]:
+        zoom.annotate(str(m), (x[m], y[m]), xytext=(6, -12), textcoords="offset points",
+                      fontsize=8, color=colour, weight="bold", zorder=6)
+    zoom.scatter([], [], s=150, marker="*", facecolor="none", edgecolor="k",
+                 label="seed position")
+    zoom.scatter([], [], s=60, marker="+", color=colour, label="group centre (offset)")
+    zoom.plot([], [], ls="--", lw=0.9, color=colour, label=f"probe footprint (r = {N // 4} px)")
+    zoom.set_xlim(x[s_] - half, x[s_] + half)
+    zoom.set_ylim(y[s_] + half, y[s_] - half)
+    zoom.legend(loc="lower left", fontsize=8, framealpha=0.9)
+    middle.suptitle("group 1 up close", fontsize=11)
+
+    # Group 1's diffraction frames, in nn_indices order, on one log colour scale.
+    side = int(np.ceil(np.sqrt(C)))
+    frames = np.asarray(grouped["X_full"][g], dtype=np.float64)
+    vmax = float(frames.max())
+    vmin = vmax * 1e-4 if vmax > 0 else 1e-6
+    norm = LogNorm(vmin=vmin, vmax=max(vmax, vmin * 10))
+    axes = np.atleast_2d(right.subplots(side, side))
+    for c, fa in enumerate(axes.flat):
+        fa.set_xticks([])
+        fa.set_yticks([])
+        if c >= C:
+            fa.set_axis_off()
+            continue
+        im = fa.imshow(np.maximum(frames[..., c], vmin), cmap="magma", norm=norm)
+        fa.set_title(f"position {nn[g, c]}", fontsize=9, color=colour, weight="bold")
+    right.colorbar(im, ax=axes, shrink=0.85, location="bottom",
+                   label="X_full amplitude (log scale)")
+    right.suptitle(f"group 1: its {C} diffraction frames", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    logger.info("wrote %s", path)
+
+
+# --------------------------------------------------------------------------- info
+def _package_versions(names):
+    """``{module: "version" | "present" | "not installed"}`` without importing them."""
+    from importlib import metadata
+    from importlib.util import find_spec
+
+    try:
+        dists = metadata.packages_distributions()
+    except Exception:  # pragma: no cover - unusual metadata layouts
+        dists = {}
+    out = {}
+    for name in names:
+        try:
+            present = find_spec(name) is not None
+        except (ImportError, ValueError):
+            present = False
+        if not present:
+            out[name] = "not installed"
+            continue
+        version = "present"
+        for dist in dists.get(name, ()):
+            try:
+                version = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:  # pragma: no cover
+                continue
+        out[name] = version
+    return out
+
+
+def cmd_info(args) -> int:
+    """Print versions, available backends, GPUs seen and optional packages."""
+    import platform
+
+    import numpy
+    import scipy
+
+    import gpugroup
+    from gpugroup.backends import available_backends
+
+    print(f"gpugroup {gpugroup.__version__}")
+    print(f"python   {platform.python_version()} ({sys.executable})")
+    print(f"numpy    {numpy.__version__}")
+    print(f"scipy    {scipy.__version__}")
+    print("backends:")
+    backends = available_backends()
+    for name, status in backends.items():
+        print(f"  {name:<4} {status}")
+    gpu = backends.get("gpu", "")
+    print(f"GPUs seen: {gpu.split(': ', 1)[1] if gpu.startswith('available') else 'none'}")
+    print("optional packages:")
+    for name, version in _package_versions(OPTIONAL_PACKAGES).items():
+        print(f"  {name:<10} {version}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- cleanup-cache
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def find_cache_files(directory: str):
+    """``(deletable, skipped)`` lists of ``(path, bytes)`` / ``(path, reason)`` under ``directory``.
+
+    Walks without following directory symlinks. A symlinked cache file is deletable (the
+    link only, never its target) when it points inside ``directory``; one pointing outside
+    is skipped.
+    """
+    root = os.path.realpath(directory)
+    deletable, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.endswith(CACHE_SUFFIX):
+                continue
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if not _inside(target, root):
+                    skipped.append((path, f"symlink to {target}, outside {directory}"))
+                    continue
+                deletable.append((path, 0))  # removing a link frees no data
+            elif os.path.isfile(path):
+                deletable.append((path, os.lstat(path).st_size))
+    return deletable, skipped
+
+
+def cmd_cleanup_cache(args) -> int:
+    """List (``--dry-run``) or delete ``*.groups_cache.npz`` files under DIR."""
+    directory = args.dir
+    if not os.path.isdir(directory):
+        raise CLIError(f"DIR {directory!r} is not an existing directory")
+    deletable, skipped = find_cache_files(directory)
+    for path, reason in skipped:
+        print(f"skip  {path} ({reason})")
+    total = sum(size for _, size in deletable)
+    if not deletable:
+        print(f"no *{CACHE_SUFFIX} files under {directory}")
+        return EXIT_OK
+    verb = "would remove" if args.dry_run else "found"
+    print(f"{verb} {len(deletable)} cache file(s), {_human_bytes(total)}:")
+    for path, size in deletable:
+        print(f"  {_human_bytes(size):>9}  {path}{'  (symlink)' if os.path.islink(path) else ''}")
+    if args.dry_run:
+        print("dry run: nothing deleted")
+        return EXIT_OK
+    if not args.yes and sys.stdin is not None and sys.stdin.isatty():
+        answer = input(f"delete these {len(deletable)} file(s)? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            print("nothing deleted")
+            return EXIT_OK
+    freed = removed = 0
+    for path, size in deletable:
+        try:
+            os.unlink(path)  # unlink never follows a symlink
+        except FileNotFoundError:
+            logger.warning("%s vanished before deletion", path)
+            continue
+        removed += 1
+        freed += size
+        print(f"removed {path}")
+    print(f"removed {removed} file(s), freed {_human_bytes(freed)}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
+def _add_grouping_options(p, *, nsamples: int, seed):
+    p.add_argument("--gridsize", type=_positive_int, default=2,
+                   help="C = gridsize**2 positions per group (default %(default)s)")
+    p.add_argument("--K", type=_positive_int, default=7,
+                   help="pool size: seed + K-1 nearest positions, K >= C (default %(default)s)")
+    p.add_argument("--nsamples", type=_positive_int, default=nsamples,
+                   help="number of groups (default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=seed,
+                   help="grouping seed; omitted: a fresh one, printed so the run can be "
+                        "repeated" if seed is None else "grouping seed (default %(default)s)")
+    p.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where to group (default %(default)s: the GPU when CuPy sees one)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subparser per ``cmd_*`` function."""
+    verbosity = argparse.ArgumentParser(add_help=False)
+    verbosity.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                           help="more log output on stderr (-v INFO, -vv DEBUG and tracebacks)")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Exact, backend-independent sample-then-group for ptychography scans.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output on stderr (-v INFO, -vv DEBUG and tracebacks)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, func, help_, epilog):
+        p = sub.add_parser(name, help=help_, description=func.__doc__, parents=[verbosity],
+                           allow_abbrev=False, epilog="example:\n  " + epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("simulate", cmd_simulate, "write a synthetic scan NPZ",
+            "gpugroup simulate scan.npz --n 2000 --N 64 --seed 0")
+    p.add_argument("out", metavar="OUT.npz", help="output scan file")
+    p.add_argument("--n", type=_positive_int, default=2000,
+                   help="scan positions (default %(default)s)")
+    p.add_argument("--N", type=_positive_int, default=64,
+                   help="frame size in pixels (default %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="simulation seed (default %(default)s)")
+
+    p = add("group", cmd_group, "group a scan and write the grouped training arrays",
+            "gpugroup group scan.npz -o grouped.npz --gridsize 2 --K 7 --nsamples 10000 "
+            "--seed 42")
+    p.add_argument("input", metavar="IN.npz", help="scan file (PtychoPINN NPZ layout)")
+    p.add_argument("-o", "--output", metavar="OUT.npz", required=True,
+                   help="grouped output file (written atomically)")
+    p.add_argument("--N", type=_positive_int, default=None,
+                   help="frame size (default: the scan's frame size)")
+    _add_grouping_options(p, nsamples=10000, seed=None)
+    p.add_argument("--sequential", action="store_true",
+                   help="seeds are positions 0..nsamples-1 instead of a random sample")
+    p.add_argument("--oversample", action="store_true",
+                   help="allow nsamples > n (distinct member sets per repeated seed)")
+    p.add_argument("--neighbor-pool-size", type=_positive_int, default=None, metavar="P",
+                   help="pool size overriding K")
+    p.add_argument("--group-by-scan", action="store_true",
+                   help="pools only hold positions of the seed's own scan (scan_index)")
+    p.add_argument("--no-diffraction", action="store_true",
+                   help="skip the 'diffraction' copy (write X_full only)")
+
+    p = add("demo", cmd_demo, "simulate, group and plot a demo scan (gpugroup-demo.png)",
+            "gpugroup demo --outdir /tmp")
+    p.add_argument("--n", type=_positive_int, default=2000,
+                   help="scan positions (default %(default)s)")
+    p.add_argument("--N", type=_positive_int, default=64,
+                   help="frame size in pixels (default %(default)s)")
+    _add_grouping_options(p, nsamples=1000, seed=0)
+    p.add_argument("--outdir", default=".",
+                   help=f"where to write {DEMO_PNG} (default: the current directory)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+    add("info", cmd_info, "versions, backends, GPUs and optional packages", "gpugroup info")
+
+    p = add("cleanup-cache", cmd_cleanup_cache,
+            f"list or delete old *{CACHE_SUFFIX} group caches under DIR",
+            "gpugroup cleanup-cache ~/data --dry-run")
+    p.add_argument("dir", metavar="DIR", help="directory to search recursively")
+    p.add_argument("--dry-run", action="store_true", help="list the files; delete nothing")
+    p.add_argument("--yes", action="store_true",
+                   help="do not ask before deleting (asked only when stdin is a terminal)")
+    return parser
+
+
+def _version() -> str:
+    from gpugroup import __version__
+
+    return __version__
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when a host (e.g. pytest) set handlers first
+
+
+def main(argv=None) -> int:
+    """Run the ``gpugroup`` command line; returns the exit status.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success, 2 on bad input (one ``gpugroup: error: ...`` line on stderr) or
+        bad arguments, 130 on Ctrl-C.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or an argparse error (status 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    _configure_logging(args.verbose)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if args.verbose >= 2:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

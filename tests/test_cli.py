@@ -1,0 +1,296 @@
+"""The gpugroup command line end to end: simulate -> group, demo, info, cleanup-cache, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpugroup import RawData, sample_groups
+from gpugroup.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+N = 16
+n = 300
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """main() sets the root logger's level (-v); put it back after each test."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scan") / "scan.npz"
+    assert main(["simulate", str(path), "--n", str(n), "--N", str(N), "--seed", "1"]) == 0
+    return path
+
+
+def _error_line(capsys, rc):
+    """Assert exit status 2 and one 'gpugroup: error:' line without traceback; return it."""
+    captured = capsys.readouterr()
+    assert rc == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("gpugroup: error: ")
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- simulate/group
+def test_simulate_writes_a_scan(scan_file):
+    raw = RawData.from_file(scan_file)
+    assert len(raw) == n and raw.diff3d.shape == (n, N, N) and raw.objectGuess is not None
+    assert raw.diff3d.dtype == np.float32
+
+
+def test_group_end_to_end(scan_file, tmp_path, capsys):
+    out = tmp_path / "grouped.npz"
+    rc = main(["group", str(scan_file), "-o", str(out), "--gridsize", "2", "--K", "7",
+               "--nsamples", "200", "--seed", "42", "--backend", "cpu"])  # --N omitted
+    assert rc == 0
+    summary = capsys.readouterr().out
+    assert "seed 42" in summary and "200 groups" in summary and "C=4" in summary
+    assert "backend cpu" in summary and str(out) in summary
+    with np.load(out) as z:
+        d = {k: z[k] for k in z.files}
+    B, C = 200, 4
+    assert d["nn_indices"].shape == (B, C) and d["nn_indices"].dtype == np.int32
+    assert d["diffraction"].shape == (B, N, N, C) and d["diffraction"].dtype == np.float32
+    assert d["X_full"].shape == (B, N, N, C) and d["X_full"].dtype == np.float32
+    assert d["Y"].shape == (B, N, N, C) and d["Y"].dtype == np.complex64
+    for key in ("coords_nn", "coords_start_nn", "coords_relative", "coords_start_relative"):
+        assert d[key].shape == (B, 1, 2, C), key
+    for key in ("coords_offsets", "coords_start_offsets"):
+        assert d[key].shape == (B, 1, 2, 1), key
+    assert "objectGuess" in d and int(d["seed"]) == 42
+    raw = RawData.from_file(scan_file)
+    expected = sample_groups(raw.xcoords, raw.ycoords, 200, 7, 4, seed=42, backend="cpu")
+    np.testing.assert_array_equal(d["nn_indices"], expected)
+    np.testing.assert_array_equal(d["diffraction"],
+                                  np.moveaxis(raw.diff3d[expected], 1, -1))
+
+
+def test_group_without_seed_reports_the_seed_it_used(scan_file, tmp_path, capsys):
+    out = tmp_path / "g.npz"
+    assert main(["group", str(scan_file), "-o", str(out), "--nsamples", "50",
+                 "--backend", "cpu", "--no-diffraction"]) == 0
+    summary = capsys.readouterr().out
+    with np.load(out) as z:
+        seed = int(z["seed"])
+        nn = z["nn_indices"]
+        assert "diffraction" not in z.files and "X_full" in z.files
+    assert f"seed {seed}" in summary
+    raw = RawData.from_file(scan_file)
+    np.testing.assert_array_equal(
+        nn, sample_groups(raw.xcoords, raw.ycoords, 50, 7, 4, seed=seed, backend="cpu"))
+
+
+def test_group_options_oversample_and_pool(scan_file, tmp_path, capsys):
+    out = tmp_path / "over.npz"
+    assert main(["group", str(scan_file), "-o", str(out), "--N", str(N), "--nsamples",
+                 str(2 * n), "--seed", "3", "--oversample", "--neighbor-pool-size", "9",
+                 "--backend", "cpu"]) == 0
+    raw = RawData.from_file(scan_file)
+    expected = sample_groups(raw.xcoords, raw.ycoords, 2 * n, 9, 4, seed=3, backend="cpu",
+                             enable_oversampling=True)
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["nn_indices"], expected)
+    assert f"{2 * n} groups" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- demo / info
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
+def test_demo_writes_png(tmp_path, capsys):
+    rc = main(["demo", "--n", str(n), "--N", str(N), "--nsamples", "100",
+               "--outdir", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    png = tmp_path / "gpugroup-demo.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "seed 0" in out and str(png) in out
+
+
+def test_demo_no_plot_writes_nothing(tmp_path, capsys):
+    assert main(["demo", "--n", "100", "--N", str(N), "--nsamples", "20", "--outdir",
+                 str(tmp_path), "--no-plot"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "20 groups" in capsys.readouterr().out
+
+
+def test_info_via_python_m():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "gpugroup", "info"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "gpugroup 0." in out and "numpy" in out and "scipy" in out
+    assert "backends:" in out and "cpu  available" in out and "gpu " in out
+    assert "GPUs seen:" in out
+    for pkg in ("cupy", "cuml", "dask", "h5py", "zarr", "matplotlib", "tqdm"):
+        assert pkg in out
+
+
+def test_help_and_argparse_errors_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    assert "examples:" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["group", "x.npz"]) == 2  # -o missing
+    assert main(["simulate", "x.npz", "--nn", "3"]) == 2  # no abbreviations either
+    assert main(["demo", "--nsample", "3"]) == 2
+    capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- cleanup-cache
+@pytest.fixture
+def cache_tree(tmp_path):
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "a.groups_cache.npz").write_bytes(b"x" * 100)
+    (root / "sub" / "b.groups_cache.npz").write_bytes(b"y" * 50)
+    (root / "keep.npz").write_bytes(b"z" * 10)
+    (outside / "o.groups_cache.npz").write_bytes(b"o" * 30)
+    (root / "link.groups_cache.npz").symlink_to(outside / "o.groups_cache.npz")
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)
+    return root, outside
+
+
+def test_cleanup_cache_dry_run_lists_and_keeps(cache_tree, capsys):
+    root, outside = cache_tree
+    assert main(["cleanup-cache", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "a.groups_cache.npz" in out and "b.groups_cache.npz" in out
+    assert "nothing deleted" in out
+    assert "keep.npz" not in out
+    assert (root / "a.groups_cache.npz").exists() and (root / "sub" / "b.groups_cache.npz").exists()
+
+
+def test_cleanup_cache_deletes_but_not_through_symlinks(cache_tree, capsys):
+    root, outside = cache_tree
+    assert main(["cleanup-cache", str(root), "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert not (root / "a.groups_cache.npz").exists()
+    assert not (root / "sub" / "b.groups_cache.npz").exists()
+    assert (root / "keep.npz").exists()
+    assert (outside / "o.groups_cache.npz").exists()  # target outside DIR untouched
+    assert (root / "link.groups_cache.npz").is_symlink()  # the link is skipped, not followed
+    assert "removed 2 file(s)" in out and "150 B" in out
+    assert "skip" in out and "outside" in out
+    assert main(["cleanup-cache", str(root)]) == 0
+    assert "no *.groups_cache.npz files" in capsys.readouterr().out
+
+
+def test_cleanup_cache_bad_dir(tmp_path, capsys):
+    line = _error_line(capsys, main(["cleanup-cache", str(tmp_path / "nope")]))
+    assert "DIR" in line and "nope" in line
+
+
+# --------------------------------------------------------------------------- errors
+def test_error_missing_input(tmp_path, capsys):
+    line = _error_line(capsys, main(["group", str(tmp_path / "missing.npz"), "-o",
+                                     str(tmp_path / "o.npz")]))
+    assert "missing.npz" in line and "does not exist" in line
+
+
+def test_error_corrupt_npz(tmp_path, capsys):
+    bad = tmp_path / "corrupt.npz"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    line = _error_line(capsys, main(["group", str(bad), "-o", str(tmp_path / "o.npz")]))
+    assert "corrupt.npz" in line
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_error_k_below_c(scan_file, tmp_path, capsys):
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.npz"),
+                                     "--gridsize", "3", "--K", "4", "--backend", "cpu"]))
+    assert "K" in line and "must be >=" in line
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_error_frame_size_and_output_format(scan_file, tmp_path, capsys):
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.npz"),
+                                     "--N", "32", "--backend", "cpu"]))
+    assert "N=32" in line
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.h5")]))
+    assert ".h5" in line and "-o" in line
+    line = _error_line(capsys, main(["simulate", str(tmp_path / "no" / "dir" / "s.npz")]))
+    assert "does not exist" in line
+
+
+def test_error_traceback_only_with_vv(tmp_path, capsys):
+    bad = tmp_path / "corrupt.npz"
+    bad.write_bytes(b"not a zip file at all")
+    assert main(["-vv", "group", str(bad), "-o", str(tmp_path / "o.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("gpugroup: error:")
+
+
+# --------------------------------------------------------------------------- logging
+def test_verbose_emits_info_logs(scan_file, tmp_path, caplog, capsys):
+    caplog.set_level(logging.NOTSET)
+    out = str(tmp_path / "g.npz")
+    args = ["group", str(scan_file), "-o", out, "--nsamples", "20", "--seed", "1",
+            "--backend", "cpu"]
+    assert main(args) == 0
+    assert not [r for r in caplog.records if r.levelno == logging.INFO]
+    caplog.clear()
+    assert main(["-v"] + args) == 0
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert any(r.name.startswith("gpugroup") and "sample_groups" in r.getMessage()
+               for r in infos)
+    assert not [r for r in caplog.records if r.levelno == logging.DEBUG]
+    caplog.clear()
+    assert main(args + ["-v"]) == 0  # -v after the subcommand works too
+    assert [r for r in caplog.records if r.levelno == logging.INFO]
+
+
+class _FakeTTY:
+    """A text stream that claims to be a terminal (tqdm draws only on TTYs)."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tqdm") is None, reason="tqdm is not installed")
+def test_progress_bar_on_a_terminal(scan_file, tmp_path, monkeypatch, capsys):
+    fake = _FakeTTY()
+    monkeypatch.setattr(sys, "stderr", fake)
+    assert main(["group", str(scan_file), "-o", str(tmp_path / "g.npz"), "--nsamples", "50",
+                 "--seed", "1", "--backend", "cpu"]) == 0
+    assert "assembling" in fake.buffer.getvalue() and "/50" in fake.buffer.getvalue()
+
+
+def test_cleanup_cache_asks_on_a_terminal(cache_tree, monkeypatch, capsys):
+    root, _ = cache_tree
+    monkeypatch.setattr(sys, "stdin", _FakeTTY())
+    monkeypatch.setattr("builtins.input", lambda prompt="": "n")
+    assert main(["cleanup-cache", str(root)]) == 0
+    assert "nothing deleted" in capsys.readouterr().out
+    assert (root / "a.groups_cache.npz").exists()
+    monkeypatch.setattr("builtins.input", lambda prompt="": "y")
+    assert main(["cleanup-cache", str(root)]) == 0
+    assert not (root / "a.groups_cache.npz").exists()
