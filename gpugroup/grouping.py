@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_ROWS = 1 << 17
 #: Largest (rows x kq) candidate block while widening kq for incomplete rows.
 _MAX_BLOCK = 1 << 23
+#: Largest coordinate span: squared differences must stay finite in float64.
+_MAX_SPAN = 1e150
 #: Oversampled repeats of one seed walk at most this many distinct combinations.
 _COMB_CAP = (1 << 31) - 1
 
@@ -34,7 +36,7 @@ def index_dtype(n: int):
 
 def _check_count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
+        raise ValueError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
     return int(value)
@@ -71,6 +73,8 @@ def _starting_kq(xp, x, y, rows, width: int, index) -> int:
     saves querying every row twice.
     """
     kq = min(index.n, width + 1)
+    if int(rows.shape[0]) <= _PROBE_ROWS:  # a probe would be the whole query again
+        return kq
     while kq < min(index.n, 64 * width):  # past that, per-row widening is cheaper
         probe = rows[: max(1, min(_PROBE_ROWS, _MAX_BLOCK // kq))]
         _, complete = _rerank(xp, x, y, probe, width, kq, index)
@@ -279,7 +283,7 @@ def sample_groups(
         )
     if n < C:
         raise ValueError(
-            f"the scan must have n >= C positions: n={n} < C={C}; use a smaller gridsize "
+            f"n must be >= C: the scan has n={n} positions but C={C}; use a smaller gridsize "
             f"or a larger scan"
         )
     if output not in ("numpy", "device"):
@@ -336,6 +340,12 @@ def _check_coordinates(xcoords, ycoords):
             raise ValueError(
                 f"{name} has {int(bad.sum())} non-finite value(s), first {name}[{i}]={a[i]}; "
                 f"drop or fix those positions"
+            )
+        span = float(a.max() - a.min()) if np.isfinite(a.max() - a.min()) else np.inf
+        if span > _MAX_SPAN:
+            raise ValueError(
+                f"{name} spans {span:.3g}, beyond {_MAX_SPAN:.0e}: squared distances would "
+                f"overflow float64; rescale the coordinates (e.g. to pixels or metres)"
             )
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 

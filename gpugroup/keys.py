@@ -41,11 +41,12 @@ def stream(seed: int, s: int) -> int:
 
 def mix(xp, z):
     """SplitMix64 finalizer, element-wise on a uint64 array of namespace ``xp``."""
-    z = z ^ (z >> xp.uint64(30))
-    z = z * xp.uint64(M1)
-    z = z ^ (z >> xp.uint64(27))
-    z = z * xp.uint64(M2)
-    return z ^ (z >> xp.uint64(31))
+    with np.errstate(over="ignore"):  # wrapping is the point (NumPy warns for 0-d inputs)
+        z = z ^ (z >> xp.uint64(30))
+        z = z * xp.uint64(M1)
+        z = z ^ (z >> xp.uint64(27))
+        z = z * xp.uint64(M2)
+        return z ^ (z >> xp.uint64(31))
 
 
 def key(xp, k, c):
@@ -58,7 +59,8 @@ def key(xp, k, c):
     c = xp.asarray(c).astype(xp.uint64)
     if isinstance(k, (int, np.integer)):
         k = xp.uint64(int(k) & MASK64)
-    return mix(xp, k + (c + xp.uint64(1)) * xp.uint64(GOLDEN))
+    with np.errstate(over="ignore"):
+        return mix(xp, k + (c + xp.uint64(1)) * xp.uint64(GOLDEN))
 
 
 def resolve_seed(seed) -> int:
@@ -68,7 +70,7 @@ def resolve_seed(seed) -> int:
         logger.info("seed=None: drew seed=%d from OS entropy (pass it to repeat this run)", seed)
         return seed
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(
+        raise ValueError(
             f"seed must be an int in [0, 2**64) or None, got {seed!r} "
             f"({type(seed).__name__}); pass e.g. seed=42"
         )

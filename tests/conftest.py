@@ -1,0 +1,153 @@
+"""Shared helpers for the gpugroup test suite: scan factories, the KAT file, test engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+# ``reference.py`` sits beside the tests; make it importable under any pytest import mode.
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+# ----------------------------------------------------------------------------- scans
+def square_grid(nx: int, ny: int | None = None, spacing: float = 1.0, offset=(0.0, 0.0)):
+    """A grid with position i = nx * row + col at x = col, y = row (the KAT layout)."""
+    ny = nx if ny is None else ny
+    row, col = np.divmod(np.arange(nx * ny), nx)
+    x = col.astype(np.float64) * spacing + offset[0]
+    y = row.astype(np.float64) * spacing + offset[1]
+    return x, y
+
+
+def jittered_scan(n: int, seed: int = 0, spacing: float = 1.0, jitter: float = 0.3):
+    """A jittered raster-like scan of ``n`` positions (random, reproducible)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    row, col = np.divmod(np.arange(n), side)
+    x = (col + rng.uniform(-jitter, jitter, n)) * spacing
+    y = (row + rng.uniform(-jitter, jitter, n)) * spacing
+    return x, y
+
+
+# ----------------------------------------------------------------------------- KAT file
+def kat_candidates():
+    """Where design3.json may live: $GPUGROUP_KAT, <repo>/../shared, <repo>/shared."""
+    paths = []
+    if os.environ.get("GPUGROUP_KAT"):
+        paths.append(Path(os.environ["GPUGROUP_KAT"]))
+    paths.append(REPO_ROOT.parent / "shared" / "kat" / "design3.json")
+    paths.append(REPO_ROOT / "shared" / "kat" / "design3.json")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def kat():
+    """The known-answer vectors of DESIGN.md section 3 (skips when the file is absent)."""
+    for path in kat_candidates():
+        if path.is_file():
+            with path.open() as fh:
+                return json.load(fh)
+    pytest.skip("known-answer file design3.json not found in: "
+                + ", ".join(str(p) for p in kat_candidates()))
+
+
+@pytest.fixture
+def grid10():
+    """The 10x10 unit grid of the KAT vectors."""
+    return square_grid(10)
+
+
+# ----------------------------------------------------------------------------- engines
+class CountingIndex:
+    """Wraps a candidate index and records every (rows, kq) query."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.n = inner.n
+        self.calls: list[tuple[int, int]] = []
+
+    def query(self, rows, kq):
+        self.calls.append((int(len(rows)), int(kq)))
+        return self.inner.query(rows, kq)
+
+
+class BruteForceIndex:
+    """An exact brute-force engine that is adversarial about everything it may choose.
+
+    It returns a correct candidate set (kq points with the smallest exact float64 d2)
+    and a correct ``floor`` (the kq-th smallest d2), but breaks ties at the boundary
+    ``tie`` = "random" (random choice), "high" (largest point numbers first) or "low",
+    and shuffles the column order of every row.
+    """
+
+    def __init__(self, x, y, rng_seed: int = 0, tie: str = "random", floor_shrink: float = 0.0):
+        self.x = np.asarray(x, dtype=np.float64)
+        self.y = np.asarray(y, dtype=np.float64)
+        self.n = int(self.x.shape[0])
+        self.rng = np.random.default_rng(rng_seed)
+        self.tie = tie
+        self.floor_shrink = floor_shrink
+        self.calls: list[tuple[int, int]] = []
+
+    def query(self, rows, kq):
+        rows = np.asarray(rows, dtype=np.int64)
+        self.calls.append((int(rows.shape[0]), int(kq)))
+        dx = self.x[None, :] - self.x[rows][:, None]
+        dy = self.y[None, :] - self.y[rows][:, None]
+        d2 = dx * dx
+        d2 = d2 + dy * dy
+        idx = np.broadcast_to(np.arange(self.n), d2.shape)
+        if self.tie == "random":
+            tiebreak = self.rng.random(d2.shape)
+        elif self.tie == "high":
+            tiebreak = -idx
+        else:
+            tiebreak = idx
+        order = np.lexsort((tiebreak, d2), axis=-1)
+        cand = order[:, :kq]
+        floor = np.take_along_axis(d2, cand[:, -1:], axis=1)[:, 0] * (1.0 - self.floor_shrink)
+        cand = self.rng.permuted(cand, axis=1)
+        return cand.astype(np.int64), floor
+
+
+class StingyIndex(BruteForceIndex):
+    """Correct candidates, but a useless floor (-inf) until kq reaches ``min_kq``.
+
+    A lower floor is still a true bound, so the contract holds; the completeness guard
+    must keep widening kq until the floor becomes informative.
+    """
+
+    def __init__(self, x, y, min_kq: int, **kw):
+        super().__init__(x, y, **kw)
+        self.min_kq = min_kq
+
+    def query(self, rows, kq):
+        cand, floor = super().query(rows, kq)
+        if kq < min(self.min_kq, self.n):
+            floor = np.full_like(floor, -np.inf)
+        return cand, floor
+
+
+def make_backend(factory, name: str):
+    """A custom NumPy ``Backend`` whose ``build_index`` is ``factory(x, y)``; records indexes."""
+    from gpugroup.backends import Backend
+
+    built = []
+
+    def build_index(x, y):
+        index = factory(x, y)
+        built.append(index)
+        return index
+
+    backend = Backend(name=name, xp=np, build_index=build_index, asnumpy=np.asarray,
+                      description=f"test engine {name}")
+    return backend, built
