@@ -398,7 +398,7 @@ def _pools(be, x, y, seeds, K, scans, cache, batch_rows):
     """Pools for all seeds, padded to width min(K, n); returns (pool, pool_len)."""
     xp = be.xp
     if scans is None:
-        key = (be.name, None)
+        key = (be.name, be.description, None)
         if key not in cache:
             cache[key] = be.build_index(x, y)
         pool = neighbour_pool(xp, x, y, seeds, K, cache[key], batch_rows)
@@ -416,7 +416,7 @@ def _pools(be, x, y, seeds, K, scans, cache, batch_rows):
         if not int(here.shape[0]):
             continue
         members = xp.asarray(mem)
-        key = (be.name, sid)
+        key = (be.name, be.description, sid)
         if key not in cache:
             cache[key] = be.build_index(x[members], y[members])
         local = xp.searchsorted(members, seeds[here])

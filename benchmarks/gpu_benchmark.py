@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""Benchmark gpugroup on a GPU: grouping CPU vs GPU (with parity) and assembly bandwidth.
+
+Grouping: Fermat-spiral scans of n positions (default 1e5, 1e6, 1e7), nsamples = n/10,
+K = 7 and 16, C = 4; CPU (SciPy cKDTree) and GPU timed in the same run, and the integer
+groups compared. The CPU run is skipped when its estimate (from the previous size) exceeds
+``--cpu-limit`` seconds; parity is then checked on a prefix of the groups (the first m
+groups do not depend on nsamples >= m).
+
+Assembly: ``RawData.generate_grouped_data(N=64, gridsize=2)`` on the GPU with the frames
+on the device, as effective GB/s = (gathered frame bytes read + output bytes written) /
+time, next to the card's theoretical bandwidth and a bare CuPy gather of the same bytes.
+
+Results go to ``$OUT/gpu-<card>-<date>.json`` (``--out`` overrides ``$OUT``), rewritten after
+every step, so a run cut short still leaves what it measured. ``--cpu-only`` runs the same
+code on a machine without a GPU, with the grid engine on NumPy standing in for the GPU (a
+smoke test of this script, not a measurement of anything GPU)::
+
+    python benchmarks/gpu_benchmark.py --cpu-only --sizes 1e4,1e5 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import functools
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import gpugroup  # noqa: E402
+from gpugroup import sample_groups  # noqa: E402
+from gpugroup.backends import Backend, get_backend  # noqa: E402
+from gpugroup.simulate import fermat_spiral  # noqa: E402
+
+#: Peak DRAM bandwidth (GB/s) by card, for when the driver does not report clock and bus.
+KNOWN_BANDWIDTH_GBS = {
+    "h200": 4800.0, "h100 nvl": 3900.0, "h100 pcie": 2000.0, "h100": 3350.0,
+    "a100-sxm4-80gb": 2039.0, "a100 80gb pcie": 1935.0, "a100": 1555.0, "l40s": 864.0,
+    "l4": 300.0, "a10": 600.0, "v100": 900.0, "t4": 320.0, "b200": 8000.0,
+}
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [int(float(s)) for s in text.split(",") if s.strip()]
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Report:
+    """The JSON result, rewritten atomically after every step."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path = path
+        self.data = data
+        self.save()
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=_jsonable) + "\n")
+        os.replace(tmp, self.path)
+
+    def error(self, step: str, exc: BaseException):
+        self.data["errors"].append({"step": step, "error": f"{type(exc).__name__}: {exc}",
+                                    "traceback": traceback.format_exc(limit=8)})
+        print(f"[bench] ERROR in {step}: {type(exc).__name__}: {exc}", flush=True)
+        self.save()
+
+
+def _jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- device
+class Device:
+    """CuPy and the card, or a NumPy stand-in for --cpu-only."""
+
+    def __init__(self, cpu_only: bool, engine: str | None):
+        self.cpu_only = cpu_only
+        if cpu_only:
+            from gpugroup.backends.engines import GridIndex
+
+            self.xp = np
+            self.backend = Backend(name="grid-numpy", xp=np, asnumpy=np.asarray,
+                                   build_index=functools.partial(GridIndex, xp=np),
+                                   description="grid engine on NumPy (CPU smoke test)")
+            self.info = {"name": "cpu-only smoke test (no GPU)", "slug": "cpu-smoke"}
+            return
+        import cupy
+
+        from gpugroup.backends import gpu
+
+        self.xp = cupy
+        self.backend = gpu.make_backend(engine)
+        dev = cupy.cuda.Device()
+        props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        bw, source = _bandwidth(cupy, dev.id, props, name)
+        self.info = {
+            "name": name, "slug": _slug(name), "total_mem_gib": props.get("totalGlobalMem", 0) / 2**30,
+            "compute_capability": f"{props.get('major', '?')}.{props.get('minor', '?')}",
+            "peak_bandwidth_gbs": bw, "peak_bandwidth_source": source,
+            "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+            "driver": cupy.cuda.runtime.driverGetVersion(),
+        }
+
+    def sync(self):
+        if not self.cpu_only:
+            self.xp.cuda.Device().synchronize()
+
+
+def _slug(name: str) -> str:
+    low = name.lower()
+    m = re.search(r"\b(gh200|h200|h100|h20|b200|a100|a10g?|a30|a40|l40s|l40|l4|v100|t4)\b", low)
+    if m:
+        return m.group(1)
+    return re.sub(r"[^a-z0-9]+", "-", low).strip("-")[:32] or "gpu"
+
+
+def _bandwidth(cupy, dev_id, props, name):
+    clock = props.get("memoryClockRate") or 0  # kHz
+    bus = props.get("memoryBusWidth") or 0      # bits
+    source = "cudaDeviceProp"
+    if not (clock and bus):
+        try:
+            clock = cupy.cuda.runtime.deviceGetAttribute(36, dev_id)  # cudaDevAttrMemoryClockRate
+            bus = cupy.cuda.runtime.deviceGetAttribute(37, dev_id)    # GlobalMemoryBusWidth
+            source = "cudaDeviceGetAttribute"
+        except Exception:
+            clock = bus = 0
+    if clock and bus:
+        return 2.0 * clock * 1e3 * bus / 8 / 1e9, source  # double data rate
+    low = name.lower()
+    for key, gbs in KNOWN_BANDWIDTH_GBS.items():
+        if key in low:
+            return gbs, "table of published peaks"
+    return None, "unknown"
+
+
+# ----------------------------------------------------------------------------- grouping
+def time_call(dev: Device, fn, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        dev.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        dev.sync()
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def bench_grouping(dev: Device, report: Report, args):
+    rows = report.data["grouping"]
+    # Warm up: compile the device kernels once (CuPy caches them on disk too).
+    x, y = fermat_spiral(20_000, spacing=1.0, jitter=0.1, rng=np.random.default_rng(0))
+    t0 = time.perf_counter()
+    for K in args.K:
+        sample_groups(x, y, 2_000, K, args.C, seed=1, backend=dev.backend)
+    report.data["warmup_s"] = time.perf_counter() - t0
+    report.save()
+    cpu_rate = None  # seconds per (n + nsamples * K) from the last CPU run
+    for n in args.sizes:
+        if time.perf_counter() > args.deadline:
+            report.data["notes"].append(f"grouping n={n} skipped: deadline reached")
+            break
+        x, y = fermat_spiral(n, spacing=1.0, jitter=0.1, rng=np.random.default_rng(n))
+        nsamples = max(1, n // 10)
+        for K in args.K:
+            row = {"n": n, "nsamples": nsamples, "K": K, "C": args.C, "layout": "fermat spiral",
+                   "seed": 7}
+            rows.append(row)
+            try:
+                call = functools.partial(sample_groups, x, y, nsamples, K, args.C, seed=7,
+                                         backend=dev.backend)
+                times, got = time_call(dev, call, args.repeats)
+                row["gpu_s"] = times
+                row["gpu_best_s"] = min(times)
+                dtimes, _ = time_call(dev, functools.partial(call, output="device"), 1)
+                row["gpu_device_output_s"] = dtimes[0]
+                print(f"[bench] n={n:.0e} K={K}: GPU {min(times):.3f} s "
+                      f"(runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)
+                report.save()
+                work = n + nsamples * K
+                estimate = None if cpu_rate is None else cpu_rate * work
+                row["cpu_estimate_s"] = estimate
+                if estimate is not None and estimate > args.cpu_limit:
+                    row["cpu_s"] = None
+                    row["cpu_skipped"] = (f"estimated {estimate:.0f} s > --cpu-limit "
+                                          f"{args.cpu_limit:.0f} s")
+                    m = min(nsamples, args.prefix_rows)
+                    want = sample_groups(x, y, m, K, args.C, seed=7, backend="cpu")
+                    row["parity"] = bool(np.array_equal(got[:m], want))
+                    row["parity_rows"] = m
+                else:
+                    t0 = time.perf_counter()
+                    want = sample_groups(x, y, nsamples, K, args.C, seed=7, backend="cpu")
+                    row["cpu_s"] = time.perf_counter() - t0
+                    cpu_rate = row["cpu_s"] / work
+                    row["speedup"] = row["cpu_s"] / row["gpu_best_s"]
+                    row["parity"] = bool(np.array_equal(got, want))
+                    row["parity_rows"] = nsamples
+                    print(f"[bench] n={n:.0e} K={K}: CPU {row['cpu_s']:.3f} s, "
+                          f"speedup {row['speedup']:.1f}x", flush=True)
+                if not row["parity"]:
+                    mism = int((got[: row["parity_rows"]] != want).any(axis=1).sum())
+                    row["parity_mismatched_rows"] = mism
+                print(f"[bench] n={n:.0e} K={K}: parity {row['parity']} over "
+                      f"{row['parity_rows']} groups", flush=True)
+            except Exception as exc:  # keep going: later sizes may still work
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                report.error(f"grouping n={n} K={K}", exc)
+            report.save()
+        del x, y
+    checked = [r for r in rows if "parity" in r]
+    report.data["parity_summary"] = {
+        "checked": len(checked), "identical": sum(r["parity"] for r in checked),
+        "all_identical": bool(checked) and all(r["parity"] for r in checked),
+    }
+    report.save()
+
+
+# ----------------------------------------------------------------------------- assembly
+def bench_assembly(dev: Device, report: Report, args):
+    from gpugroup import RawData
+
+    xp = dev.xp
+    n, N, B = args.assembly_n, 64, args.assembly_nsamples
+    C = 4
+    x, y = fermat_spiral(n, spacing=16.0, jitter=0.1, rng=np.random.default_rng(1))
+    frames = xp.random.default_rng(0).random((n, N, N), dtype=xp.float32)
+    probe = np.ones((N, N), np.complex64)
+    raw = RawData(x, y, None, None, frames, probe, None, backend="cpu")
+    frame_bytes = N * N * 4
+    results = report.data["assembly"]
+    gpu_out = None
+    base = {"n_frames": n, "N": N, "nsamples": B, "gridsize": 2,
+            "frames_on": "host (NumPy)" if dev.cpu_only else "device (CuPy)"}
+    for chunk in args.chunk_bytes:
+        if time.perf_counter() > args.deadline:
+            report.data["notes"].append("assembly skipped: deadline reached")
+            break
+        row = dict(base, chunk_bytes=chunk, backend=dev.backend.name)
+        results.append(row)
+        try:
+            call = functools.partial(raw.generate_grouped_data, N, K=7, nsamples=B, seed=3,
+                                     gridsize=2, backend=dev.backend, output="device",
+                                     chunk_bytes=chunk)
+            times, out = time_call(dev, call, args.repeats)
+            gpu_out = out
+            nn = out["nn_indices"]
+            t_group, _ = time_call(dev, functools.partial(
+                sample_groups, x, y, B, 7, C, seed=3, backend=dev.backend, output="device"), 1)
+            gathered = int(nn.size) * frame_bytes
+            written = sum(int(v.nbytes) for k, v in out.items()
+                          if hasattr(v, "nbytes") and k not in ("objectGuess",))
+            best = min(times)
+            row.update({
+                "time_s": times, "best_s": best, "grouping_part_s": t_group[0],
+                "bytes_read": gathered, "bytes_written": written,
+                "effective_gbs": (gathered + written) / best / 1e9,
+                "effective_gbs_excluding_grouping":
+                    (gathered + written) / max(best - t_group[0], 1e-9) / 1e9,
+            })
+            peak = dev.info.get("peak_bandwidth_gbs")
+            if peak:
+                row["fraction_of_peak"] = row["effective_gbs"] / peak
+                row["fraction_of_peak_excluding_grouping"] = (
+                    row["effective_gbs_excluding_grouping"] / peak)
+            print(f"[bench] assembly chunk={chunk >> 20} MiB: {best:.3f} s, "
+                  f"{row['effective_gbs']:.1f} GB/s", flush=True)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            report.error(f"assembly chunk={chunk}", exc)
+        report.save()
+    # A bare gather + transpose + scale of the same bytes: what the card can do here.
+    try:
+        nn_x = xp.asarray(nn)
+        s = xp.float32(0.5)
+
+        def bare():
+            g = frames[nn_x]                       # (B, C, N, N)
+            d = xp.ascontiguousarray(g.transpose(0, 2, 3, 1))
+            return d, d * s
+
+        times, (d, xf) = time_call(dev, bare, args.repeats)
+        moved = int(nn_x.size) * frame_bytes * 2 + int(d.nbytes) * 2 + int(xf.nbytes)
+        results.append(dict(base, backend="bare xp gather (reference)", time_s=times,
+                            best_s=min(times), bytes_moved=moved,
+                            effective_gbs=moved / min(times) / 1e9,
+                            note="g read+write, transpose read+write, scale write"))
+        del d, xf
+    except Exception as exc:
+        report.error("assembly bare gather", exc)
+    report.save()
+    if not dev.cpu_only and not args.skip_cpu_assembly and time.perf_counter() < args.deadline:
+        row = dict(base, frames_on="host (NumPy)", backend="cpu")
+        results.append(row)
+        try:
+            host = RawData(x, y, None, None, xp.asnumpy(frames), probe, None, backend="cpu")
+            t0 = time.perf_counter()
+            out = host.generate_grouped_data(N, K=7, nsamples=B, seed=3, gridsize=2,
+                                             backend="cpu")
+            row["best_s"] = time.perf_counter() - t0
+            row["nn_indices_equal_gpu"] = bool(np.array_equal(out["nn_indices"], xp.asnumpy(nn)))
+            g = xp.asnumpy(gpu_out["X_full"])
+            row["X_full_max_rel_diff_vs_gpu"] = float(
+                np.max(np.abs(out["X_full"] - g)) / max(float(np.abs(out["X_full"]).max()), 1e-30))
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            report.error("assembly cpu", exc)
+        report.save()
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "benchmarks" / "results"),
+                   help="folder for the JSON (default $OUT, else benchmarks/results)")
+    p.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated n (default %(default)s)")
+    p.add_argument("--K", default="7,16", help="pool sizes (default %(default)s)")
+    p.add_argument("--C", type=int, default=4, help="group size (default %(default)s)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per GPU measurement")
+    p.add_argument("--cpu-limit", type=float, default=60.0,
+                   help="skip a CPU grouping run estimated to take longer (s)")
+    p.add_argument("--prefix-rows", type=int, default=20_000,
+                   help="groups compared when the CPU run is skipped")
+    p.add_argument("--assembly-n", type=float, default=1e5, help="frames for assembly")
+    p.add_argument("--assembly-nsamples", type=int, default=25_000, help="groups for assembly")
+    p.add_argument("--chunk-bytes", default="4Mi,256Mi",
+                   help="assembly chunk sizes to time (default %(default)s)")
+    p.add_argument("--skip-cpu-assembly", action="store_true")
+    p.add_argument("--engine", choices=["auto", "cuml", "cupy"], default=None,
+                   help="GPU engine (default: $GPUGROUP_GPU_ENGINE or auto)")
+    p.add_argument("--cpu-only", action="store_true",
+                   help="no GPU: the grid engine on NumPy stands in (smoke test of this script)")
+    p.add_argument("--time-budget", type=float, default=170.0,
+                   help="seconds after which remaining steps are skipped")
+    args = p.parse_args(argv)
+    args.sizes = parse_sizes(args.sizes)
+    args.K = [int(k) for k in args.K.split(",")]
+    args.assembly_n = int(args.assembly_n)
+    args.chunk_bytes = [int(float(c[:-2]) * 2**20) if c.endswith("Mi") else int(float(c))
+                        for c in args.chunk_bytes.split(",")]
+    args.deadline = time.perf_counter() + args.time_budget
+
+    date = _dt.date.today().isoformat()
+    data = {
+        "schema": "gpugroup-gpu-benchmark/1", "started": now(), "finished": None,
+        "argv": sys.argv[1:], "cpu_only": args.cpu_only, "gpugroup": gpugroup.__version__,
+        "git_commit": _git_commit(), "python": sys.version.split()[0],
+        "numpy": np.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "device": None, "engine": None, "grouping": [], "assembly": [], "errors": [],
+        "notes": ["times in seconds, wall clock, device synchronized; GPU grouping times are "
+                  "end to end (host coordinates in, NumPy groups out, index built each call)"],
+    }
+    out_dir = Path(args.out)
+    try:
+        import scipy
+
+        data["scipy"] = scipy.__version__
+        dev = Device(args.cpu_only, args.engine)
+    except Exception as exc:
+        report = Report(out_dir / f"gpu-unknown-{date}.json", data)
+        report.error("device setup", exc)
+        return 1
+    data["device"] = dev.info
+    data["engine"] = dev.backend.description
+    prefix = "cpu-smoke" if args.cpu_only else f"gpu-{dev.info['slug']}"
+    report = Report(out_dir / f"{prefix}-{date}.json", data)
+    print(f"[bench] {dev.info['name']}: {dev.backend.description}; writing {report.path}",
+          flush=True)
+    for step in (bench_grouping, bench_assembly):
+        try:
+            step(dev, report, args)
+        except Exception as exc:
+            report.error(step.__name__, exc)
+    data["finished"] = now()
+    report.save()
+    print(f"[bench] done: {report.path}", flush=True)
+    return 0 if not data["errors"] else 1
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

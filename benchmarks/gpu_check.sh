@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One-shot GPU check for a lent GPU machine (no network, no cuML): install, GPU tests,
+# benchmark. Runs in under 5 minutes and always leaves what it has under $OUT:
+#   $OUT/env.txt                  nvidia-smi, python and package versions
+#   $OUT/pip-install.txt          the editable install (falls back to PYTHONPATH=.)
+#   $OUT/pytest-gpu.txt           python3 -m pytest -m gpu
+#   $OUT/gpu-<card>-<date>.json   grouping CPU vs GPU + parity, assembly GB/s
+#   $OUT/benchmark.txt            the benchmark's log
+#   $OUT/summary.txt              exit codes of each step
+# Worst case: 10 s env + 30 s install + 100 s tests + 150 s benchmark = 290 s.
+# Usage (from anywhere):  OUT=/some/dir bash benchmarks/gpu_check.sh [benchmark args...]
+set -u
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO" || exit 2
+OUT="${OUT:-$REPO/benchmarks/results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+summary() { echo "$1" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
+
+# 1. environment (never fatal)
+{
+    date -u +%FT%TZ
+    nvidia-smi 2>&1 || echo "nvidia-smi failed"
+    "$PY" - <<'EOF' 2>&1
+import importlib, platform, sys
+print("python", sys.version.split()[0], platform.platform())
+for name in ("numpy", "scipy", "cupy", "cuml", "torch", "pytest"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"))
+    except Exception as exc:
+        print(name, "not importable:", type(exc).__name__, exc)
+try:
+    import cupy
+    print("cupy.show_config():"); cupy.show_config()
+except Exception as exc:
+    print("cupy config unavailable:", exc)
+EOF
+} > "$OUT/env.txt" 2>&1
+summary "env: done ($(($(date +%s) - START)) s)"
+
+# 2. install without network or dependencies (PYTHONPATH above covers a failure);
+#    GPU_CHECK_SKIP_INSTALL=1 leaves the environment untouched
+if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then
+    summary "pip install: skipped (GPU_CHECK_SKIP_INSTALL=1), using PYTHONPATH=$REPO"
+else
+    timeout 30 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . \
+        > "$OUT/pip-install.txt" 2>&1
+    summary "pip install -e . (no deps, no index): rc=$? ($(($(date +%s) - START)) s)"
+fi
+
+# 3. GPU tests (other test modules may need packages this machine lacks: keep going)
+timeout 100 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors \
+    tests > "$OUT/pytest-gpu.txt" 2>&1
+summary "pytest -m gpu: rc=$? ($(($(date +%s) - START)) s)"
+tail -n 3 "$OUT/pytest-gpu.txt" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
+
+# 4. benchmark: writes $OUT/gpu-<card>-<date>.json after every step
+timeout 150 "$PY" benchmarks/gpu_benchmark.py --out "$OUT" --time-budget 125 "$@" \
+    > "$OUT/benchmark.txt" 2>&1
+summary "benchmark: rc=$? ($(($(date +%s) - START)) s)"
+grep -E "parity|GPU|CPU|GB/s|ERROR" "$OUT/benchmark.txt" | tail -n 30 | sed 's/^/  /' \
+    | tee -a "$OUT/summary.txt"
+summary "total: $(($(date +%s) - START)) s"
+exit 0

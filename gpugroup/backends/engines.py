@@ -1,0 +1,490 @@
+"""Candidate-kNN engines written once against an array namespace ``xp`` (NumPy or CuPy).
+
+:class:`GridIndex` is the CuPy-native exact engine (a uniform cell grid); :class:`NeighborsIndex`
+adapts any ``NearestNeighbors`` class with scikit-learn's API (cuML on the GPU) and turns its
+float32 distances into a rigorous ``floor``. Both satisfy the contract of
+:mod:`gpugroup.backends`; neither imports CuPy or cuML (the caller passes ``xp`` and the class).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Unit roundoff of IEEE float32 (round to nearest).
+U32 = 2.0**-24
+#: Relative slack taken off every floor: covers the rounding of the float64 d2 that
+#: ``grouping`` computes (<= 5 * 2**-53) and of the floor arithmetic itself, with room.
+_FLOOR_SLACK = 1.0 - 2.0**-40
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_NO_KEY = 0xFFFFFFFF
+
+
+# ============================================================================= grid engine
+class GridIndex:
+    """Exact candidates from a uniform cell grid over float64 coordinates.
+
+    Build: square cells of side ``h`` over the bounding box, ``h`` chosen for about
+    ``points_per_cell`` points per occupied cell (refined from the measured occupancy of
+    distinct positions, so clustered scans get cells of their own density and duplicates
+    do not drive the cells to zero size); points sorted by cell id (one
+    ``argsort`` per refinement). Runs of cells are found in a dense table of cell starts
+    when the grid has at most ``2 n + 16`` cells (uniform scans), else by ``searchsorted``
+    in the sorted ids, so memory is at most ``48 n`` bytes whatever the bounding box.
+
+    Query: each row takes the square block of ``(2R + 1)^2`` cells around its own cell,
+    R the smallest radius (doubling from a density estimate) whose block holds
+    ``kq + 1`` points. A block is ``2R + 1`` runs of consecutive cells, each a contiguous
+    range of the sorted points; members get d2 from separate float64 operations and the
+    ``kq`` smallest per row are picked by one flat sort on
+    ``(row << 32) | float32-rounded-down d2``. ``floor`` is the smaller of
+
+    * the squared distance from the point to its block's nearest edge that has cells
+      beyond it, lowered by a slack covering the rounding of the cell arithmetic, and
+    * the float32-rounded-down d2 of the best block member not returned.
+
+    Memory per query: rows run in chunks of at most ``max_slots`` (row, block member)
+    slots and ``max_slots`` (row, run) pairs, about 100 bytes per slot at peak, so
+    ``100 * max_slots`` bytes (default 2**22 slots: ~420 MB) beyond the index, or one
+    row's block when a single block is larger. No per-row Python loops: loops run over
+    radius doublings and chunks.
+
+    Parameters
+    ----------
+    x, y : (n,) xp float64 arrays
+    xp : module
+        ``numpy`` or ``cupy``.
+    points_per_cell : float
+        Target occupancy of a cell.
+    max_slots : int
+        Bound on (rows x block size) per chunk.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpugroup.backends.engines import GridIndex
+    >>> yy, xx = np.divmod(np.arange(100.0), 10)
+    >>> cand, floor = GridIndex(xx, yy, xp=np).query(np.array([55]), 5)
+    >>> sorted(cand[0].tolist()), float(floor[0]) >= 1.0
+    ([45, 54, 55, 56, 65], True)
+    """
+
+    def __init__(self, x, y, *, xp, points_per_cell: float = 2.0, max_slots: int = 1 << 22):
+        self.xp = xp
+        self.x = xp.asarray(x, dtype=xp.float64)
+        self.y = xp.asarray(y, dtype=xp.float64)
+        self.n = n = int(self.x.shape[0])
+        if n < 1 or self.y.shape != self.x.shape:
+            raise ValueError(f"GridIndex needs two equal-length non-empty 1-D arrays, got "
+                             f"shapes {self.x.shape} and {self.y.shape}")
+        self.max_slots = int(max_slots)
+        self.x0, xmax, self.y0, ymax = xp.stack(
+            [self.x.min(), self.x.max(), self.y.min(), self.y.max()]).tolist()
+        wx, wy = xmax - self.x0, ymax - self.y0
+        self._extent = (wx, wy)
+        # Cells per axis stay below 2**30, so cell ids (cy * gx + cx) fit in int64.
+        h_min = max(wx, wy) * 2.0**-30
+        if wx > 0 and wy > 0:
+            h = math.sqrt(wx * wy * points_per_cell / n)
+        else:
+            h = max(wx, wy) * points_per_cell / n
+        h = max(h, h_min)
+        if not h > 0 or not math.isfinite(1.0 / h):
+            h = 1.0  # every point at one position: one cell
+        distinct = None  # positions with distinct (x, y), counted only when needed
+        previous = None
+        for _ in range(16):  # uniform scans stop after the first pass
+            order, cells, occupied = self._assign(h)
+            per_cell = n / occupied
+            if per_cell > 2 * points_per_cell and h > h_min:
+                # Crowded cells: a clustered scan (cells too coarse) or duplicates (which
+                # no cell size splits): refine on distinct positions per cell.
+                if distinct is None:
+                    distinct = self._distinct_positions()
+                crowd = distinct / occupied
+                if crowd > 2 * points_per_cell:
+                    stuck = previous is not None and crowd > 0.9 * previous
+                    shrink = points_per_cell / crowd
+                    h = max(h * (shrink if stuck else math.sqrt(shrink)), h_min)
+                    previous = crowd
+                    continue
+            elif per_cell < points_per_cell / 4 and (self.gx > 1 or self.gy > 1):
+                h = h * math.sqrt(points_per_cell / per_cell)  # thin strip: coarser
+                previous = None
+                continue
+            break
+        self.per_cell = per_cell
+        self.cells = cells
+        # Where the grid is small enough (uniform scans), a dense table of cell starts
+        # replaces the binary searches: start of cell c = cell_start[c].
+        self.cell_start = None
+        if self.gx * self.gy <= 2 * n + 16:
+            counts = xp.bincount(cells, minlength=self.gx * self.gy)
+            self.cell_start = xp.concatenate(
+                [xp.zeros(1, dtype=xp.int64), xp.cumsum(counts, dtype=xp.int64)])
+        self.perm = order
+        self.xs = self.x[order]
+        self.ys = self.y[order]
+        logger.debug("GridIndex: n=%d, %d x %d cells of side %g, %.2f points per occupied cell",
+                     n, self.gx, self.gy, self.h, per_cell)
+
+    def _assign(self, h):
+        """Cell geometry for side h; returns (order, sorted cell ids, occupied cells)."""
+        xp = self.xp
+        self.h = h
+        self.inv_h = inv_h = 1.0 / h
+        wx, wy = self._extent
+        self.gx = gx = int(math.floor(wx * inv_h)) + 1
+        self.gy = gy = int(math.floor(wy * inv_h)) + 1
+        self.gmax = max(gx, gy)
+        # Cell coordinates u = (x - x0) * inv_h, each a separately rounded operation; the
+        # query side computes them the same way, and the floor's slack covers their error.
+        cx = xp.clip(xp.floor((self.x - self.x0) * inv_h).astype(xp.int64), 0, gx - 1)
+        cy = xp.clip(xp.floor((self.y - self.y0) * inv_h).astype(xp.int64), 0, gy - 1)
+        cells = cy * gx + cx
+        order = xp.argsort(cells, kind="stable").astype(xp.int64)
+        cells = cells[order]
+        occupied = 1 + int(xp.count_nonzero(cells[1:] != cells[:-1]))
+        return order, cells, occupied
+
+    def _distinct_positions(self) -> int:
+        xp = self.xp
+        o = xp.lexsort(xp.stack([self.y, self.x]))
+        xs, ys = self.x[o], self.y[o]
+        return 1 + int(xp.count_nonzero((xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])))
+
+    def _initial_radius(self, kq: int) -> int:
+        # A disc of radius R cells around the point holds about pi R^2 per_cell points.
+        return max(1, math.ceil(math.sqrt((kq + 1) / (math.pi * self.per_cell))))
+
+    def _runs(self, cx, cy, R):
+        """Start, length (m, S) of the block's runs of cells in the sorted points.
+
+        A row with R >= gmax covers the grid: one run, all n points.
+        """
+        xp = self.xp
+        full = (R >= self.gmax)[:, None]
+        j0 = xp.maximum(cy - R, 0)
+        nseg = xp.where(full[:, 0], 1, xp.minimum(cy + R, self.gy - 1) - j0 + 1)
+        S = int(nseg.max())
+        s = xp.arange(S, dtype=xp.int64)[None, :]
+        row_id = xp.minimum(j0[:, None] + s, self.gy - 1) * self.gx  # past nseg: masked below
+        lo = row_id + xp.maximum(cx - R, 0)[:, None]
+        hi = row_id + xp.minimum(cx + R, self.gx - 1)[:, None]
+        if self.cell_start is not None:
+            start = self.cell_start[lo]
+            end = self.cell_start[hi + 1]
+        else:
+            start = xp.searchsorted(self.cells, lo.ravel(), side="left").reshape(lo.shape)
+            end = xp.searchsorted(self.cells, hi.ravel(), side="right").reshape(hi.shape)
+        start = xp.where(full, 0, start)
+        end = xp.where(full, self.n, end)
+        length = xp.where(s < nseg[:, None], end - start, 0)
+        return start, length
+
+    def _radius(self, cx, cy, need: int, kq: int):
+        """Per-row radius whose block holds >= need points; and the block counts.
+
+        Radii double; past ``max(64, n / 8)`` cell rows a row takes the whole grid (one
+        run of n points is cheaper than that many runs).
+        """
+        xp = self.xp
+        m = int(cx.shape[0])
+        R = xp.full(m, min(self._initial_radius(kq), self.gmax), dtype=xp.int64)
+        cnt = self._runs(cx, cy, R)[1].sum(axis=1)
+        short = xp.nonzero(cnt < need)[0]
+        too_far = max(64, self.n // 8)
+        while int(short.shape[0]):  # rare: scan edges, holes, outliers
+            grown = 2 * R[short] + 1
+            R[short] = xp.where(2 * grown + 1 > too_far, self.gmax, xp.minimum(grown, self.gmax))
+            cnt[short] = self._runs(cx[short], cy[short], R[short])[1].sum(axis=1)
+            short = short[cnt[short] < need]
+        return R, cnt
+
+    # ------------------------------------------------------------------ query
+    def query(self, rows, kq: int):
+        """``(cand, floor)`` for local point numbers ``rows`` (see the module contract)."""
+        xp = self.xp
+        rows = xp.asarray(rows, dtype=xp.int64)
+        m = int(rows.shape[0])
+        kq = int(kq)
+        if not 1 <= kq <= self.n:
+            raise ValueError(f"kq must be in [1, n={self.n}], got kq={kq}")
+        cand = xp.empty((m, kq), dtype=xp.int64)
+        floor = xp.empty(m, dtype=xp.float64)
+        if m == 0:
+            return cand, floor
+        qx = self.x[rows]
+        qy = self.y[rows]
+        ux = (qx - self.x0) * self.inv_h
+        uy = (qy - self.y0) * self.inv_h
+        cx = xp.clip(xp.floor(ux).astype(xp.int64), 0, self.gx - 1)
+        cy = xp.clip(xp.floor(uy).astype(xp.int64), 0, self.gy - 1)
+        R, cnt = self._radius(cx, cy, min(kq + 1, self.n), kq)
+        cost = xp.maximum(cnt, xp.where(R >= self.gmax, 1, xp.minimum(2 * R + 1, self.gy)))
+        if m * int(cost.max()) <= self.max_slots:
+            return self._select(qx, qy, ux, uy, cx, cy, R, kq)
+        for part in self._chunks(cost):
+            c, f = self._select(qx[part], qy[part], ux[part], uy[part], cx[part], cy[part],
+                                R[part], kq)
+            cand[part] = c
+            floor[part] = f
+        return cand, floor
+
+    def _chunks(self, cost):
+        """Row subsets, by increasing cost, with (rows x largest cost) <= max_slots."""
+        xp = self.xp
+        m = int(cost.shape[0])
+        order = xp.argsort(cost, kind="stable")
+        c = np.asarray(cost[order].tolist(), dtype=np.int64)
+        i = 0
+        while i < m:
+            f = (np.arange(i + 1, m + 1) - i) * c[i:]  # rows x largest cost, non-decreasing
+            j = i + max(1, int(np.searchsorted(f, self.max_slots, side="right")))
+            yield order[i:j]
+            i = j
+
+    def _select(self, qx, qy, ux, uy, cx, cy, R, kq: int):
+        """Candidates and floors for one chunk of rows (all arrays of length m)."""
+        xp = self.xp
+        m = int(qx.shape[0])
+        start, length = self._runs(cx, cy, R)
+        S = int(start.shape[1])
+        ends = xp.cumsum(length, axis=1)
+        cnt = ends[:, -1]
+        T = int(cnt.max())
+        # Slot t of row r lies in the first run whose cumulative end exceeds t: one
+        # searchsorted over all rows, each row offset by r * (T + 1).
+        stride = T + 1
+        r_off = xp.arange(m, dtype=xp.int64)[:, None]
+        t = xp.arange(T, dtype=xp.int64)[None, :]
+        seg = xp.searchsorted((ends + r_off * stride).ravel(), (r_off * stride + t).ravel(),
+                              side="right").reshape(m, T) - r_off * S
+        seg = xp.minimum(seg, S - 1)
+        valid = t < cnt[:, None]
+        pos = (xp.take_along_axis(start, seg, axis=1) + t
+               - (xp.take_along_axis(ends, seg, axis=1) - xp.take_along_axis(length, seg, axis=1)))
+        pos = xp.where(valid, pos, 0)
+        del seg, start, length, ends
+        dx = self.xs[pos] - qx[:, None]
+        dy = self.ys[pos] - qy[:, None]
+        d2 = dx * dx
+        d2 += dy * dy  # separately rounded products and sum, as grouping computes d2
+        del dx, dy
+        low = _low_float32(xp, d2)
+        del d2
+        bits = xp.where(valid, low.view(xp.uint32).astype(xp.uint64), xp.uint64(_NO_KEY))
+        key = (r_off.astype(xp.uint64) << xp.uint64(32)) | bits
+        del bits, valid
+        order = xp.argsort(key.ravel(), kind="stable").reshape(m, T) - r_off * T
+        del key
+        top = order[:, : min(kq + 1, T)]
+        cand = self.perm[xp.take_along_axis(pos, top[:, :kq], axis=1)]
+        if T > kq:
+            nxt = xp.take_along_axis(low, top[:, kq : kq + 1], axis=1)[:, 0].astype(xp.float64)
+            block_floor = xp.where(cnt > kq, nxt, xp.inf)
+        else:
+            block_floor = xp.full(m, xp.inf)
+        return cand, xp.minimum(block_floor, self._edge_floor(ux, uy, cx, cy, R))
+
+    def _edge_floor(self, ux, uy, cx, cy, R):
+        """Lower bound on the float64 d2 from the point to any point outside its block.
+
+        A point in a cell column <= c - 1 has computed u < c, so its exact coordinate is
+        below c + 2**-51 gmax (two roundings of a value <= gmax); the query's is above
+        u_q - 2**-51 gmax; the subtraction u_q - c adds 2**-53 (gmax + R). The slack
+        2**-46 (gmax + R + 2) covers the sum eight times over. Edges at the grid border
+        have nothing beyond them.
+        """
+        xp = self.xp
+        inf = xp.inf
+        left = xp.where(cx - R > 0, ux - (cx - R), inf)
+        right = xp.where(cx + R < self.gx - 1, (cx + R + 1) - ux, inf)
+        down = xp.where(cy - R > 0, uy - (cy - R), inf)
+        up = xp.where(cy + R < self.gy - 1, (cy + R + 1) - uy, inf)
+        g = xp.minimum(xp.minimum(left, right), xp.minimum(down, up))
+        g = xp.maximum(g - 2.0**-46 * (self.gmax + R + 2), 0.0)
+        gap = g / self.inv_h
+        return gap * gap * _FLOOR_SLACK
+
+
+def _low_float32(xp, d2):
+    """float32 values <= d2 (rounded down, nearly monotone): the sort keys of the block."""
+    low = xp.minimum(d2 * (1.0 - 2.0**-23), _F32_MAX).astype(xp.float32)
+    # Below float32's normal range the cast rounds by an absolute step; use 0 there.
+    return xp.where(d2 < 2.0 * _F32_TINY, xp.float32(0.0), low)
+
+
+# ============================================================================= adapter
+#: Bound on |computed - exact| squared distance of a float32 kNN library, in units of
+#: (|q| + R_max)^2: 4 u32 for the expanded formula (see NeighborsIndex), times 8.
+EXPANDED_ERROR = 32 * U32
+
+
+def cuml_algorithm(kq: int, n: int) -> str:
+    """cuML's choice for 2-D points: ``"rbc"`` while kq <= sqrt(n), else ``"brute"``.
+
+    cuML's random ball cover handles 2-D and 3-D Euclidean data and itself falls back
+    to brute force (with a warning) when ``n_neighbors > sqrt(n_samples)``.
+    """
+    return "rbc" if kq * kq <= n else "brute"
+
+
+class NeighborsIndex:
+    """Candidates from a ``NearestNeighbors`` class with scikit-learn's API (cuML on the GPU).
+
+    Coordinates are centred in float64 on the midrange of the bounding box, then cast to
+    float32 for the library (cuML computes in float32). Queries run in batches of
+    ``batch_rows`` seeds: the adapter holds ``batch_rows * kq * 12`` bytes of library
+    output per batch plus its (m, kq) results; the library's own workspace is bounded by
+    its tiling.
+
+    The floor (a lower bound on the exact float64 d2 of every point not returned),
+    derived for a library that ranks by float32 expanded distances
+    ``|a|^2 + |b|^2 - 2 a.b`` on float32 inputs (u = 2**-24):
+
+    1. *Expanded formula.* With exact float32 inputs a (query) and b, each of |a|^2, |b|^2,
+       a.b carries error <= gamma_2 = 2u/(1-2u) times |a|^2, |b|^2, |a||b|, and the
+       two additions add <= u (|a| + |b|)^2 each, so
+       ``|s_hat - |a - b|^2| <= 4u (|a| + |b|)^2 (1 + O(u)) <= 4u (|q| + R_max)^2``
+       with R_max the largest float32 point norm. The adapter uses
+       ``E = 32 u (|q| + R_max)^2``: 8x headroom for evaluation order, FMA, and the
+       float32 triangle-inequality pruning of cuML's ``rbc``.
+    2. *Returned distances.* The library returns the kq points of smallest s_hat, as
+       float32 ``sqrt(s_hat)`` (``metric="euclidean"``; squared when
+       ``metric="sqeuclidean"``). So every non-returned point has
+       ``s_hat >= s_max >= d_max^2 (1 - 4u)`` and exact float32-geometry distance
+       ``sigma >= sqrt(max(0, s_max - E))``.
+    3. *Coordinate rounding.* Each centred coordinate moves by at most
+       ``delta = (2**-24 + 2**-52) A + 2**-149`` (A the largest |centred coordinate|),
+       a difference vector by at most ``2 sqrt(2) delta < 3 delta``, so the float64
+       distance is ``>= sigma - 3 delta``.
+    4. ``floor = max(0, sigma_lo - 3 delta)^2 (1 - 2**-40)``; the last factor covers the
+       rounding of the float64 d2 that ``grouping`` compares against it.
+
+    The bound assumes IEEE float32 arithmetic (no TF32 tensor-core math). A scan whose
+    extent is large next to its spacing gets a loose floor and the completeness guard
+    widens kq; results stay exact. Rows whose returned indices are out of range or
+    repeated are re-served by the exact :class:`GridIndex` (logged as a warning).
+
+    Parameters
+    ----------
+    x, y : (n,) xp float64 arrays
+    xp : module
+        ``numpy`` or ``cupy`` (the library must accept and return this namespace's arrays,
+        or arrays ``xp.asarray`` converts).
+    nn_class : type
+        ``cuml.neighbors.NearestNeighbors``, or ``sklearn.neighbors.NearestNeighbors``.
+    algorithm : str or callable(kq, n) -> str
+        Passed to the class; :func:`cuml_algorithm` for cuML.
+    metric : {"euclidean", "sqeuclidean"}
+        Whether the library returns distances or squared distances.
+    batch_rows : int
+        Seeds per library call.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.neighbors import NearestNeighbors
+    >>> from gpugroup.backends.engines import NeighborsIndex
+    >>> yy, xx = np.divmod(np.arange(100.0), 10)
+    >>> index = NeighborsIndex(xx + 1e5, yy, xp=np, nn_class=NearestNeighbors)
+    >>> cand, floor = index.query(np.array([55]), 5)
+    >>> sorted(cand[0].tolist()), 0.99 < float(floor[0]) <= 1.0
+    ([45, 54, 55, 56, 65], True)
+    """
+
+    def __init__(self, x, y, *, xp, nn_class, algorithm="brute", metric: str = "euclidean",
+                 batch_rows: int = 1 << 16):
+        if metric not in ("euclidean", "sqeuclidean"):
+            raise ValueError(f"metric must be 'euclidean' or 'sqeuclidean', got {metric!r}")
+        self.xp = xp
+        self.x = xp.asarray(x, dtype=xp.float64)
+        self.y = xp.asarray(y, dtype=xp.float64)
+        self.n = int(self.x.shape[0])
+        self.nn_class = nn_class
+        self.algorithm = algorithm
+        self.metric = metric
+        self.batch_rows = int(batch_rows)
+        xmin, xmax, ymin, ymax = xp.stack(
+            [self.x.min(), self.x.max(), self.y.min(), self.y.max()]).tolist()
+        self.centre = (0.5 * xmin + 0.5 * xmax, 0.5 * ymin + 0.5 * ymax)
+        xc = self.x - self.centre[0]
+        yc = self.y - self.centre[1]
+        A = float(xp.maximum(xp.abs(xc).max(), xp.abs(yc).max()))
+        self.points32 = xp.ascontiguousarray(xp.stack([xc, yc], axis=1).astype(xp.float32))
+        del xc, yc
+        p = self.points32.astype(xp.float64)
+        norms = xp.sqrt(p[:, 0] * p[:, 0] + p[:, 1] * p[:, 1])
+        self.r_max = float(norms.max()) * (1.0 + 2.0**-50)
+        self.coord_error = 3.0 * ((2.0**-24 + 2.0**-52) * A + 2.0**-149) * (1.0 + 2.0**-40)
+        self._models: dict[str, object] = {}
+        self._exact = None
+
+    def _model(self, algorithm: str):
+        if algorithm not in self._models:
+            logger.debug("NeighborsIndex: fitting %s(algorithm=%r) on %d points",
+                         getattr(self.nn_class, "__name__", self.nn_class), algorithm, self.n)
+            model = self.nn_class(algorithm=algorithm, metric=self.metric)
+            self._models[algorithm] = model.fit(self.points32)
+        return self._models[algorithm]
+
+    def query(self, rows, kq: int):
+        """``(cand, floor)`` for local point numbers ``rows`` (see the module contract)."""
+        xp = self.xp
+        rows = xp.asarray(rows, dtype=xp.int64)
+        m = int(rows.shape[0])
+        kq = int(kq)
+        if not 1 <= kq <= self.n:
+            raise ValueError(f"kq must be in [1, n={self.n}], got kq={kq}")
+        algorithm = self.algorithm(kq, self.n) if callable(self.algorithm) else self.algorithm
+        model = self._model(algorithm)
+        cand = xp.empty((m, kq), dtype=xp.int64)
+        floor = xp.empty(m, dtype=xp.float64)
+        for b in range(0, m, self.batch_rows):
+            q = self.points32[rows[b : b + self.batch_rows]]
+            dist, ind = model.kneighbors(q, n_neighbors=kq, return_distance=True)
+            cand[b : b + q.shape[0]] = xp.asarray(ind).astype(xp.int64)
+            floor[b : b + q.shape[0]] = self._floor(q, xp.asarray(dist).astype(xp.float64))
+        bad = _invalid_rows(xp, cand, self.n)
+        if bool(bad.any()):
+            idx = xp.nonzero(bad)[0]
+            logger.warning("NeighborsIndex: %s returned out-of-range or repeated indices for %d "
+                           "rows (kq=%d); serving them with the exact grid engine",
+                           algorithm, int(idx.shape[0]), kq)
+            if self._exact is None:
+                self._exact = GridIndex(self.x, self.y, xp=xp)
+            cand[idx], floor[idx] = self._exact.query(rows[idx], kq)
+        return cand, floor
+
+    def _floor(self, q32, dist):
+        xp = self.xp
+        dmax = dist.max(axis=1)
+        if self.metric == "euclidean":
+            s_max = (dmax * dmax) * (1.0 - 4 * U32)
+        else:
+            s_max = dmax * (1.0 - 2 * U32)
+        q = q32.astype(xp.float64)
+        qn = xp.sqrt(q[:, 0] * q[:, 0] + q[:, 1] * q[:, 1]) * (1.0 + 2.0**-50)
+        reach = qn + self.r_max
+        err = (reach * reach) * (EXPANDED_ERROR * (1.0 + 2.0**-40))
+        sigma = xp.sqrt(xp.maximum(s_max - err, 0.0)) * (1.0 - 2.0**-50)
+        d = xp.maximum(sigma - self.coord_error, 0.0)
+        return d * d * _FLOOR_SLACK
+
+
+def _invalid_rows(xp, cand, n: int):
+    """Rows of ``cand`` with an index outside [0, n) or a repeated index."""
+    m, k = cand.shape
+    bad = ((cand < 0) | (cand >= n)).any(axis=1)
+    if k > 1 and m:
+        flat = (xp.arange(m, dtype=xp.int64)[:, None] * n + xp.clip(cand, 0, n - 1)).ravel()
+        flat = xp.sort(flat)
+        rep = flat[1:] == flat[:-1]
+        bad[flat[1:][rep] // n] = True
+    return bad

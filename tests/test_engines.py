@@ -1,0 +1,475 @@
+"""The GPU candidate engines run with ``xp = numpy``: contract, guard, and CPU parity.
+
+``GridIndex`` is the CuPy-native engine; ``NeighborsIndex`` is the cuML adapter, driven here
+by scikit-learn's ``NearestNeighbors`` on float32 input (a real kNN library in cuML's
+place). Plugged into ``sample_groups`` through a custom ``Backend`` they must give exactly
+the CPU backend's groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import CountingIndex, jittered_scan, square_grid
+from gpugroup import sample_groups
+from gpugroup.backends import Backend
+from gpugroup.backends.engines import (
+    EXPANDED_ERROR,
+    GridIndex,
+    NeighborsIndex,
+    cuml_algorithm,
+)
+
+try:
+    from sklearn.neighbors import NearestNeighbors
+except ImportError:  # the grid engine tests still run
+    NearestNeighbors = None
+
+needs_sklearn = pytest.mark.skipif(NearestNeighbors is None, reason="scikit-learn not installed")
+
+
+def _sklearn_algorithm(kq, n):
+    """cuML's rbc/brute switch, mapped onto scikit-learn's algorithms."""
+    return "kd_tree" if cuml_algorithm(kq, n) == "rbc" else "brute"
+
+
+class Expanded32Neighbors:
+    """Brute force ranked by cuML's float32 expanded distance |q|^2 + |p|^2 - 2 q.p.
+
+    NumPy float32 arithmetic: the same rounding errors cuML's brute force makes (and
+    misranks neighbours whenever float32 cannot resolve them), to exercise the floor's
+    error bound with a library that is really inexact.
+    """
+
+    def __init__(self, *, algorithm, metric):
+        self.metric = metric
+
+    def fit(self, X):
+        self.X = np.asarray(X, dtype=np.float32)
+        self.norms = (self.X * self.X).sum(axis=1, dtype=np.float32)
+        return self
+
+    def kneighbors(self, Q, n_neighbors, return_distance=True):
+        Q = np.asarray(Q, dtype=np.float32)
+        q2 = (Q * Q).sum(axis=1, dtype=np.float32)
+        s = (q2[:, None] + self.norms[None, :]) - np.float32(2) * (Q @ self.X.T)
+        s = np.maximum(s, np.float32(0))
+        ind = np.argpartition(s, n_neighbors - 1, axis=1)[:, :n_neighbors]
+        d = np.take_along_axis(s, ind, axis=1)
+        return (np.sqrt(d) if self.metric == "euclidean" else d), ind
+
+
+def _adapter(nn_class=None, **kw):
+    def build(x, y):
+        cls = nn_class or NearestNeighbors
+        if cls is None:
+            pytest.skip("scikit-learn not installed")
+        return NeighborsIndex(x, y, xp=np, nn_class=cls, **kw)
+    return build
+
+
+#: name -> build_index(x, y)
+ENGINES = {
+    "grid": functools.partial(GridIndex, xp=np),
+    "grid-chunked": functools.partial(GridIndex, xp=np, points_per_cell=0.7, max_slots=64),
+    "grid-coarse": functools.partial(GridIndex, xp=np, points_per_cell=9.0),
+    "sklearn-brute": _adapter(algorithm="brute"),
+    "sklearn-switch": _adapter(algorithm=_sklearn_algorithm, batch_rows=64),
+    "sklearn-sqeuclidean": _adapter(algorithm="brute", metric="sqeuclidean"),
+    "expanded-float32": _adapter(Expanded32Neighbors, algorithm="brute"),
+    "expanded-float32-sq": _adapter(Expanded32Neighbors, algorithm="brute", metric="sqeuclidean"),
+}
+GRID_ENGINES = ["grid", "grid-chunked", "grid-coarse"]
+ADAPTER_ENGINES = ["sklearn-brute", "sklearn-switch", "sklearn-sqeuclidean"]
+EMULATED_ENGINES = ["expanded-float32", "expanded-float32-sq"]
+
+
+def engine_backend(name: str, wrap=None) -> Backend:
+    build = ENGINES[name]
+    if wrap is not None:
+        inner = build
+        build = lambda x, y: wrap(inner(x, y))  # noqa: E731
+    return Backend(name=f"test-{name}", xp=np, build_index=build, asnumpy=np.asarray,
+                   description=f"test engine {name}")
+
+
+# ----------------------------------------------------------------------------- scans
+def _duplicated(copies):
+    x, y = square_grid(6)
+    return np.repeat(x, copies), np.repeat(y, copies)
+
+
+def _scans3():
+    parts = [jittered_scan(90, seed=s) for s in range(3)]
+    x = np.concatenate([p[0] + 40.0 * i for i, p in enumerate(parts)])
+    y = np.concatenate([p[1] for p in parts])
+    return x, y, np.repeat(np.arange(3), 90)
+
+
+def _far_clusters(spacing=1.0, separation=1e6, n=150, seed=4):
+    x, y = jittered_scan(n, seed=seed, spacing=spacing)
+    return np.concatenate([x, x + separation]), np.concatenate([y, y])
+
+
+def _outlier():
+    x, y = jittered_scan(200, seed=5, spacing=0.3)
+    return np.append(x, 3e6), np.append(y, 3e6)
+
+
+def _case(name, xy, nsamples, K, C, seed=11, **kw):
+    return pytest.param(xy, nsamples, K, C, seed, kw, id=name)
+
+
+CASES = [
+    # square grids with the pool boundary inside a tie shell
+    _case("grid10-K5", lambda: square_grid(10), 100, 5, 4),
+    _case("grid10-K6", lambda: square_grid(10), 100, 6, 4),
+    _case("grid10-K8", lambda: square_grid(10), 100, 8, 4),
+    _case("grid10-K9", lambda: square_grid(10), 100, 9, 4),
+    _case("grid10-K9-C9", lambda: square_grid(10), 60, 9, 9),
+    _case("grid13x7-K8-C2", lambda: square_grid(13, 7), 91, 8, 2),
+    _case("grid-spacing0.1", lambda: square_grid(9, spacing=0.1), 81, 9, 4),
+    # duplicated positions
+    _case("dup2", lambda: _duplicated(2), 72, 7, 4),
+    _case("dup12", lambda: _duplicated(12), 150, 8, 4),
+    _case("all-identical", lambda: (np.full(30, 2.5), np.full(30, -1.0)), 30, 6, 4),
+    # jitter
+    _case("jitter-K7", lambda: jittered_scan(600, seed=1), 300, 7, 4),
+    _case("jitter-K16", lambda: jittered_scan(600, seed=2), 300, 16, 4),
+    _case("jitter-K12-C9", lambda: jittered_scan(400, seed=3), 200, 12, 9),
+    # offsets and scales
+    _case("grid-offset-1e5", lambda: square_grid(10, offset=(1e5, -1e5)), 100, 9, 4),
+    _case("jitter-offset-1e5", lambda: tuple(a + 1e5 for a in jittered_scan(500, seed=6)),
+          250, 7, 4),
+    _case("meter-scale", lambda: tuple(a * 1e-6 for a in jittered_scan(500, seed=7)), 250, 7, 4),
+    _case("meter-scale-offset", lambda: tuple(a * 1e-6 + 3e-3 for a in jittered_scan(400, seed=8)),
+          200, 9, 4),
+    _case("grid-meter-scale", lambda: square_grid(10, spacing=1e-6), 100, 9, 4),
+    # small scans: n < K, n == C
+    _case("n3-K7", lambda: (np.array([0.0, 1.0, 5.0]), np.array([0.0, 0.0, 1.0])), 3, 7, 2),
+    _case("n5-K8", lambda: jittered_scan(5, seed=9), 5, 8, 4),
+    _case("n4-C4", lambda: square_grid(2), 4, 4, 4),
+    # degenerate geometry
+    _case("line", lambda: (np.arange(200.0), np.zeros(200)), 100, 7, 4),
+    _case("far-clusters", _far_clusters, 200, 7, 4),
+    _case("outlier", _outlier, 150, 9, 4),
+    # options
+    _case("sequential", lambda: jittered_scan(300, seed=10), 120, 7, 4, sequential=True),
+    _case("oversampling", lambda: square_grid(6), 120, 7, 4, enable_oversampling=True),
+    _case("oversampling-n<K", lambda: square_grid(2), 20, 9, 2, enable_oversampling=True),
+    _case("batch-rows-7", lambda: jittered_scan(300, seed=12), 200, 9, 4, batch_rows=7),
+    _case("C1", lambda: jittered_scan(100, seed=13), 50, 5, 1),
+]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("xy, nsamples, K, C, seed, kw", CASES)
+def test_engine_groups_equal_cpu(engine, xy, nsamples, K, C, seed, kw):
+    x, y = xy()
+    want = sample_groups(x, y, nsamples, K, C, seed=seed, backend="cpu", **kw)
+    got = sample_groups(x, y, nsamples, K, C, seed=seed, backend=engine_backend(engine), **kw)
+    assert got.dtype == want.dtype
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("oversample", [False, True])
+def test_engine_groups_equal_cpu_with_scan_index(engine, oversample):
+    x, y, scans = _scans3()
+    kw = dict(scan_index=scans, enable_oversampling=oversample)
+    nsamples = 400 if oversample else 200
+    want = sample_groups(x, y, nsamples, 8, 4, seed=5, backend="cpu", **kw)
+    got = sample_groups(x, y, nsamples, 8, 4, seed=5, backend=engine_backend(engine), **kw)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_engine_small_batches_equal_default(engine):
+    x, y = jittered_scan(400, seed=21)
+    be = engine_backend(engine)
+    a = sample_groups(x, y, 300, 9, 4, seed=2, backend=be)
+    b = sample_groups(x, y, 300, 9, 4, seed=2, backend=be, batch_rows=3)
+    assert np.array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- contract
+def assert_contract(index, x, y, rows, kq):
+    """cand (m, kq) int64 distinct in [0, n); every other point has exact d2 >= floor."""
+    cand, floor = index.query(np.asarray(rows, dtype=np.int64), kq)
+    n = len(x)
+    assert cand.shape == (len(rows), kq) and cand.dtype == np.int64
+    assert floor.shape == (len(rows),) and floor.dtype == np.float64
+    assert ((cand >= 0) & (cand < n)).all()
+    srt = np.sort(cand, axis=1)
+    assert (srt[:, 1:] != srt[:, :-1]).all(), "repeated candidate"
+    for r, row in enumerate(np.asarray(rows)):
+        dx = x - x[row]
+        dy = y - y[row]
+        d2 = dx * dx
+        d2 = d2 + dy * dy
+        others = np.ones(n, dtype=bool)
+        others[cand[r]] = False
+        if others.any():
+            worst = d2[others].min()
+            assert worst >= floor[r], (int(row), kq, float(worst), float(floor[r]))
+    return cand, floor
+
+
+CONTRACT_SCANS = {
+    "grid": lambda: square_grid(12),
+    "jitter": lambda: jittered_scan(300, seed=1),
+    "dup12": lambda: _duplicated(12),
+    "identical": lambda: (np.full(20, 7.0), np.full(20, 7.0)),
+    "line-y": lambda: (np.zeros(80), np.arange(80.0) * 0.5),
+    "meter-offset": lambda: tuple(a * 1e-6 + 1e-3 for a in jittered_scan(200, seed=2)),
+    "offset-1e5": lambda: tuple(a + 1e5 for a in jittered_scan(200, seed=3)),
+    "far-clusters": lambda: _far_clusters(n=100),
+    "outlier": _outlier,
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("scan", list(CONTRACT_SCANS))
+def test_floor_contract_brute_force(engine, scan):
+    x, y = CONTRACT_SCANS[scan]()
+    n = len(x)
+    index = ENGINES[engine](x, y)
+    assert index.n == n
+    rows = np.random.default_rng(0).choice(n, size=min(n, 30), replace=False)
+    for kq in sorted(k for k in {1, 2, 5, 9, 24, 50, n - 1, n} if 1 <= k <= n):
+        assert_contract(index, x, y, rows, kq)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    n=st.integers(1, 40),
+    scale=st.sampled_from([1e-6, 1e-3, 1.0, 37.0, 1e4]),
+    offset=st.sampled_from([0.0, -5e-3, 123.456, 1e5, -3e6]),
+    layout=st.sampled_from(["uniform", "integer", "dups", "line"]),
+)
+def test_floor_contract_property(data, n, scale, offset, layout):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    if layout == "uniform":
+        x, y = rng.uniform(0, 10, n), rng.uniform(0, 10, n)
+    elif layout == "integer":
+        x, y = rng.integers(0, 5, n).astype(float), rng.integers(0, 5, n).astype(float)
+    elif layout == "dups":
+        base = rng.uniform(0, 3, (max(1, n // 4), 2))
+        pick = base[rng.integers(0, len(base), n)]
+        x, y = pick[:, 0].copy(), pick[:, 1].copy()
+    else:
+        x, y = rng.uniform(0, 10, n), np.zeros(n)
+    x = x * scale + offset
+    y = y * scale - offset
+    kq = data.draw(st.integers(1, n))
+    rows = rng.integers(0, n, size=min(n, 8))
+    engines = GRID_ENGINES + EMULATED_ENGINES + (ADAPTER_ENGINES if NearestNeighbors else [])
+    for name in engines:
+        assert_contract(ENGINES[name](x, y), x, y, rows, kq)
+
+
+# ----------------------------------------------------------------------------- grid engine
+def test_grid_chunking_does_not_change_answers():
+    x, y = jittered_scan(500, seed=4)
+    rows = np.arange(0, 500, 3)
+    a = GridIndex(x, y, xp=np).query(rows, 20)
+    b = GridIndex(x, y, xp=np, max_slots=50).query(rows, 20)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_grid_floor_is_informative_on_a_jittered_scan():
+    """Not required by the contract, but what makes the engine fast: the first query
+    already proves most rows complete."""
+    x, y = jittered_scan(2000, seed=5)
+    index = GridIndex(x, y, xp=np)
+    rows = np.arange(2000)
+    cand, floor = index.query(rows, 24)
+    dx = x[cand] - x[rows][:, None]
+    dy = y[cand] - y[rows][:, None]
+    d2 = np.sort(dx * dx + dy * dy, axis=1)
+    assert (d2[:, 16] < floor).mean() > 0.95
+
+
+def test_grid_first_query_completes_nearly_all_rows():
+    x, y = jittered_scan(5000, seed=6)
+    built = []
+    be = engine_backend("grid", wrap=lambda ix: built.append(CountingIndex(ix)) or built[-1])
+    sample_groups(x, y, 2000, 16, 4, seed=1, backend=be)
+    calls = built[0].calls
+    first_kq = max(calls, key=lambda c: c[0])[1]
+    widened = sum(r for r, kq in calls if kq > first_kq)
+    assert widened <= 0.02 * 2000, calls
+
+
+def test_grid_clustered_scan_shrinks_cells():
+    x, y = _far_clusters(n=400)
+    index = GridIndex(x, y, xp=np)
+    assert index.per_cell <= 4.0  # not a whole cluster in one cell
+    x, y = np.append(np.arange(300.0), 1e9), np.zeros(301)  # a line and a far outlier
+    index = GridIndex(x, y, xp=np)
+    assert index.per_cell <= 4.0
+    assert_contract(index, x, y, np.array([0, 150, 299, 300]), 12)
+
+
+def test_grid_rejects_bad_kq_and_handles_no_rows():
+    x, y = square_grid(4)
+    index = GridIndex(x, y, xp=np)
+    with pytest.raises(ValueError, match="kq"):
+        index.query(np.array([0]), 17)
+    cand, floor = index.query(np.array([], dtype=np.int64), 3)
+    assert cand.shape == (0, 3) and floor.shape == (0,)
+
+
+# ----------------------------------------------------------------------------- adapter
+class SpyNeighbors:
+    """Records what the adapter hands a sklearn-API class (wraps scikit-learn)."""
+
+    log: list = []
+
+    def __init__(self, *, algorithm, metric):
+        self.inner = NearestNeighbors(algorithm=algorithm, metric=metric)
+        SpyNeighbors.log.append(("init", algorithm, metric))
+
+    def fit(self, X):
+        SpyNeighbors.log.append(("fit", X.dtype, X.shape, float(np.abs(X).max())))
+        self.inner.fit(X)
+        return self
+
+    def kneighbors(self, Q, n_neighbors, return_distance=True):
+        SpyNeighbors.log.append(("kneighbors", Q.dtype, Q.shape, n_neighbors))
+        return self.inner.kneighbors(Q, n_neighbors=n_neighbors, return_distance=return_distance)
+
+
+@needs_sklearn
+def test_adapter_centres_casts_float32_batches_and_switches_algorithm():
+    SpyNeighbors.log = []
+    x, y = square_grid(20, offset=(1e5, 2e5))  # n = 400: rbc while kq <= 20
+    index = NeighborsIndex(x, y, xp=np, nn_class=SpyNeighbors, batch_rows=64,
+                           algorithm=_sklearn_algorithm)
+    index.query(np.arange(150), 20)
+    index.query(np.arange(10), 21)
+    fits = [e for e in SpyNeighbors.log if e[0] == "fit"]
+    assert fits[0][1] == np.float32 and fits[0][2] == (400, 2)
+    assert fits[0][3] <= 10.0  # centred on the midrange: the 1e5 offset is gone
+    inits = [e[1] for e in SpyNeighbors.log if e[0] == "init"]
+    assert inits == ["kd_tree", "brute"]  # one model per algorithm, fitted once
+    calls = [e for e in SpyNeighbors.log if e[0] == "kneighbors"]
+    assert [c[2][0] for c in calls[:3]] == [64, 64, 22]
+    assert all(c[1] == np.float32 for c in calls)
+
+
+def test_cuml_algorithm_switch():
+    assert cuml_algorithm(10, 100) == "rbc"
+    assert cuml_algorithm(11, 100) == "brute"
+    assert cuml_algorithm(1, 1) == "rbc"
+
+
+@needs_sklearn
+def test_adapter_floor_uses_the_error_bound():
+    """The floor sits below the largest returned d2 by the float32 error terms."""
+    x, y = jittered_scan(400, seed=8)
+    index = NeighborsIndex(x, y, xp=np, nn_class=NearestNeighbors)
+    rows = np.arange(0, 400, 7)
+    cand, floor = index.query(rows, 12)
+    dx = x[cand] - x[rows][:, None]
+    dy = y[cand] - y[rows][:, None]
+    dmax = (dx * dx + dy * dy).max(axis=1)
+    assert (floor < dmax).all()
+    reach = 2 * np.hypot(*np.stack([x - index.centre[0], y - index.centre[1]])).max()
+    assert (floor > dmax - 2 * EXPANDED_ERROR * reach**2 - 1e-3).all()
+
+
+@needs_sklearn
+def test_guard_widens_when_float32_loses_precision(caplog):
+    """Two clusters 1e7 apart with 0.01 spacing: float32 centred coordinates (ulp 0.5)
+    merge each cluster into a few points, so the library ranks them arbitrarily. The
+    floor must say so and the guard widen kq until the exact re-rank is safe."""
+    x, y = _far_clusters(spacing=0.01, separation=1e7, n=60)
+    rows = np.arange(0, 120, 5)
+    index = NeighborsIndex(x, y, xp=np, nn_class=NearestNeighbors)
+    cand, floor = assert_contract(index, x, y, rows, 10)
+    assert (floor == 0).all()
+    built = []
+    be = engine_backend("sklearn-brute",
+                        wrap=lambda ix: built.append(CountingIndex(ix)) or built[-1])
+    want = sample_groups(x, y, 120, 7, 4, seed=9, backend="cpu")
+    got = sample_groups(x, y, 120, 7, 4, seed=9, backend=be)
+    assert np.array_equal(got, want)
+    # widened past a whole cluster (60 points): only then does a candidate 1e7 away
+    # give a floor above the cluster's d2
+    assert max(kq for _, kq in built[0].calls) > 60
+
+
+def test_expanded_float32_library_misranks_yet_floor_holds():
+    """With float32 expanded distances on a scan 1e5 wide at 0.05 spacing, the library
+    returns wrong neighbour sets; the floor still bounds every point it left out."""
+    x, y = _far_clusters(spacing=0.05, separation=1e5, n=200, seed=3)
+    index = ENGINES["expanded-float32"](x, y)
+    rows = np.arange(0, 400, 7)
+    cand, floor = assert_contract(index, x, y, rows, 12)
+    misranked = 0
+    for r, row in enumerate(rows):
+        d2 = (x - x[row]) ** 2 + (y - y[row]) ** 2
+        others = np.ones(len(x), dtype=bool)
+        others[cand[r]] = False
+        misranked += d2[others].min() < d2[cand[r]].max()
+    assert misranked > 0  # the library really is inexact here
+    want = sample_groups(x, y, 300, 9, 4, seed=2, backend="cpu")
+    assert np.array_equal(sample_groups(x, y, 300, 9, 4, seed=2,
+                                        backend=engine_backend("expanded-float32")), want)
+
+
+@needs_sklearn
+def test_adapter_outlier_floor_loosens_but_stays_exact():
+    x, y = _outlier()
+    index = NeighborsIndex(x, y, xp=np, nn_class=NearestNeighbors)
+    rows = np.arange(0, 200, 9)
+    assert_contract(index, x, y, rows, 30)
+    want = sample_groups(x, y, 150, 9, 4, seed=3, backend="cpu")
+    got = sample_groups(x, y, 150, 9, 4, seed=3, backend=engine_backend("sklearn-brute"))
+    assert np.array_equal(got, want)
+
+
+class RepeatingNeighbors:
+    """A faulty library: repeats an index in every third row, -1 in every fifth."""
+
+    def __init__(self, *, algorithm, metric):
+        self.inner = NearestNeighbors(algorithm=algorithm, metric=metric)
+
+    def fit(self, X):
+        self.inner.fit(X)
+        return self
+
+    def kneighbors(self, Q, n_neighbors, return_distance=True):
+        dist, ind = self.inner.kneighbors(Q, n_neighbors=n_neighbors)
+        ind = ind.copy()
+        if n_neighbors > 1:
+            ind[::3, -1] = ind[::3, 0]
+            ind[::5, 0] = -1
+        return dist, ind
+
+
+@needs_sklearn
+def test_adapter_repairs_invalid_rows_with_the_grid_engine(caplog):
+    x, y = jittered_scan(300, seed=11)
+    index = NeighborsIndex(x, y, xp=np, nn_class=RepeatingNeighbors)
+    with caplog.at_level(logging.WARNING, logger="gpugroup.backends.engines"):
+        assert_contract(index, x, y, np.arange(0, 300, 4), 15)
+    assert "repeated indices" in caplog.text
+    be = Backend(name="faulty", xp=np, asnumpy=np.asarray,
+                 build_index=lambda a, b: NeighborsIndex(a, b, xp=np, nn_class=RepeatingNeighbors))
+    want = sample_groups(x, y, 200, 9, 4, seed=4, backend="cpu")
+    assert np.array_equal(sample_groups(x, y, 200, 9, 4, seed=4, backend=be), want)
+
+
+def test_adapter_rejects_unknown_metric():
+    x, y = square_grid(3)
+    with pytest.raises(ValueError, match="metric"):
+        NeighborsIndex(x, y, xp=np, nn_class=object, metric="cosine")

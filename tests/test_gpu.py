@@ -1,0 +1,313 @@
+"""GPU backend: CPU == GPU groups over the DESIGN section 3 matrix, device output, DLPack.
+
+Tests marked ``gpu`` need CuPy and a CUDA device and skip with the reason otherwise; both
+GPU engines run (cuML only where it imports). The dispatch tests at the end run on any
+machine: they hide CuPy, or stand NumPy in for it, to check errors and engine choice.
+This file imports nothing beyond NumPy and pytest at module level (the GPU machine has
+no scikit-learn or hypothesis).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import jittered_scan, square_grid
+from gpugroup import sample_groups
+from gpugroup.backends import get_backend, gpu
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def cp():
+    """CuPy with a CUDA device, or skip saying which is missing."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    reason = gpu.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return cupy
+
+
+@pytest.fixture(params=["cupy", "cuml"])
+def engine(request, cp):
+    """A GPU engine name; 'cuml' skips where cuML does not import."""
+    if request.param == "cuml":
+        pytest.importorskip("cuml", reason="cuML is not installed")
+    return request.param
+
+
+@pytest.fixture
+def gpu_backend(engine):
+    return gpu.make_backend(engine=engine)
+
+
+# ----------------------------------------------------------------------------- the matrix
+def _duplicated(copies):
+    x, y = square_grid(6)
+    return np.repeat(x, copies), np.repeat(y, copies)
+
+
+def _spiral(n, seed=0):
+    from gpugroup.simulate import fermat_spiral
+
+    return fermat_spiral(n, spacing=4.0, jitter=0.1, rng=np.random.default_rng(seed))
+
+
+def _case(name, xy, nsamples, K, C, seed=11, **kw):
+    return pytest.param(xy, nsamples, K, C, seed, kw, id=name)
+
+
+CASES = [
+    _case("grid10-K5", lambda: square_grid(10), 100, 5, 4),
+    _case("grid10-K6", lambda: square_grid(10), 100, 6, 4),
+    _case("grid10-K8", lambda: square_grid(10), 100, 8, 4),
+    _case("grid10-K9", lambda: square_grid(10), 100, 9, 4),
+    _case("grid10-K9-C9", lambda: square_grid(10), 60, 9, 9),
+    _case("grid13x7-K8-C2", lambda: square_grid(13, 7), 91, 8, 2),
+    _case("dup2", lambda: _duplicated(2), 72, 7, 4),
+    _case("dup12", lambda: _duplicated(12), 150, 8, 4),
+    _case("all-identical", lambda: (np.full(30, 2.5), np.full(30, -1.0)), 30, 6, 4),
+    _case("jitter-K7", lambda: jittered_scan(3000, seed=1), 1000, 7, 4),
+    _case("jitter-K16", lambda: jittered_scan(3000, seed=2), 1000, 16, 4),
+    _case("grid-offset-1e5", lambda: square_grid(10, offset=(1e5, -1e5)), 100, 9, 4),
+    _case("jitter-offset-1e5", lambda: tuple(a + 1e5 for a in jittered_scan(2000, seed=6)),
+          500, 7, 4),
+    _case("meter-scale", lambda: tuple(a * 1e-6 for a in jittered_scan(2000, seed=7)), 500, 7, 4),
+    _case("meter-scale-offset", lambda: tuple(a * 1e-6 + 3e-3 for a in jittered_scan(900, seed=8)),
+          300, 9, 4),
+    _case("n3-K7", lambda: (np.array([0.0, 1.0, 5.0]), np.array([0.0, 0.0, 1.0])), 3, 7, 2),
+    _case("n5-K8", lambda: jittered_scan(5, seed=9), 5, 8, 4),
+    _case("line", lambda: (np.arange(500.0), np.zeros(500)), 200, 7, 4),
+    _case("sequential", lambda: jittered_scan(800, seed=10), 300, 7, 4, sequential=True),
+    _case("oversampling", lambda: square_grid(6), 120, 7, 4, enable_oversampling=True),
+    _case("batch-rows-7", lambda: jittered_scan(500, seed=12), 200, 9, 4, batch_rows=7),
+    _case("spiral-50k-K7", lambda: _spiral(50_000), 5_000, 7, 4),
+    _case("spiral-50k-K16", lambda: _spiral(50_000, seed=1), 5_000, 16, 4),
+    _case("C1", lambda: jittered_scan(100, seed=13), 50, 5, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("xy, nsamples, K, C, seed, kw", CASES)
+def test_gpu_groups_equal_cpu(gpu_backend, xy, nsamples, K, C, seed, kw):
+    x, y = xy()
+    want = sample_groups(x, y, nsamples, K, C, seed=seed, backend="cpu", **kw)
+    got = sample_groups(x, y, nsamples, K, C, seed=seed, backend=gpu_backend, **kw)
+    assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("oversample", [False, True])
+def test_gpu_groups_equal_cpu_with_scan_index(gpu_backend, oversample):
+    parts = [jittered_scan(300, seed=s) for s in range(3)]
+    x = np.concatenate([p[0] + 40.0 * i for i, p in enumerate(parts)])
+    y = np.concatenate([p[1] for p in parts])
+    scans = np.repeat(np.arange(3), 300)
+    kw = dict(scan_index=scans, enable_oversampling=oversample)
+    nsamples = 1500 if oversample else 600
+    want = sample_groups(x, y, nsamples, 8, 4, seed=5, backend="cpu", **kw)
+    got = sample_groups(x, y, nsamples, 8, 4, seed=5, backend=gpu_backend, **kw)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_small_batches_equal_default(gpu_backend):
+    x, y = jittered_scan(2000, seed=21)
+    a = sample_groups(x, y, 800, 9, 4, seed=2, backend=gpu_backend)
+    b = sample_groups(x, y, 800, 9, 4, seed=2, backend=gpu_backend, batch_rows=5)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_device_output_is_cupy_and_equal(cp, gpu_backend):
+    x, y = jittered_scan(1000, seed=3)
+    host = sample_groups(x, y, 300, 7, 4, seed=8, backend="cpu")
+    dev = sample_groups(x, y, 300, 7, 4, seed=8, backend=gpu_backend, output="device")
+    assert isinstance(dev, cp.ndarray)
+    assert dev.dtype == np.int32 and dev.shape == host.shape
+    np.testing.assert_array_equal(cp.asnumpy(dev), host)
+
+
+@pytest.mark.gpu
+def test_gpu_dlpack_hands_off_to_torch_without_copy(cp, gpu_backend):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    x, y = jittered_scan(500, seed=4)
+    dev = sample_groups(x, y, 200, 7, 4, seed=1, backend=gpu_backend, output="device")
+    t = torch.from_dlpack(dev)
+    assert t.is_cuda and t.dtype == torch.int32 and tuple(t.shape) == dev.shape
+    assert t.data_ptr() == dev.data.ptr  # same memory: zero copy
+    np.testing.assert_array_equal(t.cpu().numpy(), cp.asnumpy(dev))
+
+
+@pytest.mark.gpu
+def test_gpu_keys_match_numpy(cp):
+    from gpugroup import keys
+
+    c = np.arange(0, 2**40, 2**40 // 4099, dtype=np.uint64)
+    k = keys.stream(123, 1)
+    np.testing.assert_array_equal(cp.asnumpy(keys.key(cp, k, cp.asarray(c))), keys.key(np, k, c))
+
+
+@pytest.mark.gpu
+def test_gpu_grid_engine_matches_its_numpy_run_and_contract(cp):
+    """The grid engine is written once against xp: CuPy and NumPy give the same answers,
+    and the floor is a true bound on the device."""
+    from gpugroup.backends.engines import GridIndex
+
+    x, y = jittered_scan(20_000, seed=5)
+    x = np.concatenate([x, x[:500]])  # duplicates too
+    y = np.concatenate([y, y[:500]])
+    rows = np.arange(0, len(x), 37)
+    for kq in (8, 24, 100):
+        c_np, f_np = GridIndex(x, y, xp=np).query(rows, kq)
+        c_cp, f_cp = GridIndex(cp.asarray(x), cp.asarray(y), xp=cp).query(cp.asarray(rows), kq)
+        c_cp, f_cp = cp.asnumpy(c_cp), cp.asnumpy(f_cp)
+        np.testing.assert_array_equal(np.sort(c_cp, axis=1), np.sort(c_np, axis=1))
+        np.testing.assert_array_equal(f_cp, f_np)
+        for r in range(0, len(rows), 25):
+            dx = x - x[rows[r]]
+            dy = y - y[rows[r]]
+            d2 = dx * dx + dy * dy
+            others = np.ones(len(x), dtype=bool)
+            others[c_cp[r]] = False
+            assert d2[others].min() >= f_cp[r]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device_frames", [False, True])
+def test_gpu_rawdata_grouped_data_matches_cpu(cp, engine, monkeypatch, device_frames):
+    from gpugroup.simulate import simulate_rawdata
+
+    monkeypatch.setenv(gpu.ENGINE_ENV, engine)
+    raw = simulate_rawdata(n=400, N=16, seed=2, backend="cpu")
+    want = raw.generate_grouped_data(16, K=7, nsamples=150, seed=3, gridsize=2, backend="cpu")
+    if device_frames:
+        raw.diff3d = cp.asarray(raw.diff3d)
+    got = raw.generate_grouped_data(16, K=7, nsamples=150, seed=3, gridsize=2, backend="gpu")
+    np.testing.assert_array_equal(got["nn_indices"], want["nn_indices"])
+    for key, value in want.items():
+        if key == "nn_indices" or not isinstance(value, np.ndarray):
+            continue
+        assert isinstance(got[key], np.ndarray), key
+        assert got[key].shape == value.shape and got[key].dtype == value.dtype, key
+        if np.issubdtype(value.dtype, np.inexact):
+            scale = float(np.abs(value).max()) if value.size else 1.0
+            np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-12 * scale,
+                                       err_msg=key)
+        else:
+            np.testing.assert_array_equal(got[key], value, err_msg=key)
+    dev = raw.generate_grouped_data(16, K=7, nsamples=150, seed=3, gridsize=2, backend="gpu",
+                                    output="device")
+    assert isinstance(dev["X_full"], cp.ndarray)
+    np.testing.assert_array_equal(cp.asnumpy(dev["nn_indices"]), want["nn_indices"])
+
+
+# ----------------------------------------------------------------------------- dispatch (any machine)
+def test_gpu_backend_without_cupy_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
+    assert gpu.unavailable_reason().startswith("CuPy is not importable")
+    with pytest.raises(RuntimeError, match=r"gpugroup\[cu12\]"):
+        get_backend("gpu")
+    with pytest.raises(RuntimeError, match=r"gpugroup\[cu12\]"):
+        gpu.make_backend(engine="cupy")
+    x, y = square_grid(5)
+    with pytest.raises(RuntimeError, match=r"gpugroup\[cu12\].*gpugroup\[cu13\]"):
+        sample_groups(x, y, 5, 4, 2, seed=1, backend="gpu")
+    assert get_backend("auto").name == "cpu"
+
+
+@pytest.fixture
+def numpy_as_cupy(monkeypatch):
+    """Stand NumPy in for CuPy (with a fake device) to test engine choice on a CPU."""
+    monkeypatch.setattr(np, "asnumpy", np.asarray, raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", np)
+    monkeypatch.setattr(gpu, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(gpu, "device_name", lambda: "fake device")
+    monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
+
+
+def _fake_cuml(monkeypatch):
+    """A ``cuml`` package whose NearestNeighbors is scikit-learn's (rbc -> kd_tree)."""
+    neighbors_mod = pytest.importorskip("sklearn.neighbors", reason="scikit-learn not installed")
+
+    class NearestNeighbors:
+        def __init__(self, *, algorithm="auto", metric="euclidean"):
+            self.algorithm = algorithm
+            self.inner = neighbors_mod.NearestNeighbors(
+                algorithm="kd_tree" if algorithm == "rbc" else algorithm, metric=metric)
+
+        def fit(self, X):
+            assert X.dtype == np.float32
+            self.inner.fit(X)
+            return self
+
+        def kneighbors(self, X, n_neighbors, return_distance=True):
+            return self.inner.kneighbors(X, n_neighbors=n_neighbors,
+                                         return_distance=return_distance)
+
+    cuml = types.ModuleType("cuml")
+    cuml.neighbors = types.ModuleType("cuml.neighbors")
+    cuml.neighbors.NearestNeighbors = NearestNeighbors
+    monkeypatch.setitem(sys.modules, "cuml", cuml)
+    monkeypatch.setitem(sys.modules, "cuml.neighbors", cuml.neighbors)
+
+
+def test_auto_engine_without_cuml_is_the_grid_engine(numpy_as_cupy, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "cuml", None)  # `import cuml` raises ImportError
+    monkeypatch.setitem(sys.modules, "cuml.neighbors", None)
+    with caplog.at_level("INFO", logger="gpugroup.backends.gpu"):
+        be = gpu.make_backend()
+    assert be.name == "gpu" and be.description == "CuPy + CuPy-native grid kNN"
+    assert "CuPy-native" in caplog.text
+    with pytest.raises(RuntimeError, match=r"needs cuML.*gpugroup\[cu12\]"):
+        gpu.make_backend(engine="cuml")
+    x, y = jittered_scan(400, seed=1)
+    np.testing.assert_array_equal(sample_groups(x, y, 200, 9, 4, seed=6, backend=be),
+                                  sample_groups(x, y, 200, 9, 4, seed=6, backend="cpu"))
+
+
+def test_auto_engine_uses_cuml_when_it_imports(numpy_as_cupy, monkeypatch):
+    _fake_cuml(monkeypatch)
+    be = gpu.make_backend()
+    assert be.description == "CuPy + cuML NearestNeighbors"
+    x, y = square_grid(30)  # n = 900: rbc (here kd_tree) while kq <= 30, brute beyond
+    np.testing.assert_array_equal(sample_groups(x, y, 300, 9, 4, seed=6, backend=be),
+                                  sample_groups(x, y, 300, 9, 4, seed=6, backend="cpu"))
+
+
+def test_engine_is_chosen_by_argument_or_environment(numpy_as_cupy, monkeypatch):
+    _fake_cuml(monkeypatch)
+    assert gpu.make_backend(engine="cupy").description == "CuPy + CuPy-native grid kNN"
+    monkeypatch.setenv(gpu.ENGINE_ENV, "cupy")
+    assert get_backend("gpu").description == "CuPy + CuPy-native grid kNN"
+    monkeypatch.setenv(gpu.ENGINE_ENV, "CUML")
+    assert get_backend("gpu").description == "CuPy + cuML NearestNeighbors"
+    monkeypatch.setenv(gpu.ENGINE_ENV, "faiss")
+    with pytest.raises(ValueError, match="GPUGROUP_GPU_ENGINE"):
+        get_backend("gpu")
+
+
+def test_gpu_benchmark_script_cpu_smoke(tmp_path):
+    """benchmarks/gpu_benchmark.py --cpu-only runs end to end and writes its JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_benchmark.py"
+    if not script.is_file():
+        pytest.skip("benchmarks/ is not beside the tests")
+    spec = importlib.util.spec_from_file_location("gpu_benchmark_smoke", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--cpu-only", "--sizes", "2e3", "--K", "7", "--repeats", "1",
+                     "--assembly-n", "400", "--assembly-nsamples", "100", "--chunk-bytes", "1Mi",
+                     "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("cpu-smoke-*.json")
+    data = json.loads(result.read_text())
+    assert rc == 0 and data["errors"] == [] and data["finished"]
+    assert data["parity_summary"] == {"checked": 1, "identical": 1, "all_identical": True}
+    assert [r["backend"] for r in data["assembly"]] == ["grid-numpy", "bare xp gather (reference)"]
