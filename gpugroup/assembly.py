@@ -31,16 +31,18 @@ def take_frames(xp, stack, idx):
     """``stack[idx]`` as an ``xp`` array, for any frame store.
 
     NumPy arrays and memmaps are gathered directly; device arrays on the device; other
-    stores (h5py, zarr) are read at sorted unique indices, which they need or prefer,
-    and re-expanded.
+    stores (h5py, zarr, :class:`gpugroup.io.frames.RawFileStack`) through
+    :func:`gpugroup.io.frames.gather_frames`: each distinct frame read once, in file order
+    (raw bytes with ``pread``, HDF5 runs as hyperslabs, Zarr chunk by chunk), re-expanded.
     """
     if is_device_array(stack):
         return stack[xp.asarray(idx)]
     idx = np.asarray(idx) if not is_device_array(idx) else idx.get()
     if isinstance(stack, np.ndarray):
         return xp.asarray(np.take(stack, idx, axis=0))
-    uniq, inverse = np.unique(idx, return_inverse=True)
-    return xp.asarray(np.asarray(stack[uniq])[inverse])
+    from gpugroup.io.frames import gather_frames
+
+    return xp.asarray(gather_frames(stack, idx))
 
 
 def chunk_groups(B: int, bytes_per_group: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import tempfile
-import zipfile
 
 import numpy as np
 
@@ -157,29 +156,42 @@ class RawData:
                    objectGuess=objectGuess, metadata=metadata, backend=backend)
 
     @classmethod
-    def from_file(cls, path, *, backend="auto"):
-        """Load a PtychoPINN-layout NPZ (``diffraction`` is accepted for ``diff3d``).
+    def from_file(cls, path, *, mmap_mode=None, keys=None, backend="auto"):
+        """Load a scan: NPZ (PtychoPINN layout; ``diffraction`` is accepted for ``diff3d``),
+        a directory of ``KEY.npy`` files, HDF5 (``.h5``/``.hdf5``/``.cxi``) or Zarr (``.zarr``).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The format follows the suffix (``.npz``, ``.h5``/``.hdf5``/``.cxi``, ``.zarr``, a
+            directory of ``.npy`` files). HDF5 and Zarr files hold the NPZ keys as datasets;
+            CXI files keep the frames at ``/entry_1/data_1/data`` (taken as stored: make sure
+            they are amplitudes) and, without ``xcoords``, the positions in
+            ``/entry_1/sample_1/geometry_1/translation``.
+        mmap_mode : {None, "r"}
+            None reads everything into memory. ``"r"`` leaves the frame stacks on disk
+            (``diff3d``, ``Y``): ``np.memmap`` over uncompressed NPZ members or ``.npy``
+            files, ``h5py.Dataset``, ``zarr.Array``. Grouping then reads only the frames the
+            groups use, in bounded memory.
+        keys : dict, optional
+            Field -> dataset path (HDF5/Zarr) or member name (NPZ), e.g.
+            ``{"diff3d": "/entry/data/frames"}``.
+        backend : {"auto", "cpu", "gpu"}
 
         Raises
         ------
-        OSError
-            The file is missing, unreadable, truncated or not an NPZ archive.
+        FileNotFoundError, OSError
+            The file is missing, unreadable, truncated or of no supported format.
         ValueError
-            A required key is missing or a field is malformed.
+            A required key is missing, a field is malformed, or ``mmap_mode`` was asked of
+            a compressed NPZ (the message says how to convert it: ``gpugroup convert``).
+        ImportError
+            h5py or zarr is needed and missing (``pip install "gpugroup[hdf5]"``/``[zarr]``).
         """
+        from gpugroup import io
+
         path = os.fspath(path)
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                data = {k: npz[k] for k in npz.files}
-        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
-            raise OSError(
-                f"cannot read scan file {path!r}: {type(exc).__name__}: {exc}. It must be an "
-                f"NPZ archive written by numpy.savez (is it truncated or another format?)"
-            ) from exc
-        if not isinstance(data, dict):
-            raise OSError(f"{path!r} holds a single array, not an NPZ scan archive")
+        data = io.read_scan(path, mmap_mode=mmap_mode, keys=keys)
         return cls._from_mapping(data, path, backend)
 
     @classmethod
@@ -220,7 +232,17 @@ class RawData:
         return {k: v for k, v in out.items() if v is not None}
 
     def to_file(self, path) -> None:
-        """Write an uncompressed NPZ atomically (a temporary file renamed on success)."""
+        """Write an uncompressed NPZ atomically (a temporary file renamed on success);
+        a ``.h5``/``.hdf5`` or ``.zarr`` path writes that format instead. Frame stacks
+        that are not in memory (memory-mapped, HDF5, Zarr, GPU) are copied in slabs, so
+        they need not fit in memory."""
+        from gpugroup import io
+
+        in_memory = all(v is None or (type(v) is np.ndarray) for v in (self.diff3d, self.Y))
+        if not in_memory or os.fspath(path).rstrip("/\\").lower().endswith(
+                io.HDF5_SUFFIXES + (".zarr",)):
+            io.write_scan(path, self.to_dict())
+            return
         save_npz_atomic(path, {k: np.asarray(v) for k, v in self.to_dict().items()})
 
     # ------------------------------------------------------------------ description
@@ -255,8 +277,8 @@ class RawData:
                               gridsize=None, sequential_sampling=False,
                               enable_oversampling=False, neighbor_pool_size=None,
                               group_by_scan=False, backend=None, keep_diffraction=True,
-                              output="numpy", chunk_bytes=assembly.DEFAULT_CHUNK_BYTES,
-                              progress=None):
+                              output="numpy", chunk_bytes=None, progress=None, out=None,
+                              lazy=False, overwrite=True, row_order="canonical"):
         """Sample groups and assemble the training dict of DESIGN.md section 2.
 
         Parameters
@@ -283,15 +305,35 @@ class RawData:
             False skips the ``diffraction`` copy (``X_full`` only; less memory).
         output : {"numpy", "device"}
             NumPy arrays (default), or the backend's own arrays (CuPy on the GPU).
-        chunk_bytes : int
-            Gathered bytes per assembly chunk (memory bound; no effect on results).
+        chunk_bytes : int or None
+            Gathered bytes per assembly chunk (memory bound; no effect on results). None:
+            ``assembly.DEFAULT_CHUNK_BYTES`` in memory; with ``out`` the transient memory
+            budget of the whole write (default 256 MiB); with ``lazy`` the bytes of one
+            Dask block (default 64 MiB).
         progress : callable or None
             Called with the number of groups finished after each chunk.
+        out : str or path-like or None
+            Stream the result into ``*.h5``, ``*.zarr`` or ``*.npz`` (written under a
+            temporary name, renamed when complete; nothing is left under ``out`` on an
+            error or Ctrl-C). See :func:`gpugroup.io.grouped.write_grouped`.
+        lazy : bool
+            Return Dask arrays for ``diffraction``, ``X_full`` and ``Y`` (and a 0-d Dask
+            array ``norm_scale``), see :func:`gpugroup.dask.grouped_arrays`. With ``out`` (a
+            ``.zarr``) the Dask tasks write the store in parallel.
+        overwrite : bool
+            With ``out``: replace an existing file (once the new one is complete).
+        row_order : {"canonical", "locality"}
+            With ``out`` or ``lazy``: ``"locality"`` stores the rows sorted by their smallest
+            frame index (the input is then read nearly sequentially: several times faster
+            from disk) and adds ``order`` (row j is canonical group ``order[j]``).
 
         Returns
         -------
         dict
-            Keys of DESIGN.md section 2 plus ``seed`` and ``norm_scale``.
+            Keys of DESIGN.md section 2 plus ``seed`` and ``norm_scale``. With ``out``, the
+            large entries are on-disk arrays (``np.memmap``, ``zarr.Array`` or
+            ``h5py.Dataset`` of a read-only file the caller closes with
+            ``d["X_full"].file.close()``), the rest NumPy, plus ``path``.
         """
         if dataset_path is not None:
             logger.debug("dataset_path=%r ignored: gpugroup keeps no group cache", dataset_path)
@@ -313,6 +355,16 @@ class RawData:
             scan_index=self.scan_index if group_by_scan else None, output="device",
             index_cache=self._index_cache,
         )
+        if lazy or out is not None:
+            return self._grouped_out_of_core(
+                be, nn, N, seed, out=out, lazy=lazy, keep_diffraction=keep_diffraction,
+                chunk_bytes=chunk_bytes, progress=progress, overwrite=overwrite,
+                row_order=row_order)
+        if row_order != "canonical":
+            raise ValueError(f"row_order={row_order!r} needs out=... or lazy=True; in memory "
+                             f"the rows are in canonical order")
+        if chunk_bytes is None:
+            chunk_bytes = assembly.DEFAULT_CHUNK_BYTES
         grouped = assembly.assemble_groups(
             be.xp, nn_indices=nn, diff3d=self.diff3d, xcoords=self.xcoords,
             ycoords=self.ycoords, xcoords_start=self.xcoords_start,
@@ -323,6 +375,37 @@ class RawData:
             grouped = {k: be.asnumpy(v) if _is_array(v) else v for k, v in grouped.items()}
         grouped["seed"] = seed
         return grouped
+
+    def grouped_dataset(self, N, K=4, nsamples=1, seed=None, gridsize=None, **kwargs):
+        """An index-only grouped dataset: the rows of ``generate_grouped_data`` with the
+        same arguments, gathered batch by batch (see :class:`gpugroup.dataset.GroupedDataset`;
+        ``kwargs``: the sampling options and ``backend``, ``output``, ``keep_diffraction``)."""
+        from gpugroup.dataset import GroupedDataset
+
+        return GroupedDataset.from_raw(self, N, K, nsamples, seed, gridsize, **kwargs)
+
+    def _grouped_out_of_core(self, be, nn, N, seed, *, out, lazy, keep_diffraction,
+                             chunk_bytes, progress, overwrite, row_order):
+        """``generate_grouped_data`` with ``out`` (streamed file) or ``lazy`` (Dask)."""
+        if lazy:
+            from gpugroup import dask as gdask
+
+            grouped = gdask.grouped_arrays(self, nn_indices=be.asnumpy(nn), N=N,
+                                           keep_diffraction=keep_diffraction,
+                                           block_bytes=chunk_bytes, seed=seed,
+                                           row_order=row_order)
+            if out is not None:
+                return gdask.to_zarr(grouped, out, overwrite=overwrite)
+            return grouped
+        from gpugroup.io.grouped import DEFAULT_OUT_CHUNK_BYTES, write_grouped
+
+        return write_grouped(
+            out, be.xp, nn_indices=nn, diff3d=self.diff3d, xcoords=self.xcoords,
+            ycoords=self.ycoords, xcoords_start=self.xcoords_start,
+            ycoords_start=self.ycoords_start, N=N, Y=self.Y, objectGuess=self.objectGuess,
+            keep_diffraction=keep_diffraction,
+            chunk_bytes=DEFAULT_OUT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
+            progress=progress, seed=seed, overwrite=overwrite, row_order=row_order)
 
 
 def _is_array(v) -> bool:

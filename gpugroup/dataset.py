@@ -1,0 +1,272 @@
+"""An index-only grouped dataset: keep ``nn_indices`` and the scan, gather batches on demand.
+
+Materializing grouped data costs C = gridsize² times the frame stack. A
+:class:`GroupedDataset` stores only the groups (B x C integers), the scan's coordinates and
+the normalization factor (computed once), and assembles any batch of rows on request,
+equal to the same rows of ``RawData.generate_grouped_data``. It is a PyTorch map-style
+dataset without depending on PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import sys
+
+import numpy as np
+
+from gpugroup import assembly
+from gpugroup.backends import get_backend
+
+logger = logging.getLogger(__name__)
+
+
+class GroupedDataset:
+    """Grouped training rows (DESIGN.md section 2) gathered batch by batch.
+
+    Parameters
+    ----------
+    raw : RawData
+        The scan; its frames may be in memory, memory-mapped, in HDF5/Zarr, or on the GPU.
+    nn_indices : (B, C) array of int
+        The groups (e.g. from :func:`gpugroup.sample_groups`); see :meth:`from_raw`.
+    N : int or None
+        Frame size (checked against the scan); None takes it from the scan.
+    backend : {"auto", "cpu", "gpu"} or None
+        Where batches are assembled (None: the scan's backend).
+    output : {"numpy", "device"}
+        NumPy arrays, or the backend's arrays (CuPy on the GPU; zero-copy to PyTorch
+        with ``torch.from_dlpack``).
+    keep_diffraction : bool
+        Also return the raw ``diffraction`` (otherwise only ``X_full``).
+    norm_scale : float or None
+        The normalization factor s; None computes it once from the energies of the frames
+        the groups use (one pass over them), exactly as the eager result does.
+
+    Notes
+    -----
+    ``ds[i]`` (an int) is one row: ``X_full`` (N, N, C), ``coords_nn`` (1, 2, C), ... .
+    ``ds[batch]`` (a slice or an index array) is a batch: ``X_full`` (b, N, N, C), ...,
+    gathered in one read of the batch's distinct frames (sorted, so HDF5/Zarr/file reads
+    stay sequential). Entries without data (``Y`` for a scan without ``Y`` or
+    ``objectGuess``; ``diffraction`` with ``keep_diffraction=False``) are left out, so
+    PyTorch's default collation works.
+
+    With PyTorch, let the dataset gather whole batches::
+
+        sampler = torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(ds), batch_size=64, drop_last=False)
+        loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None,
+                                             num_workers=4)
+
+    (``batch_size=None`` hands each list of indices to ``ds[...]``). Worker processes
+    reopen HDF5 files themselves.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpugroup import RawData
+    >>> from gpugroup.dataset import GroupedDataset
+    >>> yy, xx = np.divmod(np.arange(100.0), 10)
+    >>> raw = RawData.from_coords_without_pc(xx, yy, np.ones((100, 8, 8), np.float32),
+    ...                                      np.ones((8, 8), np.complex64), None, backend="cpu")
+    >>> ds = GroupedDataset.from_raw(raw, 8, K=7, nsamples=10, seed=1, gridsize=2)
+    >>> len(ds), ds[0]["X_full"].shape, ds[2:5]["X_full"].shape
+    (10, (8, 8, 4), (3, 8, 8, 4))
+    """
+
+    def __init__(self, raw, nn_indices, *, N=None, backend=None, output="numpy",
+                 keep_diffraction=True, norm_scale=None, seed=None,
+                 chunk_bytes=assembly.DEFAULT_CHUNK_BYTES):
+        self._be = get_backend(raw.backend if backend is None else backend)
+        if output not in ("numpy", "device"):
+            raise ValueError(f"output must be 'numpy' or 'device', got output={output!r}")
+        nn = nn_indices.get() if assembly.is_device_array(nn_indices) else np.asarray(nn_indices)
+        if nn.ndim != 2 or not np.issubdtype(nn.dtype, np.integer):
+            raise ValueError(f"nn_indices must be a (B, C) integer array, got shape {nn.shape} "
+                             f"dtype {nn.dtype}")
+        n = len(raw)
+        if nn.size and (nn.min() < 0 or nn.max() >= n):
+            raise ValueError(f"nn_indices must lie in [0, {n}) (the scan's positions), got "
+                             f"{nn.min()}..{nn.max()}")
+        frame = tuple(raw.diff3d.shape[1:])
+        N = frame[0] if N is None else N
+        if (N, N) != frame:
+            raise ValueError(f"N={N} does not match the diffraction frames {frame}; "
+                             f"pass N={frame[0]}")
+        self.raw = raw
+        self.N = int(N)
+        self.nn_indices = nn
+        self.output = output
+        self.keep_diffraction = bool(keep_diffraction)
+        self.seed = seed
+        xp = self._be.xp
+        self._x, self._y = xp.asarray(raw.xcoords), xp.asarray(raw.ycoords)
+        self._xs, self._ys = xp.asarray(raw.xcoords_start), xp.asarray(raw.ycoords_start)
+        self._padded = None
+        if norm_scale is None:
+            # one pass over the frames used; a memory-mapped file is read with pread so
+            # that this pass does not leave the whole file resident
+            from gpugroup.io.frames import raw_view
+
+            stack = raw_view(raw.diff3d) or raw.diff3d
+            energies = assembly.group_energies(xp, stack, xp.asarray(nn), chunk_bytes)
+            norm_scale = assembly.normalization_scale(xp, energies, self.N)
+        self.norm_scale = float(norm_scale)
+        self._pid = os.getpid()
+        self._stacks = {"diff3d": raw.diff3d, "Y": raw.Y}
+        self._object = raw.objectGuess
+
+    @classmethod
+    def from_raw(cls, raw, N, K=4, nsamples=1, seed=None, gridsize=None,
+                 sequential_sampling=False, enable_oversampling=False,
+                 neighbor_pool_size=None, group_by_scan=False, backend=None, **kwargs):
+        """Sample groups exactly as ``raw.generate_grouped_data(N, K, nsamples, ...)``
+        does and wrap them (same rows, same order). ``kwargs`` go to the constructor."""
+        nn, seed, be = sample_like_eager(
+            raw, K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,
+            enable_oversampling=enable_oversampling, neighbor_pool_size=neighbor_pool_size,
+            group_by_scan=group_by_scan, backend=backend)
+        return cls(raw, nn, N=N, backend=be, seed=seed, **kwargs)
+
+    # ------------------------------------------------------------------ protocol
+    def __len__(self) -> int:
+        return int(self.nn_indices.shape[0])
+
+    def __repr__(self) -> str:
+        B, C = self.nn_indices.shape
+        return (f"GroupedDataset({B} groups x {C}, N={self.N}, backend={self._be.name!r}, "
+                f"output={self.output!r}, norm_scale={self.norm_scale:.6g})")
+
+    def __getitem__(self, key):
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+            i = int(key)
+            B = len(self)
+            if not -B <= i < B:
+                raise IndexError(f"group {i} out of range for {B} groups")
+            batch = self._batch(np.array([i % B]))
+            return {k: v[0] for k, v in batch.items()}
+        return self._batch(self._rows(key))
+
+    def _rows(self, key):
+        B = len(self)
+        if isinstance(key, slice):
+            return np.arange(B)[key]
+        if assembly.is_device_array(key):
+            key = key.get()
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (B,):
+                raise IndexError(f"boolean index must have shape ({B},), got {idx.shape}")
+            return np.flatnonzero(idx)
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError(f"index a GroupedDataset with an int, a slice or integer arrays, "
+                             f"got dtype {idx.dtype}")
+        idx = idx.reshape(-1).astype(np.int64)
+        if idx.min() < -B or idx.max() >= B:
+            raise IndexError(f"group index out of range for {B} groups: "
+                             f"{idx.min()}..{idx.max()}")
+        return idx % B
+
+    def batches(self, batch_size, *, shuffle=False, seed=None, drop_last=False):
+        """Iterate over batches of ``batch_size`` rows (shuffled with a NumPy generator
+        seeded by ``seed`` when ``shuffle``)."""
+        order = np.arange(len(self))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(order)
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for a in range(0, stop, batch_size):
+            yield self[order[a:a + batch_size]]
+
+    def __getstate__(self):
+        # Pickled for worker processes (spawn): on-disk stacks travel as references that
+        # each process reopens; in-memory ones travel as they are.
+        from gpugroup.io.frames import stack_ref
+
+        state = self.__dict__.copy()
+        state["_be"] = self._be.name
+        state["raw"] = None
+        state["_padded"] = None
+        state["_stacks"] = {k: (stack_ref(v) or v) if v is not None else None
+                            for k, v in self._stacks.items()}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._be = get_backend(state["_be"])
+
+    # ------------------------------------------------------------------ gathering
+    def _stack(self, name):
+        from gpugroup.io.frames import StackRef, open_stack, stack_ref
+
+        stack = self._stacks[name]
+        if isinstance(stack, StackRef):
+            stack = self._stacks[name] = open_stack(stack)
+            self._pid = os.getpid()
+        h5py = sys.modules.get("h5py")
+        if stack is not None and h5py is not None and isinstance(stack, h5py.Dataset) \
+                and os.getpid() != self._pid:
+            # A forked worker (PyTorch DataLoader): reopen the file in this process.
+            stack = open_stack(stack_ref(stack))
+        return stack
+
+    def _batch(self, rows):
+        xp = self._be.xp
+        N, C = self.N, int(self.nn_indices.shape[1])
+        nn = self.nn_indices[rows]
+        b = int(nn.shape[0])
+        stack = self._stack("diff3d")
+        diffraction = xp.empty((b, N, N, C), dtype=stack.dtype) if self.keep_diffraction \
+            else None
+        X = xp.empty((b, N, N, C), dtype=xp.float32)
+        assembly.gather_channel_last(xp, stack, nn, scale=self.norm_scale,
+                                     out_diffraction=diffraction, out_X=X, chunk_bytes=1 << 62,
+                                     workers=1)
+        nn_xp = xp.asarray(nn)
+        out = {"nn_indices": nn_xp}
+        if diffraction is not None:
+            out["diffraction"] = diffraction
+        out["X_full"] = X
+        out.update(assembly.group_coordinates(xp, self._x, self._y, nn_xp, "coords"))
+        out.update(assembly.group_coordinates(xp, self._xs, self._ys, nn_xp, "coords_start"))
+        y_stack = self._stack("Y")
+        if y_stack is not None:
+            Y = xp.empty((b, N, N, C), dtype=xp.complex64)
+            assembly.gather_channel_last(xp, y_stack, nn, out_diffraction=Y,
+                                         chunk_bytes=1 << 62, workers=1)
+            out["Y"] = Y
+        elif self._object is not None:
+            if self._padded is None:
+                self._padded = assembly._pad_object(xp, self._object, N)
+            flat = nn_xp.reshape(-1)
+            p = assembly._patches(xp, self._padded, self._xs[flat], self._ys[flat], N)
+            out["Y"] = xp.ascontiguousarray(xp.moveaxis(p.reshape(b, C, N, N), 1, -1))
+        if self.output == "numpy":
+            out = {k: self._be.asnumpy(v) for k, v in out.items()}
+        return out
+
+
+def sample_like_eager(raw, K=4, nsamples=1, seed=None, gridsize=None, *,
+                      sequential_sampling=False, enable_oversampling=False,
+                      neighbor_pool_size=None, group_by_scan=False, backend=None):
+    """``(nn_indices, seed, backend)``: the groups ``raw.generate_grouped_data`` would use
+    for these arguments (NumPy (B, C) integers; ``seed`` resolved)."""
+    from gpugroup.grouping import sample_groups
+    from gpugroup.keys import resolve_seed
+
+    gridsize = 1 if gridsize is None else gridsize
+    if isinstance(gridsize, bool) or not isinstance(gridsize, numbers.Integral) or gridsize < 1:
+        raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
+    be = get_backend(raw.backend if backend is None else backend)
+    seed = resolve_seed(seed)
+    nn = sample_groups(
+        raw.xcoords, raw.ycoords, nsamples,
+        K if neighbor_pool_size is None else neighbor_pool_size, int(gridsize) ** 2,
+        seed=seed, backend=be, sequential=sequential_sampling,
+        enable_oversampling=enable_oversampling,
+        scan_index=raw.scan_index if group_by_scan else None,
+        index_cache=raw._index_cache)
+    return nn, seed, be

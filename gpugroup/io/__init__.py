@@ -1,0 +1,373 @@
+"""Scan and grouped-data files: NPZ (memory-mapped members), ``.npy`` directories, HDF5
+(``.h5``/``.hdf5``/``.cxi``) and Zarr (``.zarr``), read lazily and written in slabs.
+
+``read_scan`` returns a scan's arrays by key (frame stacks left on disk with
+``mmap_mode="r"``); ``write_scan``/``convert`` write one atomically; ``gpugroup.io.grouped``
+streams grouped outputs. h5py and zarr are imported only when such a file is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Keys whose arrays are frame stacks: left on disk (memory-mapped / datasets) when lazy.
+STACK_KEYS = ("diff3d", "diffraction", "Y", "X_full")
+#: The scan fields of DESIGN.md section 1 (``_metadata`` is a JSON string).
+SCAN_FIELDS = ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d", "probeGuess",
+               "scan_index", "objectGuess", "Y", "norm_Y_I")
+REQUIRED_FIELDS = ("xcoords", "ycoords", "diff3d", "probeGuess")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs")
+FORMATS = ("npz", "hdf5", "zarr", "npy-dir")
+#: Default bytes per slab when copying stacks (memory bound of ``write_scan``/``convert``).
+DEFAULT_SLAB_BYTES = 64 << 20
+
+_EXTRA = {"h5py": "hdf5", "zarr": "zarr", "dask": "dask", "distributed": "dask"}
+
+
+class ScanFileError(OSError, ValueError):
+    """A scan file that cannot be read as any supported format."""
+
+
+def require(module: str, extra: str | None = None):
+    """Import optional dependency ``module`` or raise ImportError with the install line."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = extra or _EXTRA.get(module, module)
+        raise ImportError(
+            f"this needs the optional package {module!r}: pip install \"gpugroup[{extra}]\" "
+            f"(or pip install {module})"
+        ) from exc
+
+
+def format_of(path) -> str:
+    """``"npz"``, ``"hdf5"``, ``"zarr"``, ``"npy-dir"`` or ``"npy"`` from the name (and, for
+    an existing file with another suffix, its magic bytes)."""
+    path = os.fspath(path)
+    stripped = path.rstrip("/\\")
+    lower = stripped.lower()
+    if lower.endswith(".zarr"):
+        return "zarr"
+    if os.path.isdir(path):
+        if any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup")):
+            return "zarr"
+        return "npy-dir"
+    if lower.endswith(".npz"):
+        return "npz"
+    if lower.endswith(".npy"):
+        return "npy"
+    if lower.endswith(HDF5_SUFFIXES):
+        return "hdf5"
+    if os.path.isfile(path):
+        with open(path, "rb") as fh:
+            magic = fh.read(8)
+        if magic == b"\x89HDF\r\n\x1a\n":
+            return "hdf5"
+        if magic[:6] == b"\x93NUMPY":
+            return "npy"
+    return "npz"  # the historical default: the NPZ reader explains what is wrong
+
+
+# ----------------------------------------------------------------------------- reading
+def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
+    """A scan's arrays by field name, from any supported file.
+
+    Parameters
+    ----------
+    path : str or path-like
+        ``.npz``; a directory of ``KEY.npy`` files; ``.h5``/``.hdf5``/``.cxi``; ``.zarr``.
+    mmap_mode : {None, "r"}
+        None reads everything into memory. ``"r"`` leaves the frame stacks (``diff3d``,
+        ``Y``) on disk: ``np.memmap`` for uncompressed NPZ members and ``.npy`` files,
+        ``h5py.Dataset`` and ``zarr.Array`` otherwise.
+    keys : dict, optional
+        Field -> member/dataset path, e.g. ``{"diff3d": "/entry_1/data_1/data"}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    OSError
+        Unreadable, truncated or unknown file (``ScanFileError`` is also a ValueError).
+    ValueError
+        A compressed NPZ member with ``mmap_mode`` (the message says how to convert), a
+        bare ``.npy`` file, or (HDF5/Zarr) required fields not found (the message lists
+        the datasets there and the ``keys`` to pass).
+    ImportError
+        h5py or zarr missing (the message gives the pip line).
+    """
+    path = os.fspath(path)
+    keys = dict(keys or {})
+    unknown = sorted(set(keys) - set(SCAN_FIELDS) - {"diffraction"})
+    if unknown:
+        raise ValueError(f"keys names unknown field(s) {unknown}; fields are {SCAN_FIELDS}")
+    if mmap_mode not in (None, "r", "r+", "c"):
+        raise ValueError(f"mmap_mode must be None or 'r', got mmap_mode={mmap_mode!r}")
+    fmt = format_of(path)
+    if fmt == "npy":
+        raise ScanFileError(
+            f"{path!r} is a single .npy array: it has no coordinates or probe. A scan needs "
+            f"xcoords, ycoords, diff3d and probeGuess: pass a directory of KEY.npy files "
+            f"(diff3d.npy is memory-mapped), an .npz, .h5 or .zarr file"
+        )
+    if fmt == "npz":
+        from gpugroup.io import npz
+
+        renamed = tuple(m[:-4] if m.endswith(".npy") else m
+                        for f, m in keys.items() if f in STACK_KEYS)
+        data = npz.read_npz(path, mmap_mode, STACK_KEYS + renamed)
+        for field, member in keys.items():
+            member = member[:-4] if member.endswith(".npy") else member
+            if member in data:
+                data[field] = data.pop(member)
+        return data
+    if fmt == "npy-dir":
+        data = _read_npy_dir(path, mmap_mode, keys)
+    elif fmt == "hdf5":
+        from gpugroup.io import hdf5
+
+        data = hdf5.read(path, keys, SCAN_FIELDS, mmap_mode,
+                         cxi=path.lower().endswith(".cxi"))
+    else:
+        from gpugroup.io import zarr_io
+
+        data = zarr_io.read(path, keys, SCAN_FIELDS, mmap_mode)
+    found = data.pop("_datasets", None)
+    missing = [k for k in REQUIRED_FIELDS if k not in data]
+    if missing:
+        example = ", ".join(f"{k!r}: '/path/to/{k}'" for k in missing)
+        raise ValueError(
+            f"{path!r} lacks required field(s) {missing} (found: {found}); name where they "
+            f"are with keys={{{example}}} (RawData.from_file(..., keys=...))"
+        )
+    return data
+
+
+def _read_npy_dir(path, mmap_mode, keys):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such scan file or directory: {path!r}")
+    data = {}
+    for field in SCAN_FIELDS + ("_metadata",):
+        name = keys.get(field, field)
+        for candidate in ((name, "diffraction") if field == "diff3d" and field not in keys
+                          else (name,)):
+            f = os.path.join(path, candidate if candidate.endswith(".npy")
+                             else candidate + ".npy")
+            if os.path.isfile(f):
+                lazy = mmap_mode if field in STACK_KEYS else None
+                try:
+                    data[field] = np.load(f, mmap_mode=lazy, allow_pickle=False)
+                except (ValueError, EOFError, OSError) as exc:
+                    raise ScanFileError(f"cannot read {f!r} ({field}): {exc}") from exc
+                break
+    data["_datasets"] = sorted(p for p in os.listdir(path) if p.endswith(".npy"))
+    return data
+
+
+# ----------------------------------------------------------------------------- writing
+def _looks_like_zarr(path) -> bool:
+    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
+
+
+@contextlib.contextmanager
+def atomic_path(path, overwrite: bool = True):
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success.
+
+    On any exception (KeyboardInterrupt included) the temporary file or directory is
+    removed and nothing appears under ``path`` (an existing ``path`` is left as it was).
+    Zarr outputs are directories: an existing store is replaced only if it is a Zarr store.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(path)
+    is_dir = format_of(path) == "zarr"
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it")
+        if is_dir and os.path.isdir(path) and not _looks_like_zarr(path):
+            raise FileExistsError(f"{path!r} exists and is not a Zarr store; refusing to "
+                                  f"replace it (remove it or choose another name)")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"output directory {directory!r} does not exist")
+    prefix = f".{base}."
+    umask = _umask()
+    if is_dir:
+        tmp = tempfile.mkdtemp(prefix=prefix, suffix=".gpugroup-part", dir=directory)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".gpugroup-part", dir=directory)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask)
+    try:
+        yield tmp
+        if not is_dir:  # data on disk before the name points at it (crash safety)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _replace(tmp, path, is_dir)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    try:  # read it without changing it (os.umask would race with other threads)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replace(tmp, path, is_dir):
+    if is_dir and os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
+                               dir=os.path.dirname(path))
+        os.rmdir(old)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _remove(tmp):
+    try:
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.unlink(tmp)
+    except OSError:  # pragma: no cover - best effort while already failing
+        logger.warning("could not remove temporary %s", tmp)
+
+
+def open_target(path, fmt):
+    """A writer (``create``/``put``/``close``/``discard``) for a new ``fmt`` file at
+    ``path`` (a temporary path from :func:`atomic_path`)."""
+    if fmt == "npz":
+        from gpugroup.io.npz import Target
+    elif fmt == "hdf5":
+        from gpugroup.io.hdf5 import Target
+    elif fmt == "zarr":
+        from gpugroup.io.zarr_io import Target
+    else:
+        raise ValueError(f"cannot write {fmt!r} files; write .npz, .h5 or .zarr")
+    return Target(path)
+
+
+def output_format(path) -> str:
+    """The format to write ``path`` in, from its suffix (``.npz``, ``.h5``/``.hdf5``/
+    ``.cxi``, ``.zarr``)."""
+    p = os.fspath(path).rstrip("/\\").lower()
+    if p.endswith(".npz"):
+        return "npz"
+    if p.endswith(HDF5_SUFFIXES):
+        return "hdf5"
+    if p.endswith(".zarr"):
+        return "zarr"
+    raise ValueError(f"cannot tell the output format of {os.fspath(path)!r}: name it "
+                     f"*.npz, *.h5 (or .hdf5) or *.zarr")
+
+
+def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
+    """Copy ``stack`` into ``sink`` in slabs of about ``slab_bytes`` (bounded memory).
+
+    File-backed stacks are read with ``pread`` (:mod:`gpugroup.io.frames`), so a
+    memory-mapped source does not stay resident."""
+    from gpugroup.io.frames import raw_view
+    from gpugroup.io.npz import _host
+
+    src = raw_view(stack) or stack
+    n = int(stack.shape[0])
+    row = int(np.prod(stack.shape[1:], dtype=np.int64)) * np.dtype(stack.dtype).itemsize
+    step = max(1, int(slab_bytes) // max(1, row))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        sink[a:b] = np.asarray(_host(src[a:b]))
+        if progress is not None:
+            progress(b - a)
+
+
+def write_scan(path, arrays: dict, *, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=True,
+               progress=None) -> str:
+    """Write scan ``arrays`` (field -> array, frame stacks may be on disk) to ``path``
+    (``.npz``, ``.h5`` or ``.zarr``) atomically, stacks copied slab by slab.
+
+    HDF5 stacks are contiguous and Zarr stacks unsharded, uncompressed, 1-16 frames per
+    chunk: the layouts gpugroup reads fastest. Returns the absolute path.
+    """
+    fmt = output_format(path)
+    with atomic_path(path, overwrite) as tmp:
+        target = open_target(tmp, fmt)
+        try:
+            for key, value in arrays.items():
+                if value is None:
+                    continue
+                if key in STACK_KEYS and getattr(value, "ndim", 0) >= 1:
+                    sink = target.create(key, value.shape, np.dtype(value.dtype))
+                    copy_stack(sink, value, slab_bytes, progress)
+                else:
+                    target.put(key, np.asarray(value))
+            target.close()
+        except BaseException:
+            target.discard()
+            raise
+    return os.path.abspath(os.fspath(path))
+
+
+def convert(src, dst, *, keys=None, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=True,
+            progress=None) -> str:
+    """Rewrite scan ``src`` (any readable format, compressed NPZ included) as ``dst``
+    (``.npz`` uncompressed and memory-mappable, ``.h5`` or ``.zarr``), in bounded memory.
+
+    The scan is validated (as :class:`gpugroup.RawData`) and written with its defaults
+    filled in (``xcoords_start``, ``scan_index``). This is ``gpugroup convert SRC DST``.
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile
+    >>> from gpugroup import RawData
+    >>> d = tempfile.mkdtemp()
+    >>> np.savez_compressed(os.path.join(d, "s.npz"), xcoords=np.arange(4.0),
+    ...     ycoords=np.zeros(4), diff3d=np.ones((4, 8, 8), np.float32),
+    ...     probeGuess=np.ones((8, 8), np.complex64))
+    >>> out = convert(os.path.join(d, "s.npz"), os.path.join(d, "s2.npz"))
+    >>> type(RawData.from_file(out, mmap_mode="r", backend="cpu").diff3d).__name__
+    'memmap'
+    """
+    from gpugroup.rawdata import RawData
+
+    src = os.fspath(src)
+    if os.path.abspath(src) == os.path.abspath(os.fspath(dst)):
+        raise ValueError(f"convert: source and destination are the same file {src!r}")
+    if format_of(src) == "npz":
+        from gpugroup.io.npz import read_npz_streaming
+
+        data = read_npz_streaming(src)
+        for field, member in (keys or {}).items():
+            if member in data:
+                data[field] = data.pop(member)
+    else:
+        data = read_scan(src, mmap_mode="r", keys=keys)
+    raw = RawData._from_mapping(data, src, "cpu")
+    return write_scan(dst, raw.to_dict(), slab_bytes=slab_bytes, overwrite=overwrite,
+                      progress=progress)
+
+
+__all__ = ["STACK_KEYS", "SCAN_FIELDS", "ScanFileError", "require", "format_of", "read_scan",
+           "write_scan", "convert", "atomic_path", "open_target", "output_format",
+           "copy_stack"]

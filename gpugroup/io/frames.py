@@ -1,0 +1,332 @@
+"""Reading frames from on-disk stacks at scattered indices, and picklable stack references.
+
+:func:`gather_frames` is what :func:`gpugroup.assembly.take_frames` calls for stores that
+are not in-memory arrays (HDF5, Zarr, :class:`RawFileStack`). Each distinct frame is read
+once, in file order: raw bytes in a file (an uncompressed ``.npz`` member or ``.npy``, a
+contiguous HDF5 dataset) with one ``preadv`` per run of consecutive frames, scattered
+straight into the result rows; chunked HDF5 one hyperslab per run; uncompressed Zarr
+chunk file by chunk file. ``pread`` keeps the file out of this process's resident memory,
+which is why the out-of-core writers read memory-mapped stacks through
+:func:`raw_view` (in memory, ``np.take`` on the mapping is faster while it fits).
+
+:class:`StackRef` names a stack on disk (file, dataset path, byte offset) so that worker
+processes (Dask, PyTorch) can open it themselves; :func:`open_stack` opens one, cached
+per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import mmap
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+#: HDF5/Zarr: when the range spanned by the wanted frames is at most this many times their
+#: number, read the whole range in one call and pick from it.
+_SLAB_FILL = 2.0
+#: At most this many buffers per ``preadv`` call (POSIX IOV_MAX is at least 1024).
+_IOV_MAX = 1024
+
+
+def _runs(uniq):
+    """Runs of consecutive values in sorted unique ``uniq``: (first position, end
+    position, first value) of each run."""
+    if uniq.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+    first = np.concatenate(([0], breaks))
+    last = np.concatenate((breaks, [uniq.size]))
+    return first, last, uniq[first]
+
+
+def _is_h5py(stack) -> bool:
+    h5py = sys.modules.get("h5py")
+    return h5py is not None and isinstance(stack, h5py.Dataset)
+
+
+def _is_zarr(stack) -> bool:
+    zarr = sys.modules.get("zarr")
+    return zarr is not None and isinstance(stack, zarr.Array)
+
+
+def file_backed(stack) -> bool:
+    """True for an ``np.memmap`` that maps a file directly (not a view of one)."""
+    return (isinstance(stack, np.memmap) and isinstance(getattr(stack, "base", None), mmap.mmap)
+            and stack.flags.c_contiguous and getattr(stack, "filename", None) is not None)
+
+
+def raw_view(stack):
+    """A :class:`RawFileStack` over the same bytes, when ``stack`` is raw bytes in a file
+    (a file-backed memmap, a contiguous unfiltered HDF5 dataset); else None."""
+    if isinstance(stack, RawFileStack):
+        return stack
+    if file_backed(stack):
+        return RawFileStack(stack.filename, stack.offset, stack.shape, stack.dtype)
+    if _is_h5py(stack):
+        offset = _h5py_contiguous_offset(stack)
+        if offset is not None:
+            return RawFileStack(stack.file.filename, offset, stack.shape, stack.dtype)
+    return None
+
+
+def gather_frames(stack, idx):
+    """``stack[idx]`` as a NumPy array for any int indices (any order, repeats allowed),
+    each distinct frame read once (raw files: scattered ``preadv``; HDF5/Zarr: sorted
+    unique reads re-expanded)."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    raw = raw_view(stack)
+    if raw is not None:
+        return raw.take(idx)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return read_frames(stack, uniq)[inverse.reshape(-1)]
+
+
+def read_frames(stack, uniq):
+    """``stack[uniq]`` as a NumPy array for strictly increasing int indices ``uniq``.
+
+    Works for h5py datasets, zarr arrays, file-backed memmaps, :class:`RawFileStack` and
+    anything indexable by an index array.
+    """
+    uniq = np.asarray(uniq, dtype=np.int64)
+    frame_shape = tuple(stack.shape[1:])
+    if uniq.size == 0:
+        return np.empty((0,) + frame_shape, dtype=stack.dtype)
+    raw = raw_view(stack)
+    if raw is not None:
+        return raw.take(uniq)
+    if _is_h5py(stack):
+        return _read_h5py(stack, uniq)
+    if _is_zarr(stack):
+        return _read_zarr(stack, uniq)
+    return np.asarray(stack[uniq])
+
+
+def _h5py_contiguous_offset(ds):
+    """Byte offset of a contiguous, unfiltered, allocated HDF5 dataset, else None."""
+    if ds.chunks is not None or ds.external or ds.dtype.kind not in "biufc":
+        return None
+    try:
+        return ds.id.get_offset()
+    except Exception:  # noqa: BLE001 - any h5py failure means: use the library path
+        return None
+
+
+def _read_h5py(ds, uniq):
+    # (Contiguous datasets never get here: raw_view reads their bytes directly, much
+    # faster than HDF5 selections and free of h5py's global lock.)
+    span = int(uniq[-1] - uniq[0] + 1)
+    if span <= _SLAB_FILL * uniq.size:
+        # Dense enough: one hyperslab read of the bounding range, then pick.
+        slab = np.empty((span,) + tuple(ds.shape[1:]), dtype=ds.dtype)
+        ds.read_direct(slab, np.s_[int(uniq[0]):int(uniq[-1]) + 1])
+        return slab[uniq - uniq[0]]
+    out = np.empty((uniq.size,) + tuple(ds.shape[1:]), dtype=ds.dtype)
+    first, last, start = _runs(uniq)
+    for a, b, s in zip(first.tolist(), last.tolist(), start.tolist()):
+        ds.read_direct(out, np.s_[s:s + b - a], np.s_[a:b])
+    return out
+
+
+def _zarr_direct_layout(arr):
+    """(directory, frames per chunk, stored dtype, fill) when ``arr`` is an unsharded,
+    uncompressed, unfiltered Zarr v3 array in a local directory whose chunks hold whole
+    frames: its chunk files are then raw bytes. None otherwise."""
+    try:
+        from zarr.codecs import BytesCodec
+
+        meta = arr.metadata
+        root = getattr(arr.store_path.store, "root", None)
+        if (meta.zarr_format != 3 or root is None or arr.shards is not None
+                or tuple(arr.compressors) or tuple(arr.filters)
+                or not isinstance(arr.serializer, BytesCodec)
+                or tuple(arr.chunks[1:]) != tuple(arr.shape[1:])
+                or np.dtype(arr.dtype).kind not in "biufc"):
+            return None
+        endian = getattr(arr.serializer.endian, "value", None)
+        stored = np.dtype(arr.dtype).newbyteorder("<" if endian == "little" else ">")
+        if endian is None:
+            stored = np.dtype(arr.dtype)
+        directory = os.path.join(os.fspath(root), arr.path) if arr.path else os.fspath(root)
+        return directory, int(arr.chunks[0]), stored, meta.fill_value
+    except Exception:  # noqa: BLE001 - an unexpected layout: use zarr itself
+        return None
+
+
+def _read_zarr_direct(arr, uniq, layout):
+    directory, k, stored, fill = layout
+    frame = tuple(arr.shape[1:])
+    out = np.empty((uniq.size,) + frame, dtype=arr.dtype)
+    chunk_of = uniq // k
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    starts = np.concatenate(([0], bounds)).tolist()
+    stops = np.concatenate((bounds, [uniq.size])).tolist()
+    for a, b in zip(starts, stops):
+        cid = int(chunk_of[a])
+        key = arr.metadata.encode_chunk_key((cid,) + (0,) * len(frame))
+        try:
+            chunk = np.fromfile(os.path.join(directory, *key.split("/")), dtype=stored)
+        except FileNotFoundError:
+            out[a:b] = fill
+            continue
+        chunk = chunk.reshape((k,) + frame)
+        out[a:b] = chunk[uniq[a:b] - cid * k]
+    return out
+
+
+def _read_zarr(arr, uniq):
+    layout = _zarr_direct_layout(arr)
+    if layout is not None:
+        return _read_zarr_direct(arr, uniq, layout)
+    span = int(uniq[-1] - uniq[0] + 1)
+    if span <= _SLAB_FILL * uniq.size:
+        return np.asarray(arr[int(uniq[0]):int(uniq[-1]) + 1])[uniq - uniq[0]]
+    return np.asarray(arr.oindex[uniq])
+
+
+class RawFileStack:
+    """A C-ordered stack stored raw in a file at ``offset`` (an ``.npy`` file or an
+    uncompressed ``.npz`` member), read with ``os.pread`` (no memory map).
+
+    Supports ``shape``, ``dtype``, ``len`` and indexing by an int, a slice or an int array
+    (any order, repeats allowed: :meth:`take`); pickles as its description, so worker
+    processes reopen the file.
+    """
+
+    def __init__(self, filename, offset, shape, dtype):
+        self.filename = os.fspath(filename)
+        self.offset = int(offset)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._frame_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __reduce__(self):
+        return (RawFileStack, (self.filename, self.offset, self.shape, self.dtype))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            n = self.shape[0]
+            if not -n <= key < n:
+                raise IndexError(f"frame {key} out of range for {n} frames")
+            return self.take([key % n])[0]
+        if isinstance(key, slice):
+            a, b, step = key.indices(self.shape[0])
+            if step != 1:
+                return self[np.arange(a, b, step)]
+            key = np.arange(a, b, dtype=np.int64)
+        return self.take(key)
+
+    def take(self, idx):
+        """Frames ``idx`` (any order, repeats allowed) as a new array, each distinct frame
+        read once: runs of consecutive frames are one ``preadv`` scattering straight into
+        their rows of the result (no intermediate copy)."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        out = np.empty((idx.size,) + self.shape[1:], dtype=self.dtype)
+        if idx.size == 0:
+            return out
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        if sidx[0] < 0 or sidx[-1] >= self.shape[0]:
+            raise IndexError(f"frame index out of range [0, {self.shape[0]}) for "
+                             f"{self.filename!r}: got {int(sidx[0])}..{int(sidx[-1])}")
+        first_of = np.ones(idx.size, dtype=bool)
+        first_of[1:] = sidx[1:] != sidx[:-1]
+        dest = order[first_of]  # result row of each distinct frame, frames ascending
+        uniq = sidx[first_of]
+        fb = self._frame_bytes
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        first, last, start = _runs(uniq)
+        dest_list = dest.tolist()
+        fd = os.open(self.filename, os.O_RDONLY)  # per call: microseconds, nothing to leak
+        try:
+            for a, b, s in zip(first.tolist(), last.tolist(), start.tolist()):
+                for c in range(a, b, _IOV_MAX):
+                    d = min(b, c + _IOV_MAX)
+                    self._preadv(fd, [flat[r * fb:(r + 1) * fb] for r in dest_list[c:d]],
+                                 self.offset + (s + c - a) * fb)
+        finally:
+            os.close(fd)
+        if not first_of.all():
+            # Repeated frames: copy from the row that holds the frame's first read.
+            group = np.cumsum(first_of) - 1
+            out[order[~first_of]] = out[dest[group[~first_of]]]
+        return out
+
+    def _preadv(self, fd, views, pos):
+        if os.preadv(fd, views, pos) == sum(len(v) for v in views):
+            return
+        for v in views:  # a short read (rare): redo buffer by buffer, report truncation
+            k = 0
+            while k < len(v):
+                n = os.preadv(fd, [v[k:]], pos + k)
+                if n <= 0:
+                    raise OSError(f"{self.filename!r} is truncated: frame "
+                                  f"{(pos - self.offset) // self._frame_bytes} of "
+                                  f"{self.shape[0]} is missing")
+                k += n
+            pos += len(v)
+
+
+# ----------------------------------------------------------------------------- references
+@dataclass(frozen=True)
+class StackRef:
+    """Where a frame stack lives on disk, so another process can open it.
+
+    ``kind`` is ``"raw"`` (bytes at ``offset`` in ``path``: ``.npy`` or an uncompressed
+    ``.npz`` member), ``"hdf5"`` (dataset ``key`` of ``path``) or ``"zarr"`` (array
+    ``key`` of the store at ``path``).
+    """
+
+    kind: str
+    path: str
+    key: str = ""
+    offset: int = 0
+    shape: tuple = ()
+    dtype: str = ""
+
+
+def stack_ref(stack):
+    """A :class:`StackRef` for an on-disk stack, or None for an in-memory one."""
+    if file_backed(stack):
+        return StackRef("raw", os.path.abspath(stack.filename), "", int(stack.offset),
+                        tuple(stack.shape), np.dtype(stack.dtype).str)
+    if isinstance(stack, RawFileStack):
+        return StackRef("raw", os.path.abspath(stack.filename), "", stack.offset, stack.shape,
+                        stack.dtype.str)
+    if _is_h5py(stack):
+        return StackRef("hdf5", os.path.abspath(stack.file.filename), stack.name)
+    if _is_zarr(stack):
+        store = stack.store_path.store
+        root = getattr(store, "root", None)
+        if root is None:
+            return None
+        return StackRef("zarr", os.path.abspath(os.fspath(root)), stack.path)
+    return None
+
+
+def open_stack(ref: StackRef):
+    """Open the stack ``ref`` names (read-only; cached, so each process opens it once)."""
+    return _open_stack(ref, os.getpid())  # keyed by pid: a forked child opens its own
+
+
+@functools.lru_cache(maxsize=32)
+def _open_stack(ref: StackRef, pid: int):
+    if ref.kind == "raw":
+        return RawFileStack(ref.path, ref.offset, ref.shape, np.dtype(ref.dtype))
+    if ref.kind == "hdf5":
+        from gpugroup.io import require
+
+        h5py = require("h5py", "hdf5")
+        return h5py.File(ref.path, "r")[ref.key]
+    if ref.kind == "zarr":
+        from gpugroup.io import require
+
+        zarr = require("zarr", "zarr")
+        return zarr.open_array(ref.path, path=ref.key, mode="r")
+    raise ValueError(f"unknown stack kind {ref.kind!r}")

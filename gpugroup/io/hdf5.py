@@ -1,0 +1,173 @@
+"""HDF5 scans and outputs through h5py (``.h5``, ``.hdf5``, ``.cxi``).
+
+A scan file holds the NPZ keys as datasets (paths configurable); CXI files keep their
+frames at ``/entry_1/data_1/data``. Frame stacks are left on disk as ``h5py.Dataset``
+objects when asked (``mmap_mode="r"``); the small fields are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from gpugroup.io import STACK_KEYS, require
+
+logger = logging.getLogger(__name__)
+
+#: Where CXI files keep things (the CXI 1.6 layout); overridable with ``keys``.
+CXI_DEFAULTS = {
+    "diff3d": ("entry_1/data_1/data", "entry_1/instrument_1/detector_1/data"),
+    "probeGuess": ("entry_1/instrument_1/source_1/probe", "entry_1/image_1/probe"),
+}
+CXI_TRANSLATION = "entry_1/sample_1/geometry_1/translation"
+
+
+def _open(path, mode="r"):
+    h5py = require("h5py", "hdf5")
+    try:
+        return h5py.File(path, mode)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if mode == "r":
+            import os
+
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no such scan file: {path!r}") from exc
+        raise OSError(f"cannot open {path!r} as HDF5: {exc}. Is it an HDF5/CXI file "
+                      f"(truncated, or another format)?") from exc
+
+
+def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
+    """The fields ``wanted`` of HDF5 scan ``path`` by key (absent ones left out).
+
+    ``keys`` maps a field to its dataset path (default: the field name at the root; CXI:
+    :data:`CXI_DEFAULTS`). With ``mmap_mode`` the frame stacks stay ``h5py.Dataset``
+    objects (the file stays open while they are referenced).
+    """
+    h5py = require("h5py", "hdf5")
+    f = _open(path)
+    out = {}
+    try:
+        for field in wanted:
+            candidates = _candidates(field, keys, cxi)
+            for name in candidates:
+                obj = f.get(name)
+                if obj is None:
+                    continue
+                if not isinstance(obj, h5py.Dataset):
+                    raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, not a "
+                                     f"dataset; pass keys={{{field!r}: '/path/to/dataset'}}")
+                if mmap_mode is not None and field in STACK_KEYS:
+                    out[field] = obj
+                else:
+                    out[field] = obj[()]
+                break
+        if cxi and ("xcoords" not in out or "ycoords" not in out) and CXI_TRANSLATION in f:
+            t = np.asarray(f[CXI_TRANSLATION][()], dtype=np.float64)
+            logger.info("%s: positions from %s (columns x, y, units as stored)", path,
+                        CXI_TRANSLATION)
+            out.setdefault("xcoords", t[:, 0])
+            out.setdefault("ycoords", t[:, 1])
+        if "_metadata" in f.attrs:
+            out["_metadata"] = np.array(str(f.attrs["_metadata"]))
+        out["_datasets"] = _dataset_names(f)
+    finally:
+        if not any(isinstance(v, h5py.Dataset) for v in out.values()):
+            f.close()
+    return out
+
+
+def _candidates(field, keys, cxi):
+    if field in keys:
+        return (keys[field],)
+    names = [field]
+    if field == "diff3d":
+        names.append("diffraction")
+    if cxi and field in CXI_DEFAULTS:
+        names = list(CXI_DEFAULTS[field]) + names
+    return tuple(names)
+
+
+def _dataset_names(f, limit=40):
+    h5py = require("h5py", "hdf5")
+    names = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            names.append("/" + name)
+        return None if len(names) < limit else True
+
+    f.visititems(visit)
+    return names
+
+
+class _Sink:
+    """Thread-safe slice assignment into a dataset (h5py serializes calls anyway)."""
+
+    def __init__(self, ds, lock):
+        self._ds = ds
+        self._lock = lock
+        self.shape = ds.shape
+        self.dtype = ds.dtype
+
+    def __setitem__(self, key, value):
+        from gpugroup.io.npz import _host
+
+        value = np.asarray(_host(value))
+        with self._lock:
+            self._ds[key] = value
+
+
+class Target:
+    """Write datasets into a new HDF5 file (frame stacks chunked along axis 0 when
+    ``chunk_rows`` is given, else contiguous, which readers can read fastest)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._f = _open(path, "w")
+        self._lock = threading.Lock()
+
+    def create(self, key, shape, dtype, chunk_rows=None):
+        chunks = None
+        if chunk_rows is not None and int(shape[0]) > 0:
+            chunks = (max(1, min(int(chunk_rows), int(shape[0]))),) + tuple(shape[1:])
+        ds = self._f.create_dataset(key, shape=tuple(shape), dtype=dtype, chunks=chunks)
+        return _Sink(ds, self._lock)
+
+    def put(self, key, array):
+        from gpugroup.io.npz import _host
+
+        array = np.asarray(_host(array))
+        if array.dtype.kind == "U":
+            self._f.attrs[key] = str(array)
+        else:
+            self._f.create_dataset(key, data=array)
+
+    def close(self):
+        self._f.close()
+
+    def discard(self):
+        try:
+            self._f.close()
+        except Exception:  # noqa: BLE001 - already failing; the file is removed next
+            pass
+
+
+def open_output(path, stack_keys) -> dict:
+    """A written grouped output: stacks as ``h5py.Dataset`` (of one read-only file),
+    the rest as arrays."""
+    h5py = require("h5py", "hdf5")
+    f = _open(path)
+    out = {}
+    for key, obj in f.items():
+        if not isinstance(obj, h5py.Dataset):
+            continue
+        out[key] = obj if key in stack_keys else obj[()]
+    for key, value in f.attrs.items():
+        out[key] = value
+    if not any(isinstance(v, h5py.Dataset) for v in out.values()):
+        f.close()
+    return out

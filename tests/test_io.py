@@ -1,0 +1,319 @@
+"""Scan files (DESIGN.md section 5): NPZ member memory-mapping, HDF5/CXI/Zarr/.npy readers,
+the streaming NPZ writer, conversion, and frame reads at sorted unique indices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from gpugroup import RawData, io
+from gpugroup.io import frames, npz
+
+h5py = pytest.importorskip("h5py")
+zarr = pytest.importorskip("zarr")
+
+
+def make_raw(n=120, N=8, with_y=False, seed=0):
+    rng = np.random.default_rng(seed)
+    row, col = np.divmod(np.arange(n), 12)
+    x = col + rng.uniform(-0.3, 0.3, n)
+    y = row + rng.uniform(-0.3, 0.3, n)
+    diff = rng.random((n, N, N), dtype=np.float32)
+    probe = (rng.random((N, N)) + 1j).astype(np.complex64)
+    Y = (rng.random((n, N, N)) + 1j * rng.random((n, N, N))).astype(np.complex64) \
+        if with_y else None
+    return RawData(x, y, x + 0.01, y - 0.01, diff, probe, np.zeros(n, np.int64), Y=Y,
+                   metadata={"energy_keV": 8.0}, backend="cpu")
+
+
+def assert_same_scan(a, b):
+    for k, v in a.to_dict().items():
+        w = b.to_dict()[k]
+        if k == "_metadata":
+            assert str(w) == str(v)
+        else:
+            np.testing.assert_array_equal(np.asarray(w[...]), np.asarray(v), err_msg=k)
+
+
+# ----------------------------------------------------------------------------- NPZ
+def test_npz_members_are_memory_mapped(tmp_path):
+    raw = make_raw(with_y=True)
+    path = tmp_path / "scan.npz"
+    raw.to_file(path)
+    back = RawData.from_file(path, mmap_mode="r", backend="cpu")
+    assert isinstance(back.diff3d, np.memmap) and isinstance(back.Y, np.memmap)
+    assert not isinstance(back.xcoords, np.memmap)
+    assert back.diff3d.filename == str(path.resolve())
+    assert_same_scan(raw, back)
+    # np.savez output (written by NumPy itself) maps too, fortran-ordered members included
+    p2 = tmp_path / "np.npz"
+    np.savez(p2, **{**raw.to_dict(), "diff3d": np.asfortranarray(raw.diff3d)})
+    back2 = RawData.from_file(p2, mmap_mode="r", backend="cpu")
+    assert isinstance(back2.diff3d, np.memmap)
+    np.testing.assert_array_equal(back2.diff3d, raw.diff3d)
+    # grouping from the mapped scan equals grouping in memory
+    a = raw.generate_grouped_data(8, K=7, nsamples=40, seed=5, gridsize=2)
+    b = back.generate_grouped_data(8, K=7, nsamples=40, seed=5, gridsize=2)
+    for k in ("nn_indices", "X_full", "diffraction", "Y", "coords_relative"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_npz_keys_mapping(tmp_path):
+    raw = make_raw()
+    path = tmp_path / "renamed.npz"
+    np.savez(path, frames=raw.diff3d, px=raw.xcoords, py=raw.ycoords, probe=raw.probeGuess)
+    keys = {"diff3d": "frames", "xcoords": "px", "ycoords": "py", "probeGuess": "probe"}
+    back = RawData.from_file(path, mmap_mode="r", keys=keys, backend="cpu")
+    assert isinstance(back.diff3d, np.memmap)
+    np.testing.assert_array_equal(back.diff3d, raw.diff3d)
+    np.testing.assert_array_equal(back.ycoords, raw.ycoords)
+
+
+def test_compressed_npz_refuses_mmap_and_converts(tmp_path):
+    raw = make_raw()
+    src = tmp_path / "packed.npz"
+    np.savez_compressed(src, **{k: np.asarray(v) for k, v in raw.to_dict().items()})
+    with pytest.raises(ValueError, match=r"packed\.npz.*'diff3d'.*compressed.*gpugroup convert"):
+        RawData.from_file(src, mmap_mode="r")
+    assert_same_scan(raw, RawData.from_file(src, backend="cpu"))  # in memory still works
+    for name in ("plain.npz", "scan.h5", "scan.zarr"):
+        out = io.convert(src, tmp_path / name, slab_bytes=1000)
+        back = RawData.from_file(out, mmap_mode="r", backend="cpu")
+        assert not isinstance(back.diff3d, np.ndarray) or isinstance(back.diff3d, np.memmap)
+        assert_same_scan(raw, back)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed.npz", "plain.npz",
+                                                          "scan.h5", "scan.zarr"]
+
+
+def test_convert_streams_compressed_members(tmp_path, monkeypatch):
+    raw = make_raw(n=200)
+    src = tmp_path / "packed.npz"
+    np.savez_compressed(src, **{k: np.asarray(v) for k, v in raw.to_dict().items()})
+    data = npz.read_npz_streaming(src)
+    stack = data["diff3d"]
+    assert isinstance(stack, npz.ZipMemberStack)
+    np.testing.assert_array_equal(stack[0:7], raw.diff3d[0:7])
+    np.testing.assert_array_equal(stack[50:60], raw.diff3d[50:60])
+    np.testing.assert_array_equal(stack[3:5], raw.diff3d[3:5])  # going back reopens
+    seen = []
+    io.convert(src, tmp_path / "out.h5", slab_bytes=8 * 8 * 4 * 16,
+               progress=seen.append)
+    assert sum(seen) == 200 and max(seen) == 16
+
+
+def test_truncated_or_foreign_files(tmp_path):
+    raw = make_raw()
+    good = tmp_path / "good.npz"
+    raw.to_file(good)
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[:-2000])
+    with pytest.raises(OSError, match="cut.npz"):
+        RawData.from_file(cut, mmap_mode="r")
+    fake = tmp_path / "fake.h5"
+    fake.write_bytes(b"not hdf5 at all")
+    with pytest.raises(OSError, match="fake.h5"):
+        RawData.from_file(fake)
+    with pytest.raises(FileNotFoundError):
+        RawData.from_file(tmp_path / "absent.h5")
+    with pytest.raises(FileNotFoundError):
+        RawData.from_file(tmp_path / "absent.zarr")
+    bare = tmp_path / "frames.npy"
+    np.save(bare, raw.diff3d)
+    with pytest.raises(ValueError, match=r"frames\.npy.*no coordinates.*directory"):
+        RawData.from_file(bare)
+
+
+def test_npz_writer_any_order_and_zip64(tmp_path):
+    path = tmp_path / "w.npz"
+    rng = np.random.default_rng(1)
+    a = rng.random((37, 5, 3)).astype(np.float32)
+    c = (rng.random((4, 2)) + 1j).astype(np.complex64)
+    with npz.NpzWriter(path) as w:
+        sa = w.create("a", a.shape, a.dtype)
+        sc = w.create("c", c.shape, c.dtype)
+        for start in (30, 0, 10, 20):  # out of order: CRC computed at close
+            sa[start:start + 10] = a[start:start + 10]
+        sc[0:4] = c
+        w.put("s", np.array(2.5))
+        w.put("meta", np.array('{"k": 1}'))
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["a"], a)
+        np.testing.assert_array_equal(z["c"], c)
+        assert float(z["s"]) == 2.5 and str(z["meta"]) == '{"k": 1}'
+    m = npz.read_npz(path, "r", stack_keys=("a",))
+    assert isinstance(m["a"], np.memmap)
+    np.testing.assert_array_equal(m["a"], a)
+
+
+# ----------------------------------------------------------------------------- HDF5, Zarr
+@pytest.mark.parametrize("name", ["scan.h5", "scan.hdf5", "scan.zarr"])
+def test_hdf5_zarr_round_trip(tmp_path, name):
+    raw = make_raw(with_y=True)
+    path = tmp_path / name
+    raw.to_file(path)
+    lazy = RawData.from_file(path, mmap_mode="r", backend="cpu")
+    kind = zarr.Array if name.endswith(".zarr") else h5py.Dataset
+    assert isinstance(lazy.diff3d, kind) and isinstance(lazy.Y, kind)
+    assert lazy.metadata == {"energy_keV": 8.0}
+    assert_same_scan(raw, lazy)
+    eager = RawData.from_file(path, backend="cpu")
+    assert isinstance(eager.diff3d, np.ndarray)
+    assert_same_scan(raw, eager)
+    a = raw.generate_grouped_data(8, K=7, nsamples=30, seed=2, gridsize=2)
+    b = lazy.generate_grouped_data(8, K=7, nsamples=30, seed=2, gridsize=2)
+    for k in ("nn_indices", "X_full", "Y"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_cxi_layout_and_keys_mapping(tmp_path):
+    raw = make_raw()
+    path = tmp_path / "scan.cxi"
+    with h5py.File(path, "w") as f:
+        f["entry_1/data_1/data"] = raw.diff3d
+        f["entry_1/instrument_1/source_1/probe"] = raw.probeGuess
+        t = np.stack([raw.xcoords, raw.ycoords, np.zeros(len(raw))], axis=1)
+        f["entry_1/sample_1/geometry_1/translation"] = t
+    back = RawData.from_file(path, mmap_mode="r", backend="cpu")
+    assert isinstance(back.diff3d, h5py.Dataset) and back.diff3d.name == "/entry_1/data_1/data"
+    np.testing.assert_array_equal(back.xcoords, raw.xcoords)
+    np.testing.assert_array_equal(back.probeGuess, raw.probeGuess)
+    # any layout, by keys
+    other = tmp_path / "custom.h5"
+    with h5py.File(other, "w") as f:
+        f["exp/frames"] = raw.diff3d
+        f["exp/pos/x"] = raw.xcoords
+        f["exp/pos/y"] = raw.ycoords
+        f["exp/probe"] = raw.probeGuess
+    keys = {"diff3d": "/exp/frames", "xcoords": "exp/pos/x", "ycoords": "exp/pos/y",
+            "probeGuess": "exp/probe"}
+    back = RawData.from_file(other, mmap_mode="r", keys=keys, backend="cpu")
+    np.testing.assert_array_equal(back.diff3d[...], raw.diff3d)
+    with pytest.raises(ValueError, match=r"custom\.h5.*lacks.*'diff3d'.*found.*/exp/frames.*keys="):
+        RawData.from_file(other)
+    with pytest.raises(ValueError, match="group, not a dataset"):
+        RawData.from_file(other, keys={**keys, "diff3d": "exp/pos"})
+    with pytest.raises(ValueError, match="unknown field"):
+        RawData.from_file(other, keys={"frames": "exp/frames"})
+
+
+def test_npy_directory(tmp_path):
+    raw = make_raw()
+    d = tmp_path / "scan_dir"
+    d.mkdir()
+    for k, v in raw.to_dict().items():
+        np.save(d / f"{k}.npy", np.asarray(v))
+    back = RawData.from_file(d, mmap_mode="r", backend="cpu")
+    assert isinstance(back.diff3d, np.memmap)
+    assert_same_scan(raw, back)
+    (d / "diff3d.npy").unlink()
+    with pytest.raises(ValueError, match="lacks required.*diff3d"):
+        RawData.from_file(d)
+
+
+def test_missing_optional_packages_say_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(ImportError, match=r'pip install "gpugroup\[hdf5\]"'):
+        RawData.from_file(tmp_path / "x.h5")
+    monkeypatch.setitem(sys.modules, "zarr", None)
+    with pytest.raises(ImportError, match=r'pip install "gpugroup\[zarr\]"'):
+        io.read_scan(tmp_path / "x.zarr")
+
+
+def test_import_gpugroup_does_not_import_optional_packages():
+    code = ("import sys, gpugroup, gpugroup.io, gpugroup.dataset, gpugroup.rawdata; "
+            "bad = [m for m in ('h5py', 'zarr', 'dask', 'distributed', 'cupy') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- frame reads
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stores")
+    rng = np.random.default_rng(3)
+    stack = rng.random((300, 6, 6), dtype=np.float32)
+    np.savez(d / "s.npz", diff3d=stack)
+    with h5py.File(d / "s.h5", "w") as f:
+        f["contig"] = stack
+        f.create_dataset("chunked", data=stack, chunks=(4, 6, 6))
+        f.create_dataset("gzip", data=stack, chunks=(1, 6, 6), compression="gzip")
+        f.create_dataset("big_endian", data=stack.astype(">f4"))
+    g = zarr.open_group(d / "s.zarr", mode="w")
+    for name, kw in {"raw1": dict(chunks=(1, 6, 6), compressors=None),
+                     "raw7": dict(chunks=(7, 6, 6), compressors=None),
+                     "zstd": dict(chunks=(5, 6, 6)),
+                     "sharded": dict(chunks=(2, 6, 6), shards=(10, 6, 6))}.items():
+        g.create_array(name, data=stack, **kw)
+    sparse = g.create_array("sparse", shape=stack.shape, dtype="f4", chunks=(3, 6, 6),
+                            compressors=None, fill_value=0)
+    sparse[30:60] = stack[30:60]
+    f = h5py.File(d / "s.h5", "r")
+    z = zarr.open_group(d / "s.zarr", mode="r")
+    out = {"memmap": npz.read_npz(d / "s.npz", "r")["diff3d"],
+           "raw": frames.RawFileStack(d / "s.npz", npz.read_npz(d / "s.npz", "r")["diff3d"].offset,
+                                      stack.shape, stack.dtype)}
+    out.update({f"h5-{k}": f[k] for k in f})
+    out.update({f"zarr-{k}": z[k] for k in z.array_keys()})
+    expect = {k: stack for k in out}
+    sparse_expect = np.zeros_like(stack)
+    sparse_expect[30:60] = stack[30:60]
+    expect["zarr-sparse"] = sparse_expect
+    yield out, expect
+    f.close()
+
+
+@pytest.mark.parametrize("name", ["memmap", "raw", "h5-contig", "h5-chunked", "h5-gzip",
+                                  "h5-big_endian", "zarr-raw1", "zarr-raw7", "zarr-zstd",
+                                  "zarr-sharded", "zarr-sparse"])
+def test_gather_frames_equals_take(stores, name):
+    stack_by_name, expect_by_name = stores
+    stack, expect = stack_by_name[name], expect_by_name[name]
+    rng = np.random.default_rng(7)
+    cases = [rng.integers(0, 300, 50), np.arange(40, 80), np.array([299, 0, 0, 5, 299]),
+             np.concatenate([np.arange(10, 20), rng.integers(0, 300, 30)]),
+             np.array([], dtype=np.int64), rng.integers(0, 300, (6, 4))]
+    for idx in cases:
+        got = frames.gather_frames(stack, idx)
+        np.testing.assert_array_equal(got, expect[np.asarray(idx).reshape(-1)])
+        u = np.unique(idx)
+        np.testing.assert_array_equal(frames.read_frames(stack, u), expect[u])
+
+
+def test_fast_paths_are_taken(stores):
+    stack_by_name, _ = stores
+    assert frames.raw_view(stack_by_name["memmap"]) is not None
+    assert frames.raw_view(stack_by_name["h5-contig"]) is not None
+    assert frames.raw_view(stack_by_name["h5-big_endian"]) is not None
+    assert frames.raw_view(stack_by_name["h5-chunked"]) is None
+    assert frames.raw_view(stack_by_name["memmap"][1:]) is None  # a view: not the mapping
+    assert frames._zarr_direct_layout(stack_by_name["zarr-raw7"])[1] == 7
+    assert frames._zarr_direct_layout(stack_by_name["zarr-zstd"]) is None
+    assert frames._zarr_direct_layout(stack_by_name["zarr-sharded"]) is None
+
+
+def test_raw_file_stack_errors_and_pickling(tmp_path):
+    import pickle
+
+    stack = np.arange(5 * 4, dtype=np.float32).reshape(5, 2, 2)
+    p = tmp_path / "a.npy"
+    np.save(p, stack)
+    m = np.load(p, mmap_mode="r")
+    r = frames.raw_view(m)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(r))[[4, 1]], stack[[4, 1]])
+    with pytest.raises(IndexError, match="out of range"):
+        r.take([5])
+    ref = frames.stack_ref(m)
+    assert ref.kind == "raw" and frames.open_stack(ref).shape == (5, 2, 2)
+    with open(p, "r+b") as fh:
+        fh.truncate(os.path.getsize(p) - 8)
+    with pytest.raises(OSError, match="truncated"):
+        r.take([4])
