@@ -1,9 +1,10 @@
 """Grouped training arrays of DESIGN.md section 2, assembled in bounded chunks against ``xp``.
 
 The heavy part is the gather ``diff3d[nn_indices]``. It runs once per chunk of groups,
-fused with the channel-last transpose and the normalization: per-frame energies come
-first (only the frames the groups use, in float64), then each chunk is gathered once and
-written to ``diffraction`` and ``X_full``. Memory beyond the outputs is one chunk.
+fused with the channel-last transpose, the normalization and the ``Y`` patches: per-frame
+energies come first (only the frames the groups use, in float64), then each chunk is
+gathered once and written to ``diffraction``, ``X_full`` and ``Y``. Memory beyond the
+outputs is one chunk.
 """
 
 from __future__ import annotations
@@ -98,37 +99,73 @@ def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES
     return frame_energies(xp, stack, uniq, chunk_bytes)[xp.asarray(inverse).reshape(nn.shape)]
 
 
-def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=None,
-                        out_X=None, chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None,
-                        progress=None):
-    """One fused pass: gather ``stack[nn_indices]`` per chunk, write channel-last.
+class PatchSource:
+    """Where ``Y`` comes from: ground-truth patches ``Y`` (n, N, N), else ``objectGuess``
+    cut at the start positions (``xs``, ``ys``) by :func:`extract_patches`.
 
-    Writes ``out_diffraction[g] = stack[nn[g]]`` moved to (N, N, C) and
-    ``out_X[g] = that * float32(scale)``; either output may be None. Outputs are
-    preallocated arrays of shape (B, N, N, C) (NumPy, CuPy, or any store accepting slice
-    assignment, e.g. an HDF5 dataset). ``progress(k)`` is called with the number of groups
-    done after each chunk.
+    The object is padded once here, so chunks and batches only copy their windows.
+    """
+
+    def __init__(self, xp, N: int, *, Y=None, objectGuess=None, xs=None, ys=None):
+        self.N = int(N)
+        self.stack = Y
+        if Y is None:
+            self.padded = _pad_object(xp, objectGuess, self.N)
+            self.xs = xp.asarray(xs, dtype=xp.float64)
+            self.ys = xp.asarray(ys, dtype=xp.float64)
+
+    @classmethod
+    def optional(cls, xp, N, Y=None, objectGuess=None, xs=None, ys=None):
+        """A source, or None when the scan has neither ``Y`` nor ``objectGuess``."""
+        if Y is None and objectGuess is None:
+            return None
+        return cls(xp, N, Y=Y, objectGuess=objectGuess, xs=xs, ys=ys)
+
+    def take(self, xp, idx):
+        """complex64 (len(idx), N, N) patches of positions ``idx``."""
+        if self.stack is not None:
+            return take_frames(xp, self.stack, idx).astype(xp.complex64, copy=False)
+        idx = xp.asarray(idx)
+        return _patches(xp, self.padded, self.xs[idx], self.ys[idx], self.N)
+
+
+def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=None,
+                        out_X=None, out_Y=None, patches=None,
+                        chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None, progress=None):
+    """One fused pass over chunks of groups: gather, write channel-last, scale.
+
+    Writes ``out_diffraction[g] = stack[nn[g]]`` moved to (N, N, C),
+    ``out_X[g] = that * float32(scale)`` and ``out_Y[g]`` = the members' patches from
+    ``patches`` (a :class:`PatchSource`), each moved to (N, N, C); any output may be
+    None. Outputs are preallocated (B, N, N, C) arrays (NumPy, CuPy, or any store taking
+    slice assignment, e.g. an HDF5 dataset). ``progress(k)`` is called with the number of
+    groups done after each chunk.
     """
     B, C = int(nn_indices.shape[0]), int(nn_indices.shape[1])
-    frame_bytes = int(np.prod(stack.shape[1:])) * np.dtype(stack.dtype).itemsize
+    frame = tuple(stack.shape[1:])
+    group_bytes = C * int(np.prod(frame)) * (np.dtype(stack.dtype).itemsize
+                                             + (16 if out_Y is not None else 0))
     s32 = None if scale is None else np.float32(scale)
     workers = default_workers() if workers is None else workers
 
     def one(sl):
-        frames = take_frames(xp, stack, nn_indices[sl].reshape(-1))
-        frames = frames.reshape((sl.stop - sl.start, C) + tuple(stack.shape[1:]))
-        moved = xp.moveaxis(frames, 1, -1)
-        if out_diffraction is not None:
-            out_diffraction[sl] = moved
-        if out_X is not None:
-            if isinstance(out_X, np.ndarray) or is_device_array(out_X):
-                xp.multiply(moved, s32, out=out_X[sl], casting="unsafe")
-            else:
-                out_X[sl] = (moved * s32).astype(np.float32)
+        b = sl.stop - sl.start
+        flat = nn_indices[sl].reshape(-1)
+        if out_diffraction is not None or out_X is not None:
+            moved = xp.moveaxis(take_frames(xp, stack, flat).reshape((b, C) + frame), 1, -1)
+            if out_diffraction is not None:
+                out_diffraction[sl] = moved
+            if out_X is not None:
+                if isinstance(out_X, np.ndarray) or is_device_array(out_X):
+                    xp.multiply(moved, s32, out=out_X[sl], casting="unsafe")
+                else:
+                    out_X[sl] = (moved * s32).astype(np.float32)
+        if out_Y is not None:
+            out_Y[sl] = xp.moveaxis(patches.take(xp, flat).reshape((b, C) + frame), 1, -1)
         if progress is not None:
-            progress(sl.stop - sl.start)
+            progress(b)
 
-    _run_chunks(xp, one, chunk_groups(B, C * frame_bytes, chunk_bytes), workers)
+    _run_chunks(xp, one, chunk_groups(B, group_bytes, chunk_bytes), workers)
 
 
 def group_coordinates(xp, x, y, nn_indices, prefix: str = "coords"):
@@ -187,23 +224,6 @@ def _patches(xp, padded, xc, yc, N: int):
     return out.reshape(out.shape[0], N, 2 * N).view(xp.complex64)
 
 
-def object_patches_channel_last(xp, obj, xc, yc, nn_indices, N: int, out,
-                                chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None):
-    """Fill ``out`` (B, N, N, C) with object patches at the members' positions, chunked."""
-    B, C = int(nn_indices.shape[0]), int(nn_indices.shape[1])
-    xc = xp.asarray(xc)
-    yc = xp.asarray(yc)
-    padded = _pad_object(xp, obj, N)
-
-    def one(sl):
-        nn = xp.asarray(nn_indices[sl]).reshape(-1)
-        p = _patches(xp, padded, xc[nn], yc[nn], N).reshape(sl.stop - sl.start, C, N, N)
-        out[sl] = xp.moveaxis(p, 1, -1)
-
-    _run_chunks(xp, one, chunk_groups(B, C * N * N * 16, chunk_bytes),
-                default_workers() if workers is None else workers)
-
-
 def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, ycoords_start,
                     N: int, Y=None, objectGuess=None, keep_diffraction: bool = True,
                     chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers=None, progress=None):
@@ -216,27 +236,18 @@ def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, 
     nn = xp.asarray(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
     s = normalization_scale(xp, group_energies(xp, diff3d, nn, chunk_bytes), N)
-    diffraction = xp.empty((B, N, N, C), dtype=diff3d.dtype) if keep_diffraction else None
-    X_full = xp.empty((B, N, N, C), dtype=xp.float32)
-    gather_channel_last(xp, diff3d, nn, scale=s, out_diffraction=diffraction, out_X=X_full,
-                        chunk_bytes=chunk_bytes, workers=workers, progress=progress)
+    patches = PatchSource.optional(xp, N, Y, objectGuess, xcoords_start, ycoords_start)
     grouped = {
         "nn_indices": nn,
-        "diffraction": diffraction,
-        "X_full": X_full,
+        "diffraction": xp.empty((B, N, N, C), dtype=diff3d.dtype) if keep_diffraction else None,
+        "X_full": xp.empty((B, N, N, C), dtype=xp.float32),
+        "Y": None if patches is None else xp.empty((B, N, N, C), dtype=xp.complex64),
         "norm_scale": s,
     }
+    gather_channel_last(xp, diff3d, nn, scale=s, out_diffraction=grouped["diffraction"],
+                        out_X=grouped["X_full"], out_Y=grouped["Y"], patches=patches,
+                        chunk_bytes=chunk_bytes, workers=workers, progress=progress)
     grouped.update(group_coordinates(xp, xcoords, ycoords, nn, "coords"))
     grouped.update(group_coordinates(xp, xcoords_start, ycoords_start, nn, "coords_start"))
-    if Y is not None:
-        grouped["Y"] = xp.empty((B, N, N, C), dtype=xp.complex64)
-        gather_channel_last(xp, Y, nn, out_diffraction=grouped["Y"], chunk_bytes=chunk_bytes,
-                            workers=workers)
-    elif objectGuess is not None:
-        grouped["Y"] = xp.empty((B, N, N, C), dtype=xp.complex64)
-        object_patches_channel_last(xp, objectGuess, xcoords_start, ycoords_start, nn, N,
-                                    grouped["Y"], chunk_bytes, workers)
-    else:
-        grouped["Y"] = None
     grouped["objectGuess"] = objectGuess
     return grouped

@@ -73,31 +73,21 @@ def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffractio
     order = np.argsort(nn.min(axis=1), kind="stable")
     group_bytes = C * N * N * max(np.dtype(stack.dtype).itemsize, 4)
     step = max(1, int(read_bytes) // group_bytes)
-    diffraction = np.empty(shape, dtype=stack.dtype) if keep_diffraction else None
-    X = np.empty(shape, dtype=np.float32)
-    y_stack = None if y_source is None else _open(y_source)
-    Y = np.empty(shape, dtype=np.complex64) if (y_stack is not None or obj is not None) \
-        else None
-    padded = None if (obj is None or y_stack is not None) else assembly._pad_object(np, obj, N)
+    patches = assembly.PatchSource.optional(np, N, None if y_source is None else _open(y_source),
+                                            obj, xs, ys)
+    out = [np.empty(shape, dtype=stack.dtype) if keep_diffraction else None,
+           np.empty(shape, dtype=np.float32),
+           None if patches is None else np.empty(shape, dtype=np.complex64)]
     for a in range(0, b, step):
         rows = order[a:a + step]
-        sub = nn[rows]
-        k = int(rows.shape[0])
-        d_tmp = np.empty((k, N, N, C), dtype=stack.dtype) if keep_diffraction else None
-        x_tmp = np.empty((k, N, N, C), dtype=np.float32)
-        assembly.gather_channel_last(np, stack, sub, scale=scale, out_diffraction=d_tmp,
-                                     out_X=x_tmp, chunk_bytes=1 << 62, workers=1)
-        X[rows] = x_tmp
-        if keep_diffraction:
-            diffraction[rows] = d_tmp
-        if y_stack is not None:
-            y_tmp = np.empty((k, N, N, C), dtype=np.complex64)
-            assembly.gather_channel_last(np, y_stack, sub, out_diffraction=y_tmp,
-                                         chunk_bytes=1 << 62, workers=1)
-            Y[rows] = y_tmp
-        elif padded is not None:
-            p = assembly._patches(np, padded, xs[rows].reshape(-1), ys[rows].reshape(-1), N)
-            Y[rows] = np.moveaxis(p.reshape(k, C, N, N), 1, -1)
+        tmp = [None if o is None else np.empty((len(rows),) + shape[1:], o.dtype) for o in out]
+        assembly.gather_channel_last(np, stack, nn[rows], scale=scale, out_diffraction=tmp[0],
+                                     out_X=tmp[1], out_Y=tmp[2], patches=patches,
+                                     chunk_bytes=1 << 62, workers=1)
+        for o, t in zip(out, tmp):
+            if o is not None:
+                o[rows] = t
+    diffraction, X, Y = out
     if chunk_type == "cupy":
         import cupy
 
@@ -196,10 +186,8 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
         raise ValueError(f"N={N} does not match the diffraction frames {frame}; "
                          f"pass N={frame[0]}")
     if nn_indices is None:
-        from gpugroup.dataset import sample_like_eager
-
-        nn_indices, seed, _ = sample_like_eager(raw, K, nsamples, seed, gridsize,
-                                                backend=backend, **sampling)
+        nn_indices, seed, _ = raw.sample_for_grouping(K, nsamples, seed, gridsize,
+                                                      backend=backend, **sampling)
     elif sampling:
         raise TypeError(f"sampling options {sorted(sampling)} need nn_indices=None")
     nn = nn_indices.get() if assembly.is_device_array(nn_indices) else np.asarray(nn_indices)
@@ -230,7 +218,12 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     if row_order == "locality":
         order = np.argsort(nn.min(axis=1), kind="stable")
         rows_nn = nn[order]
-    x_start, y_start = np.asarray(raw.xcoords_start), np.asarray(raw.ycoords_start)
+    # start positions travel once, as one graph key each, when the object is cut
+    xs = ys = None
+    if obj is not None:
+        xs, ys = (dask.delayed(np.asarray(a), name=f"gpugroup-{name}-{uuid.uuid4().hex}",
+                               pure=True)
+                  for name, a in (("xs", raw.xcoords_start), ("ys", raw.ycoords_start)))
     group_bytes = C * N * N * 4
     sizes = block_sizes(B, group_bytes, block_bytes)
     itemsize_dtype = np.dtype(raw.diff3d.dtype)
@@ -242,8 +235,6 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     start = 0
     for i, g in enumerate(sizes):
         blk = rows_nn[start:start + g]
-        xs = x_start[blk] if obj is not None else None
-        ys = y_start[blk] if obj is not None else None
         task = dask.delayed(_assemble_block, pure=True, nout=3)(
             blk, src, y_src, obj_d, xs, ys, scale, N, keep_diffraction, chunk_type,
             read_bytes, dask_key_name=f"gpugroup-gather-{token}-{i}")

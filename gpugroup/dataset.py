@@ -104,7 +104,7 @@ class GroupedDataset:
         xp = self._be.xp
         self._x, self._y = xp.asarray(raw.xcoords), xp.asarray(raw.ycoords)
         self._xs, self._ys = xp.asarray(raw.xcoords_start), xp.asarray(raw.ycoords_start)
-        self._padded = None
+        self._object_patches = None
         if norm_scale is None:
             # one pass over the frames used; a memory-mapped file is read with pread so
             # that this pass does not leave the whole file resident
@@ -124,8 +124,8 @@ class GroupedDataset:
                  neighbor_pool_size=None, group_by_scan=False, backend=None, **kwargs):
         """Sample groups exactly as ``raw.generate_grouped_data(N, K, nsamples, ...)``
         does and wrap them (same rows, same order). ``kwargs`` go to the constructor."""
-        nn, seed, be = sample_like_eager(
-            raw, K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,
+        nn, seed, be = raw.sample_for_grouping(
+            K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,
             enable_oversampling=enable_oversampling, neighbor_pool_size=neighbor_pool_size,
             group_by_scan=group_by_scan, backend=backend)
         return cls(raw, nn, N=N, backend=be, seed=seed, **kwargs)
@@ -189,7 +189,7 @@ class GroupedDataset:
         state = self.__dict__.copy()
         state["_be"] = self._be.name
         state["raw"] = None
-        state["_padded"] = None
+        state["_object_patches"] = None
         state["_stacks"] = {k: (stack_ref(v) or v) if v is not None else None
                             for k, v in self._stacks.items()}
         return state
@@ -199,6 +199,16 @@ class GroupedDataset:
         self._be = get_backend(state["_be"])
 
     # ------------------------------------------------------------------ gathering
+    def _patch_source(self):
+        """Y patches: the (re)opened ground-truth stack, else the object (padded once)."""
+        y_stack = self._stack("Y")
+        if y_stack is not None:
+            return assembly.PatchSource(self._be.xp, self.N, Y=y_stack)
+        if self._object is not None and self._object_patches is None:
+            self._object_patches = assembly.PatchSource(
+                self._be.xp, self.N, objectGuess=self._object, xs=self._xs, ys=self._ys)
+        return self._object_patches
+
     def _stack(self, name):
         from gpugroup.io.frames import StackRef, open_stack, stack_ref
 
@@ -219,54 +229,23 @@ class GroupedDataset:
         nn = self.nn_indices[rows]
         b = int(nn.shape[0])
         stack = self._stack("diff3d")
-        diffraction = xp.empty((b, N, N, C), dtype=stack.dtype) if self.keep_diffraction \
-            else None
-        X = xp.empty((b, N, N, C), dtype=xp.float32)
+        patches = self._patch_source()
+        out = {
+            "nn_indices": xp.asarray(nn),
+            "diffraction": (xp.empty((b, N, N, C), dtype=stack.dtype)
+                            if self.keep_diffraction else None),
+            "X_full": xp.empty((b, N, N, C), dtype=xp.float32),
+            "Y": None if patches is None else xp.empty((b, N, N, C), dtype=xp.complex64),
+        }
         assembly.gather_channel_last(xp, stack, nn, scale=self.norm_scale,
-                                     out_diffraction=diffraction, out_X=X, chunk_bytes=1 << 62,
+                                     out_diffraction=out["diffraction"], out_X=out["X_full"],
+                                     out_Y=out["Y"], patches=patches, chunk_bytes=1 << 62,
                                      workers=1)
-        nn_xp = xp.asarray(nn)
-        out = {"nn_indices": nn_xp}
-        if diffraction is not None:
-            out["diffraction"] = diffraction
-        out["X_full"] = X
-        out.update(assembly.group_coordinates(xp, self._x, self._y, nn_xp, "coords"))
-        out.update(assembly.group_coordinates(xp, self._xs, self._ys, nn_xp, "coords_start"))
-        y_stack = self._stack("Y")
-        if y_stack is not None:
-            Y = xp.empty((b, N, N, C), dtype=xp.complex64)
-            assembly.gather_channel_last(xp, y_stack, nn, out_diffraction=Y,
-                                         chunk_bytes=1 << 62, workers=1)
-            out["Y"] = Y
-        elif self._object is not None:
-            if self._padded is None:
-                self._padded = assembly._pad_object(xp, self._object, N)
-            flat = nn_xp.reshape(-1)
-            p = assembly._patches(xp, self._padded, self._xs[flat], self._ys[flat], N)
-            out["Y"] = xp.ascontiguousarray(xp.moveaxis(p.reshape(b, C, N, N), 1, -1))
+        out = {k: v for k, v in out.items() if v is not None}
+        out.update(assembly.group_coordinates(xp, self._x, self._y, out["nn_indices"], "coords"))
+        out.update(assembly.group_coordinates(xp, self._xs, self._ys, out["nn_indices"],
+                                              "coords_start"))
         if self.output == "numpy":
             out = {k: self._be.asnumpy(v) for k, v in out.items()}
         return out
 
-
-def sample_like_eager(raw, K=4, nsamples=1, seed=None, gridsize=None, *,
-                      sequential_sampling=False, enable_oversampling=False,
-                      neighbor_pool_size=None, group_by_scan=False, backend=None):
-    """``(nn_indices, seed, backend)``: the groups ``raw.generate_grouped_data`` would use
-    for these arguments (NumPy (B, C) integers; ``seed`` resolved)."""
-    from gpugroup.grouping import sample_groups
-    from gpugroup.keys import resolve_seed
-
-    gridsize = 1 if gridsize is None else gridsize
-    if isinstance(gridsize, bool) or not isinstance(gridsize, numbers.Integral) or gridsize < 1:
-        raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
-    be = get_backend(raw.backend if backend is None else backend)
-    seed = resolve_seed(seed)
-    nn = sample_groups(
-        raw.xcoords, raw.ycoords, nsamples,
-        K if neighbor_pool_size is None else neighbor_pool_size, int(gridsize) ** 2,
-        seed=seed, backend=be, sequential=sequential_sampling,
-        enable_oversampling=enable_oversampling,
-        scan_index=raw.scan_index if group_by_scan else None,
-        index_cache=raw._index_cache)
-    return nn, seed, be

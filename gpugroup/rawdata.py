@@ -17,6 +17,7 @@ import numpy as np
 from gpugroup import assembly
 from gpugroup.backends import BACKEND_NAMES, get_backend
 from gpugroup.grouping import _check_coordinates, sample_groups
+from gpugroup.keys import resolve_seed
 
 logger = logging.getLogger(__name__)
 
@@ -337,24 +338,13 @@ class RawData:
         """
         if dataset_path is not None:
             logger.debug("dataset_path=%r ignored: gpugroup keeps no group cache", dataset_path)
-        gridsize = 1 if gridsize is None else gridsize
-        if isinstance(gridsize, bool) or not isinstance(gridsize, (int, np.integer)) or gridsize < 1:
-            raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
         frame = tuple(self.diff3d.shape[1:])
         if (N, N) != frame:
             raise ValueError(f"N={N} does not match the diffraction frames {frame}; pass N={frame[0]}")
-        C = int(gridsize) ** 2
-        pool_size = K if neighbor_pool_size is None else neighbor_pool_size
-        be = get_backend(self.backend if backend is None else backend)
-        from gpugroup.keys import resolve_seed
-
-        seed = resolve_seed(seed)
-        nn = sample_groups(
-            self.xcoords, self.ycoords, nsamples, pool_size, C, seed=seed, backend=be,
-            sequential=sequential_sampling, enable_oversampling=enable_oversampling,
-            scan_index=self.scan_index if group_by_scan else None, output="device",
-            index_cache=self._index_cache,
-        )
+        nn, seed, be = self.sample_for_grouping(
+            K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,
+            enable_oversampling=enable_oversampling, neighbor_pool_size=neighbor_pool_size,
+            group_by_scan=group_by_scan, backend=backend, output="device")
         if lazy or out is not None:
             return self._grouped_out_of_core(
                 be, nn, N, seed, out=out, lazy=lazy, keep_diffraction=keep_diffraction,
@@ -375,6 +365,27 @@ class RawData:
             grouped = {k: be.asnumpy(v) if _is_array(v) else v for k, v in grouped.items()}
         grouped["seed"] = seed
         return grouped
+
+    def sample_for_grouping(self, K=4, nsamples=1, seed=None, gridsize=None, *,
+                            sequential_sampling=False, enable_oversampling=False,
+                            neighbor_pool_size=None, group_by_scan=False, backend=None,
+                            output="numpy"):
+        """``(nn_indices, seed, backend)``: the groups ``generate_grouped_data`` uses for
+        these arguments (``seed`` resolved, so a ``None`` draw can be repeated)."""
+        gridsize = 1 if gridsize is None else gridsize
+        if isinstance(gridsize, bool) or not isinstance(gridsize, (int, np.integer)) or gridsize < 1:
+            raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
+        be = get_backend(self.backend if backend is None else backend)
+        seed = resolve_seed(seed)
+        nn = sample_groups(
+            self.xcoords, self.ycoords, nsamples,
+            K if neighbor_pool_size is None else neighbor_pool_size, int(gridsize) ** 2,
+            seed=seed, backend=be, sequential=sequential_sampling,
+            enable_oversampling=enable_oversampling,
+            scan_index=self.scan_index if group_by_scan else None, output=output,
+            index_cache=self._index_cache,
+        )
+        return nn, seed, be
 
     def grouped_dataset(self, N, K=4, nsamples=1, seed=None, gridsize=None, **kwargs):
         """An index-only grouped dataset: the rows of ``generate_grouped_data`` with the

@@ -105,7 +105,6 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
     y_stack = None if Y is None else (raw_view(Y) or Y)
     nn = xp.asarray(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
-    frame_bytes = int(np.prod(stack.shape[1:])) * np.dtype(stack.dtype).itemsize
     energy_chunk = min(MAX_WORK_BYTES, max(1, chunk_bytes // 2))
     s = assembly.normalization_scale(xp, assembly.group_energies(xp, stack, nn, energy_chunk),
                                      N)
@@ -137,21 +136,16 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
             sink_d = (target.create("diffraction", out_shape, np.dtype(stack.dtype), rows)
                       if keep_diffraction else None)
             sink_x = target.create("X_full", out_shape, np.float32, rows)
+            patches = assembly.PatchSource.optional(xp, N, y_stack, objectGuess,
+                                                    xcoords_start, ycoords_start)
+            sink_y = (None if patches is None
+                      else target.create("Y", out_shape, np.complex64, rows))
+            group_bytes = C * N * N * (np.dtype(stack.dtype).itemsize
+                                       + (16 if patches is not None else 0))
             assembly.gather_channel_last(
-                xp, stack, nn, scale=s, out_diffraction=sink_d, out_X=sink_x,
-                chunk_bytes=_aligned_chunk_bytes(per_chunk, C * frame_bytes, rows),
+                xp, stack, nn, scale=s, out_diffraction=sink_d, out_X=sink_x, out_Y=sink_y,
+                patches=patches, chunk_bytes=_aligned_chunk_bytes(per_chunk, group_bytes, rows),
                 workers=workers, progress=progress)
-            if y_stack is not None or objectGuess is not None:
-                rows_y = _chunk_rows(fmt, out_shape, np.complex64)
-                sink_y = target.create("Y", out_shape, np.complex64, rows_y)
-                y_bytes = _aligned_chunk_bytes(per_chunk, C * N * N * 16, rows_y)
-                if y_stack is not None:
-                    assembly.gather_channel_last(xp, y_stack, nn, out_diffraction=sink_y,
-                                                 chunk_bytes=y_bytes, workers=workers)
-                else:
-                    assembly.object_patches_channel_last(
-                        xp, objectGuess, xcoords_start, ycoords_start, nn, N, sink_y,
-                        y_bytes, workers)
             target.close()
         except BaseException:
             target.discard()
