@@ -1,4 +1,4 @@
-"""The ``gpugroup`` command line: simulate, group, demo, info, cleanup-cache.
+"""The ``gpugroup`` command line: simulate, group, convert, demo, info, cleanup-cache.
 
 One function per subcommand (``cmd_<name>``), registered in :func:`build_parser`. This is
 the only module that prints, configures logging (``-v``/``-vv``) or shows progress bars
@@ -9,6 +9,7 @@ exit status 2 (a traceback only with ``-vv``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -28,6 +29,9 @@ examples:
   gpugroup simulate scan.npz --n 2000 --N 64 --seed 0
   gpugroup group scan.npz -o grouped.npz --gridsize 2 --K 7 --nsamples 10000 --seed 42
   gpugroup group scan.npz -o grouped.npz --backend gpu --oversample --nsamples 50000
+  gpugroup group big.h5 -o grouped.h5 --chunk-mib 512 --row-order locality
+  gpugroup group big.zarr -o grouped.zarr --lazy              (Dask tasks write the store)
+  gpugroup convert compressed.npz scan.npz                    (memory-mappable from now on)
   gpugroup demo --outdir .
   gpugroup info
   gpugroup cleanup-cache ~/data --dry-run
@@ -39,8 +43,13 @@ class CLIError(ValueError):
     """Bad command-line input detected by the CLI itself (reported like library errors)."""
 
 
-#: Errors reported as one line with exit status 2; anything else is a bug and shows a traceback.
-USER_ERRORS = (ValueError, OSError, RuntimeError)
+#: Errors reported as one line with exit status 2; anything else is a bug and shows a
+#: traceback. ImportError: an optional package (h5py, zarr, dask) is missing; its message
+#: gives the pip line.
+USER_ERRORS = (ValueError, OSError, RuntimeError, ImportError)
+
+#: Output suffixes of ``simulate``, ``group -o`` and ``convert`` (see ``io.output_format``).
+OUTPUT_SUFFIXES = (".npz", ".h5", ".hdf5", ".zarr")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,55 +61,57 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _path_bytes(path: str) -> int:
+    """Size of a file, or of every file under a directory (a ``.zarr`` store)."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f))
+               for d, _, files in os.walk(path) for f in files)
+
+
 def _check_output_path(path: str, flag: str) -> str:
-    """Reject output formats not (yet) supported and missing output directories."""
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in WRITERS:
+    """The output format (``"npz"``, ``"hdf5"``, ``"zarr"``) of ``path``; rejects other
+    suffixes and missing output directories."""
+    from gpugroup.io import output_format
+
+    ext = os.path.splitext(path.rstrip("/\\"))[1].lower()
+    try:
+        if ext not in OUTPUT_SUFFIXES:
+            raise ValueError
+        fmt = output_format(path)
+    except ValueError:
         raise CLIError(
             f"{flag} {path!r}: unsupported output format {ext or '(no extension)'!r}; "
-            f"use one of {sorted(WRITERS)}"
-        )
+            f"use one of {', '.join(OUTPUT_SUFFIXES)}"
+        ) from None
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CLIError(f"{flag} {path!r}: the directory {directory!r} does not exist")
-    return path
+    return fmt
 
 
 def _check_input_file(path: str) -> str:
+    """An existing scan: a file, or a directory (``.zarr`` store, directory of ``.npy``)."""
     if not os.path.exists(path):
         raise CLIError(f"input file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise CLIError(f"input {path!r} is a directory, not a scan file")
     return path
 
 
-def _write_npz(path: str, grouped: dict) -> None:
-    import numpy as np
-
-    from gpugroup.rawdata import save_npz_atomic
-
-    arrays = {}
-    for key, value in grouped.items():
-        if value is None:
-            continue
-        if key == "seed":
-            value = np.uint64(value)  # seeds span [0, 2**64)
-        arrays[key] = np.asarray(value)
-    save_npz_atomic(path, arrays)
+def _close_output(grouped: dict, fmt: str) -> None:
+    """Close the read-only HDF5 file the on-disk entries of a ``.h5`` result keep open."""
+    if fmt == "hdf5" and grouped.get("X_full") is not None:
+        grouped["X_full"].file.close()
 
 
-#: Grouped-output writers by file extension (HDF5 and Zarr join here later).
-WRITERS = {".npz": _write_npz}
-
-
-def _progress_bar(total: int, desc: str):
-    """``(callback, close)`` for a tqdm bar (no bar when tqdm is missing or not a TTY)."""
+def _progress_bar(total, desc: str, unit: str = "group"):
+    """``(callback, close)`` for a tqdm bar (no bar when tqdm is missing or not a TTY;
+    ``total`` None: a counter without a total)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         logger.debug("tqdm not installed: no progress bar")
         return None, lambda: None
-    bar = tqdm(total=total, desc=desc, unit="group", disable=None, leave=False,
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False,
                file=sys.stderr)
     return bar.update, bar.close
 
@@ -111,20 +122,28 @@ def _expected_groups(n: int, nsamples: int, oversample: bool, C: int) -> int:
 
 def run_grouping(raw, *, N, gridsize, K, nsamples, seed, backend, sequential=False,
                  oversample=False, neighbor_pool_size=None, group_by_scan=False,
-                 keep_diffraction=True):
-    """Group ``raw`` with a progress bar; returns ``(grouped, backend, seconds)``."""
+                 keep_diffraction=True, **out_options):
+    """Group ``raw`` with a progress bar; returns ``(grouped, backend, seconds)``.
+
+    ``out_options`` (``out``, ``lazy``, ``chunk_bytes``, ``overwrite``, ``row_order``) go
+    to ``generate_grouped_data`` unchanged. Dask (``lazy``) reports no progress: no bar.
+    """
     from gpugroup.backends import get_backend
 
     be = get_backend(backend)
-    update, close = _progress_bar(
-        _expected_groups(len(raw), nsamples, oversample, gridsize * gridsize), "assembling")
+    if out_options.get("lazy"):
+        update, close = None, lambda: None
+    else:
+        update, close = _progress_bar(
+            _expected_groups(len(raw), nsamples, oversample, gridsize * gridsize),
+            "assembling")
     t0 = time.perf_counter()
     try:
         grouped = raw.generate_grouped_data(
             N, K=K, nsamples=nsamples, seed=seed, gridsize=gridsize,
             sequential_sampling=sequential, enable_oversampling=oversample,
             neighbor_pool_size=neighbor_pool_size, group_by_scan=group_by_scan,
-            backend=be, keep_diffraction=keep_diffraction, progress=update,
+            backend=be, keep_diffraction=keep_diffraction, progress=update, **out_options,
         )
     finally:
         close()
@@ -140,8 +159,10 @@ def _summary(raw, grouped, be, seconds, *, gridsize, K, out=None) -> str:
         f"  seed {grouped['seed']}  backend {be.name} ({be.description})  "
         f"time {seconds:.2f} s",
     ]
+    if grouped.get("order") is not None:
+        lines.append("  rows in locality order: row j is canonical group order[j]")
     if out is not None:
-        lines.append(f"  wrote {out} ({_human_bytes(os.path.getsize(out))})")
+        lines.append(f"  wrote {out} ({_human_bytes(_path_bytes(out))})")
     return "\n".join(lines)
 
 
@@ -150,34 +171,83 @@ def cmd_simulate(args) -> int:
     """Write a synthetic scan (Fermat spiral, test object, probe, diffraction amplitudes)."""
     from gpugroup.simulate import simulate_rawdata
 
-    out = _check_output_path(args.out, "OUT")
+    out = args.out
+    _check_output_path(out, "OUT")
     t0 = time.perf_counter()
     raw = simulate_rawdata(args.n, args.N, args.seed, backend="cpu")
     raw.to_file(out)
     print(f"simulated {len(raw)} positions, frames {args.N}x{args.N}, object "
           f"{raw.objectGuess.shape[0]}x{raw.objectGuess.shape[1]}, seed {args.seed} in "
           f"{time.perf_counter() - t0:.2f} s")
-    print(f"  wrote {out} ({_human_bytes(os.path.getsize(out))})")
+    print(f"  wrote {out} ({_human_bytes(_path_bytes(out))})")
     return EXIT_OK
 
 
 # --------------------------------------------------------------------------- group
 def cmd_group(args) -> int:
-    """Sample groups from a scan file and write the grouped training arrays."""
+    """Sample groups from a scan and stream the grouped training arrays into OUT (.npz,
+    .h5/.hdf5 or .zarr) in bounded memory. The scan's frames stay on disk (memory-mapped
+    NPZ/.npy, HDF5 or Zarr datasets); OUT is written under a temporary name and renamed
+    when complete."""
+    from gpugroup.io.npz import CompressedMemberError
     from gpugroup.rawdata import RawData
 
     source = _check_input_file(args.input)
-    out = _check_output_path(args.output, "-o")
-    raw = RawData.from_file(source)
+    out = args.output
+    fmt = _check_output_path(out, "-o")
+    if os.path.abspath(source.rstrip("/\\")) == os.path.abspath(out.rstrip("/\\")):
+        raise CLIError(f"-o {out!r} is the input scan; choose another output name")
+    if args.lazy and fmt != "zarr":
+        raise CLIError(f"--lazy writes a .zarr store (each Dask task writes its own chunks), "
+                       f"got -o {out!r}; drop --lazy for .npz/.h5 (streamed) output")
+    try:
+        raw = RawData.from_file(source, mmap_mode="r")
+    except CompressedMemberError as exc:
+        logger.warning("%s; loading it into memory instead", exc)
+        raw = RawData.from_file(source)
     N = raw.diff3d.shape[1] if args.N is None else args.N
     grouped, be, seconds = run_grouping(
         raw, N=N, gridsize=args.gridsize, K=args.K, nsamples=args.nsamples, seed=args.seed,
         backend=args.backend, sequential=args.sequential, oversample=args.oversample,
         neighbor_pool_size=args.neighbor_pool_size, group_by_scan=args.group_by_scan,
-        keep_diffraction=not args.no_diffraction,
+        keep_diffraction=not args.no_diffraction, out=out, lazy=args.lazy,
+        chunk_bytes=args.chunk_mib << 20, overwrite=args.overwrite, row_order=args.row_order,
     )
-    WRITERS[os.path.splitext(out)[1].lower()](out, grouped)
-    print(_summary(raw, grouped, be, seconds, gridsize=args.gridsize, K=args.K, out=out))
+    try:
+        print(_summary(raw, grouped, be, seconds, gridsize=args.gridsize, K=args.K, out=out))
+    finally:
+        _close_output(grouped, fmt)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- convert
+def cmd_convert(args) -> int:
+    """Rewrite a scan (NPZ, compressed NPZ included; a directory of .npy files; HDF5; Zarr)
+    as an uncompressed, memory-mappable .npz, an .h5/.hdf5 file or a .zarr store. Frame
+    stacks are copied slab by slab (bounded memory); OUT is written under a temporary name
+    and renamed when complete."""
+    from gpugroup import io
+
+    source = _check_input_file(args.input)
+    fmt = _check_output_path(args.output, "OUT")
+    update, close = _progress_bar(None, "converting", unit="frame")
+    t0 = time.perf_counter()
+    try:
+        written = io.convert(source, args.output, slab_bytes=args.slab_mib << 20,
+                             overwrite=args.overwrite, progress=update)
+    finally:
+        close()
+    seconds = time.perf_counter() - t0
+    scan = io.read_scan(written, mmap_mode="r")
+    frames = scan["diff3d"]
+    try:
+        n, h, w = frames.shape
+        dtype = frames.dtype
+    finally:
+        if fmt == "hdf5":
+            frames.file.close()
+    print(f"converted {n} frames ({h}x{w} {dtype}) in {seconds:.2f} s: wrote {written} "
+          f"({_human_bytes(_path_bytes(written))})")
     return EXIT_OK
 
 
@@ -198,8 +268,6 @@ def cmd_demo(args) -> int:
         grouped, be, seconds = run_grouping(
             raw, N=args.N, gridsize=args.gridsize, K=args.K, nsamples=args.nsamples,
             seed=args.seed, backend=args.backend)
-        out_npz = os.path.join(tmp, "grouped.npz")
-        _write_npz(out_npz, grouped)
         print(f"demo: simulated {len(raw)} positions (Fermat spiral, {args.N}x{args.N} "
               f"frames) and grouped them")
         print(_summary(raw, grouped, be, seconds, gridsize=args.gridsize, K=args.K))
@@ -531,15 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, func, help_, epilog):
-        p = sub.add_parser(name, help=help_, description=func.__doc__, parents=[verbosity],
+        p = sub.add_parser(name, help=help_, description=inspect.cleandoc(func.__doc__),
+                           parents=[verbosity],
                            allow_abbrev=False, epilog="example:\n  " + epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
         return p
 
-    p = add("simulate", cmd_simulate, "write a synthetic scan NPZ",
+    p = add("simulate", cmd_simulate, "write a synthetic scan (.npz, .h5 or .zarr)",
             "gpugroup simulate scan.npz --n 2000 --N 64 --seed 0")
-    p.add_argument("out", metavar="OUT.npz", help="output scan file")
+    p.add_argument("out", metavar="OUT", help="output scan file: .npz, .h5/.hdf5 or .zarr")
     p.add_argument("--n", type=_positive_int, default=2000,
                    help="scan positions (default %(default)s)")
     p.add_argument("--N", type=_positive_int, default=64,
@@ -550,9 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("group", cmd_group, "group a scan and write the grouped training arrays",
             "gpugroup group scan.npz -o grouped.npz --gridsize 2 --K 7 --nsamples 10000 "
             "--seed 42")
-    p.add_argument("input", metavar="IN.npz", help="scan file (PtychoPINN NPZ layout)")
-    p.add_argument("-o", "--output", metavar="OUT.npz", required=True,
-                   help="grouped output file (written atomically)")
+    p.add_argument("input", metavar="IN",
+                   help="scan: .npz (PtychoPINN layout, uncompressed: memory-mapped), "
+                        ".h5/.hdf5/.cxi, .zarr or a directory of KEY.npy files")
+    p.add_argument("-o", "--output", metavar="OUT", required=True,
+                   help="grouped output: .npz, .h5/.hdf5 or .zarr (streamed, atomic)")
     p.add_argument("--N", type=_positive_int, default=None,
                    help="frame size (default: the scan's frame size)")
     _add_grouping_options(p, nsamples=10000, seed=None)
@@ -566,6 +637,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pools only hold positions of the seed's own scan (scan_index)")
     p.add_argument("--no-diffraction", action="store_true",
                    help="skip the 'diffraction' copy (write X_full only)")
+    p.add_argument("--chunk-mib", type=_positive_int, default=256, metavar="MIB",
+                   help="memory budget of the streamed write in MiB; with --lazy the size "
+                        "of one Dask block (default %(default)s)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing OUT once the new one is complete "
+                        "(default: --overwrite)")
+    p.add_argument("--row-order", choices=("canonical", "locality"), default="canonical",
+                   help="'locality' stores groups sorted by their smallest frame index (reads "
+                        "the scan nearly sequentially) and adds 'order' (default %(default)s)")
+    p.add_argument("--lazy", action="store_true",
+                   help="compute with Dask, tasks writing the .zarr store in parallel "
+                        "(.zarr output only; needs gpugroup[dask])")
+
+    p = add("convert", cmd_convert,
+            "rewrite a scan as uncompressed .npz, .h5 or .zarr (memory-mappable)",
+            "gpugroup convert scan_compressed.npz scan.h5")
+    p.add_argument("input", metavar="IN",
+                   help="scan: .npz (compressed or not), .h5/.hdf5/.cxi, .zarr or a "
+                        "directory of KEY.npy files")
+    p.add_argument("output", metavar="OUT", help="new scan file: .npz, .h5/.hdf5 or .zarr")
+    p.add_argument("--slab-mib", type=_positive_int, default=64, metavar="MIB",
+                   help="MiB of frames copied at a time: the memory bound "
+                        "(default %(default)s)")
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing OUT once the new one is complete "
+                        "(default: --overwrite)")
 
     p = add("demo", cmd_demo, "simulate, group and plot a demo scan (gpugroup-demo.png)",
             "gpugroup demo --outdir /tmp")

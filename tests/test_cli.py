@@ -1,4 +1,5 @@
-"""The gpugroup command line end to end: simulate -> group, demo, info, cleanup-cache, errors."""
+"""The gpugroup command line end to end: simulate -> group (.npz/.h5/.zarr, --lazy), convert,
+demo, info, cleanup-cache, errors."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from gpugroup.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+HAS_DASK = importlib.util.find_spec("dask") is not None
 N = 16
 n = 300
 
@@ -110,6 +112,160 @@ def test_group_options_oversample_and_pool(scan_file, tmp_path, capsys):
     assert f"{2 * n} groups" in capsys.readouterr().out
 
 
+# --------------------------------------------------------------------------- streamed outputs
+GROUP_ARGS = ["--gridsize", "2", "--K", "7", "--nsamples", "200", "--seed", "42",
+              "--backend", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def in_memory(scan_file):
+    """The library's in-memory result for GROUP_ARGS."""
+    raw = RawData.from_file(scan_file)
+    return raw.generate_grouped_data(N, K=7, nsamples=200, seed=42, gridsize=2,
+                                     backend="cpu")
+
+
+def _read_grouped(path):
+    """nn_indices, X_full, diffraction, order and seed of a grouped output (any format)."""
+    from gpugroup.io.grouped import open_grouped
+
+    d = open_grouped(path)
+    try:
+        out = {k: d.get(k) for k in ("nn_indices", "X_full", "diffraction", "order", "seed")}
+        return {k: np.asarray(v[...]) if hasattr(v, "shape") else v for k, v in out.items()}
+    finally:
+        if str(path).endswith(".h5"):
+            d["X_full"].file.close()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+def test_group_streams_every_format(scan_file, in_memory, tmp_path, capsys, suffix):
+    out = tmp_path / ("grouped" + suffix)
+    assert main(["group", str(scan_file), "-o", str(out), "--chunk-mib", "1"]
+                + GROUP_ARGS) == 0
+    summary = capsys.readouterr().out
+    assert "200 groups" in summary and "seed 42" in summary and str(out) in summary
+    assert out.is_dir() if suffix == ".zarr" else out.is_file()
+    got = _read_grouped(out)
+    np.testing.assert_array_equal(got["nn_indices"], in_memory["nn_indices"])
+    np.testing.assert_allclose(got["X_full"], in_memory["X_full"], rtol=1e-6)
+    np.testing.assert_array_equal(got["diffraction"], in_memory["diffraction"])
+    assert int(got["seed"]) == 42 and got["order"] is None
+    assert not [p for p in tmp_path.iterdir() if p.name != out.name]  # no temporaries left
+
+
+def test_group_locality_order_and_no_overwrite(scan_file, in_memory, tmp_path, capsys):
+    out = tmp_path / "grouped.hdf5"
+    assert main(["group", str(scan_file), "-o", str(out), "--row-order", "locality"]
+                + GROUP_ARGS) == 0
+    assert "locality order" in capsys.readouterr().out
+    got = _read_grouped(out)
+    back = np.argsort(got["order"])
+    np.testing.assert_array_equal(got["nn_indices"][back], in_memory["nn_indices"])
+    np.testing.assert_allclose(got["X_full"][back], in_memory["X_full"], rtol=1e-6)
+    before = out.read_bytes()
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(out),
+                                     "--no-overwrite"] + GROUP_ARGS))
+    assert "exists" in line
+    assert out.read_bytes() == before
+
+
+@pytest.mark.skipif(not HAS_DASK, reason="dask is not installed")
+def test_group_lazy_zarr(scan_file, in_memory, tmp_path, capsys):
+    out = tmp_path / "lazy.zarr"
+    assert main(["group", str(scan_file), "-o", str(out), "--lazy", "--chunk-mib", "1"]
+                + GROUP_ARGS) == 0
+    assert "200 groups" in capsys.readouterr().out
+    got = _read_grouped(out)
+    np.testing.assert_array_equal(got["nn_indices"], in_memory["nn_indices"])
+    np.testing.assert_allclose(got["X_full"], in_memory["X_full"], rtol=1e-6)
+
+
+def test_group_lazy_needs_zarr_output(scan_file, tmp_path, capsys):
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "g.h5"),
+                                     "--lazy"] + GROUP_ARGS))
+    assert "--lazy" in line and ".zarr" in line
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_group_from_a_directory_of_npy(scan_file, in_memory, tmp_path, capsys):
+    src = tmp_path / "scan_dir"
+    src.mkdir()
+    with np.load(scan_file) as z:
+        for key in z.files:
+            np.save(src / f"{key}.npy", z[key])
+    out = tmp_path / "g.npz"
+    assert main(["group", str(src), "-o", str(out)] + GROUP_ARGS) == 0
+    got = _read_grouped(out)
+    np.testing.assert_array_equal(got["nn_indices"], in_memory["nn_indices"])
+    np.testing.assert_allclose(got["X_full"], in_memory["X_full"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- convert
+@pytest.fixture(scope="module")
+def compressed_scan(scan_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("compressed") / "scan_c.npz"
+    with np.load(scan_file) as z:
+        np.savez_compressed(path, **{k: z[k] for k in z.files})
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+def test_convert_compressed_npz_round_trip(compressed_scan, tmp_path, capsys, suffix):
+    out = tmp_path / ("scan" + suffix)
+    assert main(["convert", str(compressed_scan), str(out), "--slab-mib", "1"]) == 0
+    summary = capsys.readouterr().out
+    assert f"converted {n} frames ({N}x{N} float32)" in summary and str(out) in summary
+    original = RawData.from_file(compressed_scan).to_dict()
+    raw = RawData.from_file(out, mmap_mode="r", backend="cpu")
+    try:
+        assert not isinstance(raw.diff3d, np.ndarray) or isinstance(raw.diff3d, np.memmap)
+        got = raw.to_dict()
+        assert sorted(got) == sorted(original)
+        for key, value in original.items():
+            np.testing.assert_array_equal(np.asarray(got[key][...]), value, err_msg=key)
+    finally:
+        if suffix == ".h5":
+            raw.diff3d.file.close()
+    assert not [p for p in tmp_path.iterdir() if p.name != out.name]
+
+
+def test_convert_then_group_from_zarr_directory(compressed_scan, in_memory, tmp_path, capsys):
+    store = tmp_path / "scan.zarr"
+    assert main(["convert", str(compressed_scan), str(store)]) == 0
+    out = tmp_path / "g.h5"
+    assert main(["group", str(store), "-o", str(out)] + GROUP_ARGS) == 0
+    got = _read_grouped(out)
+    np.testing.assert_array_equal(got["nn_indices"], in_memory["nn_indices"])
+    np.testing.assert_allclose(got["X_full"], in_memory["X_full"], rtol=1e-6)
+
+
+def test_group_compressed_npz_loads_in_memory_with_a_warning(compressed_scan, in_memory,
+                                                             tmp_path, caplog):
+    out = tmp_path / "g.npz"
+    with caplog.at_level(logging.WARNING):
+        assert main(["group", str(compressed_scan), "-o", str(out)] + GROUP_ARGS) == 0
+    assert any("gpugroup convert" in r.getMessage() and "into memory" in r.getMessage()
+               for r in caplog.records)
+    with np.load(out) as got:
+        np.testing.assert_array_equal(got["nn_indices"], in_memory["nn_indices"])
+
+
+def test_convert_errors(compressed_scan, scan_file, tmp_path, capsys):
+    line = _error_line(capsys, main(["convert", str(tmp_path / "nope.npz"),
+                                     str(tmp_path / "o.npz")]))
+    assert "nope.npz" in line and "does not exist" in line
+    line = _error_line(capsys, main(["convert", str(compressed_scan), str(tmp_path / "o.txt")]))
+    assert "OUT" in line and ".txt" in line
+    line = _error_line(capsys, main(["convert", str(scan_file), str(scan_file)]))
+    assert "same file" in line
+    out = tmp_path / "o.npz"
+    out.write_bytes(b"keep me")
+    line = _error_line(capsys, main(["convert", str(compressed_scan), str(out),
+                                     "--no-overwrite"]))
+    assert "exists" in line and out.read_bytes() == b"keep me"
+
+
 # --------------------------------------------------------------------------- demo / info
 @pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
 def test_demo_writes_png(tmp_path, capsys):
@@ -149,6 +305,9 @@ def test_help_and_argparse_errors_exit_codes(capsys):
     assert main(["group", "x.npz"]) == 2  # -o missing
     assert main(["simulate", "x.npz", "--nn", "3"]) == 2  # no abbreviations either
     assert main(["demo", "--nsample", "3"]) == 2
+    assert main(["group", "x.npz", "-o", "y.npz", "--row-order", "random"]) == 2
+    assert main(["group", "x.npz", "-o", "y.npz", "--chunk-mib", "0"]) == 2
+    assert main(["convert", "x.npz"]) == 2  # OUT missing
     capsys.readouterr()
 
 
@@ -224,8 +383,10 @@ def test_error_frame_size_and_output_format(scan_file, tmp_path, capsys):
     line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.npz"),
                                      "--N", "32", "--backend", "cpu"]))
     assert "N=32" in line
-    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.h5")]))
-    assert ".h5" in line and "-o" in line
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.txt")]))
+    assert ".txt" in line and "-o" in line and ".zarr" in line
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.cxi")]))
+    assert ".cxi" in line and "-o" in line
     line = _error_line(capsys, main(["simulate", str(tmp_path / "no" / "dir" / "s.npz")]))
     assert "does not exist" in line
 
@@ -282,6 +443,8 @@ def test_progress_bar_on_a_terminal(scan_file, tmp_path, monkeypatch, capsys):
     assert main(["group", str(scan_file), "-o", str(tmp_path / "g.npz"), "--nsamples", "50",
                  "--seed", "1", "--backend", "cpu"]) == 0
     assert "assembling" in fake.buffer.getvalue() and "/50" in fake.buffer.getvalue()
+    assert main(["convert", str(scan_file), str(tmp_path / "s.h5")]) == 0
+    assert "converting" in fake.buffer.getvalue() and "frame" in fake.buffer.getvalue()
 
 
 def test_cleanup_cache_asks_on_a_terminal(cache_tree, monkeypatch, capsys):

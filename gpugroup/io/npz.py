@@ -58,6 +58,10 @@ def _read_npy_header(fh):
     return npy_format._read_array_header(fh, version)  # (3, 0): utf-8 header, same layout
 
 
+class CompressedMemberError(ValueError):
+    """A compressed NPZ member was asked to be memory-mapped."""
+
+
 def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r"):
     """An ``np.memmap`` over the uncompressed ``.npy`` member ``info`` of zip ``path``.
 
@@ -75,7 +79,7 @@ def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r"):
         method = {zipfile.ZIP_DEFLATED: "deflate (np.savez_compressed)", zipfile.ZIP_BZIP2:
                   "bzip2", zipfile.ZIP_LZMA: "lzma"}.get(info.compress_type,
                                                        str(info.compress_type))
-        raise ValueError(
+        raise CompressedMemberError(
             f"{path!r}: member {key!r} is compressed ({method}) and cannot be memory-mapped; "
             + CONVERT_HINT.format(path=path) + ", or pass mmap_mode=None to load it into memory"
         )
