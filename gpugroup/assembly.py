@@ -20,6 +20,13 @@ logger = logging.getLogger(__name__)
 
 #: Bytes of gathered frames per chunk (about a CPU's L2/L3 share; results do not depend on it).
 DEFAULT_CHUNK_BYTES = 4 << 20
+#: On a device, fewer and larger chunks: each one is a handful of kernel launches.
+DEFAULT_DEVICE_CHUNK_BYTES = 256 << 20
+
+
+def default_chunk_bytes(xp) -> int:
+    """The in-memory assembly chunk for namespace ``xp`` (NumPy or a device one)."""
+    return DEFAULT_CHUNK_BYTES if xp is np else DEFAULT_DEVICE_CHUNK_BYTES
 
 
 def is_device_array(a) -> bool:
@@ -57,8 +64,14 @@ def _run_chunks(xp, fn, slices, workers):
     the GIL in copies), in order on a device."""
     if xp is np and workers > 1 and len(slices) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(fn, slices):
-                pass
+            futures = [pool.submit(fn, s) for s in slices]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:  # an error or Ctrl-C: drop the chunks not yet started
+                for f in futures:
+                    f.cancel()
+                raise
     else:
         for s in slices:
             fn(s)

@@ -8,6 +8,7 @@ per-row work only, so batch sizes, kNN engines and tree layouts cannot change a 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import numbers
@@ -305,7 +306,8 @@ def sample_groups(
         x = xp.asarray(x_np)
         y = xp.asarray(y_np)
         cache = index_cache if index_cache is not None else {}
-        pool, pool_len = _pools(be, x, y, seeds, K, scans, cache, batch_rows)
+        digest = _coordinates_digest(x_np, y_np, scans) if index_cache is not None else None
+        pool, pool_len = _pools(be, x, y, seeds, K, scans, cache, batch_rows, digest)
         rows = xp.arange(B, dtype=xp.int64)
         first = rows % m
         groups = select_members(
@@ -385,8 +387,7 @@ def _group_count(n, nsamples, K, C, enable_oversampling, scans):
                 nsamples, repeats, smallest_pool, smallest_pool, C, distinct,
             )
         return nsamples, True
-    why = "enable_oversampling=False" if not enable_oversampling else (
-        "C=1 has one group per seed" if C == 1 else f"pool size {smallest_pool} < C={C}")
+    why = "enable_oversampling=False" if not enable_oversampling else "C=1 has one group per seed"
     logger.warning(
         "nsamples=%d > n=%d positions: returning %d groups (%s); pass "
         "enable_oversampling=True with gridsize > 1 for more", nsamples, n, n, why,
@@ -394,14 +395,30 @@ def _group_count(n, nsamples, K, C, enable_oversampling, scans):
     return n, False
 
 
-def _pools(be, x, y, seeds, K, scans, cache, batch_rows):
+def _coordinates_digest(x, y, scans) -> str:
+    """Fingerprint of the point sets an index cache entry was built on."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(x))
+    h.update(np.ascontiguousarray(y))
+    for sid, mem in scans or ():
+        h.update(np.int64(sid).tobytes())
+        h.update(np.ascontiguousarray(mem))
+    return h.hexdigest()
+
+
+def _cached_index(be, cache, digest, sid, x, y):
+    key = (be.name, be.description, digest, sid)
+    if key not in cache:
+        cache[key] = be.build_index(x, y)
+    return cache[key]
+
+
+def _pools(be, x, y, seeds, K, scans, cache, batch_rows, digest):
     """Pools for all seeds, padded to width min(K, n); returns (pool, pool_len)."""
     xp = be.xp
     if scans is None:
-        key = (be.name, be.description, None)
-        if key not in cache:
-            cache[key] = be.build_index(x, y)
-        pool = neighbour_pool(xp, x, y, seeds, K, cache[key], batch_rows)
+        index = _cached_index(be, cache, digest, None, x, y)
+        pool = neighbour_pool(xp, x, y, seeds, K, index, batch_rows)
         return pool, xp.full(int(seeds.shape[0]), pool.shape[1], dtype=xp.int64)
     n = int(x.shape[0])
     width = min(K, max(len(mem) for _, mem in scans))
@@ -410,17 +427,18 @@ def _pools(be, x, y, seeds, K, scans, cache, batch_rows):
     scan_of = np.empty(n, dtype=np.int64)
     for j, (_, mem) in enumerate(scans):
         scan_of[mem] = j
-    seed_scan = xp.asarray(scan_of)[seeds]
+    # seed rows of each scan: one stable sort by scan number, split at the boundaries
+    seed_scan = scan_of[be.asnumpy(seeds)]
+    by_scan = np.argsort(seed_scan, kind="stable")
+    bounds = np.searchsorted(seed_scan[by_scan], np.arange(len(scans) + 1))
     for j, (sid, mem) in enumerate(scans):
-        here = xp.nonzero(seed_scan == j)[0]
-        if not int(here.shape[0]):
+        if bounds[j] == bounds[j + 1]:
             continue
+        here = xp.asarray(by_scan[bounds[j] : bounds[j + 1]])
         members = xp.asarray(mem)
-        key = (be.name, be.description, sid)
-        if key not in cache:
-            cache[key] = be.build_index(x[members], y[members])
+        index = _cached_index(be, cache, digest, sid, x[members], y[members])
         local = xp.searchsorted(members, seeds[here])
-        p = neighbour_pool(xp, x[members], y[members], local, K, cache[key], batch_rows)
+        p = neighbour_pool(xp, x[members], y[members], local, K, index, batch_rows)
         pool[here[:, None], xp.arange(p.shape[1])[None, :]] = members[p]
         pool_len[here] = p.shape[1]
     return pool, pool_len

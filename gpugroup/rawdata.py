@@ -308,7 +308,7 @@ class RawData:
             NumPy arrays (default), or the backend's own arrays (CuPy on the GPU).
         chunk_bytes : int or None
             Gathered bytes per assembly chunk (memory bound; no effect on results). None:
-            ``assembly.DEFAULT_CHUNK_BYTES`` in memory; with ``out`` the transient memory
+            4 MiB in memory on the CPU, 256 MiB on a GPU; with ``out`` the transient memory
             budget of the whole write (default 256 MiB); with ``lazy`` the bytes of one
             Dask block (default 64 MiB).
         progress : callable or None
@@ -354,7 +354,7 @@ class RawData:
             raise ValueError(f"row_order={row_order!r} needs out=... or lazy=True; in memory "
                              f"the rows are in canonical order")
         if chunk_bytes is None:
-            chunk_bytes = assembly.DEFAULT_CHUNK_BYTES
+            chunk_bytes = assembly.default_chunk_bytes(be.xp)
         grouped = assembly.assemble_groups(
             be.xp, nn_indices=nn, diff3d=self.diff3d, xcoords=self.xcoords,
             ycoords=self.ycoords, xcoords_start=self.xcoords_start,

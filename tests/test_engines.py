@@ -473,3 +473,19 @@ def test_adapter_rejects_unknown_metric():
     x, y = square_grid(3)
     with pytest.raises(ValueError, match="metric"):
         NeighborsIndex(x, y, xp=np, nn_class=object, metric="cosine")
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e100])
+def test_neighbors_adapter_survives_coordinates_beyond_float32(scale):
+    """Coordinates past float32's range are scaled by a power of two before the cast."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from gpugroup.backends.engines import NeighborsIndex
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 100, 400) * scale, rng.uniform(0, 100, 400) * scale
+    be = Backend(name="sk-huge", xp=np, asnumpy=np.asarray,
+                 build_index=functools.partial(NeighborsIndex, xp=np,
+                                               nn_class=NearestNeighbors, algorithm="brute"))
+    np.testing.assert_array_equal(sample_groups(x, y, 150, 7, 4, seed=3, backend=be),
+                                  sample_groups(x, y, 150, 7, 4, seed=3, backend="cpu"))

@@ -295,3 +295,12 @@ def test_to_file_leaves_nothing_on_failure(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         raw.to_file(tmp_path / "out.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_index_cache_follows_changed_coordinates():
+    raw = make_raw()
+    raw._generate_groups_efficiently(20, 7, 4, seed=1)
+    raw.xcoords = raw.xcoords[::-1].copy()          # a caller edits the positions in place
+    got = raw._generate_groups_efficiently(20, 7, 4, seed=1)
+    fresh = sample_groups(raw.xcoords, raw.ycoords, 20, 7, 4, seed=1, backend="cpu")
+    np.testing.assert_array_equal(got, fresh)

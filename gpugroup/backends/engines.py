@@ -417,6 +417,12 @@ class NeighborsIndex:
         xc = self.x - self.centre[0]
         yc = self.y - self.centre[1]
         A = float(xp.maximum(xp.abs(xc).max(), xp.abs(yc).max()))
+        # Divide by an exact power of two so |coordinate| <= 1: float32 (and its expanded
+        # squared distances) cannot overflow, and the floor scales back exactly.
+        self.unit = math.ldexp(1.0, math.frexp(A)[1]) if A > 0 else 1.0
+        xc = xc / self.unit
+        yc = yc / self.unit
+        A = A / self.unit
         self.points32 = xp.ascontiguousarray(xp.stack([xc, yc], axis=1).astype(xp.float32))
         del xc, yc
         p = self.points32.astype(xp.float64)
@@ -475,7 +481,8 @@ class NeighborsIndex:
         err = (reach * reach) * (EXPANDED_ERROR * (1.0 + 2.0**-40))
         sigma = xp.sqrt(xp.maximum(s_max - err, 0.0)) * (1.0 - 2.0**-50)
         d = xp.maximum(sigma - self.coord_error, 0.0)
-        return d * d * _FLOOR_SLACK
+        floor = (d * d * _FLOOR_SLACK) * (self.unit * self.unit)
+        return xp.where(xp.isfinite(floor), floor, 0.0)  # no bound: the guard widens kq
 
 
 def _invalid_rows(xp, cand, n: int):
