@@ -35,7 +35,8 @@ def index_dtype(n: int):
     return np.int32 if n < 2**31 else np.int64
 
 
-def _check_count(name: str, value, minimum: int) -> int:
+def check_count(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, else a ValueError naming ``name`` and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
     if value < minimum:
@@ -273,10 +274,10 @@ def sample_groups(
     xp = be.xp
     x_np, y_np = _check_coordinates(xcoords, ycoords)
     n = int(x_np.shape[0])
-    nsamples = _check_count("nsamples", nsamples, 1)
-    K = _check_count("K", K, 1)
-    C = _check_count("C", C, 1)
-    batch_rows = _check_count("batch_rows", batch_rows, 1)
+    nsamples = check_count("nsamples", nsamples, 1)
+    K = check_count("K", K, 1)
+    C = check_count("C", C, 1)
+    batch_rows = check_count("batch_rows", batch_rows, 1)
     if K < C:
         raise ValueError(
             f"K must be >= C: K={K} < C={C}. Each group takes C = gridsize**2 positions "

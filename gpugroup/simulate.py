@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 
 import numpy as np
 
 from gpugroup.assembly import extract_patches
+from gpugroup.grouping import check_count
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +27,6 @@ _CHUNK_BYTES = 32 << 20
 
 #: Free pixels between the outermost patch and the object's edge (default object size).
 _MARGIN = 2
-
-
-def _positive_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {name}={value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
-    return int(value)
 
 
 def fermat_spiral(n: int, spacing: float, jitter: float = 0.0, rng=None):
@@ -235,8 +227,8 @@ def simulate_scan(n: int = 2000, N: int = 64, seed: int = 0, *, spacing=None, ji
     >>> scan["diff3d"].shape, scan["diff3d"].dtype, scan["objectGuess"].dtype
     ((50, 16, 16), dtype('float32'), dtype('complex64'))
     """
-    n = _positive_int("n", n, 1)
-    N = _positive_int("N", N, 4)
+    n = check_count("n", n, 1)
+    N = check_count("N", N, 4)
     spacing = N / 4.0 if spacing is None else float(spacing)
     if not (math.isfinite(spacing) and spacing > 0):
         raise ValueError(f"spacing must be a positive number of pixels, got spacing={spacing}")

@@ -26,6 +26,15 @@ _NO_KEY = 0xFFFFFFFF
 
 
 # ============================================================================= grid engine
+def _query_args(xp, rows, kq, n):
+    """(rows as int64, len(rows), kq) after checking 1 <= kq <= n."""
+    rows = xp.asarray(rows, dtype=xp.int64)
+    kq = int(kq)
+    if not 1 <= kq <= n:
+        raise ValueError(f"kq must be in [1, n={n}], got kq={kq}")
+    return rows, int(rows.shape[0]), kq
+
+
 class GridIndex:
     """Exact candidates from a uniform cell grid over float64 coordinates.
 
@@ -210,11 +219,7 @@ class GridIndex:
     def query(self, rows, kq: int):
         """``(cand, floor)`` for local point numbers ``rows`` (see the module contract)."""
         xp = self.xp
-        rows = xp.asarray(rows, dtype=xp.int64)
-        m = int(rows.shape[0])
-        kq = int(kq)
-        if not 1 <= kq <= self.n:
-            raise ValueError(f"kq must be in [1, n={self.n}], got kq={kq}")
+        rows, m, kq = _query_args(xp, rows, kq, self.n)
         cand = xp.empty((m, kq), dtype=xp.int64)
         floor = xp.empty(m, dtype=xp.float64)
         if m == 0:
@@ -443,11 +448,7 @@ class NeighborsIndex:
     def query(self, rows, kq: int):
         """``(cand, floor)`` for local point numbers ``rows`` (see the module contract)."""
         xp = self.xp
-        rows = xp.asarray(rows, dtype=xp.int64)
-        m = int(rows.shape[0])
-        kq = int(kq)
-        if not 1 <= kq <= self.n:
-            raise ValueError(f"kq must be in [1, n={self.n}], got kq={kq}")
+        rows, m, kq = _query_args(xp, rows, kq, self.n)
         algorithm = self.algorithm(kq, self.n) if callable(self.algorithm) else self.algorithm
         model = self._model(algorithm)
         cand = xp.empty((m, kq), dtype=xp.int64)
