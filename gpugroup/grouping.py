@@ -21,7 +21,7 @@ from gpugroup.backends import get_backend
 logger = logging.getLogger(__name__)
 
 #: Rows handled per batch (bounds the (rows, kq) candidate arrays; no effect on results).
-DEFAULT_BATCH_ROWS = 1 << 17
+DEFAULT_BATCH_ROWS = 1 << 16
 #: Largest (rows x kq) candidate block while widening kq for incomplete rows.
 _MAX_BLOCK = 1 << 23
 #: Largest coordinate span: squared differences must stay finite in float64.

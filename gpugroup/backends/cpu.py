@@ -10,6 +10,8 @@ from gpugroup.backends import Backend
 # cKDTree returns sqrt(sum of squares) in float64: a few ulp from the exact distance.
 # Lowering the squared distance by 2**-40 (relative) covers that rounding with room.
 _REL_SLACK = 1.0 - 2.0**-40
+#: Candidates (rows x kq) from which a query is worth spreading over all cores.
+_PARALLEL_MIN = 1 << 15
 
 
 class KDTreeIndex:
@@ -22,7 +24,9 @@ class KDTreeIndex:
         self._tree = cKDTree(self._points, balanced_tree=False, compact_nodes=False)
 
     def query(self, rows: np.ndarray, kq: int):
-        dist, cand = self._tree.query(self._points[rows], k=kq, workers=self.workers)
+        # Starting threads costs more than a small query: one worker below ~32k candidates.
+        workers = self.workers if len(rows) * kq >= _PARALLEL_MIN else 1
+        dist, cand = self._tree.query(self._points[rows], k=kq, workers=workers)
         dist = dist.reshape(len(rows), kq)
         cand = cand.reshape(len(rows), kq).astype(np.int64, copy=False)
         last = dist[:, -1]
