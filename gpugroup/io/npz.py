@@ -116,6 +116,11 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS) -> dict:
     if mmap_mode not in (None, "r", "r+", "c"):
         raise ValueError(f"mmap_mode must be None, 'r', 'r+' or 'c', got {mmap_mode!r}")
     if mmap_mode is None:
+        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+            # np.load would guess "pickled data" for any bytes that are not npy/npz
+            raise OSError(f"cannot read scan file {path!r}: it is not a zip archive. It must "
+                          f"be an NPZ archive written by numpy.savez (is it truncated or "
+                          f"another format?)")
         try:
             with np.load(path, allow_pickle=False) as npz:
                 if not hasattr(npz, "files"):
