@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import functools
 import json
-import math
 import os
 import platform
 import re
@@ -43,7 +42,7 @@ if str(REPO) not in sys.path:
 
 import gpugroup  # noqa: E402
 from gpugroup import sample_groups  # noqa: E402
-from gpugroup.backends import Backend, get_backend  # noqa: E402
+from gpugroup.backends import Backend  # noqa: E402
 from gpugroup.simulate import fermat_spiral  # noqa: E402
 
 #: Peak DRAM bandwidth (GB/s) by card, for when the driver does not report clock and bus.

@@ -298,7 +298,6 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
     of a block come from one task. The store is built under a temporary name and renamed
     when complete. Returns the store opened as :func:`gpugroup.io.grouped.open_grouped`.
     """
-    dask = require("dask", "dask")
     da = require("dask.array", "dask")
     zarr = require("zarr", "zarr")
     from gpugroup.io import atomic_path, output_format

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CountingIndex, jittered_scan, square_grid
+from parity_cases import CASES, duplicated, far_clusters, outlier, scans3
 from gpugroup import sample_groups
 from gpugroup.backends import Backend
 from gpugroup.backends.engines import (
@@ -100,72 +101,6 @@ def engine_backend(name: str, wrap=None) -> Backend:
 
 
 # ----------------------------------------------------------------------------- scans
-def _duplicated(copies):
-    x, y = square_grid(6)
-    return np.repeat(x, copies), np.repeat(y, copies)
-
-
-def _scans3():
-    parts = [jittered_scan(90, seed=s) for s in range(3)]
-    x = np.concatenate([p[0] + 40.0 * i for i, p in enumerate(parts)])
-    y = np.concatenate([p[1] for p in parts])
-    return x, y, np.repeat(np.arange(3), 90)
-
-
-def _far_clusters(spacing=1.0, separation=1e6, n=150, seed=4):
-    x, y = jittered_scan(n, seed=seed, spacing=spacing)
-    return np.concatenate([x, x + separation]), np.concatenate([y, y])
-
-
-def _outlier():
-    x, y = jittered_scan(200, seed=5, spacing=0.3)
-    return np.append(x, 3e6), np.append(y, 3e6)
-
-
-def _case(name, xy, nsamples, K, C, seed=11, **kw):
-    return pytest.param(xy, nsamples, K, C, seed, kw, id=name)
-
-
-CASES = [
-    # square grids with the pool boundary inside a tie shell
-    _case("grid10-K5", lambda: square_grid(10), 100, 5, 4),
-    _case("grid10-K6", lambda: square_grid(10), 100, 6, 4),
-    _case("grid10-K8", lambda: square_grid(10), 100, 8, 4),
-    _case("grid10-K9", lambda: square_grid(10), 100, 9, 4),
-    _case("grid10-K9-C9", lambda: square_grid(10), 60, 9, 9),
-    _case("grid13x7-K8-C2", lambda: square_grid(13, 7), 91, 8, 2),
-    _case("grid-spacing0.1", lambda: square_grid(9, spacing=0.1), 81, 9, 4),
-    # duplicated positions
-    _case("dup2", lambda: _duplicated(2), 72, 7, 4),
-    _case("dup12", lambda: _duplicated(12), 150, 8, 4),
-    _case("all-identical", lambda: (np.full(30, 2.5), np.full(30, -1.0)), 30, 6, 4),
-    # jitter
-    _case("jitter-K7", lambda: jittered_scan(600, seed=1), 300, 7, 4),
-    _case("jitter-K16", lambda: jittered_scan(600, seed=2), 300, 16, 4),
-    _case("jitter-K12-C9", lambda: jittered_scan(400, seed=3), 200, 12, 9),
-    # offsets and scales
-    _case("grid-offset-1e5", lambda: square_grid(10, offset=(1e5, -1e5)), 100, 9, 4),
-    _case("jitter-offset-1e5", lambda: tuple(a + 1e5 for a in jittered_scan(500, seed=6)),
-          250, 7, 4),
-    _case("meter-scale", lambda: tuple(a * 1e-6 for a in jittered_scan(500, seed=7)), 250, 7, 4),
-    _case("meter-scale-offset", lambda: tuple(a * 1e-6 + 3e-3 for a in jittered_scan(400, seed=8)),
-          200, 9, 4),
-    _case("grid-meter-scale", lambda: square_grid(10, spacing=1e-6), 100, 9, 4),
-    # small scans: n < K, n == C
-    _case("n3-K7", lambda: (np.array([0.0, 1.0, 5.0]), np.array([0.0, 0.0, 1.0])), 3, 7, 2),
-    _case("n5-K8", lambda: jittered_scan(5, seed=9), 5, 8, 4),
-    _case("n4-C4", lambda: square_grid(2), 4, 4, 4),
-    # degenerate geometry
-    _case("line", lambda: (np.arange(200.0), np.zeros(200)), 100, 7, 4),
-    _case("far-clusters", _far_clusters, 200, 7, 4),
-    _case("outlier", _outlier, 150, 9, 4),
-    # options
-    _case("sequential", lambda: jittered_scan(300, seed=10), 120, 7, 4, sequential=True),
-    _case("oversampling", lambda: square_grid(6), 120, 7, 4, enable_oversampling=True),
-    _case("oversampling-n<K", lambda: square_grid(2), 20, 9, 2, enable_oversampling=True),
-    _case("batch-rows-7", lambda: jittered_scan(300, seed=12), 200, 9, 4, batch_rows=7),
-    _case("C1", lambda: jittered_scan(100, seed=13), 50, 5, 1),
-]
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
@@ -181,7 +116,7 @@ def test_engine_groups_equal_cpu(engine, xy, nsamples, K, C, seed, kw):
 @pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("oversample", [False, True])
 def test_engine_groups_equal_cpu_with_scan_index(engine, oversample):
-    x, y, scans = _scans3()
+    x, y, scans = scans3()
     kw = dict(scan_index=scans, enable_oversampling=oversample)
     nsamples = 400 if oversample else 200
     want = sample_groups(x, y, nsamples, 8, 4, seed=5, backend="cpu", **kw)
@@ -224,13 +159,13 @@ def assert_contract(index, x, y, rows, kq):
 CONTRACT_SCANS = {
     "grid": lambda: square_grid(12),
     "jitter": lambda: jittered_scan(300, seed=1),
-    "dup12": lambda: _duplicated(12),
+    "dup12": lambda: duplicated(12),
     "identical": lambda: (np.full(20, 7.0), np.full(20, 7.0)),
     "line-y": lambda: (np.zeros(80), np.arange(80.0) * 0.5),
     "meter-offset": lambda: tuple(a * 1e-6 + 1e-3 for a in jittered_scan(200, seed=2)),
     "offset-1e5": lambda: tuple(a + 1e5 for a in jittered_scan(200, seed=3)),
-    "far-clusters": lambda: _far_clusters(n=100),
-    "outlier": _outlier,
+    "far-clusters": lambda: far_clusters(n=100),
+    "outlier": outlier,
 }
 
 
@@ -309,7 +244,7 @@ def test_grid_first_query_completes_nearly_all_rows():
 
 
 def test_grid_clustered_scan_shrinks_cells():
-    x, y = _far_clusters(n=400)
+    x, y = far_clusters(n=400)
     index = GridIndex(x, y, xp=np)
     assert index.per_cell <= 4.0  # not a whole cluster in one cell
     x, y = np.append(np.arange(300.0), 1e9), np.zeros(301)  # a line and a far outlier
@@ -391,7 +326,7 @@ def test_guard_widens_when_float32_loses_precision(caplog):
     """Two clusters 1e7 apart with 0.01 spacing: float32 centred coordinates (ulp 0.5)
     merge each cluster into a few points, so the library ranks them arbitrarily. The
     floor must say so and the guard widen kq until the exact re-rank is safe."""
-    x, y = _far_clusters(spacing=0.01, separation=1e7, n=60)
+    x, y = far_clusters(spacing=0.01, separation=1e7, n=60)
     rows = np.arange(0, 120, 5)
     index = NeighborsIndex(x, y, xp=np, nn_class=NearestNeighbors)
     cand, floor = assert_contract(index, x, y, rows, 10)
@@ -410,7 +345,7 @@ def test_guard_widens_when_float32_loses_precision(caplog):
 def test_expanded_float32_library_misranks_yet_floor_holds():
     """With float32 expanded distances on a scan 1e5 wide at 0.05 spacing, the library
     returns wrong neighbour sets; the floor still bounds every point it left out."""
-    x, y = _far_clusters(spacing=0.05, separation=1e5, n=200, seed=3)
+    x, y = far_clusters(spacing=0.05, separation=1e5, n=200, seed=3)
     index = ENGINES["expanded-float32"](x, y)
     rows = np.arange(0, 400, 7)
     cand, floor = assert_contract(index, x, y, rows, 12)
@@ -428,7 +363,7 @@ def test_expanded_float32_library_misranks_yet_floor_holds():
 
 @needs_sklearn
 def test_adapter_outlier_floor_loosens_but_stays_exact():
-    x, y = _outlier()
+    x, y = outlier()
     index = NeighborsIndex(x, y, xp=np, nn_class=NearestNeighbors)
     rows = np.arange(0, 200, 9)
     assert_contract(index, x, y, rows, 30)

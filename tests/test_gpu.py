@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import jittered_scan, square_grid
+from parity_cases import CASES as PARITY_CASES
+from parity_cases import case
 from gpugroup import sample_groups
 from gpugroup.backends import get_backend, gpu
 
@@ -45,48 +47,15 @@ def gpu_backend(engine):
 
 
 # ----------------------------------------------------------------------------- the matrix
-def _duplicated(copies):
-    x, y = square_grid(6)
-    return np.repeat(x, copies), np.repeat(y, copies)
-
-
 def _spiral(n, seed=0):
     from gpugroup.simulate import fermat_spiral
 
     return fermat_spiral(n, spacing=4.0, jitter=0.1, rng=np.random.default_rng(seed))
 
 
-def _case(name, xy, nsamples, K, C, seed=11, **kw):
-    return pytest.param(xy, nsamples, K, C, seed, kw, id=name)
-
-
-CASES = [
-    _case("grid10-K5", lambda: square_grid(10), 100, 5, 4),
-    _case("grid10-K6", lambda: square_grid(10), 100, 6, 4),
-    _case("grid10-K8", lambda: square_grid(10), 100, 8, 4),
-    _case("grid10-K9", lambda: square_grid(10), 100, 9, 4),
-    _case("grid10-K9-C9", lambda: square_grid(10), 60, 9, 9),
-    _case("grid13x7-K8-C2", lambda: square_grid(13, 7), 91, 8, 2),
-    _case("dup2", lambda: _duplicated(2), 72, 7, 4),
-    _case("dup12", lambda: _duplicated(12), 150, 8, 4),
-    _case("all-identical", lambda: (np.full(30, 2.5), np.full(30, -1.0)), 30, 6, 4),
-    _case("jitter-K7", lambda: jittered_scan(3000, seed=1), 1000, 7, 4),
-    _case("jitter-K16", lambda: jittered_scan(3000, seed=2), 1000, 16, 4),
-    _case("grid-offset-1e5", lambda: square_grid(10, offset=(1e5, -1e5)), 100, 9, 4),
-    _case("jitter-offset-1e5", lambda: tuple(a + 1e5 for a in jittered_scan(2000, seed=6)),
-          500, 7, 4),
-    _case("meter-scale", lambda: tuple(a * 1e-6 for a in jittered_scan(2000, seed=7)), 500, 7, 4),
-    _case("meter-scale-offset", lambda: tuple(a * 1e-6 + 3e-3 for a in jittered_scan(900, seed=8)),
-          300, 9, 4),
-    _case("n3-K7", lambda: (np.array([0.0, 1.0, 5.0]), np.array([0.0, 0.0, 1.0])), 3, 7, 2),
-    _case("n5-K8", lambda: jittered_scan(5, seed=9), 5, 8, 4),
-    _case("line", lambda: (np.arange(500.0), np.zeros(500)), 200, 7, 4),
-    _case("sequential", lambda: jittered_scan(800, seed=10), 300, 7, 4, sequential=True),
-    _case("oversampling", lambda: square_grid(6), 120, 7, 4, enable_oversampling=True),
-    _case("batch-rows-7", lambda: jittered_scan(500, seed=12), 200, 9, 4, batch_rows=7),
-    _case("spiral-50k-K7", lambda: _spiral(50_000), 5_000, 7, 4),
-    _case("spiral-50k-K16", lambda: _spiral(50_000, seed=1), 5_000, 16, 4),
-    _case("C1", lambda: jittered_scan(100, seed=13), 50, 5, 1),
+CASES = PARITY_CASES + [
+    case("spiral-50k-K7", lambda: _spiral(50_000), 5_000, 7, 4),
+    case("spiral-50k-K16", lambda: _spiral(50_000, seed=1), 5_000, 16, 4),
 ]
 
 
