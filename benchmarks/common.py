@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpugroup.simulate import jittered_scan  # noqa: F401  (shared scan helper)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
@@ -158,14 +160,6 @@ def machine_line(info: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- inputs
-def jittered_scan(n: int, seed: int = 0, spacing: float = 1.0, jitter: float = 0.3):
-    """A jittered raster scan of ``n`` positions (like ``tests/conftest.py``)."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(np.sqrt(n)))
-    row, col = np.divmod(np.arange(n), side)
-    x = (col + rng.uniform(-jitter, jitter, n)) * spacing
-    y = (row + rng.uniform(-jitter, jitter, n)) * spacing
-    return x, y
 
 
 def diffraction_stack(n: int, N: int, seed: int = 0) -> np.ndarray:

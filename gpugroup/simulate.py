@@ -69,6 +69,18 @@ def fermat_spiral(n: int, spacing: float, jitter: float = 0.0, rng=None):
     return x, y
 
 
+def jittered_scan(n: int, seed: int = 0, spacing: float = 1.0, jitter: float = 0.3):
+    """A jittered raster scan: ``n`` positions row by row on a square-ish grid of pitch
+    ``spacing``, each moved by up to ``jitter * spacing`` (reproducible from ``seed``).
+    Returns float64 ``(x, y)``; used by the tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    row, col = np.divmod(np.arange(n), side)
+    x = (col + rng.uniform(-jitter, jitter, n)) * spacing
+    y = (row + rng.uniform(-jitter, jitter, n)) * spacing
+    return x, y
+
+
 def make_probe(N: int) -> np.ndarray:
     """A soft-edged disk with a quadratic (defocus) phase, normalized to unit energy.
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpugroup.simulate import jittered_scan  # noqa: F401  (shared scan helper)
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
@@ -28,14 +30,6 @@ def square_grid(nx: int, ny: int | None = None, spacing: float = 1.0, offset=(0.
     return x, y
 
 
-def jittered_scan(n: int, seed: int = 0, spacing: float = 1.0, jitter: float = 0.3):
-    """A jittered raster-like scan of ``n`` positions (random, reproducible)."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(np.sqrt(n)))
-    row, col = np.divmod(np.arange(n), side)
-    x = (col + rng.uniform(-jitter, jitter, n)) * spacing
-    y = (row + rng.uniform(-jitter, jitter, n)) * spacing
-    return x, y
 
 
 # ----------------------------------------------------------------------------- KAT file

@@ -132,6 +132,13 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS) -> dict:
             if isinstance(exc, OSError) and "single array" in str(exc):
                 raise
             raise _open_error(path, exc) from exc
+    return _read_members(path, stack_keys,
+                         lambda fh, info: memmap_member(path, fh, info, mmap_mode))
+
+
+def _read_members(path, stack_keys, open_stack) -> dict:
+    """``.npy`` members of zip ``path`` by key: ``open_stack(fh, info)`` for the frame
+    stacks in ``stack_keys``, small members read whole."""
     out = {}
     try:
         with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
@@ -140,7 +147,7 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS) -> dict:
                     continue
                 key = info.filename[:-4]
                 if key in stack_keys:
-                    out[key] = memmap_member(path, fh, info, mmap_mode)
+                    out[key] = open_stack(fh, info)
                 else:
                     with zf.open(info) as member:
                         out[key] = npy_format.read_array(member, allow_pickle=False)
@@ -465,26 +472,13 @@ def read_npz_streaming(path) -> dict:
     """Members of ``path`` by key for copying: stored stacks memory-mapped, compressed
     stacks as :class:`ZipMemberStack`, small members read."""
     path = os.fspath(path)
-    out = {}
-    try:
-        with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                key = info.filename[:-4]
-                if key in STACK_KEYS:
-                    if info.compress_type == zipfile.ZIP_STORED:
-                        out[key] = memmap_member(path, fh, info, "r")
-                    else:
-                        out[key] = ZipMemberStack(path, info.filename)
-                else:
-                    with zf.open(info) as member:
-                        out[key] = npy_format.read_array(member, allow_pickle=False)
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise _open_error(path, exc) from exc
-    return out
+
+    def open_stack(fh, info):
+        if info.compress_type == zipfile.ZIP_STORED:
+            return memmap_member(path, fh, info, "r")
+        return ZipMemberStack(path, info.filename)
+
+    return _read_members(path, STACK_KEYS, open_stack)
 
 
 class Target:
