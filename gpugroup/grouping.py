@@ -100,19 +100,28 @@ def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BAT
     if width == 1:
         return out
     kq = _starting_kq(xp, x, y, seeds, width, index)
+    stacks = _Stacks(xp, x, y)
     for start in range(0, int(seeds.shape[0]), batch_rows):
         rows = seeds[start : start + batch_rows]
         out[start : start + int(rows.shape[0]), 1:] = _nearest_others(xp, x, y, rows, width,
-                                                                      index, kq)
+                                                                      index, kq, stacks)
     return out
 
 
-def _nearest_others(xp, x, y, rows, width: int, index, kq: int):
+def _nearest_others(xp, x, y, rows, width: int, index, kq: int, stacks=None):
     """The ``width - 1`` nearest other positions of each row, exactly ranked."""
     n = index.n
     result = xp.empty((int(rows.shape[0]), width - 1), dtype=xp.int64)
     todo = xp.arange(int(rows.shape[0]), dtype=xp.int64)
     while int(todo.shape[0]):
+        if kq > _STACK_KQ and stacks is not None:
+            # Still incomplete this far out: rows on a stack of >= width duplicates (whose
+            # d2 = 0 ties no kq short of the stack's size can settle) take it directly.
+            done, pools = stacks.pools(rows[todo], width)
+            result[todo[done]] = pools
+            todo = todo[~done]
+            stacks = None
+            continue
         block = max(1, _MAX_BLOCK // kq)
         still = []
         for b in range(0, int(todo.shape[0]), block):
@@ -128,6 +137,63 @@ def _nearest_others(xp, x, y, rows, width: int, index, kq: int):
                          kq, min(n, 2 * kq), int(todo.shape[0]))
         kq = min(n, 2 * kq)
     return result
+
+
+#: Past this kq, rows on a stack of duplicates take their pool from it (see _Stacks).
+_STACK_KQ = 256
+#: Distinct coordinate values at least this far apart have d2 > 0 in float64 (2**-1000 is
+#: a normal number), so "d2 == 0" means "same position".
+_NO_UNDERFLOW = 2.0**-500
+
+
+class _Stacks:
+    """Points grouped by identical position, built on first use (duplicate-heavy scans only).
+
+    A row whose position holds at least ``width`` points has a pool of exact d2 = 0 ties:
+    the ``width - 1`` lowest-numbered other points there, since nothing is nearer and
+    (d2, p) breaks the ties by p. That holds when no two distinct positions have a d2 that
+    underflows to 0, which :meth:`pools` checks (distinct x values, and y values, at least
+    2**-500 apart); otherwise it leaves every row to the completeness guard.
+    """
+
+    def __init__(self, xp, x, y):
+        self.xp, self.x, self.y = xp, x, y
+        self._built = None
+
+    def _build(self):
+        xp, x, y = self.xp, self.x, self.y
+        n = int(x.shape[0])
+        sx, sy = xp.sort(x), xp.sort(y)
+        gaps = xp.concatenate([xp.diff(sx), xp.diff(sy)])
+        if float(xp.where(gaps > 0, gaps, xp.inf).min()) < _NO_UNDERFLOW:  # n >= 2
+            return None
+        order = xp.lexsort(xp.stack([xp.arange(n, dtype=xp.float64), y, x]))  # x, y, then p
+        xs, ys = x[order], y[order]
+        new = xp.ones(n, dtype=bool)
+        new[1:] = (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
+        start = xp.nonzero(new)[0]
+        count = xp.diff(xp.concatenate([start, xp.full(1, n, dtype=xp.int64)]))
+        where = xp.empty(n, dtype=xp.int64)
+        where[order] = xp.arange(n, dtype=xp.int64)
+        stack_of = xp.cumsum(new, dtype=xp.int64) - 1  # by sorted place
+        return order, start, count, stack_of, where
+
+    def pools(self, rows, width: int):
+        """(done, pools): rows on a stack of >= width points, and their width - 1 others."""
+        xp = self.xp
+        if self._built is None:
+            self._built = self._build() or ()
+        if not self._built:
+            return xp.zeros(int(rows.shape[0]), dtype=bool), xp.empty((0, width - 1), xp.int64)
+        order, start, count, stack_of, where = self._built
+        g = stack_of[where[rows]]
+        done = count[g] >= width
+        r, g = rows[done], g[done]
+        first = order[start[g][:, None] + xp.arange(width, dtype=xp.int64)[None, :]]
+        # The row is among its stack's first `width` or not; either way drop it, keep order.
+        is_row = (first == r[:, None]).astype(xp.int32)
+        drop = xp.argsort(is_row, axis=1, kind="stable")[:, : width - 1]
+        return done, xp.take_along_axis(first, drop, axis=1)
 
 
 def _rerank(xp, x, y, rows, width: int, kq: int, index):

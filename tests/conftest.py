@@ -131,6 +131,50 @@ class StingyIndex(BruteForceIndex):
         return cand, floor
 
 
+class Expanded32Neighbors:
+    """A ``NearestNeighbors`` stand-in ranked by cuML's float32 expanded distance
+    ``|q|^2 + |p|^2 - 2 q.p`` (brute force, float32 arithmetic).
+
+    It makes the rounding errors cuML's brute force makes (and misranks neighbours whenever
+    float32 cannot resolve them), to exercise the adapter's error bound with a library
+    that is really inexact. Written against ``xp`` (NumPy; ``test_gpu`` subclasses it
+    with CuPy to run the adapter on the device, where cuML is missing).
+    """
+
+    xp = np
+
+    def __init__(self, *, algorithm, metric):
+        self.metric = metric
+
+    def fit(self, X):
+        xp = self.xp
+        self.X = xp.asarray(X, dtype=xp.float32)
+        self.norms = (self.X * self.X).sum(axis=1, dtype=xp.float32)
+        return self
+
+    def kneighbors(self, Q, n_neighbors, return_distance=True):
+        xp = self.xp
+        Q = xp.asarray(Q, dtype=xp.float32)
+        q2 = (Q * Q).sum(axis=1, dtype=xp.float32)
+        s = (q2[:, None] + self.norms[None, :]) - xp.float32(2) * (Q @ self.X.T)
+        s = xp.maximum(s, xp.float32(0))
+        ind = xp.argsort(s, axis=1)[:, :n_neighbors]
+        d = xp.take_along_axis(s, ind, axis=1)
+        return (xp.sqrt(d) if self.metric == "euclidean" else d), ind
+
+
+class RepeatingNeighbors(Expanded32Neighbors):
+    """A faulty library: repeats an index in every third row, -1 in every fifth."""
+
+    def kneighbors(self, Q, n_neighbors, return_distance=True):
+        dist, ind = super().kneighbors(Q, n_neighbors)
+        ind = ind.copy()
+        if n_neighbors > 1:
+            ind[::3, -1] = ind[::3, 0]
+            ind[::5, 0] = -1
+        return dist, ind
+
+
 def make_backend(factory, name: str):
     """A custom NumPy ``Backend`` whose ``build_index`` is ``factory(x, y)``; records indexes."""
     from gpugroup.backends import Backend

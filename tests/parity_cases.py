@@ -31,6 +31,21 @@ def outlier():
     return np.append(x, 3e6), np.append(y, 3e6)
 
 
+def mixed_density(seed=14):
+    """A fine scan (spacing 0.01) inside a coarse overview (spacing 1): the grid engine
+    needs cells of both sizes."""
+    x, y = jittered_scan(300, seed=seed)
+    fx, fy = jittered_scan(500, seed=seed + 1, spacing=0.01)
+    return np.concatenate([x, fx + 7.3]), np.concatenate([y, fy + 4.1])
+
+
+def sparse_halo(seed=15):
+    """A dense cluster with sparse points around it, far beyond the cluster's cell size."""
+    fx, fy = jittered_scan(500, seed=seed, spacing=0.01)
+    x, y = jittered_scan(100, seed=seed + 1, spacing=10.0)
+    return np.concatenate([fx + 45.0, x]), np.concatenate([fy + 45.0, y])
+
+
 def case(name, xy, nsamples, K, C, seed=11, **kw):
     return pytest.param(xy, nsamples, K, C, seed, kw, id=name)
 
@@ -68,6 +83,8 @@ CASES = [
     case("line", lambda: (np.arange(200.0), np.zeros(200)), 100, 7, 4),
     case("far-clusters", far_clusters, 200, 7, 4),
     case("outlier", outlier, 150, 9, 4),
+    case("mixed-density", mixed_density, 400, 9, 4),
+    case("sparse-halo", sparse_halo, 300, 7, 4),
     # options
     case("sequential", lambda: jittered_scan(300, seed=10), 120, 7, 4, sequential=True),
     case("oversampling", lambda: square_grid(6), 120, 7, 4, enable_oversampling=True),

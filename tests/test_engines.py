@@ -13,11 +13,15 @@ import logging
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from conftest import CountingIndex, jittered_scan, square_grid
-from parity_cases import CASES, duplicated, far_clusters, outlier, scans3
+pytest.importorskip("hypothesis", reason="Hypothesis is not installed (pip install '.[test]')")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from conftest import (CountingIndex, Expanded32Neighbors, RepeatingNeighbors, jittered_scan,
+                      square_grid)
+from parity_cases import (CASES, duplicated, far_clusters, mixed_density, outlier, scans3,
+                          sparse_halo)
 from gpugroup import sample_groups
 from gpugroup.backends import Backend
 from gpugroup.backends.engines import (
@@ -38,32 +42,6 @@ needs_sklearn = pytest.mark.skipif(NearestNeighbors is None, reason="scikit-lear
 def _sklearn_algorithm(kq, n):
     """cuML's rbc/brute switch, mapped onto scikit-learn's algorithms."""
     return "kd_tree" if cuml_algorithm(kq, n) == "rbc" else "brute"
-
-
-class Expanded32Neighbors:
-    """Brute force ranked by cuML's float32 expanded distance |q|^2 + |p|^2 - 2 q.p.
-
-    NumPy float32 arithmetic: the same rounding errors cuML's brute force makes (and
-    misranks neighbours whenever float32 cannot resolve them), to exercise the floor's
-    error bound with a library that is really inexact.
-    """
-
-    def __init__(self, *, algorithm, metric):
-        self.metric = metric
-
-    def fit(self, X):
-        self.X = np.asarray(X, dtype=np.float32)
-        self.norms = (self.X * self.X).sum(axis=1, dtype=np.float32)
-        return self
-
-    def kneighbors(self, Q, n_neighbors, return_distance=True):
-        Q = np.asarray(Q, dtype=np.float32)
-        q2 = (Q * Q).sum(axis=1, dtype=np.float32)
-        s = (q2[:, None] + self.norms[None, :]) - np.float32(2) * (Q @ self.X.T)
-        s = np.maximum(s, np.float32(0))
-        ind = np.argpartition(s, n_neighbors - 1, axis=1)[:, :n_neighbors]
-        d = np.take_along_axis(s, ind, axis=1)
-        return (np.sqrt(d) if self.metric == "euclidean" else d), ind
 
 
 def _adapter(nn_class=None, **kw):
@@ -166,6 +144,8 @@ CONTRACT_SCANS = {
     "offset-1e5": lambda: tuple(a + 1e5 for a in jittered_scan(200, seed=3)),
     "far-clusters": lambda: far_clusters(n=100),
     "outlier": outlier,
+    "mixed-density": mixed_density,
+    "sparse-halo": sparse_halo,
 }
 
 
@@ -251,6 +231,60 @@ def test_grid_clustered_scan_shrinks_cells():
     index = GridIndex(x, y, xp=np)
     assert index.per_cell <= 4.0
     assert_contract(index, x, y, np.array([0, 150, 299, 300]), 12)
+
+
+def test_grid_mixed_density_gets_finer_levels():
+    """A fine scan inside a coarse one: cells of the coarse scan's size would put the whole
+    fine scan in a few cells (every query of it a block of hundreds); finer levels split
+    it, and each row is served where its block is small."""
+    x, y = mixed_density()
+    index = GridIndex(x, y, xp=np)
+    assert len(index.levels) >= 3
+    assert index.levels[0].crowding() <= 8.0 < index.levels[-1].crowding()
+    assert [lv.h for lv in index.levels] == sorted(lv.h for lv in index.levels)
+    served = []
+    for lv in index.levels:
+        lv.select = _spy(lv.select, lambda *a, lv=lv: served.append((lv.h, len(a[0]), a[-2])))
+    rows = np.arange(len(x))
+    assert_contract(index, x, y, rows, 9)
+    assert sum(m for _, m, _ in served) == len(x)  # every row served once
+    fine = [m for h, m, _ in served if h == index.levels[0].h]
+    assert sum(fine) >= 500 - 50  # the fine scan's rows stay at the finest level
+    assert max(int(R.max()) for _, _, R in served) <= 9  # no row needs a wide block
+
+
+def _spy(fn, record):
+    def wrapped(*a, **kw):
+        record(*a)
+        return fn(*a, **kw)
+    return wrapped
+
+
+def test_grid_builds_coarser_levels_for_many_sparse_rows():
+    x, y = sparse_halo()
+    roomy = GridIndex(x, y, xp=np)
+    tight = GridIndex(x, y, xp=np, max_slots=64)  # sparse rows x n over the budget
+    assert len(roomy.levels) == len(tight.levels)
+    rows = np.arange(len(x))
+    assert_contract(roomy, x, y, rows, 7)
+    b = assert_contract(tight, x, y, rows, 7)
+    assert len(tight.levels) > len(roomy.levels)  # built lazily, coarser than the base
+    assert tight.levels[-1].h > roomy.levels[-1].h
+    again = tight.query(rows, 7)  # the lazily built levels are reused
+    assert np.array_equal(again[0], b[0]) and np.array_equal(again[1], b[1])
+
+
+def test_grid_chunks_bound_padding_and_slots():
+    index = GridIndex(*jittered_scan(50, seed=1), xp=np, max_slots=400)
+    cost = np.random.default_rng(3).integers(1, 200, size=300)
+    parts = list(index._chunks(cost))
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(300))
+    for part in parts:
+        c = cost[part]
+        assert c.max() <= 4 * c.min()
+        assert len(part) == 1 or len(part) * c.max() <= 400
+    even = np.full(100, 3)  # similar costs within the budget: one chunk
+    assert [len(p) for p in index._chunks(even)] == [100]
 
 
 def test_grid_rejects_bad_kq_and_handles_no_rows():
@@ -372,26 +406,6 @@ def test_adapter_outlier_floor_loosens_but_stays_exact():
     assert np.array_equal(got, want)
 
 
-class RepeatingNeighbors:
-    """A faulty library: repeats an index in every third row, -1 in every fifth."""
-
-    def __init__(self, *, algorithm, metric):
-        self.inner = NearestNeighbors(algorithm=algorithm, metric=metric)
-
-    def fit(self, X):
-        self.inner.fit(X)
-        return self
-
-    def kneighbors(self, Q, n_neighbors, return_distance=True):
-        dist, ind = self.inner.kneighbors(Q, n_neighbors=n_neighbors)
-        ind = ind.copy()
-        if n_neighbors > 1:
-            ind[::3, -1] = ind[::3, 0]
-            ind[::5, 0] = -1
-        return dist, ind
-
-
-@needs_sklearn
 def test_adapter_repairs_invalid_rows_with_the_grid_engine(caplog):
     x, y = jittered_scan(300, seed=11)
     index = NeighborsIndex(x, y, xp=np, nn_class=RepeatingNeighbors)

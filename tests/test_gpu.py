@@ -15,7 +15,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import jittered_scan, square_grid
+from conftest import Expanded32Neighbors, RepeatingNeighbors, jittered_scan, square_grid
 from parity_cases import CASES as PARITY_CASES
 from parity_cases import case
 from gpugroup import sample_groups
@@ -104,12 +104,52 @@ def test_gpu_device_output_is_cupy_and_equal(cp, gpu_backend):
 @pytest.mark.gpu
 def test_gpu_dlpack_hands_off_to_torch_without_copy(cp, gpu_backend):
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("this PyTorch build has no CUDA")
     x, y = jittered_scan(500, seed=4)
     dev = sample_groups(x, y, 200, 7, 4, seed=1, backend=gpu_backend, output="device")
     t = torch.from_dlpack(dev)
     assert t.is_cuda and t.dtype == torch.int32 and tuple(t.shape) == dev.shape
     assert t.data_ptr() == dev.data.ptr  # same memory: zero copy
     np.testing.assert_array_equal(t.cpu().numpy(), cp.asnumpy(dev))
+
+
+def _adapter_backend(cp, library):
+    """The cuML adapter on the device, with a CuPy float32 brute force in cuML's place
+    (cuML is not on every GPU machine; the adapter's own device code still runs)."""
+    import functools
+
+    from gpugroup.backends import Backend
+    from gpugroup.backends.engines import NeighborsIndex
+
+    on_device = type(f"Cupy{library.__name__}", (library,), {"xp": cp})
+    return Backend(name="gpu-adapter", xp=cp, asnumpy=cp.asnumpy,
+                   build_index=functools.partial(NeighborsIndex, xp=cp, nn_class=on_device,
+                                                 algorithm="brute", batch_rows=512),
+                   description=f"CuPy + NeighborsIndex({library.__name__} on CuPy)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("xy, nsamples, K, C, seed, kw", PARITY_CASES)
+def test_gpu_neighbors_adapter_equals_cpu(cp, xy, nsamples, K, C, seed, kw):
+    x, y = xy()
+    want = sample_groups(x, y, nsamples, K, C, seed=seed, backend="cpu", **kw)
+    got = sample_groups(x, y, nsamples, K, C, seed=seed,
+                        backend=_adapter_backend(cp, Expanded32Neighbors), **kw)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_neighbors_adapter_repairs_invalid_rows(cp, caplog):
+    import logging
+
+    x, y = jittered_scan(3000, seed=11)
+    want = sample_groups(x, y, 1000, 9, 4, seed=4, backend="cpu")
+    with caplog.at_level(logging.WARNING, logger="gpugroup.backends.engines"):
+        got = sample_groups(x, y, 1000, 9, 4, seed=4,
+                            backend=_adapter_backend(cp, RepeatingNeighbors))
+    assert "repeated indices" in caplog.text
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.gpu

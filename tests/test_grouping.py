@@ -192,6 +192,75 @@ def test_duplicate_pool_is_lowest_indices():
         assert set(row) == {s} | set([p for p in range(6) if p != s][:4]), (s, row)
 
 
+def _stack_spy(monkeypatch):
+    """Record how many rows each ``_Stacks.pools`` call settled."""
+    from gpugroup import grouping
+
+    settled = []
+    real = grouping._Stacks.pools
+
+    def pools(self, rows, width):
+        done, p = real(self, rows, width)
+        settled.append(int(done.sum()))
+        return done, p
+
+    monkeypatch.setattr(grouping._Stacks, "pools", pools)
+    return settled
+
+
+def _counting_backend(name):
+    wrapped = []
+
+    def factory(a, b):
+        wrapped.append(CountingIndex(KDTreeIndex(a, b)))
+        return wrapped[-1]
+
+    return make_backend(factory, name)[0], wrapped
+
+
+def test_large_duplicate_stacks_match_reference(monkeypatch):
+    """Stacks far larger than the widening threshold: rows on them take the stack's lowest
+    numbers without querying kq up to the stack size; the rest widen as usual."""
+    settled = _stack_spy(monkeypatch)
+    x, y = jittered_scan(200, seed=7)
+    x = np.concatenate([x, np.full(600, x[17]), np.full(400, 3.0), np.full(5, 6.5), x[:3]])
+    y = np.concatenate([y, np.full(600, y[17]), np.full(400, 3.5), np.full(5, 2.0), y[:3]])
+    backend, wrapped = _counting_backend("cpu-count-stacks")
+    n = len(x)
+    for K, C in [(9, 4), (16, 9)]:
+        assert_matches_reference(x, y, 300, K, C, 3, backend=backend)
+    assert sum(settled) > 0
+    # past kq = 256 only rows next to a stack (not on one) still widen: a handful
+    assert 0 < sum(r for r, kq in wrapped[0].calls if kq > 256) < 30, wrapped[0].calls
+    got = groups_cpu(x, y, n, 7, 4, 3, backend=backend, batch_rows=97)
+    assert got.tolist() == ref.sample_groups(x, y, n, 7, 4, 3)
+
+
+def test_all_identical_large_scan_does_not_widen_to_n(monkeypatch):
+    settled = _stack_spy(monkeypatch)
+    n = 5000
+    x, y = np.full(n, -2.5), np.full(n, 1e3)
+    backend, wrapped = _counting_backend("cpu-count-identical")
+    got = groups_cpu(x, y, 400, 8, 4, 5, backend=backend)
+    assert sum(settled) == 400
+    assert max(kq for _, kq in wrapped[0].calls) <= 2 * 256
+    seeds = groups_cpu(x, y, 400, 1, 1, 5)[:, 0].tolist()
+    for s, row in zip(seeds, got.tolist()):  # the seed and the 7 lowest other numbers
+        assert set(row) <= {s} | set([p for p in range(9) if p != s][:7]), (s, row)
+    assert got.tolist() == ref.sample_groups(x, y, 400, 8, 4, 5)
+
+
+def test_stack_shortcut_steps_aside_when_d2_underflows(monkeypatch):
+    """Two stacks 1e-170 apart have d2 = 0 between them in float64: "same d2" is no longer
+    "same position", so the shortcut must not apply and the guard decides alone."""
+    settled = _stack_spy(monkeypatch)
+    x = np.concatenate([np.zeros(300), np.full(300, 1e-170), np.arange(1.0, 11.0)])
+    y = np.zeros(610)
+    got = assert_matches_reference(x, y, 200, 9, 4, 8)
+    assert settled and sum(settled) == 0
+    assert got.shape == (200, 4)
+
+
 # ----------------------------------------------------------------------------- small n
 @pytest.mark.parametrize("n,K,C", [(6, 9, 4), (4, 9, 4), (4, 4, 4), (2, 5, 2), (1, 3, 1), (9, 50, 9)])
 def test_small_scans_pool_is_everything(n, K, C):

@@ -12,8 +12,10 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="Hypothesis is not installed (pip install '.[test]')")
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import reference as ref
 from conftest import BruteForceIndex, make_backend

@@ -35,20 +35,39 @@ def _query_args(xp, rows, kq, n):
     return rows, int(rows.shape[0]), kq
 
 
+#: Each finer level of the grid has cells this many times smaller per side.
+_LEVEL_STEP = 4
+#: At most this many levels built up front (finer than the first) and in all (a density
+#: range of 4**22 per unit area).
+_MAX_FINER = 8
+_MAX_LEVELS = 12
+#: A level keeps a row only while its block radius stays below this many cells (or twice
+#: the level's density estimate for kq, when larger); rows that need more go up a level.
+_LEVEL_RADIUS = 4
+
+
 class GridIndex:
-    """Exact candidates from a uniform cell grid over float64 coordinates.
+    """Exact candidates from a pyramid of uniform cell grids over float64 coordinates.
 
-    Build: square cells of side ``h`` over the bounding box, ``h`` chosen for about
-    ``points_per_cell`` points per occupied cell (refined from the measured occupancy of
-    distinct positions, so clustered scans get cells of their own density and duplicates
-    do not drive the cells to zero size); points sorted by cell id (one
-    ``argsort`` per refinement). Runs of cells are found in a dense table of cell starts
-    when the grid has at most ``2 n + 16`` cells (uniform scans), else by ``searchsorted``
-    in the sorted ids, so memory is at most ``48 n`` bytes whatever the bounding box.
+    Build: the coarsest level has square cells of side ``h`` over the bounding box, ``h``
+    chosen for about ``points_per_cell`` points per occupied cell (refined from the
+    measured occupancy of distinct positions, so far-apart scans get cells of their own
+    density and duplicates do not drive the cells to zero size). While the cell of a
+    typical point (mean over points) still holds more than ``4 * points_per_cell``
+    distinct positions, a finer level with cells ``1/4`` the side is added, up to 8:
+    scans whose density varies (a fine scan inside a coarse overview) get small cells
+    where they are dense and large ones where they are sparse. Uniform scans have one
+    level. Where many rows find too few points within a few cells of every level, a
+    coarser level (cells 4x the side) is built at query time and kept. Each level sorts the points by cell id (one ``argsort``); runs of cells are
+    found in a dense table of cell starts when the level has at most ``2 n + 16`` cells,
+    else by ``searchsorted`` in the sorted ids, so memory is at most ``48 n`` bytes per
+    level whatever the bounding box.
 
-    Query: each row takes the square block of ``(2R + 1)^2`` cells around its own cell,
-    R the smallest radius (doubling from a density estimate) whose block holds
-    ``kq + 1`` points. A block is ``2R + 1`` runs of consecutive cells, each a contiguous
+    Query: a row starts at the finest level and takes the square block of
+    ``(2R + 1)^2`` cells around its own cell, R the smallest radius (doubling from a
+    density estimate) whose block holds ``kq + 1`` points; a row whose R would pass
+    ``max(4, 2 R0 + 1)`` (R0 the level's estimate) goes up a level, and the coarsest level
+    takes every row left. A block is ``2R + 1`` runs of consecutive cells, each a contiguous
     range of the sorted points; members get d2 from separate float64 operations and the
     ``kq`` smallest per row are picked by one flat sort on
     ``(row << 32) | float32-rounded-down d2``. ``floor`` is the smaller of
@@ -57,11 +76,13 @@ class GridIndex:
       beyond it, lowered by a slack covering the rounding of the cell arithmetic, and
     * the float32-rounded-down d2 of the best block member not returned.
 
+    Both hold at whichever level serves the row, so the level changes speed, never results.
+
     Memory per query: rows run in chunks of at most ``max_slots`` (row, block member)
     slots and ``max_slots`` (row, run) pairs, about 100 bytes per slot at peak, so
     ``100 * max_slots`` bytes (default 2**22 slots: ~420 MB) beyond the index, or one
     row's block when a single block is larger. No per-row Python loops: loops run over
-    radius doublings and chunks.
+    levels, radius doublings and chunks.
 
     Parameters
     ----------
@@ -92,12 +113,12 @@ class GridIndex:
             raise ValueError(f"GridIndex needs two equal-length non-empty 1-D arrays, got "
                              f"shapes {self.x.shape} and {self.y.shape}")
         self.max_slots = int(max_slots)
-        self.x0, xmax, self.y0, ymax = xp.stack(
+        x0, xmax, y0, ymax = xp.stack(
             [self.x.min(), self.x.max(), self.y.min(), self.y.max()]).tolist()
-        wx, wy = xmax - self.x0, ymax - self.y0
-        self._extent = (wx, wy)
+        self.origin = (x0, y0)
+        self.extent = wx, wy = (xmax - x0, ymax - y0)
         # Cells per axis stay below 2**30, so cell ids (cy * gx + cx) fit in int64.
-        h_min = max(wx, wy) * 2.0**-30
+        self.h_min = h_min = max(wx, wy) * 2.0**-30
         if wx > 0 and wy > 0:
             h = math.sqrt(wx * wy * points_per_cell / n)
         else:
@@ -105,67 +126,177 @@ class GridIndex:
         h = max(h, h_min)
         if not h > 0 or not math.isfinite(1.0 / h):
             h = 1.0  # every point at one position: one cell
-        distinct = None  # positions with distinct (x, y), counted only when needed
+        self._first = None  # first point of each distinct position, found when needed
         previous = None
         for _ in range(16):  # uniform scans stop after the first pass
-            order, cells, occupied = self._assign(h)
-            per_cell = n / occupied
-            if per_cell > 2 * points_per_cell and h > h_min:
-                # Crowded cells: a clustered scan (cells too coarse) or duplicates (which
+            level = _Level(self, h)
+            if level.per_cell > 2 * points_per_cell and h > h_min:
+                # Crowded cells: far-apart scans (cells too coarse) or duplicates (which
                 # no cell size splits): refine on distinct positions per cell.
-                if distinct is None:
-                    distinct = self._distinct_positions()
-                crowd = distinct / occupied
+                crowd = int(self._first_of_position().sum()) / level.occupied
                 if crowd > 2 * points_per_cell:
                     stuck = previous is not None and crowd > 0.9 * previous
                     shrink = points_per_cell / crowd
                     h = max(h * (shrink if stuck else math.sqrt(shrink)), h_min)
                     previous = crowd
                     continue
-            elif per_cell < points_per_cell / 4 and (self.gx > 1 or self.gy > 1):
-                h = h * math.sqrt(points_per_cell / per_cell)  # thin strip: coarser
+            elif level.per_cell < points_per_cell / 4 and (level.gx > 1 or level.gy > 1):
+                h = h * math.sqrt(points_per_cell / level.per_cell)  # thin strip: coarser
                 previous = None
                 continue
             break
-        self.per_cell = per_cell
-        self.cells = cells
-        # Where the grid is small enough (uniform scans), a dense table of cell starts
-        # replaces the binary searches: start of cell c = cell_start[c].
-        self.cell_start = None
-        if self.gx * self.gy <= 2 * n + 16:
-            counts = xp.bincount(cells, minlength=self.gx * self.gy)
-            self.cell_start = xp.concatenate(
-                [xp.zeros(1, dtype=xp.int64), xp.cumsum(counts, dtype=xp.int64)])
-        self.perm = order
-        self.xs = self.x[order]
-        self.ys = self.y[order]
-        logger.debug("GridIndex: n=%d, %d x %d cells of side %g, %.2f points per occupied cell",
-                     n, self.gx, self.gy, self.h, per_cell)
+        levels = [level]
+        # Finer levels while the cell of a typical point holds many distinct positions
+        # (duplicates, which no cell size splits, do not count).
+        if level.crowding() > 4 * points_per_cell:
+            first = self._first_of_position()
+            while (len(levels) < _MAX_FINER and level.h > h_min
+                   and level.crowding(first) > 4 * points_per_cell):
+                level = _Level(self, max(level.h / _LEVEL_STEP, h_min))
+                levels.append(level)
+        self.levels = levels[::-1]  # finest first; query() may append coarser ones
+        self.per_cell = levels[0].per_cell
+        self._first = None
+        logger.debug("GridIndex: n=%d, levels (cells, side, points per occupied cell): %s", n,
+                     ", ".join(f"{lv.gx}x{lv.gy} {lv.h:g} {lv.per_cell:.2f}"
+                               for lv in self.levels))
 
-    def _assign(self, h):
-        """Cell geometry for side h; returns (order, sorted cell ids, occupied cells)."""
+    def _first_of_position(self):
+        """Bool (n,): True at one point of each distinct (x, y) position."""
+        if self._first is None:
+            xp = self.xp
+            o = xp.lexsort(xp.stack([self.y, self.x]))
+            xs, ys = self.x[o], self.y[o]
+            new = xp.ones(self.n, dtype=bool)
+            new[1:] = (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
+            self._first = xp.empty(self.n, dtype=bool)
+            self._first[o] = new
+        return self._first
+
+    # ------------------------------------------------------------------ query
+    def query(self, rows, kq: int):
+        """``(cand, floor)`` for local point numbers ``rows`` (see the module contract)."""
         xp = self.xp
+        rows, m, kq = _query_args(xp, rows, kq, self.n)
+        cand = xp.empty((m, kq), dtype=xp.int64)
+        floor = xp.empty(m, dtype=xp.float64)
+        need = min(kq + 1, self.n)
+        todo = xp.arange(m, dtype=xp.int64)
+        i = 0
+        while int(todo.shape[0]):
+            if i == len(self.levels):  # rows too sparse for every level so far
+                self.levels.append(_Level(self, self.levels[-1].h * _LEVEL_STEP))
+                logger.debug("GridIndex: coarser level %d x %d for %d rows",
+                             self.levels[-1].gx, self.levels[-1].gy, int(todo.shape[0]))
+            level = self.levels[i]
+            qx = self.x[rows[todo]]
+            qy = self.y[rows[todo]]
+            ux, uy, cx, cy = level.locate(qx, qy)
+            R, cnt = level.radius(cx, cy, need, kq, capped=True)
+            up = xp.nonzero(R < 0)[0]
+            e = int(up.shape[0])
+            if e and i + 1 == len(self.levels) and (e * self.n <= self.max_slots
+                                                     or len(self.levels) >= _MAX_LEVELS):
+                # A few outliers: cheaper served here (at worst the whole grid each) than
+                # by another level.
+                R[up], cnt[up] = level.radius(cx[up], cy[up], need, kq, capped=False)
+                up = up[:0]
+            here = xp.nonzero(R >= 0)[0]
+            cost = xp.maximum(cnt, xp.where(R >= level.gmax, 1, xp.minimum(2 * R + 1, level.gy)))
+            for part in self._chunks(cost[here]):
+                p = here[part]
+                c, f = level.select(qx[p], qy[p], ux[p], uy[p], cx[p], cy[p], R[p], kq)
+                cand[todo[p]] = c
+                floor[todo[p]] = f
+            todo = todo[up]
+            i += 1
+        return cand, floor
+
+    def _chunks(self, cost):
+        """Row subsets, by increasing cost, each with (rows x largest cost) <= max_slots and
+        its largest cost at most 4x its smallest (bounded padding) unless all fit at once."""
+        xp = self.xp
+        m = int(cost.shape[0])
+        if not m:
+            return
+        top = int(cost.max())
+        if m * top <= self.max_slots and m * top <= 4 * int(cost.sum()):
+            yield xp.arange(m, dtype=xp.int64)
+            return
+        order = xp.argsort(cost, kind="stable")
+        c = np.asarray(cost[order].tolist(), dtype=np.int64)
+        i = 0
+        while i < m:
+            f = (np.arange(i + 1, m + 1) - i) * c[i:]  # rows x largest cost, non-decreasing
+            j = min(i + max(1, int(np.searchsorted(f, self.max_slots, side="right"))),
+                    i + int(np.searchsorted(c[i:], 4 * c[i], side="right")))
+            yield order[i:j]
+            i = j
+
+
+class _Level:
+    """One uniform grid of a :class:`GridIndex`: cells of side ``h``, points sorted by cell."""
+
+    def __init__(self, index: GridIndex, h: float):
+        xp = self.xp = index.xp
+        self.n = n = index.n
         self.h = h
         self.inv_h = inv_h = 1.0 / h
-        wx, wy = self._extent
+        self.x0, self.y0 = index.origin
+        wx, wy = index.extent
         self.gx = gx = int(math.floor(wx * inv_h)) + 1
         self.gy = gy = int(math.floor(wy * inv_h)) + 1
         self.gmax = max(gx, gy)
         # Cell coordinates u = (x - x0) * inv_h, each a separately rounded operation; the
         # query side computes them the same way, and the floor's slack covers their error.
-        cx = xp.clip(xp.floor((self.x - self.x0) * inv_h).astype(xp.int64), 0, gx - 1)
-        cy = xp.clip(xp.floor((self.y - self.y0) * inv_h).astype(xp.int64), 0, gy - 1)
+        cx = xp.clip(xp.floor((index.x - self.x0) * inv_h).astype(xp.int64), 0, gx - 1)
+        cy = xp.clip(xp.floor((index.y - self.y0) * inv_h).astype(xp.int64), 0, gy - 1)
         cells = cy * gx + cx
-        order = xp.argsort(cells, kind="stable").astype(xp.int64)
-        cells = cells[order]
-        occupied = 1 + int(xp.count_nonzero(cells[1:] != cells[:-1]))
-        return order, cells, occupied
+        del cx, cy
+        self.perm = order = xp.argsort(cells, kind="stable").astype(xp.int64)
+        self.cells = cells = cells[order]
+        starts, counts = self._occupied_cells()
+        self.occupied = int(starts.shape[0])
+        #: Mean points per occupied cell.
+        self.per_cell = n / self.occupied
+        # Where the grid is small enough (uniform scans), a dense table of cell starts
+        # replaces the binary searches: start of cell c = cell_start[c].
+        self.cell_start = None
+        if gx * gy <= 2 * n + 16:
+            full = xp.zeros(gx * gy, dtype=xp.int64)
+            full[cells[starts]] = counts
+            self.cell_start = xp.concatenate(
+                [xp.zeros(1, dtype=xp.int64), xp.cumsum(full, dtype=xp.int64)])
+        self.xs = index.x[order]
+        self.ys = index.y[order]
 
-    def _distinct_positions(self) -> int:
+    def _occupied_cells(self):
+        """Start (in the sorted points) and point count of each occupied cell."""
         xp = self.xp
-        o = xp.lexsort(xp.stack([self.y, self.x]))
-        xs, ys = self.x[o], self.y[o]
-        return 1 + int(xp.count_nonzero((xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])))
+        starts = xp.concatenate([xp.zeros(1, dtype=xp.int64),
+                                 xp.nonzero(self.cells[1:] != self.cells[:-1])[0] + 1])
+        return starts, xp.diff(xp.concatenate([starts, xp.full(1, self.n, dtype=xp.int64)]))
+
+    def crowding(self, first=None) -> float:
+        """Points (or, given ``first``, distinct positions) in the cell of a typical point:
+        the mean over points of their cell's count."""
+        xp = self.xp
+        starts, counts = self._occupied_cells()
+        if first is None:
+            inside = counts
+        else:
+            seen = xp.cumsum(first[self.perm], dtype=xp.int64)
+            inside = seen[starts + counts - 1] - xp.where(starts > 0, seen[starts - 1], 0)
+        return float((counts * inside).sum()) / self.n
+
+    def locate(self, qx, qy):
+        """Cell coordinates ``(ux, uy)`` and cells ``(cx, cy)`` of query points."""
+        xp = self.xp
+        ux = (qx - self.x0) * self.inv_h
+        uy = (qy - self.y0) * self.inv_h
+        cx = xp.clip(xp.floor(ux).astype(xp.int64), 0, self.gx - 1)
+        cy = xp.clip(xp.floor(uy).astype(xp.int64), 0, self.gy - 1)
+        return ux, uy, cx, cy
 
     def _initial_radius(self, kq: int) -> int:
         # A disc of radius R cells around the point holds about pi R^2 per_cell points.
@@ -196,65 +327,36 @@ class GridIndex:
         length = xp.where(s < nseg[:, None], end - start, 0)
         return start, length
 
-    def _radius(self, cx, cy, need: int, kq: int):
+    def radius(self, cx, cy, need: int, kq: int, capped: bool):
         """Per-row radius whose block holds >= need points; and the block counts.
 
         Radii double; past ``max(64, n / 8)`` cell rows a row takes the whole grid (one
-        run of n points is cheaper than that many runs).
+        run of n points is cheaper than that many runs). ``capped``: a row whose radius
+        would pass ``max(4, 2 R0 + 1)`` gets R = -1 (it belongs to a coarser level).
         """
         xp = self.xp
         m = int(cx.shape[0])
-        R = xp.full(m, min(self._initial_radius(kq), self.gmax), dtype=xp.int64)
-        cnt = self._runs(cx, cy, R)[1].sum(axis=1)
-        short = xp.nonzero(cnt < need)[0]
+        R0 = min(self._initial_radius(kq), self.gmax)
+        cap = max(_LEVEL_RADIUS, 2 * R0 + 1) if capped else None
+        R = xp.full(m, R0, dtype=xp.int64)
+        cnt = xp.zeros(m, dtype=xp.int64)
+        short = xp.arange(m, dtype=xp.int64)
         too_far = max(64, self.n // 8)
-        while int(short.shape[0]):  # rare: scan edges, holes, outliers
-            grown = 2 * R[short] + 1
-            R[short] = xp.where(2 * grown + 1 > too_far, self.gmax, xp.minimum(grown, self.gmax))
+        while int(short.shape[0]):  # a second pass is rare: edges, holes, outliers
             cnt[short] = self._runs(cx[short], cy[short], R[short])[1].sum(axis=1)
             short = short[cnt[short] < need]
+            if not int(short.shape[0]):
+                break
+            grown = 2 * R[short] + 1
+            if cap is not None:
+                R[short] = xp.where(grown > cap, -1, grown)
+                short = short[grown <= cap]
+            else:
+                R[short] = xp.where(2 * grown + 1 > too_far, self.gmax,
+                                    xp.minimum(grown, self.gmax))
         return R, cnt
 
-    # ------------------------------------------------------------------ query
-    def query(self, rows, kq: int):
-        """``(cand, floor)`` for local point numbers ``rows`` (see the module contract)."""
-        xp = self.xp
-        rows, m, kq = _query_args(xp, rows, kq, self.n)
-        cand = xp.empty((m, kq), dtype=xp.int64)
-        floor = xp.empty(m, dtype=xp.float64)
-        if m == 0:
-            return cand, floor
-        qx = self.x[rows]
-        qy = self.y[rows]
-        ux = (qx - self.x0) * self.inv_h
-        uy = (qy - self.y0) * self.inv_h
-        cx = xp.clip(xp.floor(ux).astype(xp.int64), 0, self.gx - 1)
-        cy = xp.clip(xp.floor(uy).astype(xp.int64), 0, self.gy - 1)
-        R, cnt = self._radius(cx, cy, min(kq + 1, self.n), kq)
-        cost = xp.maximum(cnt, xp.where(R >= self.gmax, 1, xp.minimum(2 * R + 1, self.gy)))
-        if m * int(cost.max()) <= self.max_slots:
-            return self._select(qx, qy, ux, uy, cx, cy, R, kq)
-        for part in self._chunks(cost):
-            c, f = self._select(qx[part], qy[part], ux[part], uy[part], cx[part], cy[part],
-                                R[part], kq)
-            cand[part] = c
-            floor[part] = f
-        return cand, floor
-
-    def _chunks(self, cost):
-        """Row subsets, by increasing cost, with (rows x largest cost) <= max_slots."""
-        xp = self.xp
-        m = int(cost.shape[0])
-        order = xp.argsort(cost, kind="stable")
-        c = np.asarray(cost[order].tolist(), dtype=np.int64)
-        i = 0
-        while i < m:
-            f = (np.arange(i + 1, m + 1) - i) * c[i:]  # rows x largest cost, non-decreasing
-            j = i + max(1, int(np.searchsorted(f, self.max_slots, side="right")))
-            yield order[i:j]
-            i = j
-
-    def _select(self, qx, qy, ux, uy, cx, cy, R, kq: int):
+    def select(self, qx, qy, ux, uy, cx, cy, R, kq: int):
         """Candidates and floors for one chunk of rows (all arrays of length m)."""
         xp = self.xp
         m = int(qx.shape[0])
