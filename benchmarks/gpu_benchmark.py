@@ -2,8 +2,9 @@
 """Benchmark gpugroup on a GPU: grouping CPU vs GPU (with parity) and assembly bandwidth.
 
 Grouping: Fermat-spiral scans of n positions (default 1e5, 1e6, 1e7), nsamples = n/10,
-K = 7 and 16, C = 4; CPU (SciPy cKDTree) and GPU timed in the same run, and the integer
-groups compared. The CPU run is skipped when its estimate (from the previous size) exceeds
+K = 7 and 16, C = 4, then a nested scan (half the positions a fine raster, 1/100 the pitch,
+inside a coarse one; default n = 1e6, K = 7); CPU (SciPy cKDTree) and GPU timed in the same
+run, and the integer groups compared. The CPU run is skipped when its estimate (from the previous size) exceeds
 ``--cpu-limit`` seconds; parity is then checked on a prefix of the groups (the first m
 groups do not depend on nsamples >= m).
 
@@ -43,7 +44,7 @@ if str(REPO) not in sys.path:
 import gpugroup  # noqa: E402
 from gpugroup import sample_groups  # noqa: E402
 from gpugroup.backends import Backend  # noqa: E402
-from gpugroup.simulate import fermat_spiral  # noqa: E402
+from gpugroup.simulate import fermat_spiral, nested_scan  # noqa: E402
 
 #: Peak DRAM bandwidth (GB/s) by card, for when the driver does not report clock and bus.
 KNOWN_BANDWIDTH_GBS = {
@@ -180,57 +181,25 @@ def bench_grouping(dev: Device, report: Report, args):
     report.data["warmup_s"] = time.perf_counter() - t0
     report.save()
     cpu_rate = None  # seconds per (n + nsamples * K) from the last CPU run
-    for n in args.sizes:
+    scans = [("fermat spiral", n, K) for n in args.sizes for K in args.K]
+    scans += [("nested scan (fine ROI in a coarse overview)", n, args.K[0]) for n in args.nested]
+    for layout, n, K in scans:
         if time.perf_counter() > args.deadline:
-            report.data["notes"].append(f"grouping n={n} skipped: deadline reached")
-            break
-        x, y = fermat_spiral(n, spacing=1.0, jitter=0.1, rng=np.random.default_rng(n))
-        nsamples = max(1, n // 10)
-        for K in args.K:
-            row = {"n": n, "nsamples": nsamples, "K": K, "C": args.C, "layout": "fermat spiral",
-                   "seed": 7}
-            rows.append(row)
-            try:
-                call = functools.partial(sample_groups, x, y, nsamples, K, args.C, seed=7,
-                                         backend=dev.backend)
-                times, got = time_call(dev, call, args.repeats)
-                row["gpu_s"] = times
-                row["gpu_best_s"] = min(times)
-                dtimes, _ = time_call(dev, functools.partial(call, output="device"), 1)
-                row["gpu_device_output_s"] = dtimes[0]
-                print(f"[bench] n={n:.0e} K={K}: GPU {min(times):.3f} s "
-                      f"(runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)
-                report.save()
-                work = n + nsamples * K
-                estimate = None if cpu_rate is None else cpu_rate * work
-                row["cpu_estimate_s"] = estimate
-                if estimate is not None and estimate > args.cpu_limit:
-                    row["cpu_s"] = None
-                    row["cpu_skipped"] = (f"estimated {estimate:.0f} s > --cpu-limit "
-                                          f"{args.cpu_limit:.0f} s")
-                    m = min(nsamples, args.prefix_rows)
-                    want = sample_groups(x, y, m, K, args.C, seed=7, backend="cpu")
-                    row["parity"] = bool(np.array_equal(got[:m], want))
-                    row["parity_rows"] = m
-                else:
-                    t0 = time.perf_counter()
-                    want = sample_groups(x, y, nsamples, K, args.C, seed=7, backend="cpu")
-                    row["cpu_s"] = time.perf_counter() - t0
-                    cpu_rate = row["cpu_s"] / work
-                    row["speedup"] = row["cpu_s"] / row["gpu_best_s"]
-                    row["parity"] = bool(np.array_equal(got, want))
-                    row["parity_rows"] = nsamples
-                    print(f"[bench] n={n:.0e} K={K}: CPU {row['cpu_s']:.3f} s, "
-                          f"speedup {row['speedup']:.1f}x", flush=True)
-                if not row["parity"]:
-                    mism = int((got[: row["parity_rows"]] != want).any(axis=1).sum())
-                    row["parity_mismatched_rows"] = mism
-                print(f"[bench] n={n:.0e} K={K}: parity {row['parity']} over "
-                      f"{row['parity_rows']} groups", flush=True)
-            except Exception as exc:  # keep going: later sizes may still work
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                report.error(f"grouping n={n} K={K}", exc)
-            report.save()
+            report.data["notes"].append(f"grouping {layout} n={n} K={K} skipped: deadline")
+            continue
+        if layout == "fermat spiral":
+            x, y = fermat_spiral(n, spacing=1.0, jitter=0.1, rng=np.random.default_rng(n))
+        else:
+            x, y = nested_scan(n, seed=n % 1000)
+        row = {"n": n, "nsamples": max(1, n // 10), "K": K, "C": args.C, "layout": layout,
+               "seed": 7}
+        rows.append(row)
+        try:
+            cpu_rate = _grouping_row(dev, report, args, row, x, y, cpu_rate)
+        except Exception as exc:  # keep going: later sizes may still work
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            report.error(f"grouping {layout} n={n} K={K}", exc)
+        report.save()
         del x, y
     checked = [r for r in rows if "parity" in r]
     report.data["parity_summary"] = {
@@ -238,6 +207,47 @@ def bench_grouping(dev: Device, report: Report, args):
         "all_identical": bool(checked) and all(r["parity"] for r in checked),
     }
     report.save()
+
+
+def _grouping_row(dev, report, args, row, x, y, cpu_rate):
+    """Time one grouping on the GPU and the CPU (or a prefix), check parity; returns the
+    CPU rate (seconds per n + nsamples * K) for estimating the next CPU run."""
+    n, nsamples, K = row["n"], row["nsamples"], row["K"]
+    tag = f"n={n:.0e} K={K} {row['layout'].split(' (')[0]}"
+    call = functools.partial(sample_groups, x, y, nsamples, K, args.C, seed=7,
+                             backend=dev.backend)
+    times, got = time_call(dev, call, args.repeats)
+    row["gpu_s"] = times
+    row["gpu_best_s"] = min(times)
+    dtimes, _ = time_call(dev, functools.partial(call, output="device"), 1)
+    row["gpu_device_output_s"] = dtimes[0]
+    print(f"[bench] {tag}: GPU {min(times):.3f} s "
+          f"(runs {', '.join(f'{t:.3f}' for t in times)})", flush=True)
+    report.save()
+    work = n + nsamples * K
+    estimate = None if cpu_rate is None else cpu_rate * work
+    row["cpu_estimate_s"] = estimate
+    if estimate is not None and estimate > args.cpu_limit:
+        row["cpu_s"] = None
+        row["cpu_skipped"] = f"estimated {estimate:.0f} s > --cpu-limit {args.cpu_limit:.0f} s"
+        m = min(nsamples, args.prefix_rows)
+        want = sample_groups(x, y, m, K, args.C, seed=7, backend="cpu")
+        row["parity"] = bool(np.array_equal(got[:m], want))
+        row["parity_rows"] = m
+    else:
+        t0 = time.perf_counter()
+        want = sample_groups(x, y, nsamples, K, args.C, seed=7, backend="cpu")
+        row["cpu_s"] = time.perf_counter() - t0
+        cpu_rate = row["cpu_s"] / work
+        row["speedup"] = row["cpu_s"] / row["gpu_best_s"]
+        row["parity"] = bool(np.array_equal(got, want))
+        row["parity_rows"] = nsamples
+        print(f"[bench] {tag}: CPU {row['cpu_s']:.3f} s, speedup {row['speedup']:.1f}x",
+              flush=True)
+    if not row["parity"]:
+        row["parity_mismatched_rows"] = int((got[: row["parity_rows"]] != want).any(axis=1).sum())
+    print(f"[bench] {tag}: parity {row['parity']} over {row['parity_rows']} groups", flush=True)
+    return cpu_rate
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -339,6 +349,9 @@ def main(argv=None) -> int:
                    help="folder for the JSON (default $OUT, else benchmarks/results)")
     p.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated n (default %(default)s)")
     p.add_argument("--K", default="7,16", help="pool sizes (default %(default)s)")
+    p.add_argument("--nested", default="1e6",
+                   help="n of nested scans (a fine ROI in a coarse overview), first K only; "
+                        "'' for none (default %(default)s)")
     p.add_argument("--C", type=int, default=4, help="group size (default %(default)s)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per GPU measurement")
     p.add_argument("--cpu-limit", type=float, default=60.0,
@@ -358,6 +371,7 @@ def main(argv=None) -> int:
                    help="seconds after which remaining steps are skipped")
     args = p.parse_args(argv)
     args.sizes = parse_sizes(args.sizes)
+    args.nested = parse_sizes(args.nested)
     args.K = [int(k) for k in args.K.split(",")]
     args.assembly_n = int(args.assembly_n)
     args.chunk_bytes = [int(float(c[:-2]) * 2**20) if c.endswith("Mi") else int(float(c))

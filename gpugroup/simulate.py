@@ -81,6 +81,18 @@ def jittered_scan(n: int, seed: int = 0, spacing: float = 1.0, jitter: float = 0
     return x, y
 
 
+def nested_scan(n: int, seed: int = 0, fine_fraction: float = 0.5, ratio: float = 100.0):
+    """A coarse overview scan (pitch 1) with a fine scan (pitch ``1 / ratio``) of a small
+    region inside it: ``round(fine_fraction * n)`` of the ``n`` positions are fine, so the
+    density varies by ``ratio**2``. Both parts are :func:`jittered_scan` rasters; returns
+    float64 ``(x, y)``, coarse positions first. Used by the tests and benchmarks."""
+    n_fine = int(round(fine_fraction * n))
+    x, y = jittered_scan(n - n_fine, seed=seed)
+    fx, fy = jittered_scan(n_fine, seed=seed + 1, spacing=1.0 / ratio)
+    side = math.ceil(math.sqrt(max(n - n_fine, 1)))
+    return np.concatenate([x, fx + 0.43 * side]), np.concatenate([y, fy + 0.27 * side])
+
+
 def make_probe(N: int) -> np.ndarray:
     """A soft-edged disk with a quadratic (defocus) phase, normalized to unit energy.
 

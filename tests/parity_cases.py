@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import jittered_scan, square_grid
+from gpugroup.simulate import nested_scan
 
 
 def duplicated(copies):
@@ -32,11 +33,9 @@ def outlier():
 
 
 def mixed_density(seed=14):
-    """A fine scan (spacing 0.01) inside a coarse overview (spacing 1): the grid engine
-    needs cells of both sizes."""
-    x, y = jittered_scan(300, seed=seed)
-    fx, fy = jittered_scan(500, seed=seed + 1, spacing=0.01)
-    return np.concatenate([x, fx + 7.3]), np.concatenate([y, fy + 4.1])
+    """A fine scan (pitch 0.01) inside a coarse overview (pitch 1): the grid engine needs
+    cells of both sizes."""
+    return nested_scan(800, seed=seed, fine_fraction=0.625, ratio=100.0)
 
 
 def sparse_halo(seed=15):

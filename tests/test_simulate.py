@@ -9,7 +9,7 @@ from scipy.spatial import cKDTree
 
 from gpugroup import RawData
 from gpugroup.assembly import extract_patches
-from gpugroup.simulate import make_probe, simulate_rawdata, simulate_scan
+from gpugroup.simulate import make_probe, nested_scan, simulate_rawdata, simulate_scan
 
 N = 16
 n = 300
@@ -146,3 +146,16 @@ def test_rawdata_from_simulation_groups_and_round_trips(tmp_path):
     np.testing.assert_array_equal(back.diff3d, raw.diff3d)
     np.testing.assert_array_equal(back.objectGuess, raw.objectGuess)
     assert back.metadata == raw.metadata
+
+
+def test_nested_scan_has_a_fine_region_inside_a_coarse_one():
+    x, y = nested_scan(2000, seed=3, fine_fraction=0.25, ratio=50.0)
+    assert x.shape == y.shape == (2000,) and x.dtype == np.float64
+    coarse, fine = slice(0, 1500), slice(1500, None)
+    d_coarse, _ = cKDTree(np.c_[x[coarse], y[coarse]]).query(np.c_[x[coarse], y[coarse]], k=2)
+    d_fine, _ = cKDTree(np.c_[x[fine], y[fine]]).query(np.c_[x[fine], y[fine]], k=2)
+    assert 30 < np.median(d_coarse[:, 1]) / np.median(d_fine[:, 1]) < 80  # pitch ratio ~50
+    for a in (x, y):  # the fine raster lies inside the overview
+        assert a[coarse].min() < a[fine].min() and a[fine].max() < a[coarse].max()
+    again = nested_scan(2000, seed=3, fine_fraction=0.25, ratio=50.0)
+    assert np.array_equal(again[0], x) and np.array_equal(again[1], y)

@@ -16,10 +16,11 @@ Pick one with ``make_backend(engine=...)`` or the environment variable
 ``GPUGROUP_GPU_ENGINE`` (read by ``backend="gpu"`` / ``"auto"``).
 
 Memory per batch: ``grouping`` queries at most ``batch_rows`` seeds at a time (default
-2**17) and bounds its (rows x kq) blocks at 2**23 entries. Beyond the index (about 64 bytes
-per position for the grid engine, 8 bytes for the cuML adapter's float32 copy plus cuML's
-index), the grid engine needs about 100 bytes per (row, block member) slot, at most
-2**22 slots per chunk (~420 MB); the cuML adapter holds ``batch_rows * kq * 12`` bytes of
+2**16) and bounds its (rows x kq) blocks at 2**23 entries. The grid engine's index takes
+32-48 bytes per position and grid level (one level for a uniform scan, a few where the
+density varies, at most 12); each query chunk needs about 100 bytes per (row, block
+member) slot, at most 2**22 slots (~420 MB). The cuML adapter keeps a float32 copy of the
+positions (8 bytes each) beside cuML's index and holds ``batch_rows * kq * 12`` bytes of
 cuML output per call plus cuML's own tiled workspace.
 
 Device output and PyTorch: ``sample_groups(..., backend="gpu", output="device")`` returns
