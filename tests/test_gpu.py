@@ -312,11 +312,12 @@ def test_gpu_benchmark_script_cpu_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_benchmark_smoke", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rc = bench.main(["--cpu-only", "--sizes", "2e3", "--K", "7", "--repeats", "1",
-                     "--assembly-n", "400", "--assembly-nsamples", "100", "--chunk-bytes", "1Mi",
-                     "--out", str(tmp_path)])
+    rc = bench.main(["--cpu-only", "--sizes", "2e3", "--nested", "3e3", "--K", "7",
+                     "--repeats", "1", "--assembly-n", "400", "--assembly-nsamples", "100",
+                     "--chunk-bytes", "1Mi", "--out", str(tmp_path)])
     (result,) = tmp_path.glob("cpu-smoke-*.json")
     data = json.loads(result.read_text())
     assert rc == 0 and data["errors"] == [] and data["finished"]
-    assert data["parity_summary"] == {"checked": 1, "identical": 1, "all_identical": True}
+    assert data["parity_summary"] == {"checked": 2, "identical": 2, "all_identical": True}
+    assert [r["layout"].split(" ")[0] for r in data["grouping"]] == ["fermat", "nested"]
     assert [r["backend"] for r in data["assembly"]] == ["grid-numpy", "bare xp gather (reference)"]

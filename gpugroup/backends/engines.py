@@ -44,12 +44,15 @@ _MAX_LEVELS = 12
 #: A level keeps a row only while its block radius stays below this many cells (or twice
 #: the level's density estimate for kq, when larger); rows that need more go up a level.
 _LEVEL_RADIUS = 4
+#: Rows that no level serves within that radius build a coarser level only when there are
+#: more of them than this (and their whole-grid blocks would pass ``max_slots``).
+_FEW_ROWS = 64
 
 
 class GridIndex:
     """Exact candidates from a pyramid of uniform cell grids over float64 coordinates.
 
-    Build: the coarsest level has square cells of side ``h`` over the bounding box, ``h``
+    Build: the first level has square cells of side ``h`` over the bounding box, ``h``
     chosen for about ``points_per_cell`` points per occupied cell (refined from the
     measured occupancy of distinct positions, so far-apart scans get cells of their own
     density and duplicates do not drive the cells to zero size). While the cell of a
@@ -58,10 +61,11 @@ class GridIndex:
     scans whose density varies (a fine scan inside a coarse overview) get small cells
     where they are dense and large ones where they are sparse. Uniform scans have one
     level. Where many rows find too few points within a few cells of every level, a
-    coarser level (cells 4x the side) is built at query time and kept. Each level sorts the points by cell id (one ``argsort``); runs of cells are
-    found in a dense table of cell starts when the level has at most ``2 n + 16`` cells,
-    else by ``searchsorted`` in the sorted ids, so memory is at most ``48 n`` bytes per
-    level whatever the bounding box.
+    coarser level (cells 4x the side) is built at query time and kept; a few such rows
+    (at most 64: outliers) are served by the coarsest level instead. Each level sorts the
+    points by cell id (one ``argsort``); runs of cells are found in a dense table of cell
+    starts when the level has at most ``2 n + 16`` cells, else by ``searchsorted`` in the
+    sorted ids, so memory is at most ``48 n`` bytes per level whatever the bounding box.
 
     Query: a row starts at the finest level and takes the square block of
     ``(2R + 1)^2`` cells around its own cell, R the smallest radius (doubling from a
@@ -195,10 +199,11 @@ class GridIndex:
             R, cnt = level.radius(cx, cy, need, kq, capped=True)
             up = xp.nonzero(R < 0)[0]
             e = int(up.shape[0])
-            if e and i + 1 == len(self.levels) and (e * self.n <= self.max_slots
-                                                     or len(self.levels) >= _MAX_LEVELS):
-                # A few outliers: cheaper served here (at worst the whole grid each) than
-                # by another level.
+            last = i + 1 == len(self.levels)
+            if e and last and (e <= _FEW_ROWS or e * self.n <= self.max_slots
+                               or len(self.levels) >= _MAX_LEVELS):
+                # A few outliers: served here (at worst the whole grid each) rather than by
+                # another level of n points, which would not shrink a far outlier's block.
                 R[up], cnt[up] = level.radius(cx[up], cy[up], need, kq, capped=False)
                 up = up[:0]
             here = xp.nonzero(R >= 0)[0]
