@@ -199,14 +199,13 @@ def bench_grouping(dev: Device, report: Report, args):
         except Exception as exc:  # keep going: later sizes may still work
             row["error"] = f"{type(exc).__name__}: {exc}"
             report.error(f"grouping {layout} n={n} K={K}", exc)
+        checked = [r for r in rows if "parity" in r]  # kept current: a run may be cut short
+        report.data["parity_summary"] = {
+            "checked": len(checked), "identical": sum(r["parity"] for r in checked),
+            "all_identical": bool(checked) and all(r["parity"] for r in checked),
+        }
         report.save()
         del x, y
-    checked = [r for r in rows if "parity" in r]
-    report.data["parity_summary"] = {
-        "checked": len(checked), "identical": sum(r["parity"] for r in checked),
-        "all_identical": bool(checked) and all(r["parity"] for r in checked),
-    }
-    report.save()
 
 
 def _grouping_row(dev, report, args, row, x, y, cpu_rate):
