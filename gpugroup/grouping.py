@@ -68,22 +68,29 @@ def sample_seeds(xp, n: int, m: int, seed: int, sequential: bool = False):
 _PROBE_ROWS = 1024
 
 
-def _starting_kq(xp, x, y, rows, width: int, index) -> int:
-    """The smallest kq (width + 1, doubling) that completes 90% of a probe of rows.
+def _starting_kq(xp, x, y, rows, width: int, index):
+    """``(kq, stacked)``: the smallest kq (width + 1, doubling) that completes 90% of a probe
+    of rows, and whether 1% of the probe or more sit on stacks of duplicates (their
+    ``width - 1`` nearest others all at their own position).
 
     Jittered scans complete at width + 1; raster grids need their tie shell. Probing once
-    saves querying every row twice.
+    saves querying every row twice. Only speed depends on the answer, never the groups.
     """
     kq = min(index.n, width + 1)
-    if int(rows.shape[0]) <= _PROBE_ROWS:  # a probe would be the whole query again
-        return kq
-    while kq < min(index.n, 64 * width):  # past that, per-row widening is cheaper
+    m = int(rows.shape[0])
+    if not m:
+        return kq, False
+    probe = rows[:_PROBE_ROWS]
+    ranked, complete = _rerank(xp, x, y, probe, width, kq, index)
+    far = ranked[:, -1]
+    stacked = float(((x[far] == x[probe]) & (y[far] == y[probe])).mean()) >= 0.01
+    if stacked or m <= _PROBE_ROWS:  # a longer probe would be the whole query again
+        return kq, stacked
+    while float(complete.mean()) < 0.9 and kq < min(index.n, 64 * width):  # past that,
+        kq = min(index.n, 2 * kq)                                # per-row widening is cheaper
         probe = rows[: max(1, min(_PROBE_ROWS, _MAX_BLOCK // kq))]
         _, complete = _rerank(xp, x, y, probe, width, kq, index)
-        if float(complete.mean()) >= 0.9:
-            break
-        kq = min(index.n, 2 * kq)
-    return kq
+    return kq, False
 
 
 def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BATCH_ROWS):
@@ -99,12 +106,24 @@ def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BAT
     out[:, 0] = seeds
     if width == 1:
         return out
-    kq = _starting_kq(xp, x, y, seeds, width, index)
     stacks = _Stacks(xp, x, y)
-    for start in range(0, int(seeds.shape[0]), batch_rows):
-        rows = seeds[start : start + batch_rows]
-        out[start : start + int(rows.shape[0]), 1:] = _nearest_others(xp, x, y, rows, width,
-                                                                      index, kq, stacks)
+    rest = xp.arange(int(seeds.shape[0]), dtype=xp.int64)
+
+    def settle_stacked_rows(rest):
+        done, pools = stacks.pools(seeds[rest], width)
+        out[rest[done], 1:] = pools
+        return rest[~done]
+
+    # Positions repeated so often that every query of them would be as wide as the repeat
+    # (the engine says so, or the probe finds them): their rows settle before querying.
+    if getattr(index, "stacked", False):
+        rest = settle_stacked_rows(rest)
+    kq, stacked = _starting_kq(xp, x, y, seeds[rest], width, index)
+    if stacked:
+        rest = settle_stacked_rows(rest)
+    for start in range(0, int(rest.shape[0]), batch_rows):
+        part = rest[start : start + batch_rows]
+        out[part, 1:] = _nearest_others(xp, x, y, seeds[part], width, index, kq, stacks)
     return out
 
 
@@ -114,14 +133,14 @@ def _nearest_others(xp, x, y, rows, width: int, index, kq: int, stacks=None):
     result = xp.empty((int(rows.shape[0]), width - 1), dtype=xp.int64)
     todo = xp.arange(int(rows.shape[0]), dtype=xp.int64)
     while int(todo.shape[0]):
-        if kq > _STACK_KQ and stacks is not None:
+        if stacks is not None and kq > max(_STACK_KQ, 4 * width):
             # Still incomplete this far out: rows on a stack of >= width duplicates (whose
-            # d2 = 0 ties no kq short of the stack's size can settle) take it directly.
+            # d2 = 0 ties no kq short of the stack's size settles) take it directly; once.
             done, pools = stacks.pools(rows[todo], width)
             result[todo[done]] = pools
-            todo = todo[~done]
-            stacks = None
-            continue
+            todo, stacks = todo[~done], None
+            if not int(todo.shape[0]):
+                break
         block = max(1, _MAX_BLOCK // kq)
         still = []
         for b in range(0, int(todo.shape[0]), block):
@@ -139,11 +158,29 @@ def _nearest_others(xp, x, y, rows, width: int, index, kq: int, stacks=None):
     return result
 
 
-#: Past this kq, rows on a stack of duplicates take their pool from it (see _Stacks).
+#: Past this kq (and 4 width), rows still incomplete that sit on a stack of duplicates
+#: take their pool from it (see _Stacks).
 _STACK_KQ = 256
 #: Distinct coordinate values at least this far apart have d2 > 0 in float64 (2**-1000 is
 #: a normal number), so "d2 == 0" means "same position".
 _NO_UNDERFLOW = 2.0**-500
+
+
+def position_runs(xp, x, y):
+    """Points grouped by identical position: ``(order, start, count)``.
+
+    ``order`` sorts the points by x, then y, then point number; the points at the j-th
+    distinct position are ``order[start[j] : start[j] + count[j]]``, ascending.
+    (-0.0 and 0.0 are one position, as their d2 is 0.)
+    """
+    n = int(x.shape[0])
+    # The point number as the last key makes the order explicit, stable sort or not.
+    order = xp.lexsort(xp.stack([xp.arange(n, dtype=xp.float64), y, x]))
+    xs, ys = x[order], y[order]
+    new = xp.ones(n, dtype=bool)
+    new[1:] = (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
+    start = xp.nonzero(new)[0]
+    return order, start, xp.diff(xp.concatenate([start, xp.full(1, n, dtype=xp.int64)]))
 
 
 class _Stacks:
@@ -162,21 +199,16 @@ class _Stacks:
 
     def _build(self):
         xp, x, y = self.xp, self.x, self.y
-        n = int(x.shape[0])
-        sx, sy = xp.sort(x), xp.sort(y)
-        gaps = xp.concatenate([xp.diff(sx), xp.diff(sy)])
+        gaps = xp.concatenate([xp.diff(xp.sort(x)), xp.diff(xp.sort(y))])
         if float(xp.where(gaps > 0, gaps, xp.inf).min()) < _NO_UNDERFLOW:  # n >= 2
             return None
-        order = xp.lexsort(xp.stack([xp.arange(n, dtype=xp.float64), y, x]))  # x, y, then p
-        xs, ys = x[order], y[order]
-        new = xp.ones(n, dtype=bool)
-        new[1:] = (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
-        start = xp.nonzero(new)[0]
-        count = xp.diff(xp.concatenate([start, xp.full(1, n, dtype=xp.int64)]))
-        where = xp.empty(n, dtype=xp.int64)
-        where[order] = xp.arange(n, dtype=xp.int64)
-        stack_of = xp.cumsum(new, dtype=xp.int64) - 1  # by sorted place
-        return order, start, count, stack_of, where
+        order, start, count = position_runs(xp, x, y)
+        n = int(x.shape[0])
+        step = xp.zeros(n, dtype=xp.int64)
+        step[start[1:]] = 1
+        stack_of = xp.empty(n, dtype=xp.int64)
+        stack_of[order] = xp.cumsum(step)  # stack number of each point
+        return order, start, count, stack_of
 
     def pools(self, rows, width: int):
         """(done, pools): rows on a stack of >= width points, and their width - 1 others."""
@@ -185,8 +217,8 @@ class _Stacks:
             self._built = self._build() or ()
         if not self._built:
             return xp.zeros(int(rows.shape[0]), dtype=bool), xp.empty((0, width - 1), xp.int64)
-        order, start, count, stack_of, where = self._built
-        g = stack_of[where[rows]]
+        order, start, count, stack_of = self._built
+        g = stack_of[rows]
         done = count[g] >= width
         r, g = rows[done], g[done]
         first = order[start[g][:, None] + xp.arange(width, dtype=xp.int64)[None, :]]

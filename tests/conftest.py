@@ -73,6 +73,9 @@ class CountingIndex:
         self.calls.append((int(len(rows)), int(kq)))
         return self.inner.query(rows, kq)
 
+    def __getattr__(self, name):  # the engine's optional hints (e.g. ``stacked``)
+        return getattr(self.inner, name)
+
 
 class BruteForceIndex:
     """An exact brute-force engine that is adversarial about everything it may choose.

@@ -287,6 +287,41 @@ def test_grid_chunks_bound_padding_and_slots():
     assert [len(p) for p in index._chunks(even)] == [100]
 
 
+@pytest.mark.parametrize("layout", ["identical", "half-stacked"])
+def test_grid_settles_stacked_rows_without_querying_them(layout):
+    """A cell holding a stack of S duplicates makes every query of it S wide: rows on such
+    stacks take their pool from the stack before any query, with the same groups."""
+    if layout == "identical":
+        x, y = np.zeros(4000), np.zeros(4000)
+    else:
+        jx, jy = jittered_scan(2000, seed=8)
+        x, y = np.concatenate([jx, np.full(2000, jx[5])]), np.concatenate([jy, np.full(2000, jy[5])])
+    built = []
+    be = engine_backend("grid", wrap=lambda ix: built.append(CountingIndex(ix)) or built[-1])
+    got = sample_groups(x, y, 1000, 9, 4, seed=3, backend=be)
+    assert built[0].stacked
+    queried = sum(r for r, _ in built[0].calls)
+    if layout == "identical":
+        assert queried == 0
+    else:  # rows of the jittered half only (the probe counts them once more)
+        assert 0 < queried < 2 * 1000 * 2000 / 4000 + 1024
+    assert np.array_equal(got, sample_groups(x, y, 1000, 9, 4, seed=3, backend="cpu"))
+
+
+def test_grid_warns_when_outliers_crowd_its_finest_cells(caplog):
+    x, y = jittered_scan(2000, seed=9)
+    x, y = np.append(x, 1e13), np.append(y, 1e13)  # a sentinel-like position
+    with caplog.at_level(logging.WARNING, logger="gpugroup.backends.engines"):
+        index = GridIndex(x, y, xp=np)
+    assert "far outliers or sentinel values" in caplog.text
+    assert_contract(index, x, y, np.array([0, 1000, 1999, 2000]), 9)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpugroup.backends.engines"):
+        GridIndex(*mixed_density(), xp=np)
+        GridIndex(*far_clusters(), xp=np)
+    assert caplog.text == ""
+
+
 def test_grid_rejects_bad_kq_and_handles_no_rows():
     x, y = square_grid(4)
     index = GridIndex(x, y, xp=np)

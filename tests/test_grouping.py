@@ -261,6 +261,18 @@ def test_stack_shortcut_steps_aside_when_d2_underflows(monkeypatch):
     assert got.shape == (200, 4)
 
 
+def test_signed_zero_stacks_are_one_position(monkeypatch):
+    """-0.0 and 0.0 are one position (d2 = 0): a stack mixing them is ranked by number."""
+    settled = _stack_spy(monkeypatch)
+    rng = np.random.default_rng(2)
+    x = np.where(rng.random(700) < 0.5, -0.0, 0.0)
+    y = np.where(rng.random(700) < 0.5, 0.0, -0.0)
+    x = np.concatenate([x, np.arange(1.0, 31.0)])
+    y = np.concatenate([y, np.ones(30)])
+    assert_matches_reference(x, y, 300, 9, 4, 6)
+    assert sum(settled) > 0
+
+
 # ----------------------------------------------------------------------------- small n
 @pytest.mark.parametrize("n,K,C", [(6, 9, 4), (4, 9, 4), (4, 4, 4), (2, 5, 2), (1, 3, 1), (9, 50, 9)])
 def test_small_scans_pool_is_everything(n, K, C):

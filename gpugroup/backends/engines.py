@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from gpugroup.grouping import position_runs
+
 logger = logging.getLogger(__name__)
 
 #: Unit roundoff of IEEE float32 (round to nearest).
@@ -47,6 +49,8 @@ _LEVEL_RADIUS = 4
 #: Rows that no level serves within that radius build a coarser level only when there are
 #: more of them than this (and their whole-grid blocks would pass ``max_slots``).
 _FEW_ROWS = 64
+#: A position holding this many points makes the index ``stacked`` (see GridIndex).
+_STACKED = 32
 
 
 class GridIndex:
@@ -122,7 +126,7 @@ class GridIndex:
         self.origin = (x0, y0)
         self.extent = wx, wy = (xmax - x0, ymax - y0)
         # Cells per axis stay below 2**30, so cell ids (cy * gx + cx) fit in int64.
-        self.h_min = h_min = max(wx, wy) * 2.0**-30
+        h_min = max(wx, wy) * 2.0**-30
         if wx > 0 and wy > 0:
             h = math.sqrt(wx * wy * points_per_cell / n)
         else:
@@ -130,14 +134,27 @@ class GridIndex:
         h = max(h, h_min)
         if not h > 0 or not math.isfinite(1.0 / h):
             h = 1.0  # every point at one position: one cell
-        self._first = None  # first point of each distinct position, found when needed
+        first = None  # one point of each distinct position, found when first needed
+        #: Some position holds >= 32 points (seen only where cells crowd): neighbour_pool
+        #: then settles rows on such stacks without querying them.
+        self.stacked = False
+
+        def distinct():
+            nonlocal first
+            if first is None:
+                order, start, count = position_runs(xp, self.x, self.y)
+                first = xp.zeros(n, dtype=bool)
+                first[order[start]] = True
+                self.stacked = int(count.max()) >= _STACKED
+            return first
+
         previous = None
         for _ in range(16):  # uniform scans stop after the first pass
             level = _Level(self, h)
             if level.per_cell > 2 * points_per_cell and h > h_min:
                 # Crowded cells: far-apart scans (cells too coarse) or duplicates (which
                 # no cell size splits): refine on distinct positions per cell.
-                crowd = int(self._first_of_position().sum()) / level.occupied
+                crowd = int(distinct().sum()) / level.occupied
                 if crowd > 2 * points_per_cell:
                     stuck = previous is not None and crowd > 0.9 * previous
                     shrink = points_per_cell / crowd
@@ -153,29 +170,22 @@ class GridIndex:
         # Finer levels while the cell of a typical point holds many distinct positions
         # (duplicates, which no cell size splits, do not count).
         if level.crowding() > 4 * points_per_cell:
-            first = self._first_of_position()
-            while (len(levels) < _MAX_FINER and level.h > h_min
-                   and level.crowding(first) > 4 * points_per_cell):
+            while len(levels) < _MAX_FINER and level.crowding(distinct()) > 4 * points_per_cell:
+                if level.h <= h_min:
+                    logger.warning(
+                        "GridIndex: the positions span %g but crowd %.0f distinct positions "
+                        "into a cell of side %g, the finest a grid over that span can have: "
+                        "far outliers or sentinel values among the positions? Grouping with "
+                        "the grid engine will be slow; drop those positions or use "
+                        "backend='cpu'", max(wx, wy), level.crowding(first), level.h)
+                    break
                 level = _Level(self, max(level.h / _LEVEL_STEP, h_min))
                 levels.append(level)
         self.levels = levels[::-1]  # finest first; query() may append coarser ones
         self.per_cell = levels[0].per_cell
-        self._first = None
         logger.debug("GridIndex: n=%d, levels (cells, side, points per occupied cell): %s", n,
                      ", ".join(f"{lv.gx}x{lv.gy} {lv.h:g} {lv.per_cell:.2f}"
                                for lv in self.levels))
-
-    def _first_of_position(self):
-        """Bool (n,): True at one point of each distinct (x, y) position."""
-        if self._first is None:
-            xp = self.xp
-            o = xp.lexsort(xp.stack([self.y, self.x]))
-            xs, ys = self.x[o], self.y[o]
-            new = xp.ones(self.n, dtype=bool)
-            new[1:] = (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
-            self._first = xp.empty(self.n, dtype=bool)
-            self._first[o] = new
-        return self._first
 
     # ------------------------------------------------------------------ query
     def query(self, rows, kq: int):
