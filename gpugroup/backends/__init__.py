@@ -13,7 +13,12 @@ The candidate-index contract (shared by every engine)::
     # floor: (len(rows),)    xp float64, every point NOT in cand[r] has exact
     #        float64 squared distance >= floor[r] to point rows[r]
 
-Engines only propose candidates; ``grouping.neighbour_pool`` re-ranks them exactly.
+    index.stacked                         # optional hint: True when some position holds
+                                          # many points (queries of it would be as wide)
+
+Engines only propose candidates; ``grouping.neighbour_pool`` re-ranks them exactly (and
+takes rows on stacks of duplicates from the stack, with the same result, when ``stacked``
+or its own probe says so).
 """
 
 from __future__ import annotations
