@@ -86,8 +86,9 @@ def _starting_kq(xp, x, y, rows, width: int, index):
     stacked = float(((x[far] == x[probe]) & (y[far] == y[probe])).mean()) >= 0.01
     if stacked or m <= _PROBE_ROWS:  # a longer probe would be the whole query again
         return kq, stacked
-    while float(complete.mean()) < 0.9 and kq < min(index.n, 64 * width):  # past that,
-        kq = min(index.n, 2 * kq)                                # per-row widening is cheaper
+    # Past 64 width, per-row widening is cheaper than probing on.
+    while float(complete.mean()) < 0.9 and kq < min(index.n, 64 * width):
+        kq = min(index.n, 2 * kq)
         probe = rows[: max(1, min(_PROBE_ROWS, _MAX_BLOCK // kq))]
         _, complete = _rerank(xp, x, y, probe, width, kq, index)
     return kq, False
@@ -189,8 +190,8 @@ class _Stacks:
     A row whose position holds at least ``width`` points has a pool of exact d2 = 0 ties:
     the ``width - 1`` lowest-numbered other points there, since nothing is nearer and
     (d2, p) breaks the ties by p. That holds when no two distinct positions have a d2 that
-    underflows to 0, which :meth:`pools` checks (distinct x values, and y values, at least
-    2**-500 apart); otherwise it leaves every row to the completeness guard.
+    underflows to 0, which the first :meth:`pools` checks (distinct x values, and y values,
+    at least 2**-500 apart); otherwise it leaves every row to the completeness guard.
     """
 
     def __init__(self, xp, x, y):

@@ -262,10 +262,8 @@ class _Level:
         self.gx = gx = int(math.floor(wx * inv_h)) + 1
         self.gy = gy = int(math.floor(wy * inv_h)) + 1
         self.gmax = max(gx, gy)
-        # Cell coordinates u = (x - x0) * inv_h, each a separately rounded operation; the
-        # query side computes them the same way, and the floor's slack covers their error.
-        cx = xp.clip(xp.floor((index.x - self.x0) * inv_h).astype(xp.int64), 0, gx - 1)
-        cy = xp.clip(xp.floor((index.y - self.y0) * inv_h).astype(xp.int64), 0, gy - 1)
+        # Points and queries get their cells from the same arithmetic (locate).
+        _, _, cx, cy = self.locate(index.x, index.y)
         cells = cy * gx + cx
         del cx, cy
         self.perm = order = xp.argsort(cells, kind="stable").astype(xp.int64)
@@ -305,7 +303,8 @@ class _Level:
         return float((counts * inside).sum()) / self.n
 
     def locate(self, qx, qy):
-        """Cell coordinates ``(ux, uy)`` and cells ``(cx, cy)`` of query points."""
+        """Cell coordinates ``(ux, uy)`` and cells ``(cx, cy)`` of points: u = (x - x0) *
+        inv_h, each a separately rounded operation (the floor's slack covers their error)."""
         xp = self.xp
         ux = (qx - self.x0) * self.inv_h
         uy = (qy - self.y0) * self.inv_h
