@@ -71,21 +71,18 @@ _PROBE_ROWS = 1024
 def _starting_kq(xp, x, y, rows, width: int, index):
     """``(kq, stacked)``: the smallest kq (width + 1, doubling) that completes 90% of a probe
     of rows, and whether 1% of the probe or more sit on stacks of duplicates (their
-    ``width - 1`` nearest others all at their own position).
+    ``width - 1`` nearest others all at their own position). No probe for a few rows.
 
     Jittered scans complete at width + 1; raster grids need their tie shell. Probing once
     saves querying every row twice. Only speed depends on the answer, never the groups.
     """
     kq = min(index.n, width + 1)
-    m = int(rows.shape[0])
-    if not m:
+    if int(rows.shape[0]) <= _PROBE_ROWS:  # a probe would be the whole query again
         return kq, False
     probe = rows[:_PROBE_ROWS]
     ranked, complete = _rerank(xp, x, y, probe, width, kq, index)
-    far = ranked[:, -1]
-    stacked = float(((x[far] == x[probe]) & (y[far] == y[probe])).mean()) >= 0.01
-    if stacked or m <= _PROBE_ROWS:  # a longer probe would be the whole query again
-        return kq, stacked
+    if float(_on_own_position(xp, x, y, probe, ranked).mean()) >= 0.01:
+        return kq, True
     # Past 64 width, per-row widening is cheaper than probing on.
     while float(complete.mean()) < 0.9 and kq < min(index.n, 64 * width):
         kq = min(index.n, 2 * kq)
@@ -133,10 +130,11 @@ def _nearest_others(xp, x, y, rows, width: int, index, kq: int, stacks=None):
     n = index.n
     result = xp.empty((int(rows.shape[0]), width - 1), dtype=xp.int64)
     todo = xp.arange(int(rows.shape[0]), dtype=xp.int64)
+    stacked = False  # an incomplete row was seen sitting on a stack
     while int(todo.shape[0]):
-        if stacks is not None and kq > max(_STACK_KQ, 4 * width):
-            # Still incomplete this far out: rows on a stack of >= width duplicates (whose
-            # d2 = 0 ties no kq short of the stack's size settles) take it directly; once.
+        if stacks is not None and (stacked or kq > max(_STACK_KQ, 4 * width)):
+            # Rows on a stack of >= width duplicates (whose d2 = 0 ties no kq short of the
+            # stack's size settles) take it directly; once.
             done, pools = stacks.pools(rows[todo], width)
             result[todo[done]] = pools
             todo, stacks = todo[~done], None
@@ -150,6 +148,9 @@ def _nearest_others(xp, x, y, rows, width: int, index, kq: int, stacks=None):
             if kq >= n:
                 complete[:] = True
             result[sub[complete]] = ranked[complete]
+            if stacks is not None and not stacked:
+                on_stack = _on_own_position(xp, x, y, rows[sub], ranked) & ~complete
+                stacked = bool(on_stack.any())
             still.append(sub[~complete])
         todo = xp.concatenate(still)
         if int(todo.shape[0]):
@@ -159,8 +160,8 @@ def _nearest_others(xp, x, y, rows, width: int, index, kq: int, stacks=None):
     return result
 
 
-#: Past this kq (and 4 width), rows still incomplete that sit on a stack of duplicates
-#: take their pool from it (see _Stacks).
+#: Rows still incomplete that sit on a stack of duplicates take their pool from it (see
+#: _Stacks) as soon as one is seen there, or at the latest past this kq (and 4 width).
 _STACK_KQ = 256
 #: Distinct coordinate values at least this far apart have d2 > 0 in float64 (2**-1000 is
 #: a normal number), so "d2 == 0" means "same position".
@@ -227,6 +228,12 @@ class _Stacks:
         is_row = (first == r[:, None]).astype(xp.int32)
         drop = xp.argsort(is_row, axis=1, kind="stable")[:, : width - 1]
         return done, xp.take_along_axis(first, drop, axis=1)
+
+
+def _on_own_position(xp, x, y, rows, ranked):
+    """Rows whose ranked others (nearest first) all sit at the row's own position."""
+    far = ranked[:, -1]
+    return (x[far] == x[rows]) & (y[far] == y[rows])
 
 
 def _rerank(xp, x, y, rows, width: int, kq: int, index):
