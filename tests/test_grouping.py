@@ -250,6 +250,22 @@ def test_all_identical_large_scan_does_not_widen_to_n(monkeypatch):
     assert got.tolist() == ref.sample_groups(x, y, 400, 8, 4, 5)
 
 
+def test_probe_spots_stacks_and_settles_them_before_querying(monkeypatch):
+    """With more rows than the probe, a probe that finds rows on stacks settles every
+    stacked row at once: the only queries are the probe's and the other rows'."""
+    settled = _stack_spy(monkeypatch)
+    jx, jy = jittered_scan(1500, seed=4)
+    x = np.concatenate([np.full(1500, 2.5), jx])
+    y = np.concatenate([np.full(1500, 7.5), jy])
+    backend, wrapped = _counting_backend("cpu-count-probe")
+    got = groups_cpu(x, y, 2000, 9, 4, 12, backend=backend)
+    calls = wrapped[0].calls
+    assert calls[0] == (1024, 10)  # the probe, at kq = K + 1
+    assert settled and settled[0] > 500  # ~half of 2000 seeds are on the stack
+    assert sum(r for r, _ in calls[1:]) < 2 * (2000 - settled[0])
+    assert got.tolist() == ref.sample_groups(x, y, 2000, 9, 4, 12)
+
+
 def test_stack_shortcut_steps_aside_when_d2_underflows(monkeypatch):
     """Two stacks 1e-170 apart have d2 = 0 between them in float64: "same d2" is no longer
     "same position", so the shortcut must not apply and the guard decides alone."""
