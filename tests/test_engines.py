@@ -308,17 +308,38 @@ def test_grid_settles_stacked_rows_without_querying_them(layout):
     assert np.array_equal(got, sample_groups(x, y, 1000, 9, 4, seed=3, backend="cpu"))
 
 
+@pytest.mark.parametrize("far", [1e13, -1e30, 1e140])
+def test_grid_box_leaves_far_outliers_to_its_border_cells(far, caplog):
+    """A sentinel-like position far away must not stretch the cells over the whole scan:
+    the box leaves it out (it sits in a border cell), and its own row is still exact."""
+    x, y = jittered_scan(3000, seed=9)
+    x, y = np.append(x, far), np.append(y, 17.5)
+    with caplog.at_level(logging.WARNING, logger="gpugroup.backends.engines"):
+        index = GridIndex(x, y, xp=np)
+    assert caplog.text == ""
+    assert len(index.levels) == 1 and index.per_cell < 4
+    assert index.extent[0] < 100  # the scan's, not the outlier's
+    assert_contract(index, x, y, np.array([0, 1500, 2999, 3000]), 9)
+    be = engine_backend("grid")
+    want = sample_groups(x, y, 3001, 9, 4, seed=2, backend="cpu")
+    assert np.array_equal(sample_groups(x, y, 3001, 9, 4, seed=2, backend=be), want)
+
+
 def test_grid_warns_when_outliers_crowd_its_finest_cells(caplog):
+    """Too many distinct far positions for the box to leave out: cells cannot be fine
+    enough for the scan, and the engine says so."""
     x, y = jittered_scan(2000, seed=9)
-    x, y = np.append(x, 1e13), np.append(y, 1e13)  # a sentinel-like position
+    far = np.random.default_rng(1).uniform(1e13, 2e13, 60)
+    x, y = np.append(x, far), np.append(y, far)
     with caplog.at_level(logging.WARNING, logger="gpugroup.backends.engines"):
         index = GridIndex(x, y, xp=np)
     assert "far outliers or sentinel values" in caplog.text
-    assert_contract(index, x, y, np.array([0, 1000, 1999, 2000]), 9)
+    assert_contract(index, x, y, np.array([0, 1000, 1999, 2000, 2059]), 9)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gpugroup.backends.engines"):
         GridIndex(*mixed_density(), xp=np)
         GridIndex(*far_clusters(), xp=np)
+        GridIndex(*outlier(), xp=np)
     assert caplog.text == ""
 
 

@@ -53,10 +53,37 @@ _FEW_ROWS = 64
 _STACKED = 32
 
 
+#: The grid's box leaves out up to n/1024 (at least one) extreme values on a side when
+#: they stretch that axis more than this many times: far outliers or sentinel values would
+#: otherwise squeeze the whole scan into a few cells (cells are at least span/2**30).
+_OUTLIER_STRETCH = 2.0**16
+
+
+def _box_side(xp, a):
+    """``(lo, hi)`` of the grid box along one axis: the range of ``a`` without far outliers.
+
+    Values outside it are kept, in the border cells; only speed depends on the box.
+    """
+    n = int(a.shape[0])
+    lo, hi = float(a.min()), float(a.max())
+    t = max(1, n >> 10)
+    if n <= 2 * t + 1:
+        return lo, hi
+    inner_lo = float(xp.partition(a, t)[t])
+    inner_hi = float(xp.partition(a, n - 1 - t)[n - 1 - t])
+    inner = inner_hi - inner_lo
+    if lo < inner_lo and inner_lo - lo > _OUTLIER_STRETCH * inner:
+        lo = inner_lo
+    if inner_hi < hi and hi - inner_hi > _OUTLIER_STRETCH * inner:
+        hi = inner_hi
+    return lo, hi
+
+
 class GridIndex:
     """Exact candidates from a pyramid of uniform cell grids over float64 coordinates.
 
-    Build: the first level has square cells of side ``h`` over the bounding box, ``h``
+    Build: the first level has square cells of side ``h`` over the box of the positions
+    (far outliers left out: see :func:`_box_side`; they sit in the border cells), ``h``
     chosen for about ``points_per_cell`` points per occupied cell (refined from the
     measured occupancy of distinct positions, so far-apart scans get cells of their own
     density and duplicates do not drive the cells to zero size). While the cell of a
@@ -121,8 +148,7 @@ class GridIndex:
             raise ValueError(f"GridIndex needs two equal-length non-empty 1-D arrays, got "
                              f"shapes {self.x.shape} and {self.y.shape}")
         self.max_slots = int(max_slots)
-        x0, xmax, y0, ymax = xp.stack(
-            [self.x.min(), self.x.max(), self.y.min(), self.y.max()]).tolist()
+        (x0, xmax), (y0, ymax) = _box_side(xp, self.x), _box_side(xp, self.y)
         self.origin = (x0, y0)
         self.extent = wx, wy = (xmax - x0, ymax - y0)
         # Cells per axis stay below 2**30, so cell ids (cy * gx + cx) fit in int64.
@@ -308,8 +334,9 @@ class _Level:
         xp = self.xp
         ux = (qx - self.x0) * self.inv_h
         uy = (qy - self.y0) * self.inv_h
-        cx = xp.clip(xp.floor(ux).astype(xp.int64), 0, self.gx - 1)
-        cy = xp.clip(xp.floor(uy).astype(xp.int64), 0, self.gy - 1)
+        # Clip before the cast: points far outside the box must not overflow int64.
+        cx = xp.floor(xp.clip(ux, 0, self.gx - 1)).astype(xp.int64)
+        cy = xp.floor(xp.clip(uy, 0, self.gy - 1)).astype(xp.int64)
         return ux, uy, cx, cy
 
     def _initial_radius(self, kq: int) -> int:
@@ -416,11 +443,12 @@ class _Level:
     def _edge_floor(self, ux, uy, cx, cy, R):
         """Lower bound on the float64 d2 from the point to any point outside its block.
 
-        A point in a cell column <= c - 1 has computed u < c, so its exact coordinate is
-        below c + 2**-51 gmax (two roundings of a value <= gmax); the query's is above
-        u_q - 2**-51 gmax; the subtraction u_q - c adds 2**-53 (gmax + R). The slack
-        2**-46 (gmax + R + 2) covers the sum eight times over. Edges at the grid border
-        have nothing beyond them.
+        A point in a cell column <= c - 1 has computed u < c (points left of the box sit
+        in column 0 with u < 0), so its exact scaled coordinate is below c + 2**-51 c (two
+        roundings); the query's is above u_q - 2**-51 |u_q|; the subtraction u_q - c adds
+        2**-53 (|u_q| + c). With c <= gmax the slack 2**-46 (|u_q| + gmax + R + 2) covers
+        the sum sixteen times over. Edges at the grid border have nothing beyond them:
+        points outside the box sit in its border cells.
         """
         xp = self.xp
         inf = xp.inf
@@ -429,7 +457,8 @@ class _Level:
         down = xp.where(cy - R > 0, uy - (cy - R), inf)
         up = xp.where(cy + R < self.gy - 1, (cy + R + 1) - uy, inf)
         g = xp.minimum(xp.minimum(left, right), xp.minimum(down, up))
-        g = xp.maximum(g - 2.0**-46 * (self.gmax + R + 2), 0.0)
+        reach = xp.maximum(xp.abs(ux), xp.abs(uy)) + (self.gmax + R + 2)
+        g = xp.maximum(g - 2.0**-46 * reach, 0.0)
         gap = g / self.inv_h
         return gap * gap * _FLOOR_SLACK
 
