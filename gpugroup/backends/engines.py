@@ -57,6 +57,8 @@ _STACKED = 32
 #: they stretch that axis more than this many times: far outliers or sentinel values would
 #: otherwise squeeze the whole scan into a few cells (cells are at least span/2**30).
 _OUTLIER_STRETCH = 2.0**16
+#: Largest |cell coordinate| kept (beyond it, u is cut: see _Level.locate).
+_U_MAX = 2.0**62
 
 
 def _box_side(xp, a):
@@ -332,8 +334,13 @@ class _Level:
         """Cell coordinates ``(ux, uy)`` and cells ``(cx, cy)`` of points: u = (x - x0) *
         inv_h, each a separately rounded operation (the floor's slack covers their error)."""
         xp = self.xp
-        ux = (qx - self.x0) * self.inv_h
-        uy = (qy - self.y0) * self.inv_h
+        with np.errstate(over="ignore"):  # far outside a tiny box u may overflow (NumPy)
+            ux = (qx - self.x0) * self.inv_h
+            uy = (qy - self.y0) * self.inv_h
+        # |u| beyond 2**62 is cut to 2**62: still past every cell, so the edge floor,
+        # which only gets smaller, stays a bound (see _edge_floor).
+        ux = xp.clip(ux, -_U_MAX, _U_MAX)
+        uy = xp.clip(uy, -_U_MAX, _U_MAX)
         # Clip before the cast: points far outside the box must not overflow int64.
         cx = xp.floor(xp.clip(ux, 0, self.gx - 1)).astype(xp.int64)
         cy = xp.floor(xp.clip(uy, 0, self.gy - 1)).astype(xp.int64)
@@ -447,8 +454,9 @@ class _Level:
         in column 0 with u < 0), so its exact scaled coordinate is below c + 2**-51 c (two
         roundings); the query's is above u_q - 2**-51 |u_q|; the subtraction u_q - c adds
         2**-53 (|u_q| + c). With c <= gmax the slack 2**-46 (|u_q| + gmax + R + 2) covers
-        the sum sixteen times over. Edges at the grid border have nothing beyond them:
-        points outside the box sit in its border cells.
+        the sum sixteen times over. A query whose u was cut to +-2**62 lies farther out,
+        so its gaps only shrink. Edges at the grid border have nothing beyond them: points
+        outside the box sit in its border cells.
         """
         xp = self.xp
         inf = xp.inf
