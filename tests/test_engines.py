@@ -325,6 +325,32 @@ def test_grid_box_leaves_far_outliers_to_its_border_cells(far, caplog):
     assert np.array_equal(sample_groups(x, y, 3001, 9, 4, seed=2, backend=be), want)
 
 
+def test_grid_far_outlier_of_a_tiny_scan_gets_a_finite_floor():
+    """u = (x - x0) / h of the outlier overflows float64 here (span 1e150, pitch 1e-160):
+    it is cut at 2**62, so its floor stays a (small) number, never NaN."""
+    rng = np.random.default_rng(0)
+    x = np.append(rng.random(2000) * 1e-160, 1e150)
+    for y in (np.append(rng.random(2000) * 1e-160, 1e150), np.zeros(2001)):
+        index = GridIndex(x, y, xp=np)
+        cand, floor = assert_contract(index, x, y, np.array([2000, 0, 1999]), 5)
+        assert np.isfinite(floor).all()
+
+
+def test_grid_rows_beside_the_box_take_the_whole_grid_at_once():
+    """An outlier far out on x only (y inside the scan): its block's y edges bound nothing,
+    so it is served by one whole-grid block instead of doubling up to it."""
+    x, y = jittered_scan(3000, seed=10)
+    x, y = np.append(x, [4e12, 5e12]), np.append(y, [20.0, 30.0])
+    built = []
+    be = engine_backend("grid", wrap=lambda ix: built.append(CountingIndex(ix)) or built[-1])
+    got = sample_groups(x, y, 3002, 9, 4, seed=7, backend=be)
+    assert np.array_equal(got, sample_groups(x, y, 3002, 9, 4, seed=7, backend="cpu"))
+    index = built[0].inner
+    assert index.box[1] < 100  # the two outliers are outside the box
+    assert_contract(index, x, y, np.array([3000, 3001, 5]), 9)
+    assert max(kq for _, kq in built[0].calls) < 64  # no row widened towards n
+
+
 def test_grid_warns_when_outliers_crowd_its_finest_cells(caplog):
     """Too many distinct far positions for the box to leave out: cells cannot be fine
     enough for the scan, and the engine says so."""

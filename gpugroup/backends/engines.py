@@ -151,6 +151,7 @@ class GridIndex:
                              f"shapes {self.x.shape} and {self.y.shape}")
         self.max_slots = int(max_slots)
         (x0, xmax), (y0, ymax) = _box_side(xp, self.x), _box_side(xp, self.y)
+        self.box = (x0, xmax, y0, ymax)
         self.origin = (x0, y0)
         self.extent = wx, wy = (xmax - x0, ymax - y0)
         # Cells per axis stay below 2**30, so cell ids (cy * gx + cx) fit in int64.
@@ -223,7 +224,18 @@ class GridIndex:
         cand = xp.empty((m, kq), dtype=xp.int64)
         floor = xp.empty(m, dtype=xp.float64)
         need = min(kq + 1, self.n)
-        todo = xp.arange(m, dtype=xp.int64)
+        x0, x1, y0, y1 = self.box
+        qx, qy = self.x[rows], self.y[rows]
+        beside = ((qx < x0) | (qx > x1)) != ((qy < y0) | (qy > y1))
+        todo = xp.nonzero(~beside)[0]
+        if int(todo.shape[0]) < m:
+            # Outside the box on one axis only: block edges along the other axis bound
+            # nothing (other outliers may lie beyond them), so such rows take the whole
+            # grid at once rather than after every radius and kq doubling.
+            b = xp.nonzero(beside)[0]
+            top = self.levels[-1]
+            full = xp.full(int(b.shape[0]), top.gmax, dtype=xp.int64)
+            self._serve(top, b, rows, full, full * 0 + self.n, kq, cand, floor)
         i = 0
         while int(todo.shape[0]):
             if i == len(self.levels):  # rows too sparse for every level so far
@@ -231,9 +243,7 @@ class GridIndex:
                 logger.debug("GridIndex: coarser level %d x %d for %d rows",
                              self.levels[-1].gx, self.levels[-1].gy, int(todo.shape[0]))
             level = self.levels[i]
-            qx = self.x[rows[todo]]
-            qy = self.y[rows[todo]]
-            ux, uy, cx, cy = level.locate(qx, qy)
+            _, _, cx, cy = level.locate(self.x[rows[todo]], self.y[rows[todo]])
             R, cnt = level.radius(cx, cy, need, kq, capped=True)
             up = xp.nonzero(R < 0)[0]
             e = int(up.shape[0])
@@ -245,15 +255,22 @@ class GridIndex:
                 R[up], cnt[up] = level.radius(cx[up], cy[up], need, kq, capped=False)
                 up = up[:0]
             here = xp.nonzero(R >= 0)[0]
-            cost = xp.maximum(cnt, xp.where(R >= level.gmax, 1, xp.minimum(2 * R + 1, level.gy)))
-            for part in self._chunks(cost[here]):
-                p = here[part]
-                c, f = level.select(qx[p], qy[p], ux[p], uy[p], cx[p], cy[p], R[p], kq)
-                cand[todo[p]] = c
-                floor[todo[p]] = f
+            self._serve(level, todo[here], rows, R[here], cnt[here], kq, cand, floor)
             todo = todo[up]
             i += 1
         return cand, floor
+
+    def _serve(self, level, idx, rows, R, cnt, kq: int, cand, floor):
+        """Candidates and floors of ``rows[idx]`` from ``level``, blocks of radius R holding
+        cnt points, in chunks; written into ``cand`` and ``floor`` at ``idx``."""
+        xp = self.xp
+        qx, qy = self.x[rows[idx]], self.y[rows[idx]]
+        ux, uy, cx, cy = level.locate(qx, qy)
+        cost = xp.maximum(cnt, xp.where(R >= level.gmax, 1, xp.minimum(2 * R + 1, level.gy)))
+        for p in self._chunks(cost):
+            c, f = level.select(qx[p], qy[p], ux[p], uy[p], cx[p], cy[p], R[p], kq)
+            cand[idx[p]] = c
+            floor[idx[p]] = f
 
     def _chunks(self, cost):
         """Row subsets, by increasing cost, each with (rows x largest cost) <= max_slots and
@@ -408,6 +425,8 @@ class _Level:
         """Candidates and floors for one chunk of rows (all arrays of length m)."""
         xp = self.xp
         m = int(qx.shape[0])
+        if bool((R >= self.gmax).all()):
+            return self._select_whole(qx, qy, kq)
         start, length = self._runs(cx, cy, R)
         S = int(start.shape[1])
         ends = xp.cumsum(length, axis=1)
@@ -446,6 +465,24 @@ class _Level:
         else:
             block_floor = xp.full(m, xp.inf)
         return cand, xp.minimum(block_floor, self._edge_floor(ux, uy, cx, cy, R))
+
+    def _select_whole(self, qx, qy, kq: int):
+        """Rows whose block is the whole grid: ranked by exact float64 d2, so the floor is
+        the exact (kq+1)-th d2 (float32 keys cannot part the nearly equal distances of a
+        far outlier to a whole scan)."""
+        xp = self.xp
+        dx = self.xs[None, :] - qx[:, None]
+        dy = self.ys[None, :] - qy[:, None]
+        d2 = dx * dx
+        d2 += dy * dy  # separately rounded products and sum, as grouping computes d2
+        del dx, dy
+        m = int(qx.shape[0])
+        if self.n == kq:  # every point is a candidate
+            return xp.broadcast_to(self.perm, (m, kq)).copy(), xp.full(m, xp.inf)
+        # The kq smallest first, the (kq+1)-th at column kq, the rest no smaller.
+        order = xp.argpartition(d2, kq, axis=1)
+        return (self.perm[order[:, :kq]],
+                xp.take_along_axis(d2, order[:, kq : kq + 1], axis=1)[:, 0])
 
     def _edge_floor(self, ux, uy, cx, cy, R):
         """Lower bound on the float64 d2 from the point to any point outside its block.
