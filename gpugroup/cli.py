@@ -548,6 +548,12 @@ def cmd_cleanup_cache(args) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _add_overwrite(p):
+    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace an existing OUT once the new one is complete "
+                        "(default: --overwrite)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -640,9 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mib", type=_positive_int, default=256, metavar="MIB",
                    help="memory budget of the streamed write in MiB; with --lazy the size "
                         "of one Dask block (default %(default)s)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing OUT once the new one is complete "
-                        "(default: --overwrite)")
+    _add_overwrite(p)
     p.add_argument("--row-order", choices=("canonical", "locality"), default="canonical",
                    help="'locality' stores groups sorted by their smallest frame index (reads "
                         "the scan nearly sequentially) and adds 'order' (default %(default)s)")
@@ -660,9 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slab-mib", type=_positive_int, default=64, metavar="MIB",
                    help="MiB of frames copied at a time: the memory bound "
                         "(default %(default)s)")
-    p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing OUT once the new one is complete "
-                        "(default: --overwrite)")
+    _add_overwrite(p)
 
     p = add("demo", cmd_demo, "simulate, group and plot a demo scan (gpugroup-demo.png)",
             "gpugroup demo --outdir /tmp")

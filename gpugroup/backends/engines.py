@@ -235,7 +235,7 @@ class GridIndex:
             b = xp.nonzero(beside)[0]
             top = self.levels[-1]
             full = xp.full(int(b.shape[0]), top.gmax, dtype=xp.int64)
-            self._serve(top, b, rows, full, full * 0 + self.n, kq, cand, floor)
+            self._serve(top, b, rows, full, xp.full_like(full, self.n), kq, cand, floor)
         i = 0
         while int(todo.shape[0]):
             if i == len(self.levels):  # rows too sparse for every level so far
