@@ -316,6 +316,30 @@ def summarize(results, sizes):
     return rows
 
 
+def _method_table(sizes, methods, by, cell, missing=lambda r: "—", nsamples=None):
+    """Markdown rows of a table with one row per n and one column per method: ``cell(r)``
+    for a method's result that ran, ``missing(r)`` (r may be None) for one that did not."""
+    lead = ["n"] + (["nsamples"] if nsamples else [])
+    L = ["| " + " | ".join(lead + [SHORT[m] for m in methods]) + " |",
+         "|" + "---:|" * (len(lead) + len(methods))]
+    for n in sizes:
+        cells = [f"{n:,}"] + ([f"{nsamples(n):,}"] if nsamples else [])
+        cells += [cell(r) if _ok(r) else missing(r) for r in (by.get((n, m)) for m in methods)]
+        L.append("| " + " | ".join(cells) + " |")
+    return L
+
+
+def _time_cell(r):
+    c = common.fmt_s(r["best_s"])
+    return c + (f" (extrap. from {r['measured_rows']} rows)" if r.get("extrapolated") else "")
+
+
+def _memory_cell(r):
+    c = (f"{common.fmt_mib(r.get('rss_peak_extra_bytes'))} / "
+         f"{common.fmt_mib(r.get('tracemalloc_peak_bytes'))}")
+    return c + (f" ({r['measured_rows']} rows)" if r.get("extrapolated") else "")
+
+
 def markdown(info, args, results, summary, sizes, wall_s):
     by = {(r["n"], r["method"]): r for r in results}
     methods = [m for m in args.methods if any(_ok(by.get((n, m))) for n in sizes)]
@@ -341,45 +365,15 @@ def markdown(info, args, results, summary, sizes, wall_s):
          "via /proc/self/clear_refs). tracemalloc = peak Python allocations during the call "
          "(NumPy buffers included; cKDTree's own C++ nodes are not seen by it).", "",
          "## Time (s, best of warm runs)", ""]
-    L.append("| n | nsamples | " + " | ".join(SHORT[m] for m in methods) + " |")
-    L.append("|---:|---:|" + "---:|" * len(methods))
-    for n in sizes:
-        cells = []
-        for m in methods:
-            r = by.get((n, m))
-            if _ok(r):
-                c = common.fmt_s(r["best_s"])
-                if r.get("extrapolated"):
-                    c += f" (extrap. from {r['measured_rows']} rows)"
-                cells.append(c)
-            else:
-                cells.append("skipped" if r is None or r.get("status") == "skipped" else "error")
-        L.append(f"| {n:,} | {nsamples_for(n, args.nsamples_frac, args.nsamples_cap):,} | "
-                 + " | ".join(cells) + " |")
+    L += _method_table(sizes, methods, by, _time_cell,
+                       lambda r: "skipped" if r is None or r.get("status") == "skipped"
+                       else "error",
+                       nsamples=lambda n: nsamples_for(n, args.nsamples_frac, args.nsamples_cap))
     L += ["", "## First call on fresh pages (s; the peak-RSS call: page faults and VM first-touch "
           "cost included)", ""]
-    L.append("| n | " + " | ".join(SHORT[m] for m in methods) + " |")
-    L.append("|---:|" + "---:|" * len(methods))
-    for n in sizes:
-        cells = [common.fmt_s(by[(n, m)].get("first_call_s")) if _ok(by.get((n, m))) else "—"
-                 for m in methods]
-        L.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    L += _method_table(sizes, methods, by, lambda r: common.fmt_s(r.get("first_call_s")))
     L += ["", "## Peak memory (MiB): RSS over baseline / tracemalloc peak", ""]
-    L.append("| n | " + " | ".join(SHORT[m] for m in methods) + " |")
-    L.append("|---:|" + "---:|" * len(methods))
-    for n in sizes:
-        cells = []
-        for m in methods:
-            r = by.get((n, m))
-            if _ok(r):
-                c = (f"{common.fmt_mib(r.get('rss_peak_extra_bytes'))} / "
-                     f"{common.fmt_mib(r.get('tracemalloc_peak_bytes'))}")
-                if r.get("extrapolated"):
-                    c += f" ({r['measured_rows']} rows)"
-                cells.append(c)
-            else:
-                cells.append("—")
-        L.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    L += _method_table(sizes, methods, by, _memory_cell)
     L += ["", "## Ratios (new = gpugroup CPU)", "",
           "| n | legacy/new time | legacy/new RSS | legacy/new tracemalloc | loop/new time | "
           "new/floor time | new/floor (fast build) time | e2e legacy/new time | "
