@@ -354,9 +354,9 @@ def markdown(info, args, results, summary, sizes, wall_s):
          f"≥ {args.warm_gib:g} GiB once and frees it: on this VM first-touch memory is ~10× "
          f"slower and erratic), then right after: one call measured for peak RSS (its time is "
          f"the *first call, fresh pages* table). "
-         + (f"Then glibc malloc is told to keep freed memory (M_MMAP_MAX=0, huge "
-            f"M_TRIM_THRESHOLD), memory is warmed again, and the timed calls reuse those "
-            f"pages (no page faults): " if args.heap == "retained" else
+         + ("Then glibc malloc is told to keep freed memory (M_MMAP_MAX=0, huge "
+            "M_TRIM_THRESHOLD), memory is warmed again, and the timed calls reuse those "
+            "pages (no page faults): " if args.heap == "retained" else
             "Then the timed calls (fresh pages each): ")
          + f"at least one, up to {args.repeats} within {args.budget_s:g} s (methods under "
          f"{args.min_total_s:g} s in all: up to 30 calls); time = best call. Then one call "
