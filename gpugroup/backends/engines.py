@@ -284,7 +284,7 @@ class GridIndex:
             yield xp.arange(m, dtype=xp.int64)
             return
         order = xp.argsort(cost, kind="stable")
-        c = np.asarray(cost[order].tolist(), dtype=np.int64)
+        c = getattr(xp, "asnumpy", np.asarray)(cost[order]).astype(np.int64)  # to the host
         i = 0
         while i < m:
             f = (np.arange(i + 1, m + 1) - i) * c[i:]  # rows x largest cost, non-decreasing
