@@ -26,6 +26,16 @@ def test_constants_match_design():
 
 
 # ----------------------------------------------------------------------------- KAT vectors
+def test_kat_copy_matches_the_shared_contract():
+    """tests/data/design3.json is a copy of the shared contract's file: keep them equal."""
+    from conftest import KAT_FILE, SHARED_KAT_FILE
+
+    if not SHARED_KAT_FILE.is_file():
+        pytest.skip(f"no shared contract beside this clone ({SHARED_KAT_FILE})")
+    assert KAT_FILE.read_bytes() == SHARED_KAT_FILE.read_bytes(), (
+        f"{KAT_FILE} differs from {SHARED_KAT_FILE}: copy the contract's file over")
+
+
 def test_kat_mix_int(kat):
     for case in kat["mix"]:
         assert keys.mix_int(int(case["z"])) == int(case["mix"]), case
