@@ -82,7 +82,10 @@ def default_workers() -> int:
 
 
 def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-    """float64 ``sum_hw stack[i]**2`` for each ``i`` in ``idx`` (an ``xp`` array)."""
+    """float64 ``sum_hw stack[i]**2`` for each ``i`` in ``idx`` (an ``xp`` array).
+
+    Raises ValueError naming the first frame whose energy is not finite (NaN or inf
+    values, or values so large that their squares overflow)."""
     idx = np.asarray(idx) if not is_device_array(idx) else idx
     n_frames = int(idx.shape[0])
     frame_bytes = int(np.prod(stack.shape[1:])) * 8
@@ -90,14 +93,23 @@ def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     for s in chunk_groups(n_frames, frame_bytes, chunk_bytes):
         f = take_frames(xp, stack, idx[s]).astype(xp.float64)
         f = f.reshape(f.shape[0], -1)
-        out[s] = xp.einsum("ij,ij->i", f, f)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[s] = xp.einsum("ij,ij->i", f, f)
+    bad = xp.nonzero(~xp.isfinite(out))[0]
+    if int(bad.shape[0]):
+        j = int(bad[0])
+        raise ValueError(
+            f"diff3d[{int(idx[j])}] holds NaN or inf values (or values whose squares "
+            f"overflow float64): its energy is {float(out[j])}, and {int(bad.shape[0])} of the "
+            f"{n_frames} frames used are like it; such frames cannot be normalized: fix or "
+            f"drop them (np.isfinite(diff3d).all(axis=(1, 2)) finds them)")
     return out
 
 
 def normalization_scale(xp, energies, N: int) -> float:
     """s = sqrt((N/2)**2 / mean(E)) in float64 (DESIGN.md section 2)."""
     mean = float(xp.mean(energies))
-    if not mean > 0:
+    if not (mean > 0 and np.isfinite(mean)):
         raise ValueError(
             f"the grouped diffraction frames have mean energy {mean}: all-zero (or NaN) frames "
             f"cannot be normalized; check diff3d"

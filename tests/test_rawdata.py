@@ -241,6 +241,21 @@ def test_generate_grouped_data_validation():
                 ).generate_grouped_data(4, K=4, nsamples=3, seed=0, gridsize=2)
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, 1e200])
+@pytest.mark.parametrize("to_file", [False, True])
+def test_non_finite_frame_is_named_not_normalized_into_garbage(tmp_path, bad, to_file):
+    raw = make_raw(n=60, dtype=np.float64)
+    used = raw.generate_grouped_data(8, K=7, nsamples=60, seed=1, gridsize=2,
+                                     sequential_sampling=True)["nn_indices"]
+    assert 17 in used  # the bad frame is among the frames the groups use
+    raw.diff3d[17, 3, 4] = bad
+    out = tmp_path / "g.npz" if to_file else None
+    with pytest.raises(ValueError, match=r"diff3d\[17\] holds NaN or inf values"):
+        raw.generate_grouped_data(8, K=7, nsamples=60, seed=1, gridsize=2,
+                                  sequential_sampling=True, out=out)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 # ---------------------------------------------------------------- files
 def test_npz_round_trip_and_aliases(tmp_path):
     raw = make_raw(with_object=True, metadata={"energy_keV": 8.0})
