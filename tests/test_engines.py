@@ -146,7 +146,28 @@ CONTRACT_SCANS = {
     "outlier": outlier,
     "mixed-density": mixed_density,
     "sparse-halo": sparse_halo,
+    "subnormal-d2": lambda: subnormal_scan(),
 }
+
+
+def subnormal_scan():
+    """16 points ~2**-536 apart (found by fuzzing): their d2 are subnormal, rounded by
+    absolute steps, where a relatively slackened floor could exceed a rounded d2."""
+    x = [float.fromhex(h) for h in [
+        '0x1.181c7c528d986p-539', '0x1.38a3031cf2f7ep-537', '0x1.27d425e23f7f2p-539',
+        '0x1.05cec772ce6dbp-537', '0x1.f643693bf6cfap-536', '0x1.553a1ac8ac306p-541',
+        '0x1.61b7372f6ba41p-545', '0x1.21de1eeb8ad16p-536', '0x1.763e5a9df456ep-537',
+        '0x1.d04497a7f6e7dp-536', '0x1.6c76fdbe0f172p-537', '0x1.574d50906d7cdp-538',
+        '0x1.923eec0c280d2p-536', '0x1.024c8dd24a90ap-536', '0x1.cc13fc2f9e4c1p-536',
+        '0x1.0f3fdd34bd2c6p-537']]
+    y = [float.fromhex(h) for h in [
+        '0x1.0b192d1114401p-536', '0x1.7117a81ae802cp-536', '0x1.8e9fb08a95507p-536',
+        '0x1.cbd6a3062eb53p-536', '0x1.c1b33961d6db2p-537', '0x1.cb7fbd0945b4fp-536',
+        '0x1.9abcc3c8bd7f8p-536', '0x1.60b99fc6484f6p-536', '0x1.a0bca5ed89574p-536',
+        '0x1.d1c8156dafccdp-536', '0x1.601db22308966p-538', '0x1.9a8692a3b4901p-536',
+        '0x1.e81d219d4b73fp-536', '0x1.ce19b9ef9748cp-537', '0x1.3e98589dfb79bp-536',
+        '0x1.141e47954480dp-536']]
+    return np.array(x), np.array(y)
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
@@ -414,6 +435,31 @@ def test_adapter_centres_casts_float32_batches_and_switches_algorithm():
     calls = [e for e in SpyNeighbors.log if e[0] == "kneighbors"]
     assert [c[2][0] for c in calls[:3]] == [64, 64, 22]
     assert all(c[1] == np.float32 for c in calls)
+
+
+class IndicesOnlyNeighbors(Expanded32Neighbors):
+    """A library whose distances must not be read: asked for them, it fails (a stand-in
+    for a release that returns squared distances for metric="euclidean")."""
+
+    def kneighbors(self, Q, n_neighbors, return_distance=True):
+        assert not return_distance, "the adapter asked for distances"
+        return super().kneighbors(Q, n_neighbors, return_distance=False)
+
+
+@pytest.mark.parametrize("scan", ["grid", "jitter", "offset-1e5", "outlier", "subnormal-d2"])
+def test_adapter_needs_only_the_returned_indices(scan):
+    x, y = CONTRACT_SCANS[scan]()
+    index = NeighborsIndex(x, y, xp=np, nn_class=IndicesOnlyNeighbors)
+    rows = np.arange(len(x))
+    for kq in (1, 5, min(12, len(x))):
+        assert_contract(index, x, y, rows, kq)
+    be = Backend(name="indices-only", xp=np, asnumpy=np.asarray, description="test",
+                 build_index=lambda a, b: NeighborsIndex(a, b, xp=np,
+                                                         nn_class=IndicesOnlyNeighbors))
+    for K, C in ((7, 4), (16, 9)):
+        np.testing.assert_array_equal(
+            sample_groups(x, y, len(x), K, C, seed=1, backend=be),
+            sample_groups(x, y, len(x), K, C, seed=1, backend="cpu"))
 
 
 def test_cuml_algorithm_switch():

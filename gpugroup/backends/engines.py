@@ -519,6 +519,9 @@ def _low_float32(xp, d2):
 #: Bound on |computed - exact| squared distance of a float32 kNN library, in units of
 #: (|q| + R_max)^2: 4 u32 for the expanded formula (see NeighborsIndex), times 8.
 EXPANDED_ERROR = 32 * U32
+#: Floors below this are 0: float64 is subnormal below 2**-1022 and a floor there could
+#: exceed a rounded d2 by an absolute step that no relative slack covers.
+_SUBNORMAL_SAFE = 2.0**-1000
 
 
 def cuml_algorithm(kq: int, n: int) -> str:
@@ -550,17 +553,20 @@ class NeighborsIndex:
        with R_max the largest float32 point norm. The adapter uses
        ``E = 32 u (|q| + R_max)^2``: 8x headroom for evaluation order, FMA, and the
        float32 triangle-inequality pruning of cuML's ``rbc``.
-    2. *Returned distances.* The library returns the kq points of smallest s_hat, as
-       float32 ``sqrt(s_hat)`` (``metric="euclidean"``; squared when
-       ``metric="sqeuclidean"``). So every non-returned point has
-       ``s_hat >= s_max >= d_max^2 (1 - 4u)`` and exact float32-geometry distance
-       ``sigma >= sqrt(max(0, s_max - E))``.
+    2. *Returned set, not returned distances.* The library returns the kq points of
+       smallest s_hat (or of smallest float32 ``sqrt(s_hat)``, which may merge values
+       within a factor ``1 - 4u``). Its distances are not used: their form (distance or
+       squared, as cuML has returned for ``"euclidean"`` in some releases) cannot bend
+       the bound. With ``s_c`` the largest exact float32-geometry d2 among the returned
+       points (computed in float64), every non-returned point has
+       ``s_hat >= (s_c - E)(1 - 4u)`` and so ``sigma^2 >= s_c (1 - 4u) - 2E``.
     3. *Coordinate rounding.* Each centred coordinate moves by at most
        ``delta = (2**-24 + 2**-52) A + 2**-149`` (A the largest |centred coordinate|),
        a difference vector by at most ``2 sqrt(2) delta < 3 delta``, so the float64
        distance is ``>= sigma - 3 delta``.
     4. ``floor = max(0, sigma_lo - 3 delta)^2 (1 - 2**-40)``; the last factor covers the
-       rounding of the float64 d2 that ``grouping`` compares against it.
+       rounding of the float64 d2 that ``grouping`` compares against it. A floor below
+       2**-1000 (where d2 is subnormal and rounds by absolute steps) is 0.
 
     The bound assumes IEEE float32 arithmetic (no TF32 tensor-core math). A scan whose
     extent is large next to its spacing gets a loose floor and the completeness guard
@@ -578,7 +584,7 @@ class NeighborsIndex:
     algorithm : str or callable(kq, n) -> str
         Passed to the class; :func:`cuml_algorithm` for cuML.
     metric : {"euclidean", "sqeuclidean"}
-        Whether the library returns distances or squared distances.
+        Passed to the library (both rank alike); its distances are never read.
     batch_rows : int
         Seeds per library call.
 
@@ -645,9 +651,9 @@ class NeighborsIndex:
         floor = xp.empty(m, dtype=xp.float64)
         for b in range(0, m, self.batch_rows):
             q = self.points32[rows[b : b + self.batch_rows]]
-            dist, ind = model.kneighbors(q, n_neighbors=kq, return_distance=True)
-            cand[b : b + q.shape[0]] = xp.asarray(ind).astype(xp.int64)
-            floor[b : b + q.shape[0]] = self._floor(q, xp.asarray(dist).astype(xp.float64))
+            ind = xp.asarray(model.kneighbors(q, n_neighbors=kq, return_distance=False))
+            cand[b : b + q.shape[0]] = ind.astype(xp.int64)
+            floor[b : b + q.shape[0]] = self._floor(q, cand[b : b + q.shape[0]])
         bad = _invalid_rows(xp, cand, self.n)
         if bool(bad.any()):
             idx = xp.nonzero(bad)[0]
@@ -659,21 +665,23 @@ class NeighborsIndex:
             cand[idx], floor[idx] = self._exact.query(rows[idx], kq)
         return cand, floor
 
-    def _floor(self, q32, dist):
+    def _floor(self, q32, cand):
+        """Floors of one batch: queries ``q32`` (float32, unit-scaled), the library's
+        candidates ``cand`` (valid indices; see the class docstring, steps 2-4)."""
         xp = self.xp
-        dmax = dist.max(axis=1)
-        if self.metric == "euclidean":
-            s_max = (dmax * dmax) * (1.0 - 4 * U32)
-        else:
-            s_max = dmax * (1.0 - 2 * U32)
         q = q32.astype(xp.float64)
+        c = self.points32[xp.clip(cand, 0, self.n - 1)].astype(xp.float64)
+        dx = c[:, :, 0] - q[:, 0:1]
+        dy = c[:, :, 1] - q[:, 1:2]
+        s_c = (dx * dx + dy * dy).max(axis=1) * ((1.0 - 4 * U32) * (1.0 - 2.0**-50))
         qn = xp.sqrt(q[:, 0] * q[:, 0] + q[:, 1] * q[:, 1]) * (1.0 + 2.0**-50)
         reach = qn + self.r_max
         err = (reach * reach) * (EXPANDED_ERROR * (1.0 + 2.0**-40))
-        sigma = xp.sqrt(xp.maximum(s_max - err, 0.0)) * (1.0 - 2.0**-50)
+        sigma = xp.sqrt(xp.maximum(s_c - 2.0 * err, 0.0)) * (1.0 - 2.0**-50)
         d = xp.maximum(sigma - self.coord_error, 0.0)
         floor = (d * d * _FLOOR_SLACK) * (self.unit * self.unit)
-        return xp.where(xp.isfinite(floor), floor, 0.0)  # no bound: the guard widens kq
+        # Not finite: no bound (the guard widens kq); subnormal: rounding is absolute there.
+        return xp.where(xp.isfinite(floor) & (floor >= _SUBNORMAL_SAFE), floor, 0.0)
 
 
 def _invalid_rows(xp, cand, n: int):
