@@ -425,24 +425,26 @@ def sample_groups(
     return be.asnumpy(groups) if output == "numpy" else groups
 
 
-def _check_coordinates(xcoords, ycoords):
-    x = np.asarray(xcoords)
-    y = np.asarray(ycoords)
-    for name, a in (("xcoords", x), ("ycoords", y)):
+def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords")):
+    """float64, C-contiguous copies (or views) of one coordinate pair, checked; ``names``
+    are the fields that errors name."""
+    x, y = np.asarray(xcoords), np.asarray(ycoords)
+    for name, a in zip(names, (x, y)):
         if a.ndim != 1:
             raise ValueError(f"{name} must be 1-D (one value per scan position), got shape {a.shape}")
         if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
             raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(
-            f"xcoords has {x.shape[0]} entries but ycoords has {y.shape[0]}; "
+            f"{names[0]} has {x.shape[0]} entries but {names[1]} has {y.shape[0]}; "
             f"pass one x and one y per scan position"
         )
     if x.shape[0] == 0:
-        raise ValueError("the scan is empty: xcoords has 0 entries; pass at least one position")
+        raise ValueError(f"the scan is empty: {names[0]} has 0 entries; pass at least one "
+                         f"position")
     x = x.astype(np.float64, copy=False)
     y = y.astype(np.float64, copy=False)
-    for name, a in (("xcoords", x), ("ycoords", y)):
+    for name, a in zip(names, (x, y)):
         bad = ~np.isfinite(a)
         if bad.any():
             i = int(np.argmax(bad))
@@ -450,8 +452,9 @@ def _check_coordinates(xcoords, ycoords):
                 f"{name} has {int(bad.sum())} non-finite value(s), first {name}[{i}]={a[i]}; "
                 f"drop or fix those positions"
             )
-        span = float(a.max() - a.min()) if np.isfinite(a.max() - a.min()) else np.inf
-        if span > _MAX_SPAN:
+        with np.errstate(over="ignore"):
+            span = float(a.max() - a.min())
+        if not span <= _MAX_SPAN:
             raise ValueError(
                 f"{name} spans {span:.3g}, beyond {_MAX_SPAN:.0e}: squared distances would "
                 f"overflow float64; rescale the coordinates (e.g. to pixels or metres)"

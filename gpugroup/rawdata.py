@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 
 import numpy as np
 
-from gpugroup import assembly
+from gpugroup import assembly, io
 from gpugroup.backends import BACKEND_NAMES, get_backend
 from gpugroup.grouping import _check_coordinates, sample_groups
 from gpugroup.keys import resolve_seed
@@ -105,7 +104,8 @@ class RawData:
         if xcoords_start is None:
             self.xcoords_start, self.ycoords_start = self.xcoords, self.ycoords
         else:
-            xs, ys = _check_coordinates(xcoords_start, ycoords_start)
+            xs, ys = _check_coordinates(xcoords_start, ycoords_start,
+                                        ("xcoords_start", "ycoords_start"))
             if xs.shape[0] != n:
                 raise ValueError(
                     f"xcoords has {n} entries but xcoords_start has {xs.shape[0]}; pass one "
@@ -147,6 +147,7 @@ class RawData:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got backend={backend!r}")
         self.backend = backend
         self._index_cache: dict = {}
+        self._source = None  # the file from_file read (out= must not replace it)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -189,8 +190,6 @@ class RawData:
         ImportError
             h5py or zarr is needed and missing (``pip install "gpugroup[hdf5]"``/``[zarr]``).
         """
-        from gpugroup import io
-
         path = os.fspath(path)
         data = io.read_scan(path, mmap_mode=mmap_mode, keys=keys)
         return cls._from_mapping(data, path, backend)
@@ -199,6 +198,9 @@ class RawData:
     def _from_mapping(cls, data, source, backend):
         if "diff3d" not in data and "diffraction" in data:
             data["diff3d"] = data.pop("diffraction")
+        elif "diffraction" in data:
+            logger.warning("%r holds both diff3d and diffraction: using diff3d, ignoring "
+                           "diffraction", source)
         missing = [k for k in REQUIRED_KEYS + ("diff3d",) if k not in data]
         if missing:
             raise ValueError(
@@ -209,10 +211,12 @@ class RawData:
         if metadata is not None:
             metadata = json.loads(str(metadata))
         get = data.get
-        return cls(get("xcoords"), get("ycoords"), get("xcoords_start"), get("ycoords_start"),
-                   get("diff3d"), get("probeGuess"), get("scan_index"),
-                   objectGuess=get("objectGuess"), Y=get("Y"), norm_Y_I=get("norm_Y_I"),
-                   metadata=metadata, backend=backend)
+        raw = cls(get("xcoords"), get("ycoords"), get("xcoords_start"), get("ycoords_start"),
+                  get("diff3d"), get("probeGuess"), get("scan_index"),
+                  objectGuess=get("objectGuess"), Y=get("Y"), norm_Y_I=get("norm_Y_I"),
+                  metadata=metadata, backend=backend)
+        raw._source = source
+        return raw
 
     @classmethod
     def from_files(cls, train_data_file_path, test_data_file_path, *, backend="auto"):
@@ -232,19 +236,15 @@ class RawData:
             out["_metadata"] = np.array(json.dumps(self.metadata))
         return {k: v for k, v in out.items() if v is not None}
 
-    def to_file(self, path) -> None:
-        """Write an uncompressed NPZ atomically (a temporary file renamed on success);
-        a ``.h5``/``.hdf5`` or ``.zarr`` path writes that format instead. Frame stacks
-        that are not in memory (memory-mapped, HDF5, Zarr, GPU) are copied in slabs, so
-        they need not fit in memory."""
-        from gpugroup import io
-
-        in_memory = all(v is None or (type(v) is np.ndarray) for v in (self.diff3d, self.Y))
-        if not in_memory or os.fspath(path).rstrip("/\\").lower().endswith(
-                io.HDF5_SUFFIXES + (".zarr",)):
-            io.write_scan(path, self.to_dict())
-            return
-        save_npz_atomic(path, {k: np.asarray(v) for k, v in self.to_dict().items()})
+    def to_file(self, path, *, overwrite=True) -> None:
+        """Write the scan atomically (under a temporary name, renamed when complete) as an
+        uncompressed, memory-mappable ``.npz``, an ``.h5``/``.hdf5`` file or a ``.zarr``
+        store, by the suffix. Frame stacks are copied in slabs, so they need not fit in
+        memory. ``overwrite=False`` refuses to replace an existing ``path``."""
+        if self._source is not None and io.same_path(self._source, path):
+            raise ValueError(f"{os.fspath(path)!r} is the scan file this RawData reads from; "
+                             f"write to another name")
+        io.write_scan(path, self.to_dict(), overwrite=overwrite)
 
     # ------------------------------------------------------------------ description
     def __len__(self) -> int:
@@ -275,12 +275,17 @@ class RawData:
                              index_cache=self._index_cache, **kwargs)
 
     def generate_grouped_data(self, N, K=4, nsamples=1, dataset_path=None, seed=None,
-                              gridsize=None, sequential_sampling=False,
-                              enable_oversampling=False, neighbor_pool_size=None,
-                              group_by_scan=False, backend=None, keep_diffraction=True,
-                              output="numpy", chunk_bytes=None, progress=None, out=None,
-                              lazy=False, overwrite=True, row_order="canonical"):
+                              sequential_sampling=False, gridsize=None,
+                              enable_oversampling=False, neighbor_pool_size=None, *,
+                              rng=None, group_by_scan=False, backend=None,
+                              keep_diffraction=True, output="numpy", chunk_bytes=None,
+                              progress=None, out=None, lazy=False, overwrite=True,
+                              row_order="canonical"):
         """Sample groups and assemble the training dict of DESIGN.md section 2.
+
+        The positional order is PtychoPINN's (``N, K, nsamples, dataset_path, seed,
+        sequential_sampling, gridsize, enable_oversampling, neighbor_pool_size``); the
+        rest is keyword-only.
 
         Parameters
         ----------
@@ -293,7 +298,12 @@ class RawData:
         dataset_path : ignored
             Accepted for PtychoPINN compatibility (it named the old group cache).
         seed : int or None
-            None draws and logs a fresh seed; the value used is in ``result["seed"]``.
+            None draws and logs a fresh seed (from ``rng`` when given); the value used is
+            in ``result["seed"]``.
+        rng : numpy.random.Generator or None
+            Accepted for PtychoPINN compatibility: with ``seed=None`` the seed is drawn
+            from it, so a seeded Generator gives repeatable groups. Ignored when ``seed``
+            is given.
         gridsize : int or None
             C = gridsize**2 positions per group; None means 1.
         sequential_sampling, enable_oversampling, group_by_scan : bool
@@ -305,7 +315,8 @@ class RawData:
         keep_diffraction : bool
             False skips the ``diffraction`` copy (``X_full`` only; less memory).
         output : {"numpy", "device"}
-            NumPy arrays (default), or the backend's own arrays (CuPy on the GPU).
+            NumPy arrays (default), or the backend's own arrays (CuPy on the GPU); with
+            ``out`` or ``lazy`` only "numpy".
         chunk_bytes : int or None
             Gathered bytes per assembly chunk (memory bound; no effect on results). None:
             4 MiB in memory on the CPU, 256 MiB on a GPU; with ``out`` the transient memory
@@ -336,11 +347,28 @@ class RawData:
             ``h5py.Dataset`` of a read-only file the caller closes with
             ``d["X_full"].file.close()``), the rest NumPy, plus ``path``.
         """
+        if isinstance(dataset_path, (int, np.integer)) and not isinstance(dataset_path, bool):
+            raise TypeError(
+                f"the 4th positional argument is dataset_path (PtychoPINN's order), got "
+                f"{dataset_path!r}: pass the seed by keyword, seed={dataset_path!r}")
         if dataset_path is not None:
             logger.debug("dataset_path=%r ignored: gpugroup keeps no group cache", dataset_path)
         frame = tuple(self.diff3d.shape[1:])
-        if (N, N) != frame:
-            raise ValueError(f"N={N} does not match the diffraction frames {frame}; pass N={frame[0]}")
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or (N, N) != frame:
+            raise ValueError(f"N={N!r} does not match the diffraction frames {frame}; pass "
+                             f"N={frame[0]}")
+        if output not in ("numpy", "device") or (output == "device" and (lazy or out)):
+            raise ValueError(f"output={output!r}: use 'numpy' or 'device' (the backend's "
+                             f"arrays, in memory only: not with out= or lazy=True)")
+        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(
+                chunk_bytes, (int, np.integer)) or chunk_bytes < 1):
+            raise ValueError(f"chunk_bytes must be a positive int (bytes) or None for the "
+                             f"default, got chunk_bytes={chunk_bytes!r}")
+        if out is not None and self._source is not None and io.same_path(self._source, out):
+            raise ValueError(f"out={os.fspath(out)!r} is the scan file this RawData reads "
+                             f"from; write the grouped data to another name")
+        if seed is None and rng is not None:
+            seed = int(rng.integers(0, 2**63))
         nn, seed, be = self.sample_for_grouping(
             K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,
             enable_oversampling=enable_oversampling, neighbor_pool_size=neighbor_pool_size,
@@ -375,11 +403,18 @@ class RawData:
         gridsize = 1 if gridsize is None else gridsize
         if isinstance(gridsize, bool) or not isinstance(gridsize, (int, np.integer)) or gridsize < 1:
             raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
+        C = int(gridsize) ** 2
+        if neighbor_pool_size is not None and (
+                isinstance(neighbor_pool_size, bool)
+                or not isinstance(neighbor_pool_size, (int, np.integer))
+                or neighbor_pool_size < C):
+            raise ValueError(f"neighbor_pool_size must be an int >= gridsize**2 = {C} (it "
+                             f"replaces K), got neighbor_pool_size={neighbor_pool_size!r}")
         be = get_backend(self.backend if backend is None else backend)
         seed = resolve_seed(seed)
         nn = sample_groups(
             self.xcoords, self.ycoords, nsamples,
-            K if neighbor_pool_size is None else neighbor_pool_size, int(gridsize) ** 2,
+            K if neighbor_pool_size is None else neighbor_pool_size, C,
             seed=seed, backend=be, sequential=sequential_sampling,
             enable_oversampling=enable_oversampling,
             scan_index=self.scan_index if group_by_scan else None, output=output,
@@ -421,18 +456,3 @@ class RawData:
 
 def _is_array(v) -> bool:
     return isinstance(v, np.ndarray) or assembly.is_device_array(v)
-
-
-def save_npz_atomic(path, arrays: dict) -> None:
-    """``numpy.savez`` (uncompressed, memory-mappable) to a temporary file, then rename."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".gpugroup-", suffix=".npz.part", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

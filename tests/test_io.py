@@ -4,6 +4,7 @@ the streaming NPZ writer, conversion, and frame reads at sorted unique indices."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -317,3 +318,58 @@ def test_raw_file_stack_errors_and_pickling(tmp_path):
         fh.truncate(os.path.getsize(p) - 8)
     with pytest.raises(OSError, match="truncated"):
         r.take([4])
+
+
+def test_members_that_are_no_scan_field_are_logged(tmp_path, caplog):
+    raw = make_raw()
+    fields = {k: np.asarray(v) for k, v in raw.to_dict().items()}
+    npz_path = tmp_path / "extra.npz"
+    np.savez(npz_path, **fields, foo=np.arange(3), diffraction=fields["diff3d"])
+    npy_dir = tmp_path / "scan_dir"
+    npy_dir.mkdir()
+    for k, v in fields.items():
+        np.save(npy_dir / f"{k}.npy", v)
+    np.save(npy_dir / "xcoord.npy", fields["xcoords"])  # a typo'd extra file
+    with caplog.at_level("WARNING", logger="gpugroup"):
+        io.read_scan(npz_path)
+        assert "['foo']" in caplog.text
+        RawData.from_file(npz_path, backend="cpu")
+        assert "both diff3d and diffraction: using diff3d" in caplog.text
+        caplog.clear()
+        io.read_scan(npy_dir)
+        assert "['xcoord']" in caplog.text
+        caplog.clear()
+        io.convert(npz_path, tmp_path / "c.npz")  # conversion would drop it: say so
+        assert "['foo']" in caplog.text
+        caplog.clear()
+        io.read_scan(tmp_path / "c.npz")  # a clean scan: nothing to say
+        assert caplog.text == ""
+
+
+def test_read_scan_maps_read_only(tmp_path):
+    path = tmp_path / "s.npz"
+    make_raw().to_file(path)
+    for mode in ("r+", "c", "w"):
+        with pytest.raises(ValueError, match=re.escape(f"mmap_mode={mode!r}")):
+            io.read_scan(path, mmap_mode=mode)
+
+
+def test_convert_refuses_a_link_to_its_source(tmp_path):
+    path = tmp_path / "s.h5"
+    make_raw().to_file(path)
+    link = tmp_path / "link.h5"
+    link.symlink_to(path)
+    before = path.read_bytes()
+    for src, dst in ((link, path), (path, link)):
+        with pytest.raises(ValueError, match="same file"):
+            io.convert(src, dst)
+    assert path.read_bytes() == before
+    assert io.same_path(link, path) and not io.same_path(path, tmp_path / "other.h5")
+
+
+def test_zarr_output_replacing_a_plain_file_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "f.zarr"
+    target.write_text("an old file with a .zarr name")
+    make_raw().to_file(target)
+    assert target.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.zarr"]

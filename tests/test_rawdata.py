@@ -256,6 +256,55 @@ def test_non_finite_frame_is_named_not_normalized_into_garbage(tmp_path, bad, to
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+def test_ptychopinn_positional_order_and_rng():
+    raw = make_raw(n=80)
+    kw = raw.generate_grouped_data(8, K=7, nsamples=20, seed=5, sequential_sampling=True,
+                                   gridsize=2)
+    # PtychoPINN's order: N, K, nsamples, dataset_path, seed, sequential_sampling, gridsize
+    pos = raw.generate_grouped_data(8, 7, 20, None, 5, True, 2)
+    np.testing.assert_array_equal(pos["nn_indices"], kw["nn_indices"])
+    with pytest.raises(TypeError, match="dataset_path.*seed=5"):
+        raw.generate_grouped_data(8, 7, 20, 5)  # DESIGN's (N, K, nsamples, seed) by position
+    a = raw.generate_grouped_data(8, K=7, nsamples=20, gridsize=2,
+                                  rng=np.random.default_rng(3))
+    b = raw.generate_grouped_data(8, K=7, nsamples=20, gridsize=2,
+                                  rng=np.random.default_rng(3))
+    assert a["seed"] == b["seed"]
+    np.testing.assert_array_equal(a["nn_indices"], b["nn_indices"])
+    fixed = raw.generate_grouped_data(8, K=7, nsamples=20, gridsize=2, seed=9,
+                                      rng=np.random.default_rng(3))
+    assert fixed["seed"] == 9  # an explicit seed wins over rng
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"N": 8.0}, r"N=8\.0 does not match"),
+    ({"output": "torch"}, r"output='torch'"),
+    ({"output": "device", "lazy": True}, r"output='device'"),
+    ({"chunk_bytes": 0}, r"chunk_bytes must be a positive int.*chunk_bytes=0"),
+    ({"chunk_bytes": -5, "lazy": True}, r"chunk_bytes=-5"),
+    ({"neighbor_pool_size": 2}, r"neighbor_pool_size must be an int >= gridsize\*\*2 = 4"),
+])
+def test_generate_grouped_data_option_errors_name_the_option(kwargs, match):
+    raw = make_raw(n=40)
+    args = {"N": 8, "K": 7, "nsamples": 5, "seed": 1, "gridsize": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        raw.generate_grouped_data(**args)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("ycoords_start", lambda y: np.r_[y[:-1], np.inf], r"ycoords_start has 1 non-finite"),
+    ("ycoords_start", lambda y: y[:-1], r"xcoords_start has 40 entries but ycoords_start"),
+    ("xcoords_start", lambda y: np.c_[y, y], r"xcoords_start must be 1-D"),
+])
+def test_start_coordinate_errors_name_their_field(field, value, match):
+    raw = make_raw(n=40)
+    fields = {"xcoords_start": raw.xcoords_start, "ycoords_start": raw.ycoords_start}
+    fields[field] = value(raw.ycoords)
+    with pytest.raises(ValueError, match=match):
+        RawData(raw.xcoords, raw.ycoords, fields["xcoords_start"], fields["ycoords_start"],
+                raw.diff3d, raw.probeGuess, None)
+
+
 # ---------------------------------------------------------------- files
 def test_npz_round_trip_and_aliases(tmp_path):
     raw = make_raw(with_object=True, metadata={"energy_keV": 8.0})
@@ -306,10 +355,36 @@ def test_to_file_leaves_nothing_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(np, "savez", boom)
+    import gpugroup.io
+
+    monkeypatch.setattr(gpugroup.io, "copy_stack", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         raw.to_file(tmp_path / "out.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_to_file_permissions_overwrite_and_own_source(tmp_path):
+    import stat
+
+    raw = make_raw()
+    path = tmp_path / "scan.npz"
+    old = os.umask(0o022)
+    try:
+        raw.to_file(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # the umask's, not mkstemp's 0600
+    with pytest.raises(FileExistsError, match="exists"):
+        raw.to_file(path, overwrite=False)
+    back = RawData.from_file(path, mmap_mode="r", backend="cpu")
+    link = tmp_path / "link.npz"
+    link.symlink_to(path)
+    for target in (path, link):
+        with pytest.raises(ValueError, match="reads from"):
+            back.to_file(target)
+        with pytest.raises(ValueError, match="reads from"):
+            back.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2, out=target)
+    np.testing.assert_array_equal(RawData.from_file(path, backend="cpu").diff3d, raw.diff3d)
 
 
 def test_index_cache_follows_changed_coordinates():

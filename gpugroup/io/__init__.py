@@ -110,8 +110,9 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     unknown = sorted(set(keys) - set(SCAN_FIELDS) - {"diffraction"})
     if unknown:
         raise ValueError(f"keys names unknown field(s) {unknown}; fields are {SCAN_FIELDS}")
-    if mmap_mode not in (None, "r", "r+", "c"):
-        raise ValueError(f"mmap_mode must be None or 'r', got mmap_mode={mmap_mode!r}")
+    if mmap_mode not in (None, "r"):  # "r+" would map the user's scan writable
+        raise ValueError(f"mmap_mode must be None (read into memory) or 'r' (frames left on "
+                         f"disk, read-only), got mmap_mode={mmap_mode!r}")
     fmt = format_of(path)
     if fmt == "npy":
         raise ScanFileError(
@@ -124,12 +125,7 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
 
         renamed = tuple(m[:-4] if m.endswith(".npy") else m
                         for f, m in keys.items() if f in STACK_KEYS)
-        data = npz.read_npz(path, mmap_mode, STACK_KEYS + renamed)
-        for field, member in keys.items():
-            member = member[:-4] if member.endswith(".npy") else member
-            if member in data:
-                data[field] = data.pop(member)
-        return data
+        return _npz_fields(path, npz.read_npz(path, mmap_mode, STACK_KEYS + renamed), keys)
     if fmt == "npy-dir":
         data = _read_npy_dir(path, mmap_mode, keys)
     elif fmt == "hdf5":
@@ -152,10 +148,30 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     return data
 
 
+def _npz_fields(path, data, keys):
+    """NPZ members ``data`` by field: members named in ``keys`` renamed; members that are
+    no scan field logged (see :func:`_warn_ignored`)."""
+    for field, member in keys.items():
+        member = member[:-4] if member.endswith(".npy") else member
+        if member in data:
+            data[field] = data.pop(member)
+    _warn_ignored(path, [k for k in data if k not in SCAN_FIELDS + ("diffraction", "_metadata")])
+    return data
+
+
+def _warn_ignored(path, names) -> None:
+    """Log the members of a scan archive that are no scan field (a typo, or data that a
+    conversion would drop)."""
+    if names:
+        logger.warning("%r: ignoring %s %s: not scan fields (%s); name them with keys=... if "
+                       "they are", path, "member" if len(names) == 1 else "members",
+                       sorted(names), ", ".join(SCAN_FIELDS))
+
+
 def _read_npy_dir(path, mmap_mode, keys):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such scan file or directory: {path!r}")
-    data = {}
+    data, used = {}, set()
     for field in SCAN_FIELDS + ("_metadata",):
         name = keys.get(field, field)
         for candidate in ((name, "diffraction") if field == "diff3d" and field not in keys
@@ -168,12 +184,26 @@ def _read_npy_dir(path, mmap_mode, keys):
                     data[field] = np.load(f, mmap_mode=lazy, allow_pickle=False)
                 except (ValueError, EOFError, OSError) as exc:
                     raise ScanFileError(f"cannot read {f!r} ({field}): {exc}") from exc
+                used.add(os.path.basename(f))
                 break
     data["_datasets"] = sorted(p for p in os.listdir(path) if p.endswith(".npy"))
+    _warn_ignored(path, [p[:-4] for p in data["_datasets"] if p not in used])
     return data
 
 
 # ----------------------------------------------------------------------------- writing
+def same_path(a, b) -> bool:
+    """Whether ``a`` and ``b`` name the same file or directory (symbolic and hard links
+    resolved), so that writing ``b`` would replace ``a``."""
+    a, b = (os.fspath(p).rstrip("/\\") or os.sep for p in (a, b))
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:  # one of them does not exist (yet)
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _looks_like_zarr(path) -> bool:
     return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
 
@@ -240,7 +270,7 @@ def _replace(tmp, path, is_dir):
         os.rmdir(old)
         os.rename(path, old)
         os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.replace(tmp, path)
 
@@ -352,15 +382,13 @@ def convert(src, dst, *, keys=None, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=Tru
     from gpugroup.rawdata import RawData
 
     src = os.fspath(src)
-    if os.path.abspath(src) == os.path.abspath(os.fspath(dst)):
-        raise ValueError(f"convert: source and destination are the same file {src!r}")
+    if same_path(src, dst):
+        raise ValueError(f"convert: source and destination are the same file {src!r} "
+                         f"(links resolved); write to another name")
     if format_of(src) == "npz":
         from gpugroup.io.npz import read_npz_streaming
 
-        data = read_npz_streaming(src)
-        for field, member in (keys or {}).items():
-            if member in data:
-                data[field] = data.pop(member)
+        data = _npz_fields(src, read_npz_streaming(src), dict(keys or {}))
     else:
         data = read_scan(src, mmap_mode="r", keys=keys)
     raw = RawData._from_mapping(data, src, "cpu")
@@ -369,5 +397,5 @@ def convert(src, dst, *, keys=None, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=Tru
 
 
 __all__ = ["STACK_KEYS", "SCAN_FIELDS", "ScanFileError", "require", "format_of", "read_scan",
-           "write_scan", "convert", "atomic_path", "open_target", "output_format",
+           "write_scan", "convert", "atomic_path", "same_path", "open_target", "output_format",
            "copy_stack"]
