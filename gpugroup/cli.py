@@ -12,6 +12,7 @@ import argparse
 import inspect
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 PROG = "gpugroup"
 EXIT_OK = 0
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `gpugroup info | head -1`
+EXIT_TERMINATED = 143  # 128 + SIGTERM (kill, timeout, SLURM, docker stop)
 CACHE_SUFFIX = ".groups_cache.npz"
 DEMO_PNG = "gpugroup-demo.png"
 OPTIONAL_PACKAGES = ("cupy", "cuml", "dask", "h5py", "zarr", "matplotlib", "tqdm")
@@ -41,6 +45,10 @@ examples:
 
 class CLIError(ValueError):
     """Bad command-line input detected by the CLI itself (reported like library errors)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that partial outputs are removed as on Ctrl-C."""
 
 
 #: Errors reported as one line with exit status 2; anything else is a bug and shows a
@@ -69,10 +77,13 @@ def _path_bytes(path: str) -> int:
                for d, _, files in os.walk(path) for f in files)
 
 
-def _check_output_path(path: str, flag: str) -> str:
-    """The output format (``"npz"``, ``"hdf5"``, ``"zarr"``) of ``path``; rejects other
-    suffixes and missing output directories."""
-    from gpugroup.io import output_format
+def _check_output_path(path: str, flag: str, *, overwrite: bool = True,
+                       source: str | None = None) -> str:
+    """The output format (``"npz"``, ``"hdf5"``, ``"zarr"``) of ``path``, checked before
+    any work: a known suffix, an existing directory to write in, not the input scan
+    ``source`` (links resolved), and an existing ``path`` only with ``overwrite`` and
+    only of a kind the output replaces."""
+    from gpugroup.io import output_format, same_path
 
     ext = os.path.splitext(path.rstrip("/\\"))[1].lower()
     try:
@@ -87,6 +98,16 @@ def _check_output_path(path: str, flag: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CLIError(f"{flag} {path!r}: the directory {directory!r} does not exist")
+    if source is not None and same_path(source, path):
+        raise CLIError(f"{flag} {path!r} is the input scan {source!r} (links resolved); "
+                       f"choose another output name")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise CLIError(f"{flag} {path!r} exists; pass --overwrite to replace it or choose "
+                           f"another name")
+        if os.path.isdir(path) and fmt != "zarr":
+            raise CLIError(f"{flag} {path!r} is an existing directory; a .{fmt} output is a "
+                           f"file: choose another name")
     return fmt
 
 
@@ -172,10 +193,10 @@ def cmd_simulate(args) -> int:
     from gpugroup.simulate import simulate_rawdata
 
     out = args.out
-    _check_output_path(out, "OUT")
+    _check_output_path(out, "OUT", overwrite=args.overwrite)
     t0 = time.perf_counter()
     raw = simulate_rawdata(args.n, args.N, args.seed, backend="cpu")
-    raw.to_file(out)
+    raw.to_file(out, overwrite=args.overwrite)
     print(f"simulated {len(raw)} positions, frames {args.N}x{args.N}, object "
           f"{raw.objectGuess.shape[0]}x{raw.objectGuess.shape[1]}, seed {args.seed} in "
           f"{time.perf_counter() - t0:.2f} s")
@@ -194,17 +215,15 @@ def cmd_group(args) -> int:
 
     source = _check_input_file(args.input)
     out = args.output
-    fmt = _check_output_path(out, "-o")
-    if os.path.abspath(source.rstrip("/\\")) == os.path.abspath(out.rstrip("/\\")):
-        raise CLIError(f"-o {out!r} is the input scan; choose another output name")
+    fmt = _check_output_path(out, "-o", overwrite=args.overwrite, source=source)
     if args.lazy and fmt != "zarr":
         raise CLIError(f"--lazy writes a .zarr store (each Dask task writes its own chunks), "
                        f"got -o {out!r}; drop --lazy for .npz/.h5 (streamed) output")
     try:
-        raw = RawData.from_file(source, mmap_mode="r")
+        raw = RawData.from_file(source, mmap_mode="r", keys=dict(args.key or ()))
     except CompressedMemberError as exc:
         logger.warning("%s; loading it into memory instead", exc)
-        raw = RawData.from_file(source)
+        raw = RawData.from_file(source, keys=dict(args.key or ()))
     N = raw.diff3d.shape[1] if args.N is None else args.N
     grouped, be, seconds = run_grouping(
         raw, N=N, gridsize=args.gridsize, K=args.K, nsamples=args.nsamples, seed=args.seed,
@@ -229,11 +248,11 @@ def cmd_convert(args) -> int:
     from gpugroup import io
 
     source = _check_input_file(args.input)
-    fmt = _check_output_path(args.output, "OUT")
+    fmt = _check_output_path(args.output, "OUT", overwrite=args.overwrite, source=source)
     update, close = _progress_bar(None, "converting", unit="frame")
     t0 = time.perf_counter()
     try:
-        written = io.convert(source, args.output, slab_bytes=args.slab_mib << 20,
+        written = io.convert(source, args.output, keys=dict(args.key or ()), slab_bytes=args.slab_mib << 20,
                              overwrite=args.overwrite, progress=update)
     finally:
         close()
@@ -246,7 +265,7 @@ def cmd_convert(args) -> int:
     finally:
         if fmt == "hdf5":
             frames.file.close()
-    print(f"converted {n} frames ({h}x{w} {dtype}) in {seconds:.2f} s: wrote {written} "
+    print(f"converted {n} frames ({h}x{w} {dtype}) in {seconds:.2f} s: wrote {args.output} "
           f"({_human_bytes(_path_bytes(written))})")
     return EXIT_OK
 
@@ -566,12 +585,26 @@ def _positive_int(text: str) -> int:
 
 def _seed(text: str) -> int:
     try:
-        value = int(text, 0)
+        value = int(text, 10) if text.strip().isdigit() else int(text, 0)  # 007, 0x2a
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
     return value
+
+
+def _key(text: str) -> tuple[str, str]:
+    field, sep, where = text.partition("=")
+    if not sep or not field or not where:
+        raise argparse.ArgumentTypeError(f"expected FIELD=PATH (e.g. diff3d=/entry/data/data), "
+                                         f"got {text!r}")
+    return field, where
+
+
+def _add_key_option(p):
+    p.add_argument("--key", type=_key, action="append", default=None, metavar="FIELD=PATH",
+                   help="where a scan field is in IN when not under its own name, e.g. "
+                        "--key diff3d=/entry_1/data_1/data (repeatable)")
 
 
 def _add_grouping_options(p, *, nsamples: int, seed):
@@ -591,7 +624,7 @@ def _add_grouping_options(p, *, nsamples: int, seed):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subparser per ``cmd_*`` function."""
     verbosity = argparse.ArgumentParser(add_help=False)
-    verbosity.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose",
                            help="more log output on stderr (-v INFO, -vv DEBUG and tracebacks)")
 
     parser = argparse.ArgumentParser(
@@ -605,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, func, help_, epilog):
-        p = sub.add_parser(name, help=help_, description=inspect.cleandoc(func.__doc__),
+        p = sub.add_parser(name, help=help_, description=inspect.cleandoc(func.__doc__).replace("``", ""),
                            parents=[verbosity],
                            allow_abbrev=False, epilog="example:\n  " + epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -621,6 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame size in pixels (default %(default)s)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="simulation seed (default %(default)s)")
+    _add_overwrite(p)
 
     p = add("group", cmd_group, "group a scan and write the grouped training arrays",
             "gpugroup group scan.npz -o grouped.npz --gridsize 2 --K 7 --nsamples 10000 "
@@ -630,6 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ".h5/.hdf5/.cxi, .zarr or a directory of KEY.npy files")
     p.add_argument("-o", "--output", metavar="OUT", required=True,
                    help="grouped output: .npz, .h5/.hdf5 or .zarr (streamed, atomic)")
+    _add_key_option(p)
     p.add_argument("--N", type=_positive_int, default=None,
                    help="frame size (default: the scan's frame size)")
     _add_grouping_options(p, nsamples=10000, seed=None)
@@ -661,6 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan: .npz (compressed or not), .h5/.hdf5/.cxi, .zarr or a "
                         "directory of KEY.npy files")
     p.add_argument("output", metavar="OUT", help="new scan file: .npz, .h5/.hdf5 or .zarr")
+    _add_key_option(p)
     p.add_argument("--slab-mib", type=_positive_int, default=64, metavar="MIB",
                    help="MiB of frames copied at a time: the memory bound "
                         "(default %(default)s)")
@@ -713,25 +749,60 @@ def main(argv=None) -> int:
     Returns
     -------
     int
-        0 on success, 2 on bad input (one ``gpugroup: error: ...`` line on stderr) or
-        bad arguments, 130 on Ctrl-C.
+        0 on success, 2 on bad input (one ``gpugroup: error: ...`` line on stderr), bad
+        arguments or too little memory, 130 on Ctrl-C, 141 when stdout's reader has gone
+        (a broken pipe), 143 on SIGTERM. Ctrl-C and SIGTERM remove partial outputs.
     """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or an argparse error (status 2)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    args.verbose += getattr(args, "sub_verbose", 0)  # -v before and after the command add up
     _configure_logging(args.verbose)
+    restore = _raise_on_sigterm()
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except BrokenPipeError:  # e.g. `gpugroup info | head -1`: the reader left; not an error
+        try:  # no second error when Python flushes stdout at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # stdout without a descriptor
+            pass
+        return EXIT_BROKEN_PIPE
+    except USER_ERRORS + (MemoryError,) as exc:
         if args.verbose >= 2:
             import traceback
 
             traceback.print_exc(file=sys.stderr)
         message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, MemoryError):
+            message = (f"out of memory ({message}): ask for fewer groups (--nsamples), a "
+                       f"smaller pool (--K, --neighbor-pool-size) or frame size (--N), or a "
+                       f"smaller --chunk-mib")
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        restore()
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated` in the main thread (so partial outputs are
+    removed, as on Ctrl-C); returns a function that restores the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)

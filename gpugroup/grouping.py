@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_ROWS = 1 << 16
 #: Largest (rows x kq) candidate block while widening kq for incomplete rows.
 _MAX_BLOCK = 1 << 23
+#: Pool entries per member-selection block (its transients take ~40 bytes per entry).
+_SELECT_BLOCK = 1 << 20
 #: Largest coordinate span: squared differences must stay finite in float64.
 _MAX_SPAN = 1e150
 #: Oversampled repeats of one seed walk at most this many distinct combinations.
@@ -415,13 +417,16 @@ def sample_groups(
         cache = index_cache if index_cache is not None else {}
         digest = _coordinates_digest(x_np, y_np, scans) if index_cache is not None else None
         pool, pool_len = _pools(be, x, y, seeds, K, scans, cache, batch_rows, digest)
-        rows = xp.arange(B, dtype=xp.int64)
-        first = rows % m
-        groups = select_members(
-            xp, pool[first], pool_len[first], first, C, seed,
-            repeat=rows // m if oversample else None,
-        )
-    groups = groups.astype(index_dtype(n))
+        groups = xp.empty((B, C), dtype=index_dtype(n))
+        step = max(1, _SELECT_BLOCK // int(pool.shape[1]))  # rows are independent
+        for a in range(0, B, step):
+            rows = xp.arange(a, min(B, a + step), dtype=xp.int64)
+            first = rows % m
+            groups[a : a + step] = select_members(
+                xp, pool[first], pool_len[first], first, C, seed,
+                repeat=rows // m if oversample else None,
+            )
+    groups = groups.astype(index_dtype(n), copy=False)
     return be.asnumpy(groups) if output == "numpy" else groups
 
 

@@ -203,10 +203,7 @@ class RawData:
                            "diffraction", source)
         missing = [k for k in REQUIRED_KEYS + ("diff3d",) if k not in data]
         if missing:
-            raise ValueError(
-                f"{source!r} lacks required key(s) {missing}; a scan needs xcoords, ycoords, "
-                f"diff3d (or diffraction) and probeGuess (found {sorted(data)})"
-            )
+            raise io.missing_fields_error(source, missing, sorted(data))
         metadata = data.get("_metadata")
         if metadata is not None:
             metadata = json.loads(str(metadata))

@@ -258,7 +258,7 @@ def test_convert_errors(compressed_scan, scan_file, tmp_path, capsys):
     line = _error_line(capsys, main(["convert", str(compressed_scan), str(tmp_path / "o.txt")]))
     assert "OUT" in line and ".txt" in line
     line = _error_line(capsys, main(["convert", str(scan_file), str(scan_file)]))
-    assert "same file" in line
+    assert "is the input scan" in line
     out = tmp_path / "o.npz"
     out.write_bytes(b"keep me")
     line = _error_line(capsys, main(["convert", str(compressed_scan), str(out),
@@ -416,6 +416,9 @@ def test_verbose_emits_info_logs(scan_file, tmp_path, caplog, capsys):
     caplog.clear()
     assert main(args + ["-v"]) == 0  # -v after the subcommand works too
     assert [r for r in caplog.records if r.levelno == logging.INFO]
+    caplog.clear()
+    assert main(["-v"] + args + ["-v"]) == 0  # before and after add up: DEBUG
+    assert logging.getLogger().level == logging.DEBUG
 
 
 class _FakeTTY:
@@ -457,3 +460,106 @@ def test_cleanup_cache_asks_on_a_terminal(cache_tree, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": "y")
     assert main(["cleanup-cache", str(root)]) == 0
     assert not (root / "a.groups_cache.npz").exists()
+
+
+# --------------------------------------------------------------------------- safety and signals
+def test_group_refuses_to_write_over_its_input_through_a_link(scan_file, tmp_path, capsys):
+    own = tmp_path / "s.npz"
+    own.write_bytes(scan_file.read_bytes())
+    link = tmp_path / "link.npz"
+    link.symlink_to(own)
+    before = own.read_bytes()
+    for src, out in ((link, own), (own, link)):
+        line = _error_line(capsys, main(["group", str(src), "-o", str(out)] + GROUP_ARGS))
+        assert "is the input scan" in line
+        line = _error_line(capsys, main(["convert", str(src), str(out)]))
+        assert "is the input scan" in line
+    assert own.read_bytes() == before
+
+
+def test_output_checks_come_before_any_work(scan_file, tmp_path, capsys, monkeypatch):
+    import gpugroup.cli
+
+    def fail(*a, **k):
+        raise AssertionError("grouping ran before the output was checked")
+
+    monkeypatch.setattr(gpugroup.cli, "run_grouping", fail)
+    folder = tmp_path / "d.npz"
+    folder.mkdir()
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(folder)] + GROUP_ARGS))
+    assert "existing directory" in line and folder.is_dir()
+    kept = tmp_path / "kept.h5"
+    kept.write_bytes(b"keep me")
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(kept), "--no-overwrite"]
+                                    + GROUP_ARGS))
+    assert "pass --overwrite" in line and "overwrite=True" not in line
+    line = _error_line(capsys, main(["simulate", str(kept), "--no-overwrite"]))
+    assert "pass --overwrite" in line and kept.read_bytes() == b"keep me"
+
+
+def test_key_option_names_fields_stored_under_other_names(scan_file, in_memory, tmp_path,
+                                                          capsys):
+    with np.load(scan_file) as z:
+        members = {("frames" if k == "diff3d" else k): z[k] for k in z.files}
+    src = tmp_path / "renamed.npz"
+    np.savez(src, **members)
+    line = _error_line(capsys, main(["group", str(src), "-o", str(tmp_path / "g.npz")]
+                                    + GROUP_ARGS))
+    assert "--key FIELD=PATH" in line  # the missing-field error says how to name it
+    out = tmp_path / "g.npz"
+    assert main(["group", str(src), "-o", str(out), "--key", "diff3d=frames"] + GROUP_ARGS) == 0
+    np.testing.assert_array_equal(_read_grouped(out)["nn_indices"], in_memory["nn_indices"])
+    assert main(["convert", str(src), str(tmp_path / "c.h5"), "--key", "diff3d=frames"]) == 0
+    assert RawData.from_file(tmp_path / "c.h5").diff3d.shape == (n, N, N)
+    assert main(["group", str(src), "-o", str(out), "--key", "diff3d"]) == 2  # no '='
+    assert "expected FIELD=PATH" in capsys.readouterr().err
+
+
+def test_seed_with_leading_zeros(scan_file, tmp_path, capsys):
+    assert main(["group", str(scan_file), "-o", str(tmp_path / "a.npz"), "--seed", "007",
+                 "--nsamples", "10", "--backend", "cpu"]) == 0
+    assert "seed 7 " in capsys.readouterr().out
+    assert main(["group", str(scan_file), "-o", str(tmp_path / "b.npz"), "--seed", "0x2a",
+                 "--nsamples", "10", "--backend", "cpu"]) == 0
+    assert "seed 42 " in capsys.readouterr().out
+
+
+def test_sigterm_mid_write_removes_the_partial_output(scan_file, tmp_path, monkeypatch,
+                                                      capsys):
+    import signal
+
+    import gpugroup.cli
+
+    def progress_bar(total, desc, unit="group"):
+        return lambda k: os.kill(os.getpid(), signal.SIGTERM), lambda: None
+
+    monkeypatch.setattr(gpugroup.cli, "_progress_bar", progress_bar)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main(["group", str(scan_file), "-o", str(tmp_path / "g.npz"), "--chunk-mib", "1"]
+              + GROUP_ARGS)
+    assert rc == 143 and "terminated" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor its temporary
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+
+
+def test_out_of_memory_is_one_line(scan_file, tmp_path, monkeypatch, capsys):
+    def too_big(*a, **k):
+        raise MemoryError("Unable to allocate 7.28 TiB")
+
+    monkeypatch.setattr(RawData, "generate_grouped_data", too_big)
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "g.npz")]
+                                    + GROUP_ARGS))
+    assert "out of memory" in line and "7.28 TiB" in line and "--nsamples" in line
+
+
+def test_a_closed_stdout_is_not_an_error(monkeypatch, capsys):
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert main(["info"]) == 141
+    assert capsys.readouterr().err == ""

@@ -530,6 +530,18 @@ def test_batch_rows_do_not_change_groups(batch_rows):
         np.testing.assert_array_equal(got, base)
 
 
+@pytest.mark.parametrize("block", [1, 9, 50])
+def test_member_selection_blocks_do_not_change_groups(monkeypatch, block):
+    import gpugroup.grouping as grouping
+
+    x, y = jittered_scan(150, seed=4)
+    cases = [(7, 4, 150, {}), (13, 9, 100, {}), (9, 4, 700, {"enable_oversampling": True})]
+    base = [groups_cpu(x, y, m, K, C, 3, **kw) for K, C, m, kw in cases]
+    monkeypatch.setattr(grouping, "_SELECT_BLOCK", block)  # pool entries per block
+    for (K, C, m, kw), want in zip(cases, base):
+        np.testing.assert_array_equal(groups_cpu(x, y, m, K, C, 3, **kw), want)
+
+
 def test_batch_rows_with_scans():
     x, y, sid = _three_scans()
     base = groups_cpu(x, y, 50, 9, 4, 5, scan_index=sid)

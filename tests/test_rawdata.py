@@ -345,7 +345,7 @@ def test_from_file_errors(tmp_path):
         RawData.from_file(truncated)
     nokeys = tmp_path / "nokeys.npz"
     np.savez(nokeys, xcoords=np.zeros(3), ycoords=np.zeros(3))
-    with pytest.raises(ValueError, match=r"lacks required key\(s\) \['probeGuess', 'diff3d'\]"):
+    with pytest.raises(ValueError, match=r"lacks required field\(s\) \['probeGuess', 'diff3d'\]"):
         RawData.from_file(nokeys)
 
 

@@ -140,12 +140,18 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     found = data.pop("_datasets", None)
     missing = [k for k in REQUIRED_FIELDS if k not in data]
     if missing:
-        example = ", ".join(f"{k!r}: '/path/to/{k}'" for k in missing)
-        raise ValueError(
-            f"{path!r} lacks required field(s) {missing} (found: {found}); name where they "
-            f"are with keys={{{example}}} (RawData.from_file(..., keys=...))"
-        )
+        raise missing_fields_error(path, missing, found)
     return data
+
+
+def missing_fields_error(path, missing, found) -> ValueError:
+    """The error for a scan without required fields ``missing``: what was ``found`` and
+    how to name where the fields are."""
+    example = ", ".join(f"{k!r}: '/path/to/{k}'" for k in missing)
+    return ValueError(
+        f"{path!r} lacks required field(s) {missing} (found: {found}); name where they are "
+        f"with keys={{{example}}} (RawData.from_file(..., keys=...); on the command line "
+        f"--key FIELD=PATH)")
 
 
 def _npz_fields(path, data, keys):
