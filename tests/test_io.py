@@ -373,3 +373,11 @@ def test_zarr_output_replacing_a_plain_file_leaves_nothing_behind(tmp_path):
     make_raw().to_file(target)
     assert target.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.zarr"]
+
+
+def test_zarr_older_than_3_says_what_to_install(monkeypatch, tmp_path):
+    import types
+
+    monkeypatch.setitem(sys.modules, "zarr", types.SimpleNamespace(__version__="2.18.3"))
+    with pytest.raises(ImportError, match=r"zarr >= 3 \(found 2\.18\.3\).*zarr>=3"):
+        io.read_scan(tmp_path / "x.zarr")

@@ -37,16 +37,28 @@ class ScanFileError(OSError, ValueError):
     """A scan file that cannot be read as any supported format."""
 
 
+#: Oldest major version of an optional package the code works with.
+_MIN_MAJOR = {"zarr": 3}
+
+
 def require(module: str, extra: str | None = None):
-    """Import optional dependency ``module`` or raise ImportError with the install line."""
+    """Import optional dependency ``module`` or raise ImportError with the install line
+    (also when it is older than the code needs: zarr 3, which needs Python 3.11)."""
+    extra = extra or _EXTRA.get(module, module)
     try:
-        return importlib.import_module(module)
+        mod = importlib.import_module(module)
     except ImportError as exc:
-        extra = extra or _EXTRA.get(module, module)
         raise ImportError(
             f"this needs the optional package {module!r}: pip install \"gpugroup[{extra}]\" "
             f"(or pip install {module})"
         ) from exc
+    major = _MIN_MAJOR.get(module)
+    version = str(getattr(mod, "__version__", ""))
+    if major is not None and version.split(".")[0].isdigit() and int(version.split(".")[0]) < major:
+        raise ImportError(
+            f"this needs {module} >= {major} (found {version}): pip install "
+            f"\"gpugroup[{extra}]\" (or pip install \"{module}>={major}\")")
+    return mod
 
 
 def format_of(path) -> str:
