@@ -131,20 +131,22 @@ class PatchSource:
     The object is padded once here, so chunks and batches only copy their windows.
     """
 
-    def __init__(self, xp, N: int, *, Y=None, objectGuess=None, xs=None, ys=None):
+    def __init__(self, xp, N: int, *, Y=None, objectGuess=None, xs=None, ys=None, warn=True):
         self.N = int(N)
         self.stack = Y
         if Y is None:
             self.padded = _pad_object(xp, objectGuess, self.N)
             self.xs = xp.asarray(xs, dtype=xp.float64)
             self.ys = xp.asarray(ys, dtype=xp.float64)
+            if warn:
+                warn_patches_off_object(xp, self.xs, self.ys, objectGuess.shape, self.N)
 
     @classmethod
-    def optional(cls, xp, N, Y=None, objectGuess=None, xs=None, ys=None):
+    def optional(cls, xp, N, Y=None, objectGuess=None, xs=None, ys=None, warn=True):
         """A source, or None when the scan has neither ``Y`` nor ``objectGuess``."""
         if Y is None and objectGuess is None:
             return None
-        return cls(xp, N, Y=Y, objectGuess=objectGuess, xs=xs, ys=ys)
+        return cls(xp, N, Y=Y, objectGuess=objectGuess, xs=xs, ys=ys, warn=warn)
 
     def take(self, xp, idx):
         """complex64 (len(idx), N, N) patches of positions ``idx``."""
@@ -214,6 +216,22 @@ def extract_patches(xp, obj, xc, yc, N: int):
     scan position. Returns complex64 (len(xc), N, N).
     """
     return _patches(xp, _pad_object(xp, obj, N), xc, yc, N)
+
+
+def warn_patches_off_object(xp, xs, ys, shape, N: int) -> None:
+    """Log positions whose whole N x N patch lies outside the object (their Y is zero):
+    usually a coordinate-convention mistake (x = column, y = row, in object pixels)."""
+    H, W = int(shape[0]), int(shape[1])
+    top, left = ys - N // 2, xs - N // 2
+    off = (top + N <= 0) | (top >= H) | (left + N <= 0) | (left >= W)  # bilinear: +1 pixel
+    k = int(off.sum())
+    if k:
+        i = int(xp.argmax(off))
+        logger.warning(
+            "%d of %d scan positions have their whole %dx%d patch outside objectGuess "
+            "(%dx%d), so their Y is zero, e.g. position %d at (x=%g, y=%g); the patches take "
+            "x as the column and y as the row, in object pixels (xcoords_start, ycoords_start)",
+            k, int(xs.shape[0]), N, N, H, W, i, float(xs[i]), float(ys[i]))
 
 
 def _pad_object(xp, obj, N: int):

@@ -74,7 +74,7 @@ def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffractio
     group_bytes = C * N * N * max(np.dtype(stack.dtype).itemsize, 4)
     step = max(1, int(read_bytes) // group_bytes)
     patches = assembly.PatchSource.optional(np, N, None if y_source is None else _open(y_source),
-                                            obj, xs, ys)
+                                            obj, xs, ys, warn=False)  # warned once, below
     out = [np.empty(shape, dtype=stack.dtype) if keep_diffraction else None,
            np.empty(shape, dtype=np.float32),
            None if patches is None else np.empty(shape, dtype=np.complex64)]
@@ -221,6 +221,7 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     # start positions travel once, as one graph key each, when the object is cut
     xs = ys = None
     if obj is not None:
+        assembly.warn_patches_off_object(np, raw.xcoords_start, raw.ycoords_start, obj.shape, N)
         xs, ys = (dask.delayed(np.asarray(a), name=f"gpugroup-{name}-{uuid.uuid4().hex}",
                                pure=True)
                   for name, a in (("xs", raw.xcoords_start), ("ys", raw.ycoords_start)))

@@ -145,6 +145,28 @@ def test_patch_outside_object_is_zero():
     np.testing.assert_allclose(p[2][7], 1.0)
 
 
+def test_patches_wholly_off_the_object_are_logged(caplog):
+    raw = make_raw(n=40, with_object=True)  # positions 20..40, object large enough
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        raw.generate_grouped_data(8, K=7, nsamples=10, seed=1, gridsize=2)
+    assert "outside objectGuess" not in caplog.text
+    small = RawData(raw.xcoords, raw.ycoords, raw.xcoords_start, raw.ycoords_start,
+                    raw.diff3d, raw.probeGuess, None, objectGuess=raw.objectGuess[:3, :3],
+                    backend="cpu")
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        d = small.generate_grouped_data(8, K=7, nsamples=10, seed=1, gridsize=2)
+    assert not d["Y"].any()
+    assert "40 of 40 scan positions have their whole 8x8 patch outside objectGuess (3x3)" \
+        in caplog.text
+    pytest.importorskip("dask")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        lazy = small.generate_grouped_data(8, K=7, nsamples=10, seed=1, gridsize=2, lazy=True,
+                                           chunk_bytes=4096)  # several Dask blocks
+        assert not lazy["Y"].compute().any()
+    assert caplog.text.count("outside objectGuess") == 1  # once, not once per block
+
+
 def test_oversampling_and_warning(caplog):
     raw = make_raw(n=30)
     with caplog.at_level(logging.WARNING):
