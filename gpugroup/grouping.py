@@ -28,6 +28,8 @@ _MAX_BLOCK = 1 << 23
 _SELECT_BLOCK = 1 << 20
 #: Largest coordinate span: squared differences must stay finite in float64.
 _MAX_SPAN = 1e150
+#: Most groups one call may ask for (oversampling; beyond any memory).
+_MAX_GROUPS = 1 << 40
 #: Oversampled repeats of one seed walk at most this many distinct combinations.
 _COMB_CAP = (1 << 31) - 1
 
@@ -493,6 +495,11 @@ def _group_count(n, nsamples, K, C, enable_oversampling, scans):
         return nsamples, False
     smallest_pool = min(K, n if scans is None else min(len(mem) for _, mem in scans))
     if enable_oversampling and C > 1 and smallest_pool >= C:
+        if nsamples > _MAX_GROUPS:
+            raise ValueError(
+                f"nsamples={nsamples} oversampled groups would take {nsamples * C * 4:.3g} "
+                f"bytes of indices alone; ask for at most 2**40 (in practice what memory "
+                f"holds: {C * 4} bytes per group plus the frames)")
         repeats = -(-nsamples // n)
         distinct = math.comb(smallest_pool, C)
         if distinct < repeats:
@@ -516,7 +523,7 @@ def _coordinates_digest(x, y, scans) -> str:
     h.update(np.ascontiguousarray(x))
     h.update(np.ascontiguousarray(y))
     for sid, mem in scans or ():
-        h.update(np.int64(sid).tobytes())
+        h.update(str(int(sid)).encode() + b";")  # any integer id, uint64 included
         h.update(np.ascontiguousarray(mem))
     return h.hexdigest()
 

@@ -815,6 +815,26 @@ def test_nsamples_not_positive(xy, nsamples):
         groups_cpu(x, y, nsamples, 9, 4, 0)
 
 
+def test_uint64_scan_ids_beyond_int64_with_the_index_cache():
+    from gpugroup import RawData
+
+    x, y = jittered_scan(100, seed=2)
+    sid = np.zeros(100, np.uint64)
+    sid[50:] = 2**63 + 5
+    raw = RawData(x, y, None, None, np.ones((100, 4, 4), np.float32),
+                  np.ones((4, 4), np.complex64), sid, backend="cpu")
+    got = raw.generate_grouped_data(4, K=7, nsamples=30, seed=1, gridsize=2,
+                                    group_by_scan=True)["nn_indices"]
+    np.testing.assert_array_equal(
+        got, groups_cpu(x, y, 30, 7, 4, 1, scan_index=(sid != 0).astype(np.int64)))
+
+
+def test_nsamples_beyond_any_memory(xy):
+    x, y = xy
+    with pytest.raises(ValueError, match=r"nsamples=10{30} oversampled groups .* at most 2\*\*40"):
+        sample_groups(x, y, 10**30, 9, 4, seed=0, enable_oversampling=True, backend="cpu")
+
+
 @pytest.mark.parametrize("field,value", [
     ("K", 4.0), ("K", "9"), ("K", None), ("K", True),
     ("C", 4.0), ("nsamples", 2.5), ("nsamples", "10"), ("batch_rows", 1.5),
