@@ -381,3 +381,15 @@ def test_zarr_older_than_3_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "zarr", types.SimpleNamespace(__version__="2.18.3"))
     with pytest.raises(ImportError, match=r"zarr >= 3 \(found 2\.18\.3\).*zarr>=3"):
         io.read_scan(tmp_path / "x.zarr")
+
+
+def test_a_damaged_store_is_named_in_the_error(tmp_path):
+    path = tmp_path / "bad.zarr"
+    make_raw().to_file(path)
+    chunks = sorted(p for p in (path / "diff3d").rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert chunks
+    with open(chunks[0], "r+b") as fh:
+        fh.truncate(10)
+    raw = RawData.from_file(path, mmap_mode="r", backend="cpu")
+    with pytest.raises(OSError, match=r"cannot read frames .* of Zarr array .*bad\.zarr/diff3d"):
+        raw.generate_grouped_data(8, K=7, nsamples=20, seed=1, gridsize=2)

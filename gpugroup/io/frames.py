@@ -95,13 +95,32 @@ def read_frames(stack, uniq):
     if uniq.size == 0:
         return np.empty((0,) + frame_shape, dtype=stack.dtype)
     raw = raw_view(stack)
-    if raw is not None:
-        return raw.take(uniq)
+    try:
+        if raw is not None:
+            return raw.take(uniq)
+        if _is_h5py(stack):
+            return _read_h5py(stack, uniq)
+        if _is_zarr(stack):
+            return _read_zarr(stack, uniq)
+        return np.asarray(stack[uniq])
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a damaged store: say which store and which frames
+        from gpugroup.io import ScanFileError
+
+        raise ScanFileError(
+            f"cannot read frames {int(uniq[0])}..{int(uniq[-1])} of {_describe(stack)}: "
+            f"{type(exc).__name__}: {exc} (is the file truncated or damaged?)") from exc
+
+
+def _describe(stack) -> str:
+    """Where a frame stack lives, for error messages."""
     if _is_h5py(stack):
-        return _read_h5py(stack, uniq)
+        return f"HDF5 dataset {stack.name!r} in {stack.file.filename!r}"
     if _is_zarr(stack):
-        return _read_zarr(stack, uniq)
-    return np.asarray(stack[uniq])
+        return f"Zarr array {str(getattr(stack, 'store_path', getattr(stack, 'path', '')))!r}"
+    path = getattr(stack, "filename", None) or getattr(stack, "path", None)
+    return f"{type(stack).__name__} {path!r}" if path else f"a {type(stack).__name__} stack"
 
 
 def _h5py_contiguous_offset(ds):
