@@ -35,6 +35,28 @@ def is_device_array(a) -> bool:
     return cupy is not None and isinstance(a, cupy.ndarray)
 
 
+def frame_size(N, stack) -> int:
+    """``N`` checked against the frames of ``stack`` (None: their size)."""
+    frame = tuple(stack.shape[1:])
+    if N is None:
+        N = frame[0]
+    if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or (N, N) != frame:
+        raise ValueError(f"N={N!r} does not match the diffraction frames {frame}; pass "
+                         f"N={frame[0]}")
+    return int(N)
+
+
+def locality_order(nn_indices) -> np.ndarray:
+    """Group rows sorted (stably) by their smallest frame index: reading the groups in
+    this order reads the frame stack nearly sequentially."""
+    return np.argsort(to_host(nn_indices).min(axis=1), kind="stable")
+
+
+def to_host(a) -> np.ndarray:
+    """``a`` as a NumPy array (a CuPy array copied to the host)."""
+    return a.get() if is_device_array(a) else np.asarray(a)
+
+
 def take_frames(xp, stack, idx):
     """``stack[idx]`` as an ``xp`` array, for any frame store.
 
@@ -45,7 +67,7 @@ def take_frames(xp, stack, idx):
     """
     if is_device_array(stack):
         return stack[xp.asarray(idx)]
-    idx = np.asarray(idx) if not is_device_array(idx) else idx.get()
+    idx = to_host(idx)
     if isinstance(stack, np.ndarray):
         return xp.asarray(np.take(stack, idx, axis=0))
     from gpugroup.io.frames import gather_frames

@@ -70,7 +70,7 @@ def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffractio
     stack = _open(source)
     b, C = int(nn.shape[0]), int(nn.shape[1])
     shape = (b, N, N, C)
-    order = np.argsort(nn.min(axis=1), kind="stable")
+    order = assembly.locality_order(nn)
     group_bytes = C * N * N * max(np.dtype(stack.dtype).itemsize, 4)
     step = max(1, int(read_bytes) // group_bytes)
     patches = assembly.PatchSource.optional(np, N, None if y_source is None else _open(y_source),
@@ -180,17 +180,13 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
                          f"row_order={row_order!r}")
     if chunk_type not in ("numpy", "cupy"):
         raise ValueError(f"chunk_type must be 'numpy' or 'cupy', got {chunk_type!r}")
-    frame = tuple(raw.diff3d.shape[1:])
-    N = frame[0] if N is None else int(N)
-    if (N, N) != frame:
-        raise ValueError(f"N={N} does not match the diffraction frames {frame}; "
-                         f"pass N={frame[0]}")
+    N = assembly.frame_size(N, raw.diff3d)
     if nn_indices is None:
         nn_indices, seed, _ = raw.sample_for_grouping(K, nsamples, seed, gridsize,
                                                       backend=backend, **sampling)
     elif sampling:
         raise TypeError(f"sampling options {sorted(sampling)} need nn_indices=None")
-    nn = nn_indices.get() if assembly.is_device_array(nn_indices) else np.asarray(nn_indices)
+    nn = assembly.to_host(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
     block_bytes = DEFAULT_BLOCK_BYTES if block_bytes is None else int(block_bytes)
     src = _source(raw.diff3d, dask)
@@ -203,7 +199,7 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     # the mean over E[nn] in canonical order, as the eager path computes it.
     if norm_scale is None:
         uniq, inverse = np.unique(nn, return_inverse=True)
-        e_step = max(1, block_bytes // (int(np.prod(frame)) * 8))
+        e_step = max(1, block_bytes // (N * N * 8))
         parts = [dask.delayed(_block_energies, pure=True)(src, uniq[a:a + e_step], read_bytes)
                  for a in range(0, uniq.size, e_step)]
         scale = dask.delayed(_scale, pure=True)(parts, inverse.reshape(-1), nn.shape, N)
@@ -216,7 +212,7 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     order = None
     rows_nn = nn
     if row_order == "locality":
-        order = np.argsort(nn.min(axis=1), kind="stable")
+        order = assembly.locality_order(nn)
         rows_nn = nn[order]
     # start positions travel once, as one graph key each, when the object is cut
     xs = ys = None
@@ -318,7 +314,7 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
             guard = os.path.join(tmp, "zarr.json")
             targets, sources = [], []
             for key, arr in stacks.items():
-                arr = arr.map_blocks(_to_host, dtype=arr.dtype,
+                arr = arr.map_blocks(assembly.to_host, dtype=arr.dtype,
                                      meta=np.empty((0,) * arr.ndim, arr.dtype))
                 group_bytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
                 rows = _zarr_rows(block, group_bytes)
@@ -373,10 +369,6 @@ def _settle_removed(tmp, seconds=5.0):
         else:
             quiet += 1
         time.sleep(0.05)
-
-
-def _to_host(block):
-    return block.get() if assembly.is_device_array(block) else block
 
 
 __all__ = ["grouped_arrays", "compute", "to_zarr", "block_sizes"]

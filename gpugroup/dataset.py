@@ -82,7 +82,7 @@ class GroupedDataset:
         self._be = get_backend(raw.backend if backend is None else backend)
         if output not in ("numpy", "device"):
             raise ValueError(f"output must be 'numpy' or 'device', got output={output!r}")
-        nn = nn_indices.get() if assembly.is_device_array(nn_indices) else np.asarray(nn_indices)
+        nn = assembly.to_host(nn_indices)
         if nn.ndim != 2 or not np.issubdtype(nn.dtype, np.integer):
             raise ValueError(f"nn_indices must be a (B, C) integer array, got shape {nn.shape} "
                              f"dtype {nn.dtype}")
@@ -90,11 +90,7 @@ class GroupedDataset:
         if nn.size and (nn.min() < 0 or nn.max() >= n):
             raise ValueError(f"nn_indices must lie in [0, {n}) (the scan's positions), got "
                              f"{nn.min()}..{nn.max()}")
-        frame = tuple(raw.diff3d.shape[1:])
-        N = frame[0] if N is None else N
-        if (N, N) != frame:
-            raise ValueError(f"N={N} does not match the diffraction frames {frame}; "
-                             f"pass N={frame[0]}")
+        N = assembly.frame_size(N, raw.diff3d)
         self.raw = raw
         self.N = int(N)
         self.nn_indices = nn

@@ -350,10 +350,7 @@ class RawData:
                 f"{dataset_path!r}: pass the seed by keyword, seed={dataset_path!r}")
         if dataset_path is not None:
             logger.debug("dataset_path=%r ignored: gpugroup keeps no group cache", dataset_path)
-        frame = tuple(self.diff3d.shape[1:])
-        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or (N, N) != frame:
-            raise ValueError(f"N={N!r} does not match the diffraction frames {frame}; pass "
-                             f"N={frame[0]}")
+        N = assembly.frame_size(N, self.diff3d)
         if output not in ("numpy", "device") or (output == "device" and (lazy or out)):
             raise ValueError(f"output={output!r}: use 'numpy' or 'device' (the backend's "
                              f"arrays, in memory only: not with out= or lazy=True)")

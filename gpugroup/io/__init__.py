@@ -337,7 +337,7 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
     File-backed stacks are read with ``pread`` (:mod:`gpugroup.io.frames`), so a
     memory-mapped source does not stay resident."""
     from gpugroup.io.frames import raw_view
-    from gpugroup.io.npz import _host
+    from gpugroup.assembly import to_host
 
     src = raw_view(stack) or stack
     n = int(stack.shape[0])
@@ -345,7 +345,7 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
     step = max(1, int(slab_bytes) // max(1, row))
     for a in range(0, n, step):
         b = min(n, a + step)
-        sink[a:b] = np.asarray(_host(src[a:b]))
+        sink[a:b] = to_host(src[a:b])
         if progress is not None:
             progress(b - a)
 

@@ -112,9 +112,7 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
                 C, path, fmt, row_order, s)
     small = {}
     if row_order == "locality":
-        from gpugroup.io.npz import _host
-
-        order = np.argsort(np.asarray(_host(nn)).min(axis=1), kind="stable")
+        order = assembly.locality_order(nn)
         nn = nn[xp.asarray(order)]
         small["order"] = order
     small.update({"nn_indices": nn, "norm_scale": np.float64(s)})

@@ -114,9 +114,9 @@ class _Sink:
         self.dtype = ds.dtype
 
     def __setitem__(self, key, value):
-        from gpugroup.io.npz import _host
+        from gpugroup.assembly import to_host
 
-        value = np.asarray(_host(value))
+        value = to_host(value)
         with self._lock:
             self._ds[key] = value
 
@@ -138,9 +138,9 @@ class Target:
         return _Sink(ds, self._lock)
 
     def put(self, key, array):
-        from gpugroup.io.npz import _host
+        from gpugroup.assembly import to_host
 
-        array = np.asarray(_host(array))
+        array = to_host(array)
         if array.dtype.kind == "U":
             self._f.attrs[key] = str(array)
         else:

@@ -20,9 +20,10 @@ import zlib
 import numpy as np
 from numpy.lib import format as npy_format
 
-logger = logging.getLogger(__name__)
-
+from gpugroup.assembly import to_host
 from gpugroup.io import STACK_KEYS
+
+logger = logging.getLogger(__name__)
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the zip local file header, 30 bytes
 _LOCAL_MAGIC = b"PK\x03\x04"
@@ -266,7 +267,7 @@ class NpySink:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("NpySink takes contiguous slices along axis 0: sink[a:b] = rows")
         start, stop, _ = key.indices(int(self.shape[0]))
-        value = _host(value)
+        value = to_host(value)
         rows = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=self.dtype),
                                                     (stop - start,) + tuple(self.shape[1:])))
         data = memoryview(rows).cast("B")
@@ -290,13 +291,6 @@ class NpySink:
                 m.pending[start] = (stop, zlib.crc32(data), len(data))
             else:  # overlapping rewrites: checksum the member at close instead
                 m.in_order = False
-
-
-def _host(value):
-    """NumPy view of ``value`` (CuPy arrays copied to the host)."""
-    if hasattr(value, "get") and type(value).__module__.startswith("cupy"):
-        return value.get()
-    return value
 
 
 class NpzWriter:
@@ -350,7 +344,7 @@ class NpzWriter:
 
     def put(self, key: str, array) -> None:
         """Write a whole (small) array as member ``key``."""
-        array = np.asarray(_host(array))
+        array = to_host(array)
         if array.dtype.hasobject:
             raise ValueError(f"cannot store {key!r}: dtype {array.dtype} holds Python objects")
         if array.ndim == 0:

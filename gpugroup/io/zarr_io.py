@@ -65,9 +65,9 @@ class _Sink:
         self.dtype = arr.dtype
 
     def __setitem__(self, key, value):
-        from gpugroup.io.npz import _host
+        from gpugroup.assembly import to_host
 
-        value = np.asarray(_host(value))
+        value = to_host(value)
         with self._lock:
             self._arr[key] = value
 
@@ -88,9 +88,9 @@ class Target:
         return _Sink(arr, self._lock)
 
     def put(self, key, array):
-        from gpugroup.io.npz import _host
+        from gpugroup.assembly import to_host
 
-        array = np.asarray(_host(array))
+        array = to_host(array)
         if array.dtype.kind == "U":
             self._g.attrs[key] = str(array)
         else:
