@@ -343,7 +343,9 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Circle
 
-    from gpugroup.grouping import sample_seeds
+    from gpugroup.backends import get_backend
+    from gpugroup.grouping import neighbour_pool, sample_seeds
+
     x, y = raw.xcoords, raw.ycoords
     n = len(raw)
     nn = grouped["nn_indices"]
@@ -397,9 +399,8 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
     g = rows[0]
     colour = colours[0]
     s_ = seeds[g % len(seeds)]
-    d2 = (x - x[s_]) ** 2 + (y - y[s_]) ** 2
-    pool = np.argsort(d2, kind="stable")[:K]
-    half = float(np.sqrt(d2[pool].max())) + N / 2
+    pool = neighbour_pool(np, x, y, np.array([s_]), K, get_backend("cpu").build_index(x, y))[0]
+    half = float(np.hypot(x[pool] - x[s_], y[pool] - y[s_]).max()) + N / 2
     zoom.scatter(x[pool], y[pool], s=110, facecolor="none", edgecolor="tab:orange", lw=1.5,
                  zorder=3, label=f"pool: seed + {K - 1} nearest")
     for m in nn[g]:
