@@ -38,7 +38,9 @@ from gpugroup.io.frames import StackRef, open_stack, stack_ref
 
 logger = logging.getLogger(__name__)
 
-#: Bytes of one block of ``X_full`` (the unit of work and of memory per task).
+#: Bytes of one block of ``X_full``, the unit of work. A task holds its block of
+#: ``X_full``, of ``diffraction`` (same size for float32 frames) and of complex64 ``Y``
+#: (twice), plus one read of ``DEFAULT_READ_BYTES``: up to about 4-5x this with ``Y``.
 DEFAULT_BLOCK_BYTES = 64 << 20
 #: Bytes gathered at a time inside a task (groups sorted by their first frame).
 DEFAULT_READ_BYTES = 8 << 20
@@ -136,7 +138,8 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     keep_diffraction : bool
         Also build ``diffraction`` (computed by the same tasks as ``X_full``).
     block_bytes : int or None
-        Bytes of one ``X_full`` block (default 64 MiB): the unit of work per task.
+        Bytes of one ``X_full`` block (default 64 MiB): the unit of work per task. A
+        task's memory is up to about 4-5x this (see :data:`DEFAULT_BLOCK_BYTES`).
     read_bytes : int
         Bytes gathered at a time inside a task.
     norm_scale : float or None
