@@ -217,16 +217,27 @@ def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=No
     _run_chunks(xp, one, chunk_groups(B, group_bytes, chunk_bytes), workers)
 
 
-def group_coordinates(xp, x, y, nn_indices, prefix: str = "coords"):
-    """coords_nn (B,1,2,C), coords_offsets (B,1,2,1), coords_relative (B,1,2,C), float64."""
+def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_start):
+    """``{prefix}_nn`` (B,1,2,C), ``{prefix}_offsets`` (B,1,2,1) and ``{prefix}_relative``
+    (B,1,2,C), float64, for prefix ``coords`` (the positions) and ``coords_start``."""
     nn = xp.asarray(nn_indices)
-    nn_xy = xp.stack([xp.asarray(x)[nn], xp.asarray(y)[nn]], axis=1)[:, None, :, :]
-    offsets = xp.mean(nn_xy, axis=3, keepdims=True)
-    return {
-        f"{prefix}_nn": nn_xy,
-        f"{prefix}_offsets": offsets,
-        f"{prefix}_relative": -(nn_xy - offsets),
-    }
+    out = {}
+    for prefix, x, y in (("coords", xcoords, ycoords),
+                         ("coords_start", xcoords_start, ycoords_start)):
+        nn_xy = xp.stack([xp.asarray(x)[nn], xp.asarray(y)[nn]], axis=1)[:, None, :, :]
+        offsets = xp.mean(nn_xy, axis=3, keepdims=True)
+        out.update({f"{prefix}_nn": nn_xy, f"{prefix}_offsets": offsets,
+                    f"{prefix}_relative": -(nn_xy - offsets)})
+    return out
+
+
+def empty_outputs(xp, B: int, N: int, C: int, dtype, keep_diffraction: bool, with_y: bool):
+    """Uninitialized (B, N, N, C) ``diffraction`` (``dtype``; None unless
+    ``keep_diffraction``), float32 ``X_full`` and complex64 ``Y`` (None unless ``with_y``)."""
+    shape = (B, N, N, C)
+    return {"diffraction": xp.empty(shape, dtype=dtype) if keep_diffraction else None,
+            "X_full": xp.empty(shape, dtype=xp.float32),
+            "Y": xp.empty(shape, dtype=xp.complex64) if with_y else None}
 
 
 def extract_patches(xp, obj, xc, yc, N: int):
@@ -304,15 +315,12 @@ def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, 
     patches = PatchSource.optional(xp, N, Y, objectGuess, xcoords_start, ycoords_start)
     grouped = {
         "nn_indices": nn,
-        "diffraction": xp.empty((B, N, N, C), dtype=diff3d.dtype) if keep_diffraction else None,
-        "X_full": xp.empty((B, N, N, C), dtype=xp.float32),
-        "Y": None if patches is None else xp.empty((B, N, N, C), dtype=xp.complex64),
+        **empty_outputs(xp, B, N, C, diff3d.dtype, keep_diffraction, patches is not None),
         "norm_scale": s,
     }
     gather_channel_last(xp, diff3d, nn, scale=s, out_diffraction=grouped["diffraction"],
                         out_X=grouped["X_full"], out_Y=grouped["Y"], patches=patches,
                         chunk_bytes=chunk_bytes, workers=workers, progress=progress)
-    grouped.update(group_coordinates(xp, xcoords, ycoords, nn, "coords"))
-    grouped.update(group_coordinates(xp, xcoords_start, ycoords_start, nn, "coords_start"))
+    grouped.update(group_coordinates(xp, nn, xcoords, ycoords, xcoords_start, ycoords_start))
     grouped["objectGuess"] = objectGuess
     return grouped

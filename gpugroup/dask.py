@@ -71,18 +71,16 @@ def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffractio
     """
     stack = _open(source)
     b, C = int(nn.shape[0]), int(nn.shape[1])
-    shape = (b, N, N, C)
     order = assembly.locality_order(nn)
     group_bytes = C * N * N * max(np.dtype(stack.dtype).itemsize, 4)
     step = max(1, int(read_bytes) // group_bytes)
     patches = assembly.PatchSource.optional(np, N, None if y_source is None else _open(y_source),
                                             obj, xs, ys, warn=False)  # warned once, below
-    out = [np.empty(shape, dtype=stack.dtype) if keep_diffraction else None,
-           np.empty(shape, dtype=np.float32),
-           None if patches is None else np.empty(shape, dtype=np.complex64)]
+    out = list(assembly.empty_outputs(np, b, N, C, stack.dtype, keep_diffraction,
+                                      patches is not None).values())
     for a in range(0, b, step):
         rows = order[a:a + step]
-        tmp = [None if o is None else np.empty((len(rows),) + shape[1:], o.dtype) for o in out]
+        tmp = [None if o is None else np.empty((len(rows),) + o.shape[1:], o.dtype) for o in out]
         assembly.gather_channel_last(np, stack, nn[rows], scale=scale, out_diffraction=tmp[0],
                                      out_X=tmp[1], out_Y=tmp[2], patches=patches,
                                      chunk_bytes=1 << 62, workers=1)
@@ -254,9 +252,8 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
         "X_full": da.concatenate(parts_x),
         "norm_scale": scale_out,
     }
-    out.update(assembly.group_coordinates(np, raw.xcoords, raw.ycoords, rows_nn, "coords"))
-    out.update(assembly.group_coordinates(np, raw.xcoords_start, raw.ycoords_start, rows_nn,
-                                          "coords_start"))
+    out.update(assembly.group_coordinates(np, rows_nn, raw.xcoords, raw.ycoords,
+                                          raw.xcoords_start, raw.ycoords_start))
     out["Y"] = da.concatenate(parts_y) if parts_y else None
     out["objectGuess"] = raw.objectGuess
     out["seed"] = seed

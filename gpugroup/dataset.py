@@ -226,21 +226,16 @@ class GroupedDataset:
         b = int(nn.shape[0])
         stack = self._stack("diff3d")
         patches = self._patch_source()
-        out = {
-            "nn_indices": xp.asarray(nn),
-            "diffraction": (xp.empty((b, N, N, C), dtype=stack.dtype)
-                            if self.keep_diffraction else None),
-            "X_full": xp.empty((b, N, N, C), dtype=xp.float32),
-            "Y": None if patches is None else xp.empty((b, N, N, C), dtype=xp.complex64),
-        }
+        out = {"nn_indices": xp.asarray(nn),
+               **assembly.empty_outputs(xp, b, N, C, stack.dtype, self.keep_diffraction,
+                                        patches is not None)}
         assembly.gather_channel_last(xp, stack, nn, scale=self.norm_scale,
                                      out_diffraction=out["diffraction"], out_X=out["X_full"],
                                      out_Y=out["Y"], patches=patches, chunk_bytes=1 << 62,
                                      workers=1)
         out = {k: v for k, v in out.items() if v is not None}
-        out.update(assembly.group_coordinates(xp, self._x, self._y, out["nn_indices"], "coords"))
-        out.update(assembly.group_coordinates(xp, self._xs, self._ys, out["nn_indices"],
-                                              "coords_start"))
+        out.update(assembly.group_coordinates(xp, out["nn_indices"], self._x, self._y,
+                                              self._xs, self._ys))
         if self.output == "numpy":
             out = {k: self._be.asnumpy(v) for k, v in out.items()}
         return out

@@ -116,9 +116,8 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
         nn = nn[xp.asarray(order)]
         small["order"] = order
     small.update({"nn_indices": nn, "norm_scale": np.float64(s)})
-    small.update(assembly.group_coordinates(xp, xcoords, ycoords, nn, "coords"))
-    small.update(assembly.group_coordinates(xp, xcoords_start, ycoords_start, nn,
-                                            "coords_start"))
+    small.update(assembly.group_coordinates(xp, nn, xcoords, ycoords, xcoords_start,
+                                            ycoords_start))
     if objectGuess is not None:
         small["objectGuess"] = np.asarray(objectGuess)
     if seed is not None:
