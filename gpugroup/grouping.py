@@ -342,7 +342,9 @@ def sample_groups(
     C : int
         Positions per group (``gridsize**2``). C = 1 groups are the seeds themselves.
     seed : int or None
-        Seed in [0, 2**64). None draws a 63-bit seed from OS entropy and logs it.
+        Seed in [0, 2**64). None draws a 63-bit seed from OS entropy and logs it (INFO);
+        to keep it, draw it first: ``seed = gpugroup.keys.resolve_seed(None)``
+        (``RawData.generate_grouped_data`` returns it as ``result["seed"]``).
     backend : {"auto", "cpu", "gpu"}
         Where to compute; all give the same integers.
     sequential : bool
