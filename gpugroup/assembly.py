@@ -40,8 +40,10 @@ def frame_size(N, stack) -> int:
     frame = tuple(stack.shape[1:])
     if N is None:
         N = frame[0]
-    if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or (N, N) != frame:
-        raise ValueError(f"N={N!r} does not match the diffraction frames {frame}; pass "
+    if isinstance(N, bool) or not isinstance(N, (int, np.integer)):
+        raise TypeError(f"N must be an int (the frame size), got N={N!r}; pass N={frame[0]}")
+    if (N, N) != frame:
+        raise ValueError(f"N={N} does not match the diffraction frames {frame}; pass "
                          f"N={frame[0]}")
     return int(N)
 

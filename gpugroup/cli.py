@@ -83,7 +83,7 @@ def _check_output_path(path: str, flag: str, *, overwrite: bool = True,
     any work: a known suffix, an existing directory to write in, not the input scan
     ``source`` (links resolved), and an existing ``path`` only with ``overwrite`` and
     only of a kind the output replaces."""
-    from gpugroup.io import output_format, same_path
+    from gpugroup.io import check_output, output_format
 
     ext = os.path.splitext(path.rstrip("/\\"))[1].lower()
     try:
@@ -95,19 +95,7 @@ def _check_output_path(path: str, flag: str, *, overwrite: bool = True,
             f"{flag} {path!r}: unsupported output format {ext or '(no extension)'!r}; "
             f"use one of {', '.join(OUTPUT_SUFFIXES)}"
         ) from None
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise CLIError(f"{flag} {path!r}: the directory {directory!r} does not exist")
-    if source is not None and same_path(source, path):
-        raise CLIError(f"{flag} {path!r} is the input scan {source!r} (links resolved); "
-                       f"choose another output name")
-    if os.path.lexists(path):
-        if not overwrite:
-            raise CLIError(f"{flag} {path!r} exists; pass --overwrite to replace it or choose "
-                           f"another name")
-        if os.path.isdir(path) and fmt != "zarr":
-            raise CLIError(f"{flag} {path!r} is an existing directory; a .{fmt} output is a "
-                           f"file: choose another name")
+    check_output(path, overwrite=overwrite, source=source, option=flag)
     return fmt
 
 
@@ -220,10 +208,10 @@ def cmd_group(args) -> int:
         raise CLIError(f"--lazy writes a .zarr store (each Dask task writes its own chunks), "
                        f"got -o {out!r}; drop --lazy for .npz/.h5 (streamed) output")
     try:
-        raw = RawData.from_file(source, mmap_mode="r", keys=dict(args.key or ()))
+        raw = RawData.from_file(source, mmap_mode="r", keys=args.key)
     except CompressedMemberError as exc:
         logger.warning("%s; loading it into memory instead", exc)
-        raw = RawData.from_file(source, keys=dict(args.key or ()))
+        raw = RawData.from_file(source, keys=args.key)
     N = raw.diff3d.shape[1] if args.N is None else args.N
     grouped, be, seconds = run_grouping(
         raw, N=N, gridsize=args.gridsize, K=args.K, nsamples=args.nsamples, seed=args.seed,
@@ -252,7 +240,7 @@ def cmd_convert(args) -> int:
     update, close = _progress_bar(None, "converting", unit="frame")
     t0 = time.perf_counter()
     try:
-        written = io.convert(source, args.output, keys=dict(args.key or ()), slab_bytes=args.slab_mib << 20,
+        written = io.convert(source, args.output, keys=args.key, slab_bytes=args.slab_mib << 20,
                              overwrite=args.overwrite, progress=update)
     finally:
         close()
@@ -639,7 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, func, help_, epilog):
-        p = sub.add_parser(name, help=help_, description=inspect.cleandoc(func.__doc__).replace("``", ""),
+        p = sub.add_parser(name, help=help_,
+                           description=inspect.cleandoc(func.__doc__).replace("``", ""),
                            parents=[verbosity],
                            allow_abbrev=False, epilog="example:\n  " + epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -760,30 +749,18 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help, --version, or an argparse error (status 2)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     args.verbose += getattr(args, "sub_verbose", 0)  # -v before and after the command add up
+    if getattr(args, "key", None) is not None:  # --key FIELD=PATH pairs, repeatable
+        args.key = dict(args.key)
     _configure_logging(args.verbose)
     restore = _raise_on_sigterm()
     try:
         return args.func(args)
-    except BrokenPipeError:  # e.g. `gpugroup info | head -1`: the reader left; not an error
-        try:  # no second error when Python flushes stdout at exit
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):  # stdout without a descriptor
-            pass
-        return EXIT_BROKEN_PIPE
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            return _report(exc, args)
+        return EXIT_BROKEN_PIPE  # e.g. `gpugroup info | head -1`: the reader left
     except USER_ERRORS + (MemoryError,) as exc:
-        if args.verbose >= 2:
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        if isinstance(exc, MemoryError):
-            message = (f"out of memory ({message}): ask for fewer groups (--nsamples), a "
-                       f"smaller pool (--K, --neighbor-pool-size) or frame size (--N), or a "
-                       f"smaller --chunk-mib")
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return EXIT_ERROR
+        return _report(exc, args)
     except Terminated:
         print(f"{PROG}: terminated", file=sys.stderr)
         return EXIT_TERMINATED
@@ -794,16 +771,62 @@ def main(argv=None) -> int:
         restore()
 
 
+#: What to ask for less of when a command runs out of memory.
+_MEMORY_HINTS = {
+    "group": "fewer groups (--nsamples), a smaller pool (--K, --neighbor-pool-size) or a "
+             "smaller --chunk-mib",
+    "convert": "a smaller --slab-mib",
+    "simulate": "fewer positions (--n) or smaller frames (--N)",
+    "demo": "fewer positions (--n), groups (--nsamples) or smaller frames (--N)",
+}
+
+
+def _report(exc, args) -> int:
+    """One ``gpugroup: error: ...`` line (and the traceback with -vv); exit status 2."""
+    if args.verbose >= 2:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, MemoryError):
+        message = (f"out of memory ({message}): ask for "
+                   f"{_MEMORY_HINTS.get(args.command, 'a smaller job')}")
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone (then stdout is pointed at /dev/null, so that
+    Python's final flush does not fail a second time)."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        pass
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout without a descriptor
+        pass
+    return True
+
+
 def _raise_on_sigterm():
-    """Make SIGTERM raise :class:`Terminated` in the main thread (so partial outputs are
-    removed, as on Ctrl-C); returns a function that restores the previous handler."""
+    """Make the first SIGTERM raise :class:`Terminated` in the main thread (so partial
+    outputs are removed, as on Ctrl-C; further SIGTERMs are ignored until then, so that
+    the clean-up finishes); returns a function that restores the previous handler. A
+    SIGTERM the parent set to be ignored stays ignored."""
     import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGTERM)
+    if (threading.current_thread() is not threading.main_thread()
+            or previous in (signal.SIG_IGN, None)):
         return lambda: None
 
     def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, handler)
     return lambda: signal.signal(signal.SIGTERM, previous)

@@ -76,8 +76,10 @@ def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffractio
     step = max(1, int(read_bytes) // group_bytes)
     patches = assembly.PatchSource.optional(np, N, None if y_source is None else _open(y_source),
                                             obj, xs, ys, warn=False)  # warned once, below
-    out = list(assembly.empty_outputs(np, b, N, C, stack.dtype, keep_diffraction,
-                                      patches is not None).values())
+    names = ("diffraction", "X_full", "Y")
+    made = assembly.empty_outputs(np, b, N, C, stack.dtype, keep_diffraction,
+                                  patches is not None)
+    out = [made[k] for k in names]
     for a in range(0, b, step):
         rows = order[a:a + step]
         tmp = [None if o is None else np.empty((len(rows),) + o.shape[1:], o.dtype) for o in out]

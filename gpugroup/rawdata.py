@@ -237,11 +237,14 @@ class RawData:
         """Write the scan atomically (under a temporary name, renamed when complete) as an
         uncompressed, memory-mappable ``.npz``, an ``.h5``/``.hdf5`` file or a ``.zarr``
         store, by the suffix. Frame stacks are copied in slabs, so they need not fit in
-        memory. ``overwrite=False`` refuses to replace an existing ``path``."""
-        if self._source is not None and io.same_path(self._source, path):
-            raise ValueError(f"{os.fspath(path)!r} is the scan file this RawData reads from; "
-                             f"write to another name")
-        io.write_scan(path, self.to_dict(), overwrite=overwrite)
+        memory; any other name gets an NPZ, as ``numpy.savez`` to an open file would.
+        ``overwrite=False`` refuses to replace an existing ``path``."""
+        io.check_output(path, overwrite=overwrite, source=self._source, option="path")
+        try:
+            fmt = io.output_format(path)
+        except ValueError:
+            fmt = "npz"
+        io.write_scan(path, self.to_dict(), overwrite=overwrite, fmt=fmt)
 
     # ------------------------------------------------------------------ description
     def __len__(self) -> int:
@@ -358,10 +361,19 @@ class RawData:
                 chunk_bytes, (int, np.integer)) or chunk_bytes < 1):
             raise ValueError(f"chunk_bytes must be a positive int (bytes) or None for the "
                              f"default, got chunk_bytes={chunk_bytes!r}")
-        if out is not None and self._source is not None and io.same_path(self._source, out):
-            raise ValueError(f"out={os.fspath(out)!r} is the scan file this RawData reads "
-                             f"from; write the grouped data to another name")
+        if out is not None:
+            io.check_output(out, overwrite=overwrite, source=self._source, option="out")
+        for position, name, flag in ((6, "sequential_sampling", sequential_sampling),
+                                     (8, "enable_oversampling", enable_oversampling)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(
+                    f"{name} must be True or False, got {flag!r}: it is positional argument "
+                    f"{position} (PtychoPINN's order: N, K, nsamples, dataset_path, seed, "
+                    f"sequential_sampling, gridsize, ...); pass gridsize= by keyword")
         if seed is None and rng is not None:
+            if not hasattr(rng, "integers"):
+                raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}"
+                                f": pass rng=np.random.default_rng(...) (or seed=...)")
             seed = int(rng.integers(0, 2**63))
         nn, seed, be = self.sample_for_grouping(
             K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,

@@ -492,9 +492,14 @@ def test_output_checks_come_before_any_work(scan_file, tmp_path, capsys, monkeyp
     kept.write_bytes(b"keep me")
     line = _error_line(capsys, main(["group", str(scan_file), "-o", str(kept), "--no-overwrite"]
                                     + GROUP_ARGS))
-    assert "pass --overwrite" in line and "overwrite=True" not in line
+    assert "--overwrite on the command line" in line
     line = _error_line(capsys, main(["simulate", str(kept), "--no-overwrite"]))
-    assert "pass --overwrite" in line and kept.read_bytes() == b"keep me"
+    assert "--overwrite on the command line" in line and kept.read_bytes() == b"keep me"
+    plain = tmp_path / "plain.zarr"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a store")
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(plain)] + GROUP_ARGS))
+    assert "not a Zarr store" in line and (plain / "notes.txt").exists()
 
 
 def test_key_option_names_fields_stored_under_other_names(scan_file, in_memory, tmp_path,
@@ -558,8 +563,55 @@ def test_a_closed_stdout_is_not_an_error(monkeypatch, capsys):
             raise BrokenPipeError(32, "Broken pipe")
 
         def flush(self):
-            pass
+            raise BrokenPipeError(32, "Broken pipe")
 
     monkeypatch.setattr(sys, "stdout", Gone())
     assert main(["info"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_a_broken_pipe_elsewhere_is_reported(scan_file, tmp_path, monkeypatch, capsys):
+    def pipe_gone(*a, **k):
+        raise BrokenPipeError(32, "Broken pipe (a worker's socket)")
+
+    monkeypatch.setattr(RawData, "generate_grouped_data", pipe_gone)
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "g.npz")]
+                                    + GROUP_ARGS))
+    assert "a worker's socket" in line
+
+
+def test_a_second_sigterm_does_not_interrupt_the_clean_up(scan_file, tmp_path, monkeypatch,
+                                                          capsys):
+    import signal
+
+    import gpugroup.cli
+    import gpugroup.io
+
+    def progress_bar(total, desc, unit="group"):
+        return lambda k: os.kill(os.getpid(), signal.SIGTERM), lambda: None
+
+    real_remove = gpugroup.io._remove
+
+    def remove_while_signalled(tmp):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating its signal
+        real_remove(tmp)
+
+    monkeypatch.setattr(gpugroup.cli, "_progress_bar", progress_bar)
+    monkeypatch.setattr(gpugroup.io, "_remove", remove_while_signalled)
+    rc = main(["group", str(scan_file), "-o", str(tmp_path / "g.zarr"), "--chunk-mib", "1"]
+              + GROUP_ARGS)
+    assert rc == 143
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ignored_sigterm_stays_ignored():
+    code = ("import os, signal, sys\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "from gpugroup.cli import _raise_on_sigterm\n"
+            "restore = _raise_on_sigterm()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "restore()\n"
+            "print('survived', signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.stdout.strip() == "survived True", done.stderr

@@ -361,8 +361,10 @@ def test_convert_refuses_a_link_to_its_source(tmp_path):
     link.symlink_to(path)
     before = path.read_bytes()
     for src, dst in ((link, path), (path, link)):
-        with pytest.raises(ValueError, match="same file"):
+        with pytest.raises(ValueError, match="is the input scan"):
             io.convert(src, dst)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['difff3d'\]"):
+        io.convert(path, tmp_path / "k.h5", keys={"difff3d": "frames"})
     assert path.read_bytes() == before
     assert io.same_path(link, path) and not io.same_path(path, tmp_path / "other.h5")
 
@@ -386,7 +388,8 @@ def test_zarr_older_than_3_says_what_to_install(monkeypatch, tmp_path):
 def test_a_damaged_store_is_named_in_the_error(tmp_path):
     path = tmp_path / "bad.zarr"
     make_raw().to_file(path)
-    chunks = sorted(p for p in (path / "diff3d").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunks = sorted(p for p in (path / "diff3d").rglob("*")
+                    if p.is_file() and p.name != "zarr.json")
     assert chunks
     with open(chunks[0], "r+b") as fh:
         fh.truncate(10)

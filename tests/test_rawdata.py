@@ -296,10 +296,17 @@ def test_ptychopinn_positional_order_and_rng():
     fixed = raw.generate_grouped_data(8, K=7, nsamples=20, gridsize=2, seed=9,
                                       rng=np.random.default_rng(3))
     assert fixed["seed"] == 9  # an explicit seed wins over rng
+    with pytest.raises(TypeError, match=r"sequential_sampling must be True or False, got 2.*"
+                                        r"positional argument 6.*gridsize= by keyword"):
+        raw.generate_grouped_data(8, 7, 20, None, 3, 2)  # gpugroup's order before PtychoPINN's
+    with pytest.raises(TypeError, match=r"rng must be a numpy.random.Generator, got RandomState"):
+        raw.generate_grouped_data(8, K=7, nsamples=20, gridsize=2,
+                                  rng=np.random.RandomState(0))
+    with pytest.raises(TypeError, match=r"N must be an int .*got N=8\.0; pass N=8"):
+        raw.generate_grouped_data(8.0, K=7, nsamples=20, seed=1, gridsize=2)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"N": 8.0}, r"N=8\.0 does not match"),
     ({"output": "torch"}, r"output='torch'"),
     ({"output": "device", "lazy": True}, r"output='device'"),
     ({"chunk_bytes": 0}, r"chunk_bytes must be a positive int.*chunk_bytes=0"),
@@ -402,11 +409,13 @@ def test_to_file_permissions_overwrite_and_own_source(tmp_path):
     link = tmp_path / "link.npz"
     link.symlink_to(path)
     for target in (path, link):
-        with pytest.raises(ValueError, match="reads from"):
+        with pytest.raises(ValueError, match="is the input scan"):
             back.to_file(target)
-        with pytest.raises(ValueError, match="reads from"):
+        with pytest.raises(ValueError, match="is the input scan"):
             back.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2, out=target)
     np.testing.assert_array_equal(RawData.from_file(path, backend="cpu").diff3d, raw.diff3d)
+    raw.to_file(tmp_path / "no_suffix")  # any other name: an NPZ, as before
+    np.testing.assert_array_equal(RawData.from_file(tmp_path / "no_suffix").diff3d, raw.diff3d)
 
 
 def test_index_cache_follows_changed_coordinates():

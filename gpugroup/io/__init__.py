@@ -57,7 +57,8 @@ def require(module: str, extra: str | None = None):
     if major is not None and version.split(".")[0].isdigit() and int(version.split(".")[0]) < major:
         raise ImportError(
             f"this needs {module} >= {major} (found {version}): pip install "
-            f"\"gpugroup[{extra}]\" (or pip install \"{module}>={major}\")")
+            f"\"gpugroup[{extra}]\" (or pip install \"{module}>={major}\"; zarr 3 needs "
+            f"Python >= 3.11)")
     return mod
 
 
@@ -118,10 +119,7 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
         h5py or zarr missing (the message gives the pip line).
     """
     path = os.fspath(path)
-    keys = dict(keys or {})
-    unknown = sorted(set(keys) - set(SCAN_FIELDS) - {"diffraction"})
-    if unknown:
-        raise ValueError(f"keys names unknown field(s) {unknown}; fields are {SCAN_FIELDS}")
+    keys = check_keys(keys)
     if mmap_mode not in (None, "r"):  # "r+" would map the user's scan writable
         raise ValueError(f"mmap_mode must be None (read into memory) or 'r' (frames left on "
                          f"disk, read-only), got mmap_mode={mmap_mode!r}")
@@ -164,6 +162,16 @@ def missing_fields_error(path, missing, found) -> ValueError:
         f"{path!r} lacks required field(s) {missing} (found: {found}); name where they are "
         f"with keys={{{example}}} (RawData.from_file(..., keys=...); on the command line "
         f"--key FIELD=PATH)")
+
+
+def check_keys(keys) -> dict:
+    """``keys`` (field -> where it is stored) as a dict, its fields checked."""
+    keys = dict(keys or {})
+    unknown = sorted(set(keys) - set(SCAN_FIELDS) - {"diffraction"})
+    if unknown:
+        raise ValueError(f"keys names unknown field(s) {unknown}; fields are "
+                         f"{', '.join(SCAN_FIELDS)}")
+    return keys
 
 
 def _npz_fields(path, data, keys):
@@ -222,6 +230,31 @@ def same_path(a, b) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def check_output(path, *, overwrite: bool = True, source=None, option: str = "out") -> None:
+    """Refuse, before any work, an output ``path`` that would replace the scan ``source``
+    (links resolved), an existing ``path`` without ``overwrite``, a directory where a file
+    goes, or a directory that is not a Zarr store where a ``.zarr`` store goes; and a
+    missing parent directory. ``option`` names the argument in messages."""
+    label = f"{option} {os.fspath(path)!r}"
+    if source is not None and same_path(source, path):
+        raise ValueError(f"{label} is the input scan {os.fspath(source)!r} (links resolved); "
+                         f"write to another name")
+    is_dir = format_of(path) == "zarr"
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{label} exists; pass overwrite=True (--overwrite on the "
+                                  f"command line) to replace it, or choose another name")
+        if os.path.isdir(path) and not is_dir:
+            raise FileExistsError(f"{label} is an existing directory, where the output is a "
+                                  f"file: choose another name")
+        if is_dir and os.path.isdir(path) and not _looks_like_zarr(path):
+            raise FileExistsError(f"{label} exists and is not a Zarr store; refusing to replace "
+                                  f"it (remove it or choose another name)")
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{label}: the directory {directory!r} does not exist")
+
+
 def _looks_like_zarr(path) -> bool:
     return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
 
@@ -234,17 +267,10 @@ def atomic_path(path, overwrite: bool = True):
     removed and nothing appears under ``path`` (an existing ``path`` is left as it was).
     Zarr outputs are directories: an existing store is replaced only if it is a Zarr store.
     """
+    check_output(path, overwrite=overwrite)
     path = os.path.abspath(os.fspath(path))
     directory, base = os.path.split(path)
     is_dir = format_of(path) == "zarr"
-    if os.path.lexists(path):
-        if not overwrite:
-            raise FileExistsError(f"{path!r} exists; pass overwrite=True to replace it")
-        if is_dir and os.path.isdir(path) and not _looks_like_zarr(path):
-            raise FileExistsError(f"{path!r} exists and is not a Zarr store; refusing to "
-                                  f"replace it (remove it or choose another name)")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"output directory {directory!r} does not exist")
     prefix = f".{base}."
     umask = _umask()
     if is_dir:
@@ -351,14 +377,15 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
 
 
 def write_scan(path, arrays: dict, *, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=True,
-               progress=None) -> str:
+               progress=None, fmt=None) -> str:
     """Write scan ``arrays`` (field -> array, frame stacks may be on disk) to ``path``
-    (``.npz``, ``.h5`` or ``.zarr``) atomically, stacks copied slab by slab.
+    (``.npz``, ``.h5`` or ``.zarr``; ``fmt`` overrides the suffix) atomically, stacks
+    copied slab by slab.
 
     HDF5 stacks are contiguous and Zarr stacks unsharded, uncompressed, 1-16 frames per
     chunk: the layouts gpugroup reads fastest. Returns the absolute path.
     """
-    fmt = output_format(path)
+    fmt = fmt or output_format(path)
     with atomic_path(path, overwrite) as tmp:
         target = open_target(tmp, fmt)
         try:
@@ -400,9 +427,8 @@ def convert(src, dst, *, keys=None, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=Tru
     from gpugroup.rawdata import RawData
 
     src = os.fspath(src)
-    if same_path(src, dst):
-        raise ValueError(f"convert: source and destination are the same file {src!r} "
-                         f"(links resolved); write to another name")
+    check_keys(keys)
+    check_output(dst, overwrite=overwrite, source=src, option="dst")
     if format_of(src) == "npz":
         from gpugroup.io.npz import read_npz_streaming
 
@@ -415,5 +441,5 @@ def convert(src, dst, *, keys=None, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=Tru
 
 
 __all__ = ["STACK_KEYS", "SCAN_FIELDS", "ScanFileError", "require", "format_of", "read_scan",
-           "write_scan", "convert", "atomic_path", "same_path", "open_target", "output_format",
-           "copy_stack"]
+           "write_scan", "convert", "atomic_path", "same_path", "check_output", "check_keys",
+           "open_target", "output_format", "copy_stack"]

@@ -103,14 +103,18 @@ def read_frames(stack, uniq):
         if _is_zarr(stack):
             return _read_zarr(stack, uniq)
         return np.asarray(stack[uniq])
-    except (MemoryError, KeyboardInterrupt):
+    except MemoryError:
         raise
     except Exception as exc:  # a damaged store: say which store and which frames
         from gpugroup.io import ScanFileError
 
+        hint = "is the file truncated or damaged?"
+        if _is_h5py(stack):
+            hint += (" Or compressed with a filter this h5py lacks (Eiger/bitshuffle/LZ4): "
+                     "pip install hdf5plugin, then import hdf5plugin before reading")
         raise ScanFileError(
             f"cannot read frames {int(uniq[0])}..{int(uniq[-1])} of {_describe(stack)}: "
-            f"{type(exc).__name__}: {exc} (is the file truncated or damaged?)") from exc
+            f"{type(exc).__name__}: {exc} ({hint})") from exc
 
 
 def _describe(stack) -> str:
