@@ -557,9 +557,10 @@ class NeighborsIndex:
        smallest s_hat (or of smallest float32 ``sqrt(s_hat)``, which may merge values
        within a factor ``1 - 4u``). Its distances are not used: their form (distance or
        squared, as cuML has returned for ``"euclidean"`` in some releases) cannot bend
-       the bound. With ``s_c`` the largest exact float32-geometry d2 among the returned
-       points (computed in float64), every non-returned point has
-       ``s_hat >= (s_c - E)(1 - 4u)`` and so ``sigma^2 >= s_c (1 - 4u) - 2E``.
+       the bound. With ``c`` the returned point of largest exact float32-geometry d2
+       ``s_c`` (computed in float64), every non-returned point p has
+       ``s_hat(p) >= s_hat(c) (1 - 4u) >= (s_c - E_c)(1 - 4u)``, where ``E_c`` is E with
+       c's own norm in place of R_max, and so ``sigma^2 >= s_c (1 - 4u) - E_c - E``.
     3. *Coordinate rounding.* Each centred coordinate moves by at most
        ``delta = (2**-24 + 2**-52) A + 2**-149`` (A the largest |centred coordinate|),
        a difference vector by at most ``2 sqrt(2) delta < 3 delta``, so the float64
@@ -673,11 +674,18 @@ class NeighborsIndex:
         c = self.points32[xp.clip(cand, 0, self.n - 1)].astype(xp.float64)
         dx = c[:, :, 0] - q[:, 0:1]
         dy = c[:, :, 1] - q[:, 1:2]
-        s_c = (dx * dx + dy * dy).max(axis=1) * ((1.0 - 4 * U32) * (1.0 - 2.0**-50))
-        qn = xp.sqrt(q[:, 0] * q[:, 0] + q[:, 1] * q[:, 1]) * (1.0 + 2.0**-50)
-        reach = qn + self.r_max
-        err = (reach * reach) * (EXPANDED_ERROR * (1.0 + 2.0**-40))
-        sigma = xp.sqrt(xp.maximum(s_c - 2.0 * err, 0.0)) * (1.0 - 2.0**-50)
+        d2 = dx * dx + dy * dy
+        far = xp.argmax(d2, axis=1)[:, None]  # the farthest candidate, c
+        s_c = xp.take_along_axis(d2, far, axis=1)[:, 0] * ((1.0 - 4 * U32) * (1.0 - 2.0**-50))
+        c = xp.take_along_axis(c, far[:, :, None], axis=1)[:, 0]
+
+        def norm(a):
+            return xp.sqrt(a[:, 0] * a[:, 0] + a[:, 1] * a[:, 1]) * (1.0 + 2.0**-50)
+
+        qn = norm(q)
+        bound = EXPANDED_ERROR * (1.0 + 2.0**-40)
+        err = ((qn + norm(c)) ** 2 + (qn + self.r_max) ** 2) * bound  # E_c + E
+        sigma = xp.sqrt(xp.maximum(s_c - err, 0.0)) * (1.0 - 2.0**-50)
         d = xp.maximum(sigma - self.coord_error, 0.0)
         floor = (d * d * _FLOOR_SLACK) * (self.unit * self.unit)
         # Not finite: no bound (the guard widens kq); subnormal: rounding is absolute there.
