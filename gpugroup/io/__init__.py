@@ -54,7 +54,8 @@ def require(module: str, extra: str | None = None):
         ) from exc
     major = _MIN_MAJOR.get(module)
     version = str(getattr(mod, "__version__", ""))
-    if major is not None and version.split(".")[0].isdigit() and int(version.split(".")[0]) < major:
+    found = version.split(".")[0]
+    if major is not None and found.isdigit() and int(found) < major:
         raise ImportError(
             f"this needs {module} >= {major} (found {version}): pip install "
             f"\"gpugroup[{extra}]\" (or pip install \"{module}>={major}\"; zarr 3 needs "
