@@ -30,6 +30,24 @@ def square_grid(nx: int, ny: int | None = None, spacing: float = 1.0, offset=(0.
     return x, y
 
 
+# ----------------------------------------------------------------------------- devices
+@pytest.fixture(params=[pytest.param("cupy", marks=pytest.mark.gpu), "devicelike"])
+def cp(request, monkeypatch):
+    """The device namespace, twice: real CuPy on a CUDA device (marked ``gpu``; skips
+    saying what is missing), and ``devicelike``, the strict NumPy stand-in that enforces
+    CuPy's host/device rules on any machine (installed as ``cupy``, without cuML)."""
+    if request.param == "devicelike":
+        import devicelike
+
+        devicelike.install(monkeypatch)
+        return devicelike
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    from gpugroup.backends import gpu
+
+    reason = gpu.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return cupy
 
 
 # ----------------------------------------------------------------------------- KAT file

@@ -185,17 +185,11 @@ def test_local_cluster_processes(tmp_path, scans):
         assert len(set(workers.values())) == 2 and os.getpid() not in workers.values()
 
 
-@pytest.mark.gpu
-def test_cupy_chunks(scans):
-    cupy = pytest.importorskip("cupy")
-    from gpugroup.backends import gpu
-
-    if gpu.unavailable_reason() is not None:
-        pytest.skip(gpu.unavailable_reason())
+def test_cupy_chunks(scans, cp):
     raws, eager = scans
     lazy = gdask.grouped_arrays(raws["scan.h5"], 8, K=7, nsamples=300, seed=8, gridsize=2,
                                 block_bytes=20_000, chunk_type="cupy")
-    assert isinstance(lazy["X_full"]._meta, cupy.ndarray)
+    assert isinstance(lazy["X_full"]._meta, cp.ndarray)
     X = lazy["X_full"].compute()
-    assert isinstance(X, cupy.ndarray)
+    assert isinstance(X, cp.ndarray)
     np.testing.assert_array_equal(X.get(), eager["X_full"])

@@ -174,18 +174,12 @@ def test_worker_processes_reopen_files(tmp_path, start):
     np.testing.assert_array_equal(got, ds[5:25]["X_full"])
 
 
-@pytest.mark.gpu
-def test_device_batches_equal_host_batches(case):
-    cupy = pytest.importorskip("cupy")
-    from gpugroup.backends import gpu
-
-    if gpu.unavailable_reason() is not None:
-        pytest.skip(gpu.unavailable_reason())
+def test_device_batches_equal_host_batches(case, cp):
     raw, eager, _ = case
     ds = GroupedDataset.from_raw(raw, 8, K=7, nsamples=200, seed=21, gridsize=2,
                                  backend="gpu", output="device")
     batch = ds[np.arange(0, 200, 3)]
-    assert isinstance(batch["X_full"], cupy.ndarray)
+    assert isinstance(batch["X_full"], cp.ndarray)
     np.testing.assert_array_equal(batch["nn_indices"].get(), eager["nn_indices"][::3])
     np.testing.assert_allclose(batch["X_full"].get(), eager["X_full"][::3], rtol=1e-6)
     np.testing.assert_allclose(batch["Y"].get(), eager["Y"][::3], rtol=1e-5, atol=1e-6)

@@ -1,10 +1,11 @@
 """GPU backend: CPU == GPU groups over the DESIGN section 3 matrix, device output, DLPack.
 
-Tests marked ``gpu`` need CuPy and a CUDA device and skip with the reason otherwise; both
-GPU engines run (cuML only where it imports). The dispatch tests at the end run on any
-machine: they hide CuPy, or stand NumPy in for it, to check errors and engine choice.
-This file imports nothing beyond NumPy and pytest at module level (the GPU machine has
-no scikit-learn or hypothesis).
+Every device test runs twice through the ``cp`` fixture (conftest.py): on CuPy with a CUDA
+device (marked ``gpu``; skips with the reason otherwise) and on ``devicelike``, the strict
+NumPy stand-in that enforces CuPy's host/device rules in public CI. Both GPU engines run:
+cuML where it imports on a GPU, scikit-learn in its place on the stand-in. The dispatch
+tests at the end check errors and engine choice. This file imports nothing beyond NumPy
+and pytest at module level (the GPU machine has no scikit-learn or hypothesis).
 """
 
 from __future__ import annotations
@@ -23,21 +24,15 @@ from gpugroup.backends import get_backend, gpu
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def cp():
-    """CuPy with a CUDA device, or skip saying which is missing."""
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    reason = gpu.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    return cupy
-
-
 @pytest.fixture(params=["cupy", "cuml"])
-def engine(request, cp):
-    """A GPU engine name; 'cuml' skips where cuML does not import."""
+def engine(request, cp, monkeypatch):
+    """A GPU engine name. 'cuml' is real cuML on a GPU (skips where it does not import) and
+    scikit-learn in cuML's place on the devicelike stand-in."""
     if request.param == "cuml":
-        pytest.importorskip("cuml", reason="cuML is not installed")
+        if cp.__name__ == "devicelike":
+            _fake_cuml(monkeypatch)
+        else:
+            pytest.importorskip("cuml", reason="cuML is not installed")
     return request.param
 
 
@@ -59,7 +54,6 @@ CASES = PARITY_CASES + [
 ]
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("xy, nsamples, K, C, seed, kw", CASES)
 def test_gpu_groups_equal_cpu(gpu_backend, xy, nsamples, K, C, seed, kw):
     x, y = xy()
@@ -69,7 +63,6 @@ def test_gpu_groups_equal_cpu(gpu_backend, xy, nsamples, K, C, seed, kw):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("oversample", [False, True])
 def test_gpu_groups_equal_cpu_with_scan_index(gpu_backend, oversample):
     parts = [jittered_scan(300, seed=s) for s in range(3)]
@@ -83,7 +76,6 @@ def test_gpu_groups_equal_cpu_with_scan_index(gpu_backend, oversample):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.gpu
 def test_gpu_small_batches_equal_default(gpu_backend):
     x, y = jittered_scan(2000, seed=21)
     a = sample_groups(x, y, 800, 9, 4, seed=2, backend=gpu_backend)
@@ -91,7 +83,6 @@ def test_gpu_small_batches_equal_default(gpu_backend):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.gpu
 def test_gpu_device_output_is_cupy_and_equal(cp, gpu_backend):
     x, y = jittered_scan(1000, seed=3)
     host = sample_groups(x, y, 300, 7, 4, seed=8, backend="cpu")
@@ -101,8 +92,9 @@ def test_gpu_device_output_is_cupy_and_equal(cp, gpu_backend):
     np.testing.assert_array_equal(cp.asnumpy(dev), host)
 
 
-@pytest.mark.gpu
 def test_gpu_dlpack_hands_off_to_torch_without_copy(cp, gpu_backend):
+    if cp.__name__ == "devicelike":
+        pytest.skip("the DLPack hand-off needs a real device")
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     if not torch.cuda.is_available():
         pytest.skip("this PyTorch build has no CUDA")
@@ -129,7 +121,6 @@ def _adapter_backend(cp, library):
                    description=f"CuPy + NeighborsIndex({library.__name__} on CuPy)")
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("xy, nsamples, K, C, seed, kw", PARITY_CASES)
 def test_gpu_neighbors_adapter_equals_cpu(cp, xy, nsamples, K, C, seed, kw):
     x, y = xy()
@@ -139,7 +130,6 @@ def test_gpu_neighbors_adapter_equals_cpu(cp, xy, nsamples, K, C, seed, kw):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.gpu
 def test_gpu_neighbors_adapter_repairs_invalid_rows(cp, caplog):
     import logging
 
@@ -152,7 +142,6 @@ def test_gpu_neighbors_adapter_repairs_invalid_rows(cp, caplog):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.gpu
 def test_gpu_keys_match_numpy(cp):
     from gpugroup import keys
 
@@ -161,7 +150,6 @@ def test_gpu_keys_match_numpy(cp):
     np.testing.assert_array_equal(cp.asnumpy(keys.key(cp, k, cp.asarray(c))), keys.key(np, k, c))
 
 
-@pytest.mark.gpu
 def test_gpu_grid_engine_matches_its_numpy_run_and_contract(cp):
     """The grid engine is written once against xp: CuPy and NumPy give the same answers,
     and the floor is a true bound on the device."""
@@ -186,7 +174,6 @@ def test_gpu_grid_engine_matches_its_numpy_run_and_contract(cp):
             assert d2[others].min() >= f_cp[r]
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("device_frames", [False, True])
 def test_gpu_rawdata_grouped_data_matches_cpu(cp, engine, monkeypatch, device_frames):
     from gpugroup.simulate import simulate_rawdata
@@ -216,6 +203,33 @@ def test_gpu_rawdata_grouped_data_matches_cpu(cp, engine, monkeypatch, device_fr
 
 
 # ----------------------------------------------------------------------------- dispatch (any machine)
+def test_devicelike_enforces_cupy_rules():
+    """The stand-in refuses what CuPy refuses, so the devicelike runs above can fail."""
+    import devicelike as dl
+
+    a = dl.asarray([3.0, 1.0, 2.0])
+    host = np.ones(3)
+    refused = {
+        "implicit conversion": lambda: np.asarray(a),
+        "host operand": lambda: a + host,
+        "host operand, left": lambda: host * a,
+        "host array in a function": lambda: dl.concatenate([a, host]),
+        "host arrays only": lambda: dl.maximum(host, host),
+        "device size": lambda: dl.zeros(a.size * a[0]),
+        "no __index__": lambda: range(a.argmax()),
+        "sort kind": lambda: dl.argsort(a, kind="quicksort"),
+        "host value": lambda: a.__setitem__(slice(None), host),
+    }
+    for what, call in refused.items():
+        with pytest.raises((TypeError, ValueError)):
+            call()
+            pytest.fail(f"devicelike allowed {what}")
+    assert isinstance(a.max(), dl.ndarray) and a.max().shape == ()  # 0-d, as in CuPy
+    assert isinstance(np.sort(a), dl.ndarray)  # NumPy functions dispatch to the namespace
+    np.testing.assert_array_equal(a[np.array([1, 2])].get(), [1.0, 2.0])  # host indices ok
+    np.testing.assert_array_equal(dl.asnumpy(dl.sort(a, kind="stable")), [1.0, 2.0, 3.0])
+
+
 def test_gpu_backend_without_cupy_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
     assert gpu.unavailable_reason().startswith("CuPy is not importable")
@@ -229,19 +243,11 @@ def test_gpu_backend_without_cupy_says_what_to_install(monkeypatch):
     assert get_backend("auto").name == "cpu"
 
 
-@pytest.fixture
-def numpy_as_cupy(monkeypatch):
-    """Stand NumPy in for CuPy (with a fake device) to test engine choice on a CPU."""
-    monkeypatch.setattr(np, "asnumpy", np.asarray, raising=False)
-    monkeypatch.setitem(sys.modules, "cupy", np)
-    monkeypatch.setattr(gpu, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(gpu, "device_name", lambda: "fake device")
-    monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
-
-
 def _fake_cuml(monkeypatch):
-    """A ``cuml`` package whose NearestNeighbors is scikit-learn's (rbc -> kd_tree)."""
+    """A ``cuml`` package whose NearestNeighbors is scikit-learn's (rbc -> kd_tree); like
+    cuML it takes and returns device arrays."""
     neighbors_mod = pytest.importorskip("sklearn.neighbors", reason="scikit-learn not installed")
+    import cupy  # the namespace the test installed
 
     class NearestNeighbors:
         def __init__(self, *, algorithm="auto", metric="euclidean"):
@@ -250,13 +256,14 @@ def _fake_cuml(monkeypatch):
                 algorithm="kd_tree" if algorithm == "rbc" else algorithm, metric=metric)
 
         def fit(self, X):
-            assert X.dtype == np.float32
-            self.inner.fit(X)
+            assert isinstance(X, cupy.ndarray) and X.dtype == np.float32
+            self.inner.fit(cupy.asnumpy(X))
             return self
 
         def kneighbors(self, X, n_neighbors, return_distance=True):
-            return self.inner.kneighbors(X, n_neighbors=n_neighbors,
-                                         return_distance=return_distance)
+            out = self.inner.kneighbors(cupy.asnumpy(X), n_neighbors=n_neighbors,
+                                        return_distance=return_distance)
+            return tuple(map(cupy.asarray, out)) if return_distance else cupy.asarray(out)
 
     cuml = types.ModuleType("cuml")
     cuml.neighbors = types.ModuleType("cuml.neighbors")
@@ -265,7 +272,8 @@ def _fake_cuml(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuml.neighbors", cuml.neighbors)
 
 
-def test_auto_engine_without_cuml_is_the_grid_engine(numpy_as_cupy, monkeypatch, caplog):
+def test_auto_engine_without_cuml_is_the_grid_engine(cp, monkeypatch, caplog):
+    monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
     monkeypatch.setitem(sys.modules, "cuml", None)  # `import cuml` raises ImportError
     monkeypatch.setitem(sys.modules, "cuml.neighbors", None)
     with caplog.at_level("INFO", logger="gpugroup.backends.gpu"):
@@ -279,7 +287,8 @@ def test_auto_engine_without_cuml_is_the_grid_engine(numpy_as_cupy, monkeypatch,
                                   sample_groups(x, y, 200, 9, 4, seed=6, backend="cpu"))
 
 
-def test_auto_engine_uses_cuml_when_it_imports(numpy_as_cupy, monkeypatch):
+def test_auto_engine_uses_cuml_when_it_imports(cp, monkeypatch):
+    monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
     _fake_cuml(monkeypatch)
     be = gpu.make_backend()
     assert be.description == "CuPy + cuML NearestNeighbors"
@@ -288,7 +297,7 @@ def test_auto_engine_uses_cuml_when_it_imports(numpy_as_cupy, monkeypatch):
                                   sample_groups(x, y, 300, 9, 4, seed=6, backend="cpu"))
 
 
-def test_engine_is_chosen_by_argument_or_environment(numpy_as_cupy, monkeypatch):
+def test_engine_is_chosen_by_argument_or_environment(cp, monkeypatch):
     _fake_cuml(monkeypatch)
     assert gpu.make_backend(engine="cupy").description == "CuPy + CuPy-native grid kNN"
     monkeypatch.setenv(gpu.ENGINE_ENV, "cupy")
@@ -300,8 +309,10 @@ def test_engine_is_chosen_by_argument_or_environment(numpy_as_cupy, monkeypatch)
         get_backend("gpu")
 
 
-def test_gpu_benchmark_script_cpu_smoke(tmp_path):
-    """benchmarks/gpu_benchmark.py --cpu-only runs end to end and writes its JSON."""
+@pytest.mark.parametrize("mode", ["cpu-only", "devicelike"])
+def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
+    """benchmarks/gpu_benchmark.py runs end to end and writes its JSON: with --cpu-only
+    (the grid engine on NumPy), and on its GPU path with the devicelike stand-in as CuPy."""
     import importlib.util
     import json
     from pathlib import Path
@@ -312,12 +323,24 @@ def test_gpu_benchmark_script_cpu_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_benchmark_smoke", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rc = bench.main(["--cpu-only", "--sizes", "2e3", "--nested", "3e3", "--K", "7",
-                     "--repeats", "1", "--assembly-n", "400", "--assembly-nsamples", "100",
-                     "--chunk-bytes", "1Mi", "--out", str(tmp_path)])
-    (result,) = tmp_path.glob("cpu-smoke-*.json")
+    args = ["--sizes", "2e3", "--nested", "3e3", "--K", "7", "--repeats", "1",
+            "--assembly-n", "400", "--assembly-nsamples", "100", "--chunk-bytes", "1Mi",
+            "--out", str(tmp_path)]
+    if mode == "devicelike":
+        import devicelike
+
+        devicelike.install(monkeypatch)
+        monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
+        rc = bench.main(args)
+        (result,) = tmp_path.glob("gpu-devicelike-numpy-*.json")
+        backends = ["gpu", "bare xp gather (reference)", "cpu"]
+    else:
+        rc = bench.main(["--cpu-only"] + args)
+        (result,) = tmp_path.glob("cpu-smoke-*.json")
+        backends = ["grid-numpy", "bare xp gather (reference)"]
     data = json.loads(result.read_text())
     assert rc == 0 and data["errors"] == [] and data["finished"]
     assert data["parity_summary"] == {"checked": 2, "identical": 2, "all_identical": True}
     assert [r["layout"].split(" ")[0] for r in data["grouping"]] == ["fermat", "nested"]
-    assert [r["backend"] for r in data["assembly"]] == ["grid-numpy", "bare xp gather (reference)"]
+    assert [r["backend"] for r in data["assembly"]] == backends
+    assert all(r.get("nn_indices_equal_gpu", True) for r in data["assembly"])

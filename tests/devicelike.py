@@ -1,0 +1,301 @@
+"""A strict CuPy stand-in on NumPy: device-array rules checked on a machine without a GPU.
+
+It computes with NumPy, so it checks nothing about GPU arithmetic; what it checks is the
+host/device discipline that real CuPy enforces and plain NumPy (``xp = numpy``) never
+does, so that a mistake shows up in public CI and not on the first, rare GPU run:
+
+* no implicit device -> host conversion: ``np.asarray(device_array)`` raises TypeError,
+  as CuPy's ``__array__`` does; arrays have no ``__index__`` (``range(a[0])`` fails);
+* no host arrays inside device operations: a NumPy array given to a ufunc, operator or
+  namespace function (other than ``asarray``/``array``) raises TypeError; NumPy scalars
+  and Python numbers are fine, NumPy arrays as indices are fine (CuPy copies them over);
+* reductions and scalar indexing give 0-d device arrays, not NumPy scalars;
+* shapes and sizes must be Python/NumPy integers, not device arrays;
+* ``sort``/``argsort`` accept only ``kind=None`` or ``"stable"``; ``lexsort`` only 2-D keys;
+* NumPy functions called on device arrays dispatch to this namespace (as CuPy's
+  ``__array_function__`` does).
+
+Use it as ``cupy`` with :func:`install` (``sys.modules``), or as ``xp`` directly.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+import types
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+__version__ = "devicelike (NumPy, strict CuPy rules)"
+
+
+def _host_error(where: str) -> TypeError:
+    return TypeError(f"devicelike: a NumPy array was passed to {where}; CuPy rejects host "
+                     "arrays in device operations (move it with xp.asarray first)")
+
+
+def _unwrap(obj, where: str):
+    """Device arrays -> their NumPy data; host arrays -> TypeError (recursing into lists)."""
+    if isinstance(obj, ndarray):
+        return obj._a
+    if isinstance(obj, np.ndarray):
+        raise _host_error(where)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwrap(v, where) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _unwrap(v, where) for k, v in obj.items()}
+    return obj
+
+
+def _wrap(obj):
+    """NumPy results -> device arrays (NumPy scalars become 0-d arrays, as in CuPy)."""
+    if isinstance(obj, np.ndarray):
+        return ndarray(obj)
+    if isinstance(obj, np.generic):
+        return ndarray(np.asarray(obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_wrap(v) for v in obj)
+    return obj
+
+
+def _check_shape(shape, where: str):
+    for v in (shape if isinstance(shape, (tuple, list)) else (shape,)):
+        if isinstance(v, (ndarray, np.ndarray)):
+            raise TypeError(f"devicelike: {where} got an array {v!r} as a size; CuPy needs a "
+                            "Python int (use int(...) to read it from the device)")
+
+
+def _check_kind(kind, where: str):
+    if kind not in (None, "stable"):
+        raise ValueError(f"devicelike: {where}(kind={kind!r}): CuPy accepts only None or "
+                         "'stable'")
+
+
+def _index(key):
+    """Index: device arrays unwrap; NumPy arrays and lists are allowed (CuPy copies them)."""
+    if isinstance(key, tuple):
+        return tuple(_index(k) for k in key)
+    return key._a if isinstance(key, ndarray) else key
+
+
+class ndarray(NDArrayOperatorsMixin):  # noqa: N801 (the name CuPy gives it)
+    """A NumPy array that behaves like a ``cupy.ndarray`` towards host code."""
+
+    __array_priority__ = 100
+
+    def __init__(self, data):
+        self._a = data
+
+    # -- conversions CuPy allows or refuses
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("devicelike: implicit conversion to a NumPy array is not allowed "
+                        "(CuPy refuses it too); use .get() or cupy.asnumpy()")
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        return np.array(self._a, order=order)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __complex__(self):
+        return complex(self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (ndarray(np.asarray(self._a[i])) for i in range(len(self._a)))
+
+    def __repr__(self):
+        return f"devicelike.{self._a!r}"
+
+    # -- element access
+    def __getitem__(self, key):
+        return _wrap(self._a[_index(key)])
+
+    def __setitem__(self, key, value):
+        self._a[_index(key)] = _unwrap(value, "ndarray.__setitem__ (as the value)")
+
+    # -- NumPy protocols: ufuncs and functions run here, on device arrays only
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        where = f"the ufunc {ufunc.__name__}"
+        result = getattr(ufunc, method)(*_unwrap(inputs, where), **_unwrap(kwargs, where))
+        return _wrap(result)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        impl = _NAMESPACE.get(func.__name__)
+        if impl is None:
+            raise TypeError(f"devicelike: numpy.{func.__name__} has no CuPy counterpart here")
+        return impl(*args, **kwargs)
+
+    # -- attributes and methods: NumPy's, with device arrays in and out
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        if not callable(attr):
+            return _wrap(attr)
+
+        def method(*args, **kwargs):
+            if name in ("sort", "argsort"):
+                _check_kind(kwargs.get("kind"), f"ndarray.{name}")
+            if name in ("reshape", "repeat"):
+                _check_shape(args, f"ndarray.{name}")
+            return _wrap(attr(*_unwrap(args, f"ndarray.{name}"),
+                              **_unwrap(kwargs, f"ndarray.{name}")))
+
+        return method
+
+
+def _function(name):
+    func = getattr(np, name)
+
+    def call(*args, **kwargs):
+        if name in ("sort", "argsort"):
+            _check_kind(kwargs.get("kind"), name)
+        if name == "lexsort" and np.ndim(_unwrap(args[0], name)) > 2:
+            raise NotImplementedError("devicelike: CuPy's lexsort takes keys of rank <= 2")
+        return _wrap(func(*_unwrap(args, name), **_unwrap(kwargs, name)))
+
+    call.__name__ = name
+    return call
+
+
+def _creation(name):
+    func = getattr(np, name)
+
+    def call(*args, **kwargs):
+        _check_shape(args[0] if name != "arange" else args, name)
+        return _wrap(func(*_unwrap(args, name), **_unwrap(kwargs, name)))
+
+    call.__name__ = name
+    return call
+
+
+def asarray(a, dtype=None, order=None, *, blocking=False):
+    """Host -> device copy (or the device array itself)."""
+    if isinstance(a, ndarray):
+        return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+    if isinstance(a, (list, tuple)) and builtins.any(isinstance(v, ndarray) for v in a):
+        raise TypeError("devicelike: asarray of a list holding device arrays; use stack")
+    return ndarray(np.array(a, dtype=dtype, order=order or "K"))
+
+
+array = asarray
+
+
+def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
+    """Device -> host copy; host data passes through, as in CuPy."""
+    return a.get(order=order) if isinstance(a, ndarray) else np.asarray(a, order=order)
+
+
+def from_dlpack(obj):
+    return ndarray(np.from_dlpack(obj))
+
+
+def show_config():
+    print(__version__)
+
+
+class _UFunc:
+    """A NumPy ufunc that takes device arrays only (its methods too: reduce, at, ...)."""
+
+    def __init__(self, ufunc):
+        self._u = ufunc
+
+    def __call__(self, *args, **kwargs):
+        where = f"the ufunc {self._u.__name__}"
+        return _wrap(self._u(*_unwrap(args, where), **_unwrap(kwargs, where)))
+
+    def __getattr__(self, name):
+        method = getattr(self._u, name)
+        if not callable(method):
+            return method
+        where = f"{self._u.__name__}.{name}"
+        return lambda *a, **kw: _wrap(method(*_unwrap(a, where), **_unwrap(kw, where)))
+
+
+def _sliding_window_view(a, *args, **kwargs):
+    return _wrap(np.lib.stride_tricks.sliding_window_view(
+        _unwrap(a, "sliding_window_view"), *args, **kwargs))
+
+
+_NAMESPACE: dict = {"asarray": asarray, "array": array}
+_FUNCTIONS = (
+    "all any argmax argmin argpartition argsort around broadcast_to clip concatenate "
+    "count_nonzero cumsum diff einsum empty_like full_like lexsort mean moveaxis nonzero "
+    "ones_like partition ravel repeat reshape round searchsorted sort stack sum take "
+    "take_along_axis tile unique where zeros_like ascontiguousarray max min prod "
+    "flatnonzero bincount allclose array_equal expand_dims squeeze transpose"
+).split()
+for _name in _FUNCTIONS:
+    _NAMESPACE[_name] = _function(_name)
+for _name in ("zeros", "empty", "ones", "full", "arange"):
+    _NAMESPACE[_name] = _creation(_name)
+globals().update(_NAMESPACE)  # shadows builtins (any, sum, ...): use builtins.* here
+lib = types.SimpleNamespace(
+    stride_tricks=types.SimpleNamespace(sliding_window_view=_sliding_window_view))
+
+
+class _Generator:
+    """``cupy.random.default_rng(seed)``: NumPy's generator, drawing device arrays."""
+
+    def __init__(self, seed=None):
+        self._g = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        draw = getattr(self._g, name)
+        return lambda *a, **kw: _wrap(draw(*a, **kw))
+
+
+random = types.SimpleNamespace(default_rng=_Generator)
+
+
+def __getattr__(name):
+    """Ufuncs (strict), and the dtypes and constants CuPy re-exports from NumPy."""
+    value = getattr(np, name)
+    if isinstance(value, np.ufunc):
+        return _UFunc(value)
+    if isinstance(value, types.ModuleType) or (callable(value) and not isinstance(value, type)):
+        raise AttributeError(f"devicelike has no {name!r}; add it here if CuPy has it")
+    return value
+
+
+class _Device:
+    def __init__(self, device=None):
+        self.id = 0
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+cuda = types.SimpleNamespace(
+    Device=_Device,
+    runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: 1,
+        getDeviceProperties=lambda i: {"name": b"devicelike (NumPy)", "totalGlobalMem": 2**34,
+                                       "major": 0, "minor": 0},
+        runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0,
+        deviceGetAttribute=lambda *a: 0),
+)
+
+
+def install(monkeypatch, cuml=None):
+    """Make ``import cupy`` give this module (and ``cuml`` the given stand-in, or none)."""
+    monkeypatch.setitem(sys.modules, "cupy", sys.modules[__name__])
+    monkeypatch.setitem(sys.modules, "cuml", cuml)
+    if cuml is not None:
+        monkeypatch.setitem(sys.modules, "cuml.neighbors", cuml.neighbors)
