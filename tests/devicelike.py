@@ -12,6 +12,7 @@ does, so that a mistake shows up in public CI and not on the first, rare GPU run
 * reductions and scalar indexing give 0-d device arrays, not NumPy scalars;
 * shapes and sizes must be Python/NumPy integers, not device arrays;
 * ``sort``/``argsort`` accept only ``kind=None`` or ``"stable"``; ``lexsort`` only 2-D keys;
+  in-place ``sort``/``partition`` only contiguous arrays; numeric and bool dtypes only;
 * NumPy functions called on device arrays dispatch to this namespace (as CuPy's
   ``__array_function__`` does).
 
@@ -148,6 +149,9 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 (the name CuPy gives it)
                 _check_kind(kwargs.get("kind"), f"ndarray.{name}")
             if name in ("reshape", "repeat"):
                 _check_shape(args, f"ndarray.{name}")
+            if name in ("sort", "partition") and not self._a.flags.c_contiguous:
+                raise NotImplementedError(f"devicelike: ndarray.{name} of a non-contiguous "
+                                          "array (CuPy sorts only arrays with their own data)")
             return _wrap(attr(*_unwrap(args, f"ndarray.{name}"),
                               **_unwrap(kwargs, f"ndarray.{name}")))
 
@@ -185,7 +189,10 @@ def asarray(a, dtype=None, order=None, *, blocking=False):
         return a if dtype is None or a.dtype == dtype else a.astype(dtype)
     if isinstance(a, (list, tuple)) and builtins.any(isinstance(v, ndarray) for v in a):
         raise TypeError("devicelike: asarray of a list holding device arrays; use stack")
-    return ndarray(np.array(a, dtype=dtype, order=order or "K"))
+    out = np.array(a, dtype=dtype, order=order or "K")
+    if out.dtype.kind in "OUSVMm":
+        raise TypeError(f"devicelike: CuPy has no {out.dtype} arrays")
+    return ndarray(out)
 
 
 array = asarray

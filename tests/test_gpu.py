@@ -219,9 +219,11 @@ def test_devicelike_enforces_cupy_rules():
         "no __index__": lambda: range(a.argmax()),
         "sort kind": lambda: dl.argsort(a, kind="quicksort"),
         "host value": lambda: a.__setitem__(slice(None), host),
+        "in-place sort of a view": lambda: dl.zeros((3, 4))[:, :2].sort(),
+        "string array": lambda: dl.asarray(["a", "b"]),
     }
     for what, call in refused.items():
-        with pytest.raises((TypeError, ValueError)):
+        with pytest.raises((TypeError, ValueError, NotImplementedError)):
             call()
             pytest.fail(f"devicelike allowed {what}")
     assert isinstance(a.max(), dl.ndarray) and a.max().shape == ()  # 0-d, as in CuPy
