@@ -71,6 +71,7 @@ class Report:
         self.save()
 
     def save(self):
+        self.data["targets"] = targets(self.data)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=_jsonable) + "\n")
@@ -81,6 +82,26 @@ class Report:
                                     "traceback": traceback.format_exc(limit=8)})
         print(f"[bench] ERROR in {step}: {type(exc).__name__}: {exc}", flush=True)
         self.save()
+
+
+#: Issue 3's acceptance targets: grouping n = 1e7, nsamples = 1e6 end to end under 1 s;
+#: assembly at >= 50% of the card's memory bandwidth; parity 100%.
+TARGET_N, TARGET_GROUPING_S, TARGET_FRACTION_OF_PEAK = 10**7, 1.0, 0.5
+
+
+def targets(data: dict) -> dict:
+    """Each target's measured value and whether it is met (None: not measured this run)."""
+    big = [r["gpu_best_s"] for r in data["grouping"]
+           if r.get("n") == TARGET_N and r.get("layout") == "fermat spiral" and "gpu_best_s" in r]
+    peak = [r["fraction_of_peak"] for r in data["assembly"] if "fraction_of_peak" in r]
+    parity = data.get("parity_summary", {}).get("all_identical")
+    return {
+        "parity_all_identical": parity,
+        "grouping_n1e7_slowest_K_s": max(big) if big else None,
+        "grouping_n1e7_under_1s": max(big) < TARGET_GROUPING_S if big else None,
+        "assembly_best_fraction_of_peak": max(peak) if peak else None,
+        "assembly_at_least_half_of_peak": max(peak) >= TARGET_FRACTION_OF_PEAK if peak else None,
+    }
 
 
 def _jsonable(v):
@@ -410,6 +431,7 @@ def main(argv=None) -> int:
             report.error(step.__name__, exc)
     data["finished"] = now()
     report.save()
+    print(f"[bench] targets: {json.dumps(data['targets'])}", flush=True)
     print(f"[bench] done: {report.path}", flush=True)
     return 0 if not data["errors"] else 1
 

@@ -65,7 +65,7 @@ tail -n 3 "$OUT/pytest-gpu.txt" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 timeout 110 "$PY" benchmarks/gpu_benchmark.py --out "$OUT" --time-budget 90 "$@" \
     > "$OUT/benchmark.txt" 2>&1
 summary "benchmark: rc=$? ($(($(date +%s) - START)) s)"
-grep -E "parity|GPU|CPU|GB/s|ERROR" "$OUT/benchmark.txt" | tail -n 30 | sed 's/^/  /' \
+grep -E "parity|GPU|CPU|GB/s|ERROR|targets" "$OUT/benchmark.txt" | tail -n 30 | sed 's/^/  /' \
     | tee -a "$OUT/summary.txt"
 summary "total: $(($(date +%s) - START)) s"
 exit 0

@@ -346,3 +346,13 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
     assert [r["layout"].split(" ")[0] for r in data["grouping"]] == ["fermat", "nested"]
     assert [r["backend"] for r in data["assembly"]] == backends
     assert all(r.get("nn_indices_equal_gpu", True) for r in data["assembly"])
+    assert data["targets"]["parity_all_identical"] is True
+    assert data["targets"]["grouping_n1e7_under_1s"] is None  # not measured at these sizes
+    made_up = {"grouping": [{"n": 10**7, "layout": "fermat spiral", "gpu_best_s": s}
+                            for s in (0.4, 1.2)],
+               "assembly": [{"fraction_of_peak": 0.3}, {"fraction_of_peak": 0.6}],
+               "parity_summary": {"all_identical": False}}
+    assert bench.targets(made_up) == {
+        "parity_all_identical": False, "grouping_n1e7_slowest_K_s": 1.2,
+        "grouping_n1e7_under_1s": False, "assembly_best_fraction_of_peak": 0.6,
+        "assembly_at_least_half_of_peak": True}
