@@ -27,10 +27,11 @@ Device output and PyTorch: ``sample_groups(..., backend="gpu", output="device")`
 a ``cupy.ndarray`` that stays on the GPU; hand it to PyTorch without a copy through DLPack:
 ``torch.from_dlpack(cupy_array)`` (same memory; ``cupy.from_dlpack(tensor)`` goes back).
 
-Status: written and tested on CPU only. The engines run in CI with ``xp = numpy`` (the
-cuML adapter with scikit-learn's ``NearestNeighbors`` in cuML's place); nothing in this
-module has been run on a GPU in the session that wrote it. ``tests/test_gpu.py`` and
-``benchmarks/gpu_check.sh`` are the checks to run on one.
+Status: written and tested without a GPU. The engines run in CI with ``xp = numpy`` (the
+cuML adapter with scikit-learn's ``NearestNeighbors`` in cuML's place), and the whole GPU
+path runs on ``tests/devicelike.py``, a NumPy stand-in for CuPy that enforces CuPy's
+host/device rules; nothing here has yet run on a real GPU. ``tests/test_gpu.py``
+(``pytest -m gpu``) and ``benchmarks/gpu_check.sh`` are the checks to run on one.
 """
 
 from __future__ import annotations
