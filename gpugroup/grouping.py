@@ -32,6 +32,8 @@ _MAX_SPAN = 1e150
 _MAX_GROUPS = 1 << 40
 #: Oversampled repeats of one seed walk at most this many distinct combinations.
 _COMB_CAP = (1 << 31) - 1
+#: Most positions on a device: CuPy's scatter kernels take 32-bit axis sizes.
+_DEVICE_MAX_N = 1 << 31
 
 
 def index_dtype(n: int):
@@ -402,6 +404,11 @@ def sample_groups(
         )
     if output not in ("numpy", "device"):
         raise ValueError(f"output must be 'numpy' or 'device', got output={output!r}")
+    if xp is not np and n >= _DEVICE_MAX_N:
+        raise ValueError(
+            f"n={n} positions is too many for backend={be.name!r}: CuPy's indexing kernels "
+            f"take 32-bit sizes, so a device handles n < 2**31; pass backend='cpu'"
+        )
     seed = keys.resolve_seed(seed)
     scans = _check_scan_index(scan_index, n, C)
 

@@ -11,8 +11,12 @@ does, so that a mistake shows up in public CI and not on the first, rare GPU run
   and Python numbers are fine, NumPy arrays as indices are fine (CuPy copies them over);
 * reductions and scalar indexing give 0-d device arrays, not NumPy scalars;
 * shapes and sizes must be Python/NumPy integers, not device arrays;
-* ``sort``/``argsort`` accept only ``kind=None`` or ``"stable"``; ``lexsort`` only 2-D keys;
-  in-place ``sort``/``partition`` only contiguous arrays; numeric and bool dtypes only;
+* ``sort``/``argsort`` accept only ``kind=None`` or ``"stable"``; ``lexsort`` one array of
+  rank <= 2; ``partition`` a Python int ``kth``; ``searchsorted`` values of the array's own
+  dtype; in-place ``sort``/``partition`` and ``view`` to another item size only contiguous
+  arrays; numeric and bool dtypes only;
+* ``argpartition`` is a full stable argsort (as in CuPy), so its ties differ from NumPy's;
+* a scatter through repeated indices must write one value (CuPy's pick is undefined);
 * NumPy functions called on device arrays dispatch to this namespace (as CuPy's
   ``__array_function__`` does).
 
@@ -67,10 +71,62 @@ def _check_shape(shape, where: str):
                             "Python int (use int(...) to read it from the device)")
 
 
-def _check_kind(kind, where: str):
+def _kind(where, a, *args, kind=None, **kwargs):
     if kind not in (None, "stable"):
         raise ValueError(f"devicelike: {where}(kind={kind!r}): CuPy accepts only None or "
                          "'stable'")
+
+
+def _kth(where, a, kth=None, *args, **kwargs):
+    if "kind" in kwargs:
+        raise TypeError(f"devicelike: {where} takes no kind= in CuPy")
+    for k in kth if isinstance(kth, (list, tuple)) else (kth,):
+        if type(k) is not int:
+            raise TypeError(f"devicelike: {where}(kth={k!r}): CuPy needs a Python int")
+
+
+def _searchsorted(where, a, v=None, *args, **kwargs):
+    if isinstance(v, ndarray) and v.dtype != a.dtype:
+        raise TypeError(f"devicelike: {where} of {v.dtype} values in a {a.dtype} array: CuPy "
+                        "compares them without NumPy's type promotion")
+    if not isinstance(v, (ndarray, int, float)):
+        raise TypeError(f"devicelike: {where} takes a device array or a Python number, "
+                        f"not {type(v).__name__}")
+
+
+def _lexsort(where, keys, *args, **kwargs):
+    if not isinstance(keys, ndarray) or keys.ndim > 2:
+        raise NotImplementedError(f"devicelike: CuPy's {where} takes one array of rank <= 2")
+
+
+def _in_place(where, a, *args, **kwargs):
+    if not a._a.flags.c_contiguous:
+        raise NotImplementedError(f"devicelike: {where} of a non-contiguous array (CuPy "
+                                  "sorts only arrays with their own data)")
+
+
+def _view(where, a, dtype=None, *args, **kwargs):
+    if dtype is not None and np.dtype(dtype).itemsize != a.dtype.itemsize \
+            and not a._a.flags.c_contiguous:
+        raise ValueError(f"devicelike: {where} to another item size needs a C-contiguous "
+                         "array in CuPy")
+
+
+def _sizes(where, a, *args, **kwargs):
+    _check_shape(args, where)
+
+
+#: CuPy's restrictions, by function or method name; each rule sees (where, array, ...).
+_RULES = {"sort": [_kind], "argsort": [_kind], "partition": [_kth], "argpartition": [_kth],
+          "searchsorted": [_searchsorted], "lexsort": [_lexsort], "view": [_view],
+          "reshape": [_sizes], "repeat": [_sizes]}
+#: Methods that work in place.
+_IN_PLACE = {"sort": [_kind, _in_place], "partition": [_kth, _in_place]}
+
+
+def _check(rules, where, args, kwargs):
+    for rule in rules:
+        rule(where, *args, **kwargs)
 
 
 def _index(key):
@@ -78,6 +134,23 @@ def _index(key):
     if isinstance(key, tuple):
         return tuple(_index(k) for k in key)
     return key._a if isinstance(key, ndarray) else key
+
+
+def _check_scatter(a, key, value):
+    """CuPy scatters in parallel: which of several writes to one element through repeated
+    indices lands is undefined, so they must agree."""
+    parts = key if isinstance(key, tuple) else (key,)
+    if not builtins.any(np.asarray(k).dtype.kind in "iu" and np.ndim(k) > 0
+                        for k in parts if isinstance(k, (np.ndarray, list))):
+        return
+    ids = np.arange(a.size).reshape(a.shape)[key]
+    vals = np.ascontiguousarray(np.broadcast_to(np.asarray(value, dtype=a.dtype), ids.shape))
+    order = np.argsort(ids, axis=None, kind="stable")
+    ids = ids.ravel()[order]
+    vals = vals.reshape(-1).view(f"V{a.dtype.itemsize}")[order]  # bytes: NaN == NaN
+    if np.any((ids[1:] == ids[:-1]) & (vals[1:] != vals[:-1])):
+        raise ValueError("devicelike: a scatter writes different values to one element "
+                         "through repeated indices; on CuPy which one lands is undefined")
 
 
 class ndarray(NDArrayOperatorsMixin):  # noqa: N801 (the name CuPy gives it)
@@ -122,7 +195,10 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 (the name CuPy gives it)
         return _wrap(self._a[_index(key)])
 
     def __setitem__(self, key, value):
-        self._a[_index(key)] = _unwrap(value, "ndarray.__setitem__ (as the value)")
+        key = _index(key)
+        value = _unwrap(value, "ndarray.__setitem__ (as the value)")
+        _check_scatter(self._a, key, value)
+        self._a[key] = value
 
     # -- NumPy protocols: ufuncs and functions run here, on device arrays only
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -145,15 +221,11 @@ class ndarray(NDArrayOperatorsMixin):  # noqa: N801 (the name CuPy gives it)
             return _wrap(attr)
 
         def method(*args, **kwargs):
-            if name in ("sort", "argsort"):
-                _check_kind(kwargs.get("kind"), f"ndarray.{name}")
-            if name in ("reshape", "repeat"):
-                _check_shape(args, f"ndarray.{name}")
-            if name in ("sort", "partition") and not self._a.flags.c_contiguous:
-                raise NotImplementedError(f"devicelike: ndarray.{name} of a non-contiguous "
-                                          "array (CuPy sorts only arrays with their own data)")
-            return _wrap(attr(*_unwrap(args, f"ndarray.{name}"),
-                              **_unwrap(kwargs, f"ndarray.{name}")))
+            where = f"ndarray.{name}"
+            _check(_IN_PLACE.get(name, _RULES.get(name, ())), where, (self,) + args, kwargs)
+            if name == "argpartition":  # CuPy sorts the whole axis, stably
+                return self.argsort(*args[1:], **kwargs)
+            return _wrap(attr(*_unwrap(args, where), **_unwrap(kwargs, where)))
 
         return method
 
@@ -162,10 +234,10 @@ def _function(name):
     func = getattr(np, name)
 
     def call(*args, **kwargs):
-        if name in ("sort", "argsort"):
-            _check_kind(kwargs.get("kind"), name)
-        if name == "lexsort" and np.ndim(_unwrap(args[0], name)) > 2:
-            raise NotImplementedError("devicelike: CuPy's lexsort takes keys of rank <= 2")
+        _check(_RULES.get(name, ()), name, args, kwargs)
+        if name == "argpartition":  # CuPy sorts the whole axis, stably: its ties differ
+            a, _, *rest = args
+            return _wrap(np.argsort(_unwrap(a, name), *rest, kind="stable", **kwargs))
         return _wrap(func(*_unwrap(args, name), **_unwrap(kwargs, name)))
 
     call.__name__ = name

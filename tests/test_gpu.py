@@ -150,6 +150,12 @@ def test_gpu_keys_match_numpy(cp):
     np.testing.assert_array_equal(cp.asnumpy(keys.key(cp, k, cp.asarray(c))), keys.key(np, k, c))
 
 
+def _d2(x, y, rows, cand):
+    dx = x[cand] - x[rows][:, None]
+    dy = y[cand] - y[rows][:, None]
+    return dx * dx + dy * dy
+
+
 def test_gpu_grid_engine_matches_its_numpy_run_and_contract(cp):
     """The grid engine is written once against xp: CuPy and NumPy give the same answers,
     and the floor is a true bound on the device."""
@@ -163,7 +169,10 @@ def test_gpu_grid_engine_matches_its_numpy_run_and_contract(cp):
         c_np, f_np = GridIndex(x, y, xp=np).query(rows, kq)
         c_cp, f_cp = GridIndex(cp.asarray(x), cp.asarray(y), xp=cp).query(cp.asarray(rows), kq)
         c_cp, f_cp = cp.asnumpy(c_cp), cp.asnumpy(f_cp)
-        np.testing.assert_array_equal(np.sort(c_cp, axis=1), np.sort(c_np, axis=1))
+        # The same kq nearest, up to which of equally distant points fill the last places
+        # (rows ranked whole take them from argpartition, whose ties differ on CuPy).
+        np.testing.assert_array_equal(np.sort(_d2(x, y, rows, c_cp), axis=1),
+                                      np.sort(_d2(x, y, rows, c_np), axis=1))
         np.testing.assert_array_equal(f_cp, f_np)
         for r in range(0, len(rows), 25):
             dx = x - x[rows[r]]
@@ -172,6 +181,35 @@ def test_gpu_grid_engine_matches_its_numpy_run_and_contract(cp):
             others = np.ones(len(x), dtype=bool)
             others[c_cp[r]] = False
             assert d2[others].min() >= f_cp[r]
+
+
+def test_gpu_patches_of_a_large_object_equal_cpu(cp):
+    """Y patches from an object whose window view spans over 2**31 elements (CuPy once
+    indexed such views with 32-bit offsets, cupy#8130) are the CPU's, bit for bit."""
+    from gpugroup.assembly import extract_patches
+
+    rng = np.random.default_rng(7)
+    shape = (2048, 2048)
+    obj = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    assert (shape[0] + 2 * 65) * (shape[1] + 2 * 65) * 65**2 > 2**31  # the view, N = 64
+    xc = np.concatenate([rng.uniform(-40.0, 2090.0, 300), [0.0, 2047.5, 2047.0, 1023.25]])
+    yc = np.concatenate([rng.uniform(-40.0, 2090.0, 300), [2047.9, 0.0, 2047.0, 1500.75]])
+    want = extract_patches(np, obj, xc, yc, 64)
+    got = extract_patches(cp, cp.asarray(obj), cp.asarray(xc), cp.asarray(yc), 64)
+    assert isinstance(got, cp.ndarray)
+    np.testing.assert_array_equal(cp.asnumpy(got), want)
+
+
+def test_gpu_refuses_more_positions_than_its_kernels_index(cp, monkeypatch):
+    from gpugroup import grouping
+
+    monkeypatch.setattr(grouping, "_DEVICE_MAX_N", 100)  # 2**31 positions would not fit here
+    x, y = jittered_scan(100, seed=1)
+    with pytest.raises(ValueError, match=r"n=100 positions is too many for backend='gpu'.*"
+                                         r"n < 2\*\*31; pass backend='cpu'"):
+        sample_groups(x, y, 10, 7, 4, seed=1, backend="gpu")
+    np.testing.assert_array_equal(sample_groups(x[:99], y[:99], 10, 7, 4, seed=1, backend="gpu"),
+                                  sample_groups(x[:99], y[:99], 10, 7, 4, seed=1, backend="cpu"))
 
 
 @pytest.mark.parametrize("device_frames", [False, True])
@@ -221,15 +259,25 @@ def test_devicelike_enforces_cupy_rules():
         "host value": lambda: a.__setitem__(slice(None), host),
         "in-place sort of a view": lambda: dl.zeros((3, 4))[:, :2].sort(),
         "string array": lambda: dl.asarray(["a", "b"]),
+        "NumPy kth": lambda: dl.partition(a, np.int64(1)),
+        "partition kind": lambda: dl.argpartition(a, 1, kind="introselect"),
+        "searchsorted across dtypes": lambda: dl.searchsorted(a, dl.asarray([1], np.int64)),
+        "searchsorted of a NumPy scalar": lambda: dl.searchsorted(a, np.int64(1)),
+        "lexsort of a list": lambda: dl.lexsort([a, a]),
+        "view of a strided array": lambda: dl.zeros((3, 4))[:, ::2].view(np.float32),
+        "conflicting scatter": lambda: a.__setitem__(dl.asarray([0, 0]), dl.asarray([1.0, 2.0])),
     }
     for what, call in refused.items():
         with pytest.raises((TypeError, ValueError, NotImplementedError)):
             call()
             pytest.fail(f"devicelike allowed {what}")
+    a[dl.asarray([1, 1])] = 5.0  # repeated indices writing one value are fine
+    np.testing.assert_array_equal(dl.argpartition(dl.asarray([2, 1, 1, 0]), 1).get(),
+                                  [3, 1, 2, 0])  # a stable argsort, as CuPy's
     assert isinstance(a.max(), dl.ndarray) and a.max().shape == ()  # 0-d, as in CuPy
     assert isinstance(np.sort(a), dl.ndarray)  # NumPy functions dispatch to the namespace
-    np.testing.assert_array_equal(a[np.array([1, 2])].get(), [1.0, 2.0])  # host indices ok
-    np.testing.assert_array_equal(dl.asnumpy(dl.sort(a, kind="stable")), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(a[np.array([1, 2])].get(), [5.0, 2.0])  # host indices ok
+    np.testing.assert_array_equal(dl.asnumpy(dl.sort(a, kind="stable")), [2.0, 3.0, 5.0])
 
 
 def test_gpu_backend_without_cupy_says_what_to_install(monkeypatch):

@@ -684,7 +684,8 @@ class NeighborsIndex:
 
         qn = norm(q)
         bound = EXPANDED_ERROR * (1.0 + 2.0**-40)
-        err = ((qn + norm(c)) ** 2 + (qn + self.r_max) ** 2) * bound  # E_c + E
+        a, b = qn + norm(c), qn + self.r_max
+        err = (a * a + b * b) * bound  # E_c + E (products, not pow: the same bits on a GPU)
         sigma = xp.sqrt(xp.maximum(s_c - err, 0.0)) * (1.0 - 2.0**-50)
         d = xp.maximum(sigma - self.coord_error, 0.0)
         floor = (d * d * _FLOOR_SLACK) * (self.unit * self.unit)
