@@ -56,7 +56,7 @@ else
 fi
 
 # 3. GPU tests (other test modules may need packages this machine lacks: keep going)
-timeout 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --continue-on-collection-errors \
+timeout 150 "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider --continue-on-collection-errors \
     tests > "$OUT/pytest-gpu.txt" 2>&1
 summary "pytest -m gpu: rc=$? ($(($(date +%s) - START)) s)"
 tail -n 3 "$OUT/pytest-gpu.txt" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
