@@ -125,6 +125,19 @@ def _progress_bar(total, desc: str, unit: str = "group"):
     return bar.update, bar.close
 
 
+def _progress(total, desc: str, unit: str = "group"):
+    """``(callback, close)``: a progress bar whose callback also raises a signal's
+    exception that Python dropped (:func:`check_signals`), at every step."""
+    update, close = _progress_bar(total, desc, unit)
+
+    def step(k):
+        check_signals()
+        if update is not None:
+            update(k)
+
+    return step, close
+
+
 def _expected_groups(n: int, nsamples: int, oversample: bool, C: int) -> int:
     return nsamples if (oversample and C > 1) else min(nsamples, n)
 
@@ -143,7 +156,7 @@ def run_grouping(raw, *, N, gridsize, K, nsamples, seed, backend, sequential=Fal
     if out_options.get("lazy"):
         update, close = None, lambda: None
     else:
-        update, close = _progress_bar(
+        update, close = _progress(
             _expected_groups(len(raw), nsamples, oversample, gridsize * gridsize),
             "assembling")
     t0 = time.perf_counter()
@@ -237,7 +250,7 @@ def cmd_convert(args) -> int:
 
     source = _check_input_file(args.input)
     fmt = _check_output_path(args.output, "OUT", overwrite=args.overwrite, source=source)
-    update, close = _progress_bar(None, "converting", unit="frame")
+    update, close = _progress(None, "converting", unit="frame")
     t0 = time.perf_counter()
     try:
         written = io.convert(source, args.output, keys=args.key, slab_bytes=args.slab_mib << 20,
@@ -752,9 +765,11 @@ def main(argv=None) -> int:
     if getattr(args, "key", None) is not None:  # --key FIELD=PATH pairs, repeatable
         args.key = dict(args.key)
     _configure_logging(args.verbose)
-    restore = _raise_on_sigterm()
+    restore = _raise_on_signals()
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that has left shows here, not in Python's final flush
+        return status
     except BrokenPipeError as exc:
         if not _stdout_closed():
             return _report(exc, args)
@@ -799,10 +814,13 @@ def _stdout_closed() -> bool:
     """Whether stdout's reader has gone (then stdout is pointed at /dev/null, so that
     Python's final flush does not fail a second time)."""
     try:
-        sys.stdout.flush()
-        return False
+        sys.stdout.flush()  # buffered output fails here
+        if not _pipe_reader_gone(sys.stdout.fileno()):  # unbuffered output failed earlier
+            return False
     except BrokenPipeError:
         pass
+    except (OSError, ValueError, AttributeError):  # stdout without a descriptor
+        return False
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -812,21 +830,60 @@ def _stdout_closed() -> bool:
     return True
 
 
-def _raise_on_sigterm():
-    """Make the first SIGTERM raise :class:`Terminated` in the main thread (so partial
-    outputs are removed, as on Ctrl-C; further SIGTERMs are ignored until then, so that
-    the clean-up finishes); returns a function that restores the previous handler. A
-    SIGTERM the parent set to be ignored stays ignored."""
+def _pipe_reader_gone(fd: int) -> bool:
+    """Whether ``fd`` is a pipe that nobody reads any more (poll reports an error)."""
+    import select
+    import stat
+
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+#: The exception of the last SIGINT/SIGTERM while a command runs. Python drops an
+#: exception raised inside a weakref callback or ``__del__`` (h5py runs many while it
+#: writes), so the progress callbacks raise it again: :func:`check_signals`.
+_pending: list = []
+
+
+def check_signals() -> None:
+    """Raise again the exception of a signal whose first raise Python may have dropped."""
+    if _pending:
+        raise _pending[-1]()
+
+
+def _raise_on_signals():
+    """In the main thread, make SIGINT raise KeyboardInterrupt and the first SIGTERM raise
+    :class:`Terminated` (so partial outputs are removed, as on Ctrl-C; further SIGTERMs
+    are ignored until then, so that the clean-up finishes), and record them for
+    :func:`check_signals`. Returns a function that restores the previous handlers. A
+    signal the parent set to be ignored stays ignored."""
     import threading
 
-    previous = signal.getsignal(signal.SIGTERM)
-    if (threading.current_thread() is not threading.main_thread()
-            or previous in (signal.SIG_IGN, None)):
+    if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
-    def handler(signum, frame):
+    def on_sigint(signum, frame):
+        _pending.append(KeyboardInterrupt)
+        raise KeyboardInterrupt
+
+    def on_sigterm(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _pending.append(Terminated)
         raise Terminated()
 
-    signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {}
+    for signum, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, on_sigterm)):
+        before = signal.getsignal(signum)
+        if before not in (signal.SIG_IGN, None):
+            previous[signum] = before
+            signal.signal(signum, handler)
+
+    def restore():
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+        _pending.clear()
+
+    return restore

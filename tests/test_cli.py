@@ -570,6 +570,23 @@ def test_a_closed_stdout_is_not_an_error(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_a_reader_that_left_gives_141_quietly(unbuffered):
+    """A real pipe whose reader has gone (as after `| head -1`), with Python's stdout
+    buffered or not (PYTHONUNBUFFERED, common in containers and CI)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader leaves before gpugroup writes a line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gpugroup", "info"], stdout=write_end,
+                              stderr=subprocess.PIPE, env=env, timeout=300)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr.decode()) == (141, "")
+
+
 def test_a_broken_pipe_elsewhere_is_reported(scan_file, tmp_path, monkeypatch, capsys):
     def pipe_gone(*a, **k):
         raise BrokenPipeError(32, "Broken pipe (a worker's socket)")
@@ -604,11 +621,45 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up(scan_file, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ctrl_c_that_python_dropped_still_stops_the_run(scan_file, tmp_path, monkeypatch,
+                                                          capsys):
+    """h5py runs weakref callbacks while it writes; a KeyboardInterrupt raised inside one is
+    dropped by Python ("Exception ignored in ..."). The next progress step raises it."""
+    import signal
+
+    import gpugroup.cli
+
+    class DropsItsInterrupt:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))  # the handler runs in here, where its exception is dropped
+
+    steps = []
+
+    def progress_bar(total, desc, unit="group"):
+        def update(k):
+            steps.append(k)
+            if len(steps) == 1:
+                DropsItsInterrupt()
+
+        return update, lambda: None
+
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    monkeypatch.setattr(gpugroup.cli, "_progress_bar", progress_bar)
+    rc = main(["group", str(scan_file), "-o", str(tmp_path / "g.h5"), "--chunk-mib", "1"]
+              + GROUP_ARGS)
+    assert dropped == [KeyboardInterrupt]  # Python did drop it
+    assert rc == 130 and len(steps) == 1 and "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_an_ignored_sigterm_stays_ignored():
     code = ("import os, signal, sys\n"
             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "from gpugroup.cli import _raise_on_sigterm\n"
-            "restore = _raise_on_sigterm()\n"
+            "from gpugroup.cli import _raise_on_signals\n"
+            "restore = _raise_on_signals()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "restore()\n"
             "print('survived', signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)\n")
