@@ -300,7 +300,7 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
     da = require("dask.array", "dask")
     zarr = require("zarr", "zarr")
     from gpugroup.io import atomic_path, output_format
-    from gpugroup.io.grouped import GROUPED_STACKS, open_grouped
+    from gpugroup.io.grouped import GROUPED_STACKS, open_grouped, seed_array
 
     if output_format(path) != "zarr":
         raise ValueError(f"lazy (Dask) writes go to a .zarr store (parallel region writes), "
@@ -335,7 +335,8 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
             for key, value in grouped.items():
                 if key in GROUPED_STACKS or key == "norm_scale" or value is None:
                     continue
-                g.create_array(key, data=np.asarray(value), compressors=None)
+                data = seed_array(value) if key == "seed" else np.asarray(value)
+                g.create_array(key, data=data, compressors=None)
     except BaseException:
         if started:
             _settle_removed(started[0])

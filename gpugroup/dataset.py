@@ -136,6 +136,10 @@ class GroupedDataset:
                 f"output={self.output!r}, norm_scale={self.norm_scale:.6g})")
 
     def __getitem__(self, key):
+        if assembly.is_device_array(key):
+            key = key.get()
+        if isinstance(key, np.ndarray) and key.ndim == 0 and key.dtype.kind in "iu":
+            key = int(key)  # a 0-d index is one group, as in NumPy
         if isinstance(key, numbers.Integral) and not isinstance(key, bool):
             i = int(key)
             B = len(self)
@@ -149,8 +153,6 @@ class GroupedDataset:
         B = len(self)
         if isinstance(key, slice):
             return np.arange(B)[key]
-        if assembly.is_device_array(key):
-            key = key.get()
         idx = np.asarray(key)
         if idx.dtype == bool:
             if idx.shape != (B,):
@@ -161,7 +163,10 @@ class GroupedDataset:
         if not np.issubdtype(idx.dtype, np.integer):
             raise IndexError(f"index a GroupedDataset with an int, a slice or integer arrays, "
                              f"got dtype {idx.dtype}")
-        idx = idx.reshape(-1).astype(np.int64)
+        if idx.ndim != 1:
+            raise IndexError(f"index a GroupedDataset with an int, a slice or a 1-D array of "
+                             f"group numbers, got an array of shape {idx.shape}")
+        idx = idx.astype(np.int64)
         if idx.min() < -B or idx.max() >= B:
             raise IndexError(f"group index out of range for {B} groups: "
                              f"{idx.min()}..{idx.max()}")

@@ -144,6 +144,17 @@ def test_to_zarr_region_writes(tmp_path, scans):
         gdask.to_zarr(lazy, tmp_path / "g.h5")
 
 
+def test_to_zarr_stores_a_seed_above_2_63(tmp_path, scans):
+    raws, _ = scans
+    seed = 2**64 - 1
+    lazy = gdask.grouped_arrays(raws["scan.npz"], 8, K=7, nsamples=30, seed=seed, gridsize=2)
+    out = gdask.to_zarr(lazy, tmp_path / "g.zarr")
+    assert out["seed"] == seed
+    np.testing.assert_array_equal(
+        out["nn_indices"][:], raws["scan.npz"].generate_grouped_data(
+            8, K=7, nsamples=30, seed=seed, gridsize=2)["nn_indices"])
+
+
 def test_to_zarr_is_atomic(tmp_path, monkeypatch):
     raw = make_raw(n=100)
     real = gdask._assemble_block

@@ -91,6 +91,10 @@ def test_errors(case):
             ds[bad]
     with pytest.raises(IndexError, match="boolean"):
         ds[np.ones(3, bool)]
+    with pytest.raises(IndexError, match=r"1-D array of group numbers.*shape \(2, 2\)"):
+        ds[[[0, 1], [2, 3]]]
+    one = ds[np.array(3)]  # a 0-d index is one group, as ds[3]
+    assert all(np.array_equal(one[k], v) for k, v in ds[3].items())
     with pytest.raises(ValueError, match=r"\[0, 400\)"):
         GroupedDataset(raw, np.array([[0, 400]]))
     with pytest.raises(ValueError, match="N=9"):

@@ -73,6 +73,13 @@ def test_npz_keys_mapping(tmp_path):
     assert isinstance(back.diff3d, np.memmap)
     np.testing.assert_array_equal(back.diff3d, raw.diff3d)
     np.testing.assert_array_equal(back.ycoords, raw.ycoords)
+    with pytest.raises(ValueError, match=r"renamed\.npz.*no member 'nope'.*'diff3d': 'nope'"
+                                         r".*members are \['frames', "):
+        RawData.from_file(path, keys={**keys, "diff3d": "nope"})
+    np.savez(path, diff3d=raw.diff3d, **{k: v for k, v in raw.to_dict().items()
+                                          if k in ("xcoords", "ycoords", "probeGuess")})
+    with pytest.raises(ValueError, match="no member 'nope'"):  # even where diff3d exists
+        RawData.from_file(path, keys={"diff3d": "nope"})
 
 
 def test_compressed_npz_refuses_mmap_and_converts(tmp_path):
@@ -199,6 +206,8 @@ def test_cxi_layout_and_keys_mapping(tmp_path):
     np.testing.assert_array_equal(back.diff3d[...], raw.diff3d)
     with pytest.raises(ValueError, match=r"custom\.h5.*lacks.*'diff3d'.*found.*/exp/frames.*keys="):
         RawData.from_file(other)
+    with pytest.raises(ValueError, match=r"lacks.*'diff3d'.*keys names \{'diff3d': '/nope'\}"):
+        RawData.from_file(other, keys={**keys, "diff3d": "/nope"})
     with pytest.raises(ValueError, match="group, not a dataset"):
         RawData.from_file(other, keys={**keys, "diff3d": "exp/pos"})
     with pytest.raises(ValueError, match="unknown field"):

@@ -151,18 +151,21 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     found = data.pop("_datasets", None)
     missing = [k for k in REQUIRED_FIELDS if k not in data]
     if missing:
-        raise missing_fields_error(path, missing, found)
+        raise missing_fields_error(path, missing, found, keys)
     return data
 
 
-def missing_fields_error(path, missing, found) -> ValueError:
+def missing_fields_error(path, missing, found, keys=None) -> ValueError:
     """The error for a scan without required fields ``missing``: what was ``found`` and
-    how to name where the fields are."""
+    how to name where the fields are (saying so when ``keys`` named a place that is not
+    there)."""
+    named = {k: keys[k] for k in missing if keys and k in keys}
     example = ", ".join(f"{k!r}: '/path/to/{k}'" for k in missing)
+    where = f"; keys names {named}, which it does not have" if named else ""
     return ValueError(
-        f"{path!r} lacks required field(s) {missing} (found: {found}); name where they are "
-        f"with keys={{{example}}} (RawData.from_file(..., keys=...); on the command line "
-        f"--key FIELD=PATH)")
+        f"{path!r} lacks required field(s) {missing} (found: {found}{where}); name where "
+        f"they are with keys={{{example}}} (RawData.from_file(..., keys=...); on the "
+        f"command line --key FIELD=PATH)")
 
 
 def check_keys(keys) -> dict:
@@ -180,8 +183,10 @@ def _npz_fields(path, data, keys):
     no scan field logged (see :func:`_warn_ignored`)."""
     for field, member in keys.items():
         member = member[:-4] if member.endswith(".npy") else member
-        if member in data:
-            data[field] = data.pop(member)
+        if member not in data:
+            raise ValueError(f"{path!r} has no member {member!r} (keys={{{field!r}: "
+                             f"{member!r}}}); its members are {sorted(data)}")
+        data[field] = data.pop(member)
     _warn_ignored(path, [k for k in data if k not in SCAN_FIELDS + ("diffraction", "_metadata")])
     return data
 

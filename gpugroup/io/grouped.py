@@ -47,6 +47,11 @@ def _aligned_chunk_bytes(budget, group_bytes, rows):
     return groups * group_bytes
 
 
+def seed_array(seed: int) -> np.ndarray:
+    """The seed as a 0-d array every format stores: int64, or uint64 from 2**63 on."""
+    return np.array(seed, dtype=np.uint64 if int(seed) >= 2**63 else np.int64)
+
+
 def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start,
                   ycoords_start, N, Y=None, objectGuess=None, keep_diffraction=True,
                   chunk_bytes=DEFAULT_OUT_CHUNK_BYTES, workers=None, progress=None,
@@ -121,7 +126,7 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
     if objectGuess is not None:
         small["objectGuess"] = np.asarray(objectGuess)
     if seed is not None:
-        small["seed"] = np.array(seed, dtype=np.uint64 if seed >= 2**63 else np.int64)
+        small["seed"] = seed_array(seed)
     per_chunk = max(1, min(MAX_WORK_BYTES, chunk_bytes // (5 * workers)))
     out_shape = (B, N, N, C)
     with atomic_path(path, overwrite) as tmp:

@@ -402,14 +402,14 @@ class NpzWriter:
         tail = cd + eocd64 + locator + eocd
         os.pwrite(self._fd, tail, cd_offset)
         os.ftruncate(self._fd, cd_offset + len(tail))
+        self._closed = True  # first: a signal during close must not make discard close again
         os.close(self._fd)
-        self._closed = True
 
     def discard(self) -> None:
         """Close without finishing (the caller removes the file)."""
         if not self._closed:
-            os.close(self._fd)
             self._closed = True
+            os.close(self._fd)
 
 
 class ZipMemberStack:
