@@ -325,8 +325,10 @@ def test_raw_file_stack_errors_and_pickling(tmp_path):
     assert ref.kind == "raw" and frames.open_stack(ref).shape == (5, 2, 2)
     with open(p, "r+b") as fh:
         fh.truncate(os.path.getsize(p) - 8)
+    with pytest.raises(OSError, match="changed on disk after the scan was opened"):
+        r.take([4])  # r knows the file it was made from
     with pytest.raises(OSError, match="truncated"):
-        r.take([4])
+        frames.RawFileStack(p, r.offset, r.shape, r.dtype).take([4])
 
 
 def test_members_that_are_no_scan_field_are_logged(tmp_path, caplog):
@@ -405,3 +407,60 @@ def test_a_damaged_store_is_named_in_the_error(tmp_path):
     raw = RawData.from_file(path, mmap_mode="r", backend="cpu")
     with pytest.raises(OSError, match=r"cannot read frames .* of Zarr array .*bad\.zarr/diff3d"):
         raw.generate_grouped_data(8, K=7, nsamples=20, seed=1, gridsize=2)
+
+
+def _constant_scan(value, dtype=np.float32):
+    base = make_raw()
+    return RawData(base.xcoords, base.ycoords, base.xcoords_start, base.ycoords_start,
+                   np.full(base.diff3d.shape, value, dtype), base.probeGuess, None,
+                   backend="cpu")
+
+
+def _write_h5_chunked(path, raw):
+    h5py = pytest.importorskip("h5py")
+    tmp = str(path) + ".new"
+    with h5py.File(tmp, "w") as f:
+        for key, value in raw.to_dict().items():
+            if key == "diff3d":
+                f.create_dataset(key, data=value, chunks=(1,) + value.shape[1:],
+                                 compression="gzip")
+            elif value is not None and key != "_metadata":
+                f[key] = value
+    os.replace(tmp, path)
+
+
+@pytest.mark.parametrize("name", ["scan.npz", "scan.h5", "chunked.h5", "scan.zarr"])
+def test_a_scan_file_rewritten_after_opening_is_never_mixed_in(tmp_path, name):
+    """A scan file replaced by a new one (as a pipeline rewriting it does): scans opened
+    before keep their data or say the file changed; scans opened after read the new
+    file, never a cached handle or mapping of the old one."""
+    import pickle
+
+    gd = pytest.importorskip("gpugroup.dask")
+    path = tmp_path / name
+    opts = dict(K=1, nsamples=3, seed=0)
+    ways = {  # max(diffraction) by each reading path
+        "eager": lambda raw, tag: raw.generate_grouped_data(8, **opts)["diffraction"].max(),
+        "streamed": lambda raw, tag: np.asarray(raw.generate_grouped_data(
+            8, out=tmp_path / f"{tag}.npz", **opts)["diffraction"]).max(),
+        "lazy": lambda raw, tag: gd.compute(raw.generate_grouped_data(
+            8, lazy=True, **opts))["diffraction"].max(),
+        "dataset": lambda raw, tag: pickle.loads(pickle.dumps(raw.grouped_dataset(
+            8, **opts)))[0:3]["diffraction"].max(),
+    }
+
+    def write(value):
+        raw = _constant_scan(value)
+        _write_h5_chunked(path, raw) if name == "chunked.h5" else raw.to_file(path)
+
+    write(1.0)
+    old = RawData.from_file(path, mmap_mode="r", backend="cpu")
+    assert {way: f(old, way + "1") for way, f in ways.items()} == dict.fromkeys(ways, 1.0)
+    write(7.0)
+    new = RawData.from_file(path, mmap_mode="r", backend="cpu")
+    assert {way: f(new, way + "7") for way, f in ways.items()} == dict.fromkeys(ways, 7.0)
+    for way, f in ways.items():  # the scan opened before: its own data, or an error
+        try:
+            assert f(old, way + "old") == 1.0, way
+        except io.ScanFileError as exc:
+            assert "changed on disk after the scan was opened" in str(exc), way

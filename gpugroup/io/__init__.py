@@ -136,7 +136,8 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
 
         renamed = tuple(m[:-4] if m.endswith(".npy") else m
                         for f, m in keys.items() if f in STACK_KEYS)
-        return _npz_fields(path, npz.read_npz(path, mmap_mode, STACK_KEYS + renamed), keys)
+        return _opened(_npz_fields(path, npz.read_npz(path, mmap_mode, STACK_KEYS + renamed),
+                                   keys))
     if fmt == "npy-dir":
         data = _read_npy_dir(path, mmap_mode, keys)
     elif fmt == "hdf5":
@@ -152,6 +153,17 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     missing = [k for k in REQUIRED_FIELDS if k not in data]
     if missing:
         raise missing_fields_error(path, missing, found, keys)
+    return _opened(data)
+
+
+def _opened(data: dict) -> dict:
+    """``data``, with the identity of the files its on-disk stacks were opened from noted
+    (so that a file rewritten later is refused, not mixed in: see io.frames)."""
+    from gpugroup.io.frames import remember_opened
+
+    for key in STACK_KEYS:
+        if data.get(key) is not None:
+            remember_opened(data[key])
     return data
 
 

@@ -16,11 +16,12 @@ per process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import mmap
 import os
 import sys
-from dataclasses import dataclass
+import weakref
 
 import numpy as np
 
@@ -60,16 +61,22 @@ def file_backed(stack) -> bool:
 
 def raw_view(stack):
     """A :class:`RawFileStack` over the same bytes, when ``stack`` is raw bytes in a file
-    (a file-backed memmap, a contiguous unfiltered HDF5 dataset); else None."""
+    (a file-backed memmap, a contiguous unfiltered HDF5 dataset) and that file is still the
+    one ``stack`` was opened from; else None (read ``stack`` itself)."""
     if isinstance(stack, RawFileStack):
         return stack
     if file_backed(stack):
-        return RawFileStack(stack.filename, stack.offset, stack.shape, stack.dtype)
-    if _is_h5py(stack):
-        offset = _h5py_contiguous_offset(stack)
-        if offset is not None:
-            return RawFileStack(stack.file.filename, offset, stack.shape, stack.dtype)
-    return None
+        filename, offset = stack.filename, stack.offset
+    elif _is_h5py(stack):
+        filename, offset = stack.file.filename, _h5py_contiguous_offset(stack)
+        if offset is None:
+            return None
+    else:
+        return None
+    identity = opened_identity(stack)
+    if identity is not None and file_identity(filename) != identity:
+        return None  # rewritten or replaced since: only the open mapping/handle has its data
+    return RawFileStack(filename, offset, stack.shape, stack.dtype, identity)
 
 
 def gather_frames(stack, idx):
@@ -101,6 +108,7 @@ def read_frames(stack, uniq):
         if _is_h5py(stack):
             return _read_h5py(stack, uniq)
         if _is_zarr(stack):
+            check_unchanged(stack)  # its chunks are read by name
             return _read_zarr(stack, uniq)
         return np.asarray(stack[uniq])
     except MemoryError:
@@ -108,6 +116,8 @@ def read_frames(stack, uniq):
     except Exception as exc:  # a damaged store: say which store and which frames
         from gpugroup.io import ScanFileError
 
+        if isinstance(exc, ScanFileError):
+            raise
         hint = "is the file truncated or damaged?"
         if _is_h5py(stack):
             hint += (" Or compressed with a filter this h5py lacks (Eiger/bitshuffle/LZ4): "
@@ -218,16 +228,18 @@ class RawFileStack:
     processes reopen the file.
     """
 
-    def __init__(self, filename, offset, shape, dtype):
+    def __init__(self, filename, offset, shape, dtype, identity=None):
         self.filename = os.fspath(filename)
         self.offset = int(offset)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.ndim = len(self.shape)
+        self.identity = None if identity is None else tuple(identity)  # see file_identity
         self._frame_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def __reduce__(self):
-        return (RawFileStack, (self.filename, self.offset, self.shape, self.dtype))
+        return (RawFileStack, (self.filename, self.offset, self.shape, self.dtype,
+                               self.identity))
 
     def __len__(self):
         return self.shape[0]
@@ -268,6 +280,8 @@ class RawFileStack:
         dest_list = dest.tolist()
         fd = os.open(self.filename, os.O_RDONLY)  # per call: microseconds, nothing to leak
         try:
+            if self.identity is not None and _stat_identity(os.fstat(fd)) != self.identity:
+                raise changed_error(self.filename)
             for a, b, s in zip(first.tolist(), last.tolist(), start.tolist()):
                 for c in range(a, b, _IOV_MAX):
                     d = min(b, c + _IOV_MAX)
@@ -296,8 +310,84 @@ class RawFileStack:
             pos += len(v)
 
 
+# ----------------------------------------------------------------------------- identity
+#: The identity of the file each on-disk stack was opened from, by ``id`` of the stack
+#: (dropped with the stack): a file rewritten or replaced later is then noticed, not read.
+_OPENED: dict = {}
+
+
+def _stat_identity(st) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_identity(path):
+    """(device, inode, size, mtime) of ``path``, or None when it cannot be read."""
+    try:
+        return _stat_identity(os.stat(path))
+    except OSError:
+        return None
+
+
+def _identity_file(stack):
+    """The file that stands for ``stack``'s bytes: the mapped file, the HDF5 file, the
+    Zarr array's metadata document (rewritten with the array)."""
+    if file_backed(stack) or isinstance(stack, RawFileStack):
+        return stack.filename
+    if _is_h5py(stack):
+        return stack.file.filename
+    if _is_zarr(stack):
+        root = getattr(stack.store_path.store, "root", None)
+        if root is not None:
+            base = os.path.join(os.fspath(root), stack.path) if stack.path else os.fspath(root)
+            for name in ("zarr.json", ".zarray"):
+                if os.path.isfile(os.path.join(base, name)):
+                    return os.path.join(base, name)
+    return None
+
+
+def remember_opened(stack) -> None:
+    """Record the identity of the file ``stack`` reads from; call it when ``stack`` is
+    opened (the readers of :mod:`gpugroup.io` do; otherwise it is taken on first use)."""
+    path = _identity_file(stack)
+    identity = None if path is None else file_identity(path)
+    if identity is not None and id(stack) not in _OPENED:
+        _OPENED[id(stack)] = identity
+        weakref.finalize(stack, _OPENED.pop, id(stack), None)
+
+
+def opened_identity(stack):
+    """The identity of the file ``stack`` was opened from (an open HDF5 file's own), or
+    None for stacks not in a file."""
+    if isinstance(stack, RawFileStack):
+        return stack.identity
+    if _is_h5py(stack):
+        try:
+            return _stat_identity(os.fstat(stack.file.id.get_vfd_handle()))
+        except Exception:  # noqa: BLE001 - a driver without a file descriptor
+            pass
+    remember_opened(stack)
+    return _OPENED.get(id(stack))
+
+
+def check_unchanged(stack):
+    """The identity of the file ``stack`` was opened from (None: not in a file); raises
+    ScanFileError when the file now at its path is another one."""
+    identity = opened_identity(stack)
+    if identity is not None and file_identity(_identity_file(stack)) != identity:
+        raise changed_error(_identity_file(stack))
+    return identity
+
+
+def changed_error(path):
+    from gpugroup.io import ScanFileError
+
+    return ScanFileError(f"{path!r} changed on disk after the scan was opened (rewritten or "
+                         f"replaced): open the scan again (RawData.from_file) to use the new "
+                         f"file")
+
+
 # ----------------------------------------------------------------------------- references
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StackRef:
     """Where a frame stack lives on disk, so another process can open it.
 
@@ -312,44 +402,53 @@ class StackRef:
     offset: int = 0
     shape: tuple = ()
     dtype: str = ""
+    identity: tuple = ()  # of the file the stack was opened from: see file_identity
 
 
 def stack_ref(stack):
-    """A :class:`StackRef` for an on-disk stack, or None for an in-memory one."""
-    if file_backed(stack):
-        return StackRef("raw", os.path.abspath(stack.filename), "", int(stack.offset),
-                        tuple(stack.shape), np.dtype(stack.dtype).str)
+    """A :class:`StackRef` for an on-disk stack, or None for an in-memory one.
+
+    Raises ScanFileError when the file was rewritten or replaced since ``stack`` was
+    opened (another process would read the new file, not ``stack``'s data)."""
     if isinstance(stack, RawFileStack):
-        return StackRef("raw", os.path.abspath(stack.filename), "", stack.offset, stack.shape,
-                        stack.dtype.str)
-    if _is_h5py(stack):
-        return StackRef("hdf5", os.path.abspath(stack.file.filename), stack.name)
-    if _is_zarr(stack):
-        store = stack.store_path.store
-        root = getattr(store, "root", None)
-        if root is None:
-            return None
-        return StackRef("zarr", os.path.abspath(os.fspath(root)), stack.path)
-    return None
+        ref = StackRef("raw", os.path.abspath(stack.filename), "", stack.offset, stack.shape,
+                       stack.dtype.str)
+    elif file_backed(stack):
+        ref = StackRef("raw", os.path.abspath(stack.filename), "", int(stack.offset),
+                       tuple(stack.shape), np.dtype(stack.dtype).str)
+    elif _is_h5py(stack):
+        ref = StackRef("hdf5", os.path.abspath(stack.file.filename), stack.name)
+    elif _is_zarr(stack) and getattr(stack.store_path.store, "root", None) is not None:
+        ref = StackRef("zarr", os.path.abspath(os.fspath(stack.store_path.store.root)),
+                       stack.path)
+    else:
+        return None
+    identity = check_unchanged(stack)
+    return ref if identity is None else dataclasses.replace(ref, identity=identity)
 
 
 def open_stack(ref: StackRef):
-    """Open the stack ``ref`` names (read-only; cached, so each process opens it once)."""
+    """Open the stack ``ref`` names (read-only; cached, so each process opens it once).
+
+    Raises ScanFileError when the file changed since ``ref`` was made."""
     return _open_stack(ref, os.getpid())  # keyed by pid: a forked child opens its own
 
 
 @functools.lru_cache(maxsize=32)
 def _open_stack(ref: StackRef, pid: int):
     if ref.kind == "raw":
-        return RawFileStack(ref.path, ref.offset, ref.shape, np.dtype(ref.dtype))
+        return RawFileStack(ref.path, ref.offset, ref.shape, np.dtype(ref.dtype),
+                            ref.identity or None)  # checked at every read
+    from gpugroup.io import require
+
     if ref.kind == "hdf5":
-        from gpugroup.io import require
-
         h5py = require("h5py", "hdf5")
-        return h5py.File(ref.path, "r")[ref.key]
-    if ref.kind == "zarr":
-        from gpugroup.io import require
-
+        stack = h5py.File(ref.path, "r")[ref.key]
+    elif ref.kind == "zarr":
         zarr = require("zarr", "zarr")
-        return zarr.open_array(ref.path, path=ref.key, mode="r")
-    raise ValueError(f"unknown stack kind {ref.kind!r}")
+        stack = zarr.open_array(ref.path, path=ref.key, mode="r")
+    else:
+        raise ValueError(f"unknown stack kind {ref.kind!r}")
+    if ref.identity and opened_identity(stack) != ref.identity:
+        raise changed_error(ref.path)
+    return stack
