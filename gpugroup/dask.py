@@ -308,39 +308,32 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
     stacks = {k: grouped[k] for k in GROUPED_STACKS if grouped.get(k) is not None}
     X = stacks["X_full"]
     block = int(X.chunks[0][0]) if X.chunks[0] else 1
-    started = []
-    try:
-        with atomic_path(path, overwrite) as tmp:
-            started.append(tmp)
-            g = zarr.open_group(tmp, mode="w")
-            guard = os.path.join(tmp, "zarr.json")
-            targets, sources = [], []
-            for key, arr in stacks.items():
-                arr = arr.map_blocks(assembly.to_host, dtype=arr.dtype,
-                                     meta=np.empty((0,) * arr.ndim, arr.dtype))
-                group_bytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
-                rows = _zarr_rows(block, group_bytes)
-                targets.append(_Guarded(g.create_array(
-                    key, shape=arr.shape, dtype=arr.dtype, chunks=(rows,) + tuple(arr.shape[1:]),
-                    compressors=None, fill_value=0), guard))
-                sources.append(arr)
-            scale = grouped.get("norm_scale")
-            if hasattr(scale, "__dask_graph__"):
-                targets.append(_Guarded(g.create_array("norm_scale", shape=(),
-                                                       dtype=np.float64), guard))
-                sources.append(scale)
-            else:
-                g.create_array("norm_scale", data=np.asarray(float(scale), np.float64))
-            da.store(sources, targets, lock=False, compute=True)
-            for key, value in grouped.items():
-                if key in GROUPED_STACKS or key == "norm_scale" or value is None:
-                    continue
-                data = seed_array(value) if key == "seed" else np.asarray(value)
-                g.create_array(key, data=data, compressors=None)
-    except BaseException:
-        if started:
-            _settle_removed(started[0])
-        raise
+    with atomic_path(path, overwrite) as tmp:  # removes a failed store until it stays gone
+        g = zarr.open_group(tmp, mode="w")
+        guard = os.path.join(tmp, "zarr.json")
+        targets, sources = [], []
+        for key, arr in stacks.items():
+            arr = arr.map_blocks(assembly.to_host, dtype=arr.dtype,
+                                 meta=np.empty((0,) * arr.ndim, arr.dtype))
+            group_bytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
+            rows = _zarr_rows(block, group_bytes)
+            targets.append(_Guarded(g.create_array(
+                key, shape=arr.shape, dtype=arr.dtype, chunks=(rows,) + tuple(arr.shape[1:]),
+                compressors=None, fill_value=0), guard))
+            sources.append(arr)
+        scale = grouped.get("norm_scale")
+        if hasattr(scale, "__dask_graph__"):
+            targets.append(_Guarded(g.create_array("norm_scale", shape=(),
+                                                   dtype=np.float64), guard))
+            sources.append(scale)
+        else:
+            g.create_array("norm_scale", data=np.asarray(float(scale), np.float64))
+        da.store(sources, targets, lock=False, compute=True)
+        for key, value in grouped.items():
+            if key in GROUPED_STACKS or key == "norm_scale" or value is None:
+                continue
+            data = seed_array(value) if key == "seed" else np.asarray(value)
+            g.create_array(key, data=data, compressors=None)
     return open_grouped(path)
 
 
@@ -356,22 +349,6 @@ class _Guarded:
         if not os.path.exists(self.guard):
             raise RuntimeError("the output store was abandoned (another task failed)")
         self.arr[key] = value
-
-
-def _settle_removed(tmp, seconds=5.0):
-    """Remove ``tmp`` until it stays gone (tasks still running may have been writing)."""
-    import shutil
-    import time
-
-    deadline = time.monotonic() + seconds
-    quiet = 0
-    while time.monotonic() < deadline and quiet < 5:
-        if os.path.lexists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-            quiet = 0
-        else:
-            quiet += 1
-        time.sleep(0.05)
 
 
 __all__ = ["grouped_arrays", "compute", "to_zarr", "block_sizes"]

@@ -146,6 +146,83 @@ def test_atomic_write_leaves_nothing(tmp_path, monkeypatch, name, error):
     np.testing.assert_array_equal(np.asarray(open_grouped(out)["X_full"][...]), before)
 
 
+def _store(path, value):
+    """A small Zarr-like store directory holding ``value``."""
+    os.makedirs(path)
+    with open(os.path.join(path, "zarr.json"), "w") as fh:
+        fh.write(value)
+
+
+@pytest.mark.parametrize("interrupt, kept", [
+    ("moving the old store aside", "old"), ("renaming the new store in", "old"),
+    ("just after renaming the new store in", "new"), ("removing the old store", "new")])
+def test_replacing_a_store_interrupted_leaves_one_whole_store(tmp_path, monkeypatch,
+                                                               interrupt, kept):
+    """Replacing an existing .zarr output moves it aside, renames the new one in and
+    removes the old: a Ctrl-C at any step leaves one whole store under the name (the old
+    one put back, or the new one) and no hidden copy."""
+    import gpugroup.io as gio
+
+    out = str(tmp_path / "g.zarr")
+    _store(out, "old")
+    real_rename, real_remove, renames, removals = os.rename, gio._remove, [], []
+
+    def rename(src, dst):
+        renames.append(dst)
+        step = {1: "moving the old store aside", 2: "renaming the new store in"}.get(len(renames))
+        if step == interrupt:
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+        if len(renames) == 2 and interrupt == "just after renaming the new store in":
+            raise KeyboardInterrupt
+
+    def remove(p):
+        removals.append(p)
+        if interrupt == "removing the old store" and len(removals) == 1:
+            raise KeyboardInterrupt
+        real_remove(p)
+
+    monkeypatch.setattr(gio.os, "rename", rename)
+    monkeypatch.setattr(gio, "_remove", remove)
+    with pytest.raises(KeyboardInterrupt):
+        with gio.atomic_path(out) as tmp:
+            with open(os.path.join(tmp, "zarr.json"), "w") as fh:
+                fh.write("new")
+    with open(os.path.join(out, "zarr.json")) as fh:
+        assert fh.read() == kept
+    assert os.listdir(tmp_path) == ["g.zarr"]
+
+
+def test_a_failed_store_stays_removed_while_a_late_writer_runs(tmp_path, monkeypatch):
+    """After a failure, a writer still running (zarr's I/O thread) may recreate the
+    temporary store right after it was removed: it is removed again."""
+    import threading
+
+    import gpugroup.io as gio
+
+    real_remove, removed, rewritten = gio._remove, threading.Event(), threading.Event()
+
+    def remove(p):
+        real_remove(p)
+        if not removed.is_set():
+            removed.set()
+            assert rewritten.wait(10)
+
+    def late_writer(tmp):
+        removed.wait(10)
+        os.makedirs(os.path.join(tmp, "diff3d", "c"), exist_ok=True)  # a chunk write
+        with open(os.path.join(tmp, "diff3d", "c", "0"), "wb") as fh:
+            fh.write(b"late")
+        rewritten.set()
+
+    monkeypatch.setattr(gio, "_remove", remove)
+    with pytest.raises(KeyboardInterrupt):
+        with gio.atomic_path(tmp_path / "g.zarr") as tmp:
+            threading.Thread(target=late_writer, args=(tmp,), daemon=True).start()
+            raise KeyboardInterrupt
+    assert rewritten.is_set() and os.listdir(tmp_path) == []
+
+
 def test_overwrite_rules(tmp_path):
     raw = make_raw()
     out = tmp_path / "g.h5"

@@ -308,7 +308,10 @@ def atomic_path(path, overwrite: bool = True):
                 os.close(fd)
         _replace(tmp, path, is_dir)
     except BaseException:
-        _remove(tmp)
+        if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
+            settle_removed(tmp)
+        else:
+            _remove(tmp)
         raise
 
 
@@ -326,15 +329,28 @@ def _umask() -> int:
 
 
 def _replace(tmp, path, is_dir):
-    if is_dir and os.path.lexists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
-                               dir=os.path.dirname(path))
-        os.rmdir(old)
+    """Rename ``tmp`` to ``path``. An existing store at ``path`` is moved aside first and
+    removed after; interrupted anywhere, one complete store stays under ``path`` (the new
+    one once it got there, else the old one, put back) and no moved-aside copy is left."""
+    if not (is_dir and os.path.lexists(path)):
+        os.replace(tmp, path)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
+                           dir=os.path.dirname(path))
+    os.rmdir(old)
+    try:
         os.rename(path, old)
         os.rename(tmp, path)
-        _remove(old)
-    else:
-        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(old):
+            if os.path.lexists(path):
+                try:
+                    _remove(old)
+                except BaseException:  # interrupted while removing: finish, then go on
+                    _remove(old)
+                    raise
+            else:
+                os.rename(old, path)
 
 
 def _remove(tmp):
@@ -345,6 +361,22 @@ def _remove(tmp):
             os.unlink(tmp)
     except OSError:  # pragma: no cover - best effort while already failing
         logger.warning("could not remove temporary %s", tmp)
+
+
+def settle_removed(tmp, seconds: float = 5.0) -> None:
+    """Remove the directory ``tmp`` until it stays gone (for up to ``seconds``): writers
+    still running after a failure (zarr's I/O thread, other Dask tasks) may recreate it."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 5:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+            quiet = 0
+        else:
+            quiet += 1
+        time.sleep(0.05)
 
 
 def open_target(path, fmt):
