@@ -178,9 +178,9 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     """
     dask = require("dask", "dask")
     da = require("dask.array", "dask")
-    if row_order not in ("canonical", "locality"):
-        raise ValueError(f"row_order must be 'canonical' or 'locality', got "
-                         f"row_order={row_order!r}")
+    from gpugroup.io.grouped import check_row_order
+
+    check_row_order(row_order)
     if chunk_type not in ("numpy", "cupy"):
         raise ValueError(f"chunk_type must be 'numpy' or 'cupy', got {chunk_type!r}")
     N = assembly.frame_size(N, raw.diff3d)
@@ -299,12 +299,10 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
     """
     da = require("dask.array", "dask")
     zarr = require("zarr", "zarr")
-    from gpugroup.io import atomic_path, output_format
-    from gpugroup.io.grouped import GROUPED_STACKS, open_grouped, seed_array
+    from gpugroup.io import atomic_path
+    from gpugroup.io.grouped import GROUPED_STACKS, check_lazy_output, open_grouped, seed_array
 
-    if output_format(path) != "zarr":
-        raise ValueError(f"lazy (Dask) writes go to a .zarr store (parallel region writes), "
-                         f"got {path!r}; for .h5/.npz use lazy=False (streamed)")
+    check_lazy_output(path)
     stacks = {k: grouped[k] for k in GROUPED_STACKS if grouped.get(k) is not None}
     X = stacks["X_full"]
     block = int(X.chunks[0][0]) if X.chunks[0] else 1

@@ -361,8 +361,18 @@ class RawData:
                 chunk_bytes, (int, np.integer)) or chunk_bytes < 1):
             raise ValueError(f"chunk_bytes must be a positive int (bytes) or None for the "
                              f"default, got chunk_bytes={chunk_bytes!r}")
+        from gpugroup.io.grouped import check_lazy_output, check_row_order
+
+        check_row_order(row_order)  # the output's options, before any work
         if out is not None:
             io.check_output(out, overwrite=overwrite, source=self._source, option="out")
+            if lazy:
+                check_lazy_output(out)
+            else:
+                io.output_format(out)  # an unknown suffix fails here
+        elif row_order != "canonical" and not lazy:
+            raise ValueError(f"row_order={row_order!r} needs out=... or lazy=True; in memory "
+                             f"the rows are in canonical order")
         for position, name, flag in ((6, "sequential_sampling", sequential_sampling),
                                      (8, "enable_oversampling", enable_oversampling)):
             if not isinstance(flag, (bool, np.bool_)):
@@ -384,9 +394,6 @@ class RawData:
                 be, nn, N, seed, out=out, lazy=lazy, keep_diffraction=keep_diffraction,
                 chunk_bytes=chunk_bytes, progress=progress, overwrite=overwrite,
                 row_order=row_order)
-        if row_order != "canonical":
-            raise ValueError(f"row_order={row_order!r} needs out=... or lazy=True; in memory "
-                             f"the rows are in canonical order")
         if chunk_bytes is None:
             chunk_bytes = assembly.default_chunk_bytes(be.xp)
         grouped = assembly.assemble_groups(

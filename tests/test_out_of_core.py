@@ -223,6 +223,37 @@ def test_a_failed_store_stays_removed_while_a_late_writer_runs(tmp_path, monkeyp
     assert rewritten.is_set() and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(out="g.txt"), r"output format of .*g\.txt"),
+    (dict(out="g.h5", lazy=True), r"lazy \(Dask\) writes go to a \.zarr store"),
+    (dict(out="g.npz", row_order="Locality"), r"row_order must be"),
+    (dict(row_order="locality"), r"needs out=\.\.\. or lazy=True"),
+])
+def test_output_options_are_refused_before_any_work(tmp_path, monkeypatch, options, message):
+    raw = make_raw()
+
+    def no_work(*a, **k):
+        raise AssertionError("sampled before refusing the options")
+
+    monkeypatch.setattr(RawData, "sample_for_grouping", no_work)
+    if "out" in options:
+        options = dict(options, out=tmp_path / options["out"])
+    with pytest.raises(ValueError, match=message):
+        raw.generate_grouped_data(8, K=7, nsamples=10, seed=1, **options)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_directory_is_refused_before_any_work(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # (root may write anywhere: stand in for a read-only directory)
+    monkeypatch.setattr(os, "access", lambda p, mode: real_access(p, mode) and
+                        os.fspath(p) != str(locked))
+    with pytest.raises(PermissionError, match=r"out .*g\.h5.*cannot write in the directory"):
+        make_raw().generate_grouped_data(8, K=7, nsamples=10, seed=1, out=locked / "g.h5")
+    assert os.listdir(locked) == []
+
+
 def test_overwrite_rules(tmp_path):
     raw = make_raw()
     out = tmp_path / "g.h5"

@@ -252,7 +252,7 @@ def check_output(path, *, overwrite: bool = True, source=None, option: str = "ou
     """Refuse, before any work, an output ``path`` that would replace the scan ``source``
     (links resolved), an existing ``path`` without ``overwrite``, a directory where a file
     goes, or a directory that is not a Zarr store where a ``.zarr`` store goes; and a
-    missing parent directory. ``option`` names the argument in messages."""
+    missing or unwritable parent directory. ``option`` names the argument in messages."""
     label = f"{option} {os.fspath(path)!r}"
     if source is not None and same_path(source, path):
         raise ValueError(f"{label} is the input scan {os.fspath(source)!r} (links resolved); "
@@ -271,6 +271,9 @@ def check_output(path, *, overwrite: bool = True, source=None, option: str = "ou
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{label}: the directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"{label}: cannot write in the directory {directory!r}; "
+                              f"choose a writable one")
 
 
 def _looks_like_zarr(path) -> bool:

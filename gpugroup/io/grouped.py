@@ -47,6 +47,19 @@ def _aligned_chunk_bytes(budget, group_bytes, rows):
     return groups * group_bytes
 
 
+def check_row_order(row_order) -> None:
+    if row_order not in ("canonical", "locality"):
+        raise ValueError(f"row_order must be 'canonical' or 'locality', got "
+                         f"row_order={row_order!r}")
+
+
+def check_lazy_output(path) -> None:
+    """Dask writes its blocks in parallel into a Zarr store only."""
+    if output_format(path) != "zarr":
+        raise ValueError(f"lazy (Dask) writes go to a .zarr store (parallel region writes), "
+                         f"got {os.fspath(path)!r}; for .h5/.npz use lazy=False (streamed)")
+
+
 def seed_array(seed: int) -> np.ndarray:
     """The seed as a 0-d array every format stores: int64, or uint64 from 2**63 on."""
     return np.array(seed, dtype=np.uint64 if int(seed) >= 2**63 else np.int64)
@@ -96,8 +109,7 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
         Also ``path``: the absolute path written.
     """
     fmt = output_format(path)
-    if row_order not in ("canonical", "locality"):
-        raise ValueError(f"row_order must be 'canonical' or 'locality', got {row_order!r}")
+    check_row_order(row_order)
     workers = 1 if workers is None else max(1, int(workers))
     chunk_bytes = int(chunk_bytes)
     if chunk_bytes < 1:
