@@ -30,7 +30,7 @@ OPTIONAL_PACKAGES = ("cupy", "cuml", "dask", "h5py", "zarr", "matplotlib", "tqdm
 
 EPILOG = """\
 examples:
-  gpugroup simulate scan.npz --n 2000 --N 64 --seed 0
+  gpugroup simulate scan.npz --n 20000 --N 64 --seed 0
   gpugroup group scan.npz -o grouped.npz --gridsize 2 --K 7 --nsamples 10000 --seed 42
   gpugroup group scan.npz -o grouped.npz --backend gpu --oversample --nsamples 50000
   gpugroup group big.h5 -o grouped.h5 --chunk-mib 512 --row-order locality

@@ -54,7 +54,6 @@ def cp(request, monkeypatch):
 #: The known-answer vectors of DESIGN.md section 3, copied from the shared contract
 #: (../shared/kat/design3.json) so that every clone and CI run checks them.
 KAT_FILE = REPO_ROOT / "tests" / "data" / "design3.json"
-SHARED_KAT_FILE = REPO_ROOT.parent / "shared" / "kat" / "design3.json"
 
 
 @pytest.fixture(scope="session")

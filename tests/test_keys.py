@@ -26,14 +26,19 @@ def test_constants_match_design():
 
 
 # ----------------------------------------------------------------------------- KAT vectors
-def test_kat_copy_matches_the_shared_contract():
-    """tests/data/design3.json is a copy of the shared contract's file: keep them equal."""
-    from conftest import KAT_FILE, SHARED_KAT_FILE
+@pytest.mark.parametrize("copy, original", [
+    ("tests/data/design3.json", "kat/design3.json"), ("docs/DESIGN.md", "DESIGN.md")])
+def test_copies_match_the_shared_contract(copy, original):
+    """The KAT vectors and DESIGN.md ship in the repository as copies of the developers'
+    shared contract folder (../shared beside a development checkout): keep them equal."""
+    from conftest import REPO_ROOT
 
-    if not SHARED_KAT_FILE.is_file():
-        pytest.skip(f"no shared contract beside this clone ({SHARED_KAT_FILE})")
-    assert KAT_FILE.read_bytes() == SHARED_KAT_FILE.read_bytes(), (
-        f"{KAT_FILE} differs from {SHARED_KAT_FILE}: copy the contract's file over")
+    shared = REPO_ROOT.parent / "shared" / original
+    if not shared.is_file():
+        pytest.skip(f"developers' check: no shared contract folder at {shared.parent} "
+                    f"(only in the development workspace)")
+    assert (REPO_ROOT / copy).read_bytes() == shared.read_bytes(), (
+        f"{copy} differs from {shared}: copy the contract's file over")
 
 
 def test_kat_mix_int(kat):
