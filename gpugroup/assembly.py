@@ -70,9 +70,12 @@ def take_frames(xp, stack, idx):
     if is_device_array(stack):
         return stack[xp.asarray(idx)]
     idx = to_host(idx)
+    from gpugroup.io.frames import check_unchanged, file_backed, gather_frames
+
     if isinstance(stack, np.ndarray):
+        if file_backed(stack):  # a map of a file rewritten in place shows the new bytes
+            check_unchanged(stack, replaced_ok=True)
         return xp.asarray(np.take(stack, idx, axis=0))
-    from gpugroup.io.frames import gather_frames
 
     return xp.asarray(gather_frames(stack, idx))
 

@@ -768,7 +768,8 @@ def main(argv=None) -> int:
     restore = _raise_on_signals()
     try:
         status = args.func(args)
-        sys.stdout.flush()  # a reader that has left shows here, not in Python's final flush
+        if sys.stdout is not None:  # None: started with stdout closed
+            sys.stdout.flush()  # a reader that left shows here, not in Python's final flush
         return status
     except BrokenPipeError as exc:
         if not _stdout_closed():

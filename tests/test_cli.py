@@ -587,6 +587,14 @@ def test_a_reader_that_left_gives_141_quietly(unbuffered):
     assert (proc.returncode, proc.stderr.decode()) == (141, "")
 
 
+def test_a_closed_stdout_descriptor_is_not_a_crash():
+    """Started with stdout closed (``gpugroup info >&-``): Python has no sys.stdout."""
+    proc = subprocess.run([sys.executable, "-c", "import os, sys; os.close(1); "
+                           "os.execv(sys.executable, [sys.executable, '-m', 'gpugroup', 'info'])"],
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
 def test_a_broken_pipe_elsewhere_is_reported(scan_file, tmp_path, monkeypatch, capsys):
     def pipe_gone(*a, **k):
         raise BrokenPipeError(32, "Broken pipe (a worker's socket)")

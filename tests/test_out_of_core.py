@@ -193,6 +193,22 @@ def test_replacing_a_store_interrupted_leaves_one_whole_store(tmp_path, monkeypa
     assert os.listdir(tmp_path) == ["g.zarr"]
 
 
+def test_signals_are_held_until_a_critical_step_ends():
+    import signal
+
+    import gpugroup.io as gio
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with gio.signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("after the signal")  # not interrupted
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C
+            steps.append("done")
+    assert steps == ["after the signal", "done"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_failed_store_stays_removed_while_a_late_writer_runs(tmp_path, monkeypatch):
     """After a failure, a writer still running (zarr's I/O thread) may recreate the
     temporary store right after it was removed: it is removed again."""

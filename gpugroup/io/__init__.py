@@ -309,13 +309,41 @@ def atomic_path(path, overwrite: bool = True):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _replace(tmp, path, is_dir)
+        with signals_deferred():  # a Ctrl-C must not stop the renames half-way
+            _replace(tmp, path, is_dir)
     except BaseException:
-        if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
-            settle_removed(tmp)
-        else:
-            _remove(tmp)
+        with signals_deferred():  # nor a second Ctrl-C the clean-up
+            if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
+                settle_removed(tmp)
+            else:
+                _remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them (to the handlers in
+    place before). Only in the main thread, where Python runs signal handlers."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):  # a Python handler (SIG_DFL/SIG_IGN stay as they are)
+            held[signum] = handler
+            signal.signal(signum, lambda s, frame: caught.append(s))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in caught:
+            signal.raise_signal(signum)
 
 
 def _umask() -> int:

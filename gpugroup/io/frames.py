@@ -73,9 +73,9 @@ def raw_view(stack):
             return None
     else:
         return None
-    identity = opened_identity(stack)
-    if identity is not None and file_identity(filename) != identity:
-        return None  # rewritten or replaced since: only the open mapping/handle has its data
+    identity = check_unchanged(stack, replaced_ok=True)
+    if identity == "replaced":
+        return None  # only the open mapping/handle still has its data: read that
     return RawFileStack(filename, offset, stack.shape, stack.dtype, identity)
 
 
@@ -106,6 +106,7 @@ def read_frames(stack, uniq):
         if raw is not None:
             return raw.take(uniq)
         if _is_h5py(stack):
+            check_unchanged(stack, replaced_ok=True)  # the open file, unless rewritten
             return _read_h5py(stack, uniq)
         if _is_zarr(stack):
             check_unchanged(stack)  # its chunks are read by name
@@ -317,11 +318,12 @@ _OPENED: dict = {}
 
 
 def _stat_identity(st) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # No st_dev: one NFS file has different device numbers on different hosts (Dask).
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def file_identity(path):
-    """(device, inode, size, mtime) of ``path``, or None when it cannot be read."""
+    """(inode, size, mtime, ctime) of ``path``, or None when it cannot be read."""
     try:
         return _stat_identity(os.stat(path))
     except OSError:
@@ -348,11 +350,46 @@ def _identity_file(stack):
 def remember_opened(stack) -> None:
     """Record the identity of the file ``stack`` reads from; call it when ``stack`` is
     opened (the readers of :mod:`gpugroup.io` do; otherwise it is taken on first use)."""
+    if id(stack) in _OPENED:
+        return
+    identity = None
+    if _is_h5py(stack):
+        try:  # the open file's own, whatever is at its path now
+            identity = _stat_identity(os.fstat(stack.file.id.get_vfd_handle()))
+        except Exception:  # noqa: BLE001 - a driver without a file descriptor
+            pass
     path = _identity_file(stack)
-    identity = None if path is None else file_identity(path)
-    if identity is not None and id(stack) not in _OPENED:
-        _OPENED[id(stack)] = identity
-        weakref.finalize(stack, _OPENED.pop, id(stack), None)
+    if identity is None and path is not None:
+        identity = file_identity(path)
+    if identity is None:
+        return
+    real = os.path.realpath(path)
+    if _is_h5py(stack) and _open_elsewhere(real, identity):
+        raise _scan_file_error(
+            f"{path!r} was rewritten in place while an earlier scan still has it open in "
+            f"this process, and HDF5 shares open files: it would serve the earlier contents. "
+            f"Close the earlier scan (del it, or close its HDF5 file) and open this one again")
+    _OPENED[id(stack)] = (identity, real)
+    weakref.finalize(stack, _OPENED.pop, id(stack), None)
+
+
+def _open_elsewhere(real, identity) -> bool:
+    """Whether a live stack holds ``real`` open as an earlier version of the same file (same
+    inode, another size or time); the per-process cache of opened stacks is dropped first
+    (its entries may be the ones)."""
+    def stale():
+        return any(p == real and ident[0] == identity[0] and ident != identity
+                   for ident, p in list(_OPENED.values()))
+
+    if stale():
+        _open_stack.cache_clear()
+    return stale()
+
+
+def _scan_file_error(message):
+    from gpugroup.io import ScanFileError  # (gpugroup.io imports this module)
+
+    return ScanFileError(message)
 
 
 def opened_identity(stack):
@@ -360,30 +397,31 @@ def opened_identity(stack):
     None for stacks not in a file."""
     if isinstance(stack, RawFileStack):
         return stack.identity
-    if _is_h5py(stack):
-        try:
-            return _stat_identity(os.fstat(stack.file.id.get_vfd_handle()))
-        except Exception:  # noqa: BLE001 - a driver without a file descriptor
-            pass
     remember_opened(stack)
-    return _OPENED.get(id(stack))
+    return _OPENED.get(id(stack), (None,))[0]
 
 
-def check_unchanged(stack):
-    """The identity of the file ``stack`` was opened from (None: not in a file); raises
-    ScanFileError when the file now at its path is another one."""
+def check_unchanged(stack, replaced_ok: bool = False):
+    """The identity of the file ``stack`` was opened from (None: not in a file), checked
+    against the file at its path now. Raises ScanFileError when they differ, except, with
+    ``replaced_ok``, when the path now names another file (or none): a memory map or an
+    open HDF5 file still reads the old one (then returns "replaced"). A file rewritten in
+    place always raises: its open map or handle would show the new bytes."""
     identity = opened_identity(stack)
-    if identity is not None and file_identity(_identity_file(stack)) != identity:
-        raise changed_error(_identity_file(stack))
-    return identity
+    if identity is None:
+        return None
+    now = file_identity(_identity_file(stack))
+    if now == identity:
+        return identity
+    if replaced_ok and (now is None or now[0] != identity[0]):
+        return "replaced"
+    raise changed_error(_identity_file(stack))
 
 
 def changed_error(path):
-    from gpugroup.io import ScanFileError
-
-    return ScanFileError(f"{path!r} changed on disk after the scan was opened (rewritten or "
-                         f"replaced): open the scan again (RawData.from_file) to use the new "
-                         f"file")
+    return _scan_file_error(f"{path!r} changed on disk after the scan was opened (rewritten "
+                            f"or replaced): open the scan again (RawData.from_file) to use the "
+                            f"new file")
 
 
 # ----------------------------------------------------------------------------- references
