@@ -272,6 +272,59 @@ def _grouping_row(dev, report, args, row, x, y, cpu_rate):
     return cpu_rate
 
 
+# ----------------------------------------------------------------------------- profile
+def bench_profile(dev: Device, report: Report, args):
+    """Where one GPU grouping at the largest n spends its time: each step of DESIGN.md 3
+    timed with the device synchronized around it, then a cProfile of one whole call
+    (``$OUT/profile.txt``; CuPy launches are asynchronous, so host-side cProfile charges
+    device time to the calls that wait for it: ``int()``, ``float()``, copies)."""
+    if dev.cpu_only or not args.sizes or time.perf_counter() > args.deadline:
+        return
+    import cProfile
+    import io
+    import pstats
+
+    from gpugroup import grouping
+
+    xp, n, K, C = dev.xp, max(args.sizes), max(args.K), args.C
+    m = max(1, n // 10)
+    x_np, y_np = fermat_spiral(n, spacing=1.0, jitter=0.1, rng=np.random.default_rng(n))
+    steps = {}
+
+    def step(name, fn):
+        dev.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        dev.sync()
+        steps[name] = time.perf_counter() - t0
+        return out
+
+    x = step("coordinates to device", lambda: xp.asarray(x_np))
+    y = xp.asarray(y_np)
+    seeds = step("3.1 sample_seeds", lambda: grouping.sample_seeds(xp, n, m, 7))
+    index = step("build_index", lambda: dev.backend.build_index(x, y))
+    pool = step("3.2 neighbour_pool", lambda: grouping.neighbour_pool(xp, x, y, seeds, K, index))
+    rows = xp.arange(m, dtype=xp.int64)
+    width = xp.full(m, pool.shape[1], dtype=xp.int64)
+    groups = step("3.3 select_members", lambda: grouping.select_members(xp, pool, width, rows, C, 7))
+    step("groups to host", lambda: dev.backend.asnumpy(groups.astype(xp.int32)))
+    prof = cProfile.Profile()
+    dev.sync()
+    prof.enable()
+    sample_groups(x_np, y_np, m, K, C, seed=7, backend=dev.backend)
+    dev.sync()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    (Path(args.out) / "profile.txt").write_text(
+        f"n={n} nsamples={m} K={K} C={C}\nsteps (s): {json.dumps(steps, indent=1)}\n\n"
+        + text.getvalue())
+    report.data["profile"] = {"n": n, "nsamples": m, "K": K, "C": C, "steps_s": steps}
+    print(f"[bench] profile n={n:.0e} K={K}: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()),
+          flush=True)
+    report.save()
+
+
 # ----------------------------------------------------------------------------- assembly
 def bench_assembly(dev: Device, report: Report, args):
     from gpugroup import RawData
@@ -426,7 +479,7 @@ def main(argv=None) -> int:
     report = Report(out_dir / f"{prefix}-{date}.json", data)
     print(f"[bench] {dev.info['name']}: {dev.backend.description}; writing {report.path}",
           flush=True)
-    for step in (bench_grouping, bench_assembly):
+    for step in (bench_grouping, bench_assembly, bench_profile):
         try:
             step(dev, report, args)
         except Exception as exc:
@@ -439,6 +492,8 @@ def main(argv=None) -> int:
 
 
 def _git_commit():
+    if os.environ.get("GPU_CHECK_COMMIT"):  # the device machine gets a copy without .git
+        return os.environ["GPU_CHECK_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=5).stdout.strip() or None

@@ -6,9 +6,11 @@
 #   $OUT/pytest-gpu.txt           python3 -m pytest -m gpu
 #   $OUT/gpu-<card>-<date>.json   grouping CPU vs GPU + parity, assembly GB/s
 #   $OUT/benchmark.txt            the benchmark's log
+#   $OUT/profile.txt              one grouping at the largest n, step by step + cProfile
+#   $OUT/cli.txt                  gpugroup info, gpugroup demo --backend gpu
 #   $OUT/summary.txt              exit codes of each step
-# Worst case: 10 s env + 30 s install + 150 s tests (first-use kernel compiles included)
-# + 110 s benchmark = 300 s.
+# Worst case: 10 s env + 30 s install + 170 s tests (first-use kernel compiles included)
+# + 120 s benchmark = 330 s.
 # Usage (from anywhere):  OUT=/some/dir bash benchmarks/gpu_check.sh [benchmark args...]
 set -u
 
@@ -55,17 +57,30 @@ else
     summary "pip install -e . (no deps, no index): rc=$? ($(($(date +%s) - START)) s)"
 fi
 
-# 3. GPU tests (other test modules may need packages this machine lacks: keep going)
-timeout 150 "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider --continue-on-collection-errors \
-    tests > "$OUT/pytest-gpu.txt" 2>&1
+# 3. GPU tests (other test modules may need packages this machine lacks: keep going);
+#    4 xdist workers share the first-use kernel compiles when pytest-xdist is there
+PARALLEL=()
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL+=(-n 4)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PARALLEL+=(--timeout 120)
+timeout 170 "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider \
+    --continue-on-collection-errors "${PARALLEL[@]}" tests > "$OUT/pytest-gpu.txt" 2>&1
 summary "pytest -m gpu: rc=$? ($(($(date +%s) - START)) s)"
 tail -n 3 "$OUT/pytest-gpu.txt" | sed 's/^/  /' | tee -a "$OUT/summary.txt"
 
 # 4. benchmark: writes $OUT/gpu-<card>-<date>.json after every step
-timeout 110 "$PY" benchmarks/gpu_benchmark.py --out "$OUT" --time-budget 90 "$@" \
+timeout 120 "$PY" benchmarks/gpu_benchmark.py --out "$OUT" --time-budget 90 "$@" \
     > "$OUT/benchmark.txt" 2>&1
 summary "benchmark: rc=$? ($(($(date +%s) - START)) s)"
-grep -E "parity|GPU|CPU|GB/s|ERROR|targets" "$OUT/benchmark.txt" | tail -n 30 | sed 's/^/  /' \
+grep -E "parity|GPU|CPU|GB/s|ERROR|targets|profile" "$OUT/benchmark.txt" | tail -n 30 | sed 's/^/  /' \
     | tee -a "$OUT/summary.txt"
+# 5. the CLI on the GPU: what `docker run --gpus all` users see first
+{
+    "$PY" -m gpugroup info
+    echo "--- gpugroup demo --backend gpu"
+    DEMO_DIR="$(mktemp -d)"
+    "$PY" -m gpugroup demo --backend gpu --no-plot --outdir "$DEMO_DIR"
+    echo "demo rc=$?"; ls -l "$DEMO_DIR"; rm -rf "$DEMO_DIR"
+} > "$OUT/cli.txt" 2>&1
+summary "cli: $(grep -m1 "demo rc=" "$OUT/cli.txt") ($(($(date +%s) - START)) s)"
 summary "total: $(($(date +%s) - START)) s"
 exit 0

@@ -395,6 +395,11 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
     assert [r["backend"] for r in data["assembly"]] == backends
     assert all(r.get("nn_indices_equal_gpu", True) for r in data["assembly"])
     assert data["targets"]["parity_all_identical"] is True
+    if mode == "devicelike":  # the step breakdown and cProfile of one device grouping
+        assert set(data["profile"]["steps_s"]) >= {"3.1 sample_seeds", "3.2 neighbour_pool"}
+        assert "function calls" in (tmp_path / "profile.txt").read_text()
+    else:
+        assert "profile" not in data
     assert data["targets"]["grouping_n1e7_under_1s"] is None  # not measured at these sizes
     made_up = {"grouping": [{"n": 10**7, "layout": "fermat spiral", "gpu_best_s": s}
                             for s in (0.4, 1.2)],
