@@ -8,9 +8,12 @@ run, and the integer groups compared. The CPU run is skipped when its estimate (
 ``--cpu-limit`` seconds; parity is then checked on a prefix of the groups (the first m
 groups do not depend on nsamples >= m).
 
-Assembly: ``RawData.generate_grouped_data(N=64, gridsize=2)`` on the GPU with the frames
-on the device, as effective GB/s = (gathered frame bytes read + output bytes written) /
-time, next to the card's theoretical bandwidth and a bare CuPy gather of the same bytes.
+Assembly: the assembly step ``assembly.assemble_groups`` (N=64, gridsize=2, DESIGN.md's
+25 000 groups by default) on groups and frames already on the device, with the backend's
+fused kernels and with plain xp operations, as effective GB/s = (gathered frame bytes read
++ output bytes written) / time, next to the card's theoretical bandwidth and a bare device
+copy of the frames; then ``generate_grouped_data`` end to end (grouping included) on the
+GPU and on the CPU.
 
 Results go to ``$OUT/gpu-<card>-<date>.json`` (``--out`` overrides ``$OUT``), rewritten after
 every step, so a run cut short still leaves what it measured. ``--cpu-only`` runs the same
@@ -93,7 +96,8 @@ def targets(data: dict) -> dict:
     """Each target's measured value and whether it is met (None: not measured this run)."""
     big = [r["gpu_best_s"] for r in data["grouping"]
            if r.get("n") == TARGET_N and r.get("layout") == "fermat spiral" and "gpu_best_s" in r]
-    peak = [r["fraction_of_peak"] for r in data["assembly"] if "fraction_of_peak" in r]
+    peak = [r["fraction_of_peak"] for r in data["assembly"]
+            if "fraction_of_peak" in r and r.get("step") == "assemble_groups"]
     parity = data.get("parity_summary", {}).get("all_identical")
     return {
         "parity_all_identical": parity,
@@ -327,79 +331,94 @@ def bench_profile(dev: Device, report: Report, args):
 
 # ----------------------------------------------------------------------------- assembly
 def bench_assembly(dev: Device, report: Report, args):
-    from gpugroup import RawData
+    """The assembly step (``assembly.assemble_groups``: energies, scale, the fused gather
+    into channel-last ``diffraction`` and ``X_full``, coordinates) on groups already on the
+    device, with the backend's fused kernels and with plain xp operations; then
+    ``generate_grouped_data`` end to end (grouping included), a bare device copy of the
+    frames (the card's practical ceiling here) and the CPU."""
+    from gpugroup import RawData, assembly
 
     xp = dev.xp
-    n, N, B = args.assembly_n, 64, args.assembly_nsamples
-    C = 4
+    n, N, B, C = args.assembly_n, 64, args.assembly_nsamples, 4
     x, y = fermat_spiral(n, spacing=16.0, jitter=0.1, rng=np.random.default_rng(1))
     frames = xp.random.default_rng(0).random((n, N, N), dtype=xp.float32)
     probe = np.ones((N, N), np.complex64)
     raw = RawData(x, y, None, None, frames, probe, None, backend="cpu")
+    nn = sample_groups(x, y, B, 7, C, seed=3, backend=dev.backend, output="device")
     frame_bytes = N * N * 4
     results = report.data["assembly"]
-    gpu_out = None
+    peak = dev.info.get("peak_bandwidth_gbs")
     base = {"n_frames": n, "N": N, "nsamples": B, "gridsize": 2,
             "frames_on": "host (NumPy)" if dev.cpu_only else "device (CuPy)"}
+    reference = None
+    variants = [("fused kernels", dev.backend.kernels)] if dev.backend.kernels else []
+    variants.append(("plain xp operations", None))
     for chunk in args.chunk_bytes:
-        if time.perf_counter() > args.deadline:
-            report.data["notes"].append("assembly skipped: deadline reached")
-            break
-        row = dict(base, chunk_bytes=chunk, backend=dev.backend.name)
-        results.append(row)
-        try:
-            call = functools.partial(raw.generate_grouped_data, N, K=7, nsamples=B, seed=3,
-                                     gridsize=2, backend=dev.backend, output="device",
-                                     chunk_bytes=chunk)
-            times, out = time_call(dev, call, args.repeats)
-            gpu_out = out
-            nn = out["nn_indices"]
-            t_group, _ = time_call(dev, functools.partial(
-                sample_groups, x, y, B, 7, C, seed=3, backend=dev.backend, output="device"), 1)
-            gathered = int(nn.size) * frame_bytes
-            written = sum(int(v.nbytes) for k, v in out.items()
-                          if hasattr(v, "nbytes") and k not in ("objectGuess",))
-            best = min(times)
-            row.update({
-                "time_s": times, "best_s": best, "grouping_part_s": t_group[0],
-                "bytes_read": gathered, "bytes_written": written,
-                "effective_gbs": (gathered + written) / best / 1e9,
-                "effective_gbs_excluding_grouping":
-                    (gathered + written) / max(best - t_group[0], 1e-9) / 1e9,
-            })
-            peak = dev.info.get("peak_bandwidth_gbs")
-            if peak:
-                row["fraction_of_peak"] = row["effective_gbs"] / peak
-                row["fraction_of_peak_excluding_grouping"] = (
-                    row["effective_gbs_excluding_grouping"] / peak)
-            print(f"[bench] assembly chunk={chunk >> 20} MiB: {best:.3f} s, "
-                  f"{row['effective_gbs']:.1f} GB/s", flush=True)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {exc}"
-            report.error(f"assembly chunk={chunk}", exc)
-        report.save()
-    # A bare gather + transpose + scale of the same bytes: what the card can do here.
+        for label, kernels in variants:
+            if time.perf_counter() > args.deadline:
+                report.data["notes"].append(f"assembly {label} chunk={chunk} skipped: deadline")
+                continue
+            row = dict(base, step="assemble_groups", path=label, chunk_bytes=chunk,
+                       backend=dev.backend.name)
+            results.append(row)
+            try:
+                call = functools.partial(
+                    assembly.assemble_groups, xp, nn_indices=nn, diff3d=frames, xcoords=x,
+                    ycoords=y, xcoords_start=x, ycoords_start=y, N=N, chunk_bytes=chunk,
+                    kernels=kernels)
+                times, out = time_call(dev, call, args.repeats)
+                gathered = int(nn.size) * frame_bytes
+                written = sum(int(v.nbytes) for k, v in out.items()
+                              if hasattr(v, "nbytes") and k != "nn_indices")
+                best = min(times)
+                row.update({"time_s": times, "best_s": best, "bytes_read": gathered,
+                            "bytes_written": written,
+                            "effective_gbs": (gathered + written) / best / 1e9})
+                if peak:
+                    row["fraction_of_peak"] = row["effective_gbs"] / peak
+                if reference is None:
+                    reference = out
+                else:
+                    row["outputs_equal_first_variant"] = all(
+                        bool(xp.array_equal(out[k], reference[k]))
+                        for k in ("diffraction", "X_full", "coords_nn", "coords_relative"))
+                print(f"[bench] assembly ({label}, chunk={chunk >> 20} MiB): {best * 1e3:.2f} ms,"
+                      f" {row['effective_gbs']:.1f} GB/s", flush=True)
+                del out
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                report.error(f"assembly {label} chunk={chunk}", exc)
+            report.save()
+    # End to end: generate_grouped_data (grouping + assembly), default chunking.
+    row = dict(base, step="generate_grouped_data (grouping included)", backend=dev.backend.name)
+    results.append(row)
     try:
-        nn_x = xp.asarray(nn)
-        s = xp.float32(0.5)
-
-        def bare():
-            g = frames[nn_x]                       # (B, C, N, N)
-            d = xp.ascontiguousarray(g.transpose(0, 2, 3, 1))
-            return d, d * s
-
-        times, (d, xf) = time_call(dev, bare, args.repeats)
-        moved = int(nn_x.size) * frame_bytes * 2 + int(d.nbytes) * 2 + int(xf.nbytes)
-        results.append(dict(base, backend="bare xp gather (reference)", time_s=times,
-                            best_s=min(times), bytes_moved=moved,
-                            effective_gbs=moved / min(times) / 1e9,
-                            note="g read+write, transpose read+write, scale write"))
-        del d, xf
+        call = functools.partial(raw.generate_grouped_data, N, K=7, nsamples=B, seed=3,
+                                 gridsize=2, backend=dev.backend, output="device")
+        times, gpu_out = time_call(dev, call, args.repeats)
+        row.update({"time_s": times, "best_s": min(times),
+                    "nn_indices_equal_assembly_input": bool(xp.array_equal(gpu_out["nn_indices"], nn))})
+        print(f"[bench] generate_grouped_data end to end: {min(times) * 1e3:.2f} ms", flush=True)
     except Exception as exc:
-        report.error("assembly bare gather", exc)
+        gpu_out = None
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        report.error("assembly end to end", exc)
     report.save()
-    if not dev.cpu_only and not args.skip_cpu_assembly and time.perf_counter() < args.deadline:
-        row = dict(base, frames_on="host (NumPy)", backend="cpu")
+    # A bare device copy of the frames: read + write bytes / time, what the card does here.
+    try:
+        times, dst = time_call(dev, lambda: frames.copy(), args.repeats + 1)
+        moved = 2 * int(frames.nbytes)
+        results.append(dict(base, step="bare copy of the frames (reference)", time_s=times,
+                            best_s=min(times), bytes_moved=moved,
+                            effective_gbs=moved / min(times) / 1e9))
+        del dst
+    except Exception as exc:
+        report.error("assembly bare copy", exc)
+    report.save()
+    if (not dev.cpu_only and not args.skip_cpu_assembly and gpu_out is not None
+            and time.perf_counter() < args.deadline):
+        row = dict(base, step="generate_grouped_data (grouping included)",
+                   frames_on="host (NumPy)", backend="cpu")
         results.append(row)
         try:
             host = RawData(x, y, None, None, xp.asnumpy(frames), probe, None, backend="cpu")
@@ -407,10 +426,12 @@ def bench_assembly(dev: Device, report: Report, args):
             out = host.generate_grouped_data(N, K=7, nsamples=B, seed=3, gridsize=2,
                                              backend="cpu")
             row["best_s"] = time.perf_counter() - t0
-            row["nn_indices_equal_gpu"] = bool(np.array_equal(out["nn_indices"], xp.asnumpy(nn)))
+            row["nn_indices_equal_gpu"] = bool(np.array_equal(out["nn_indices"],
+                                                              xp.asnumpy(gpu_out["nn_indices"])))
             g = xp.asnumpy(gpu_out["X_full"])
             row["X_full_max_rel_diff_vs_gpu"] = float(
                 np.max(np.abs(out["X_full"] - g)) / max(float(np.abs(out["X_full"]).max()), 1e-30))
+            row["norm_scale_gpu_minus_cpu"] = float(gpu_out["norm_scale"]) - float(out["norm_scale"])
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
             report.error("assembly cpu", exc)

@@ -108,20 +108,25 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None):
     """float64 ``sum_hw stack[i]**2`` for each ``i`` in ``idx`` (an ``xp`` array).
 
+    ``kernels`` (a backend's fused kernels, or None) sums a device stack in one pass.
     Raises ValueError naming the first frame whose energy is not finite (NaN or inf
     values, or values so large that their squares overflow)."""
     idx = np.asarray(idx) if not is_device_array(idx) else idx
     n_frames = int(idx.shape[0])
-    frame_bytes = int(np.prod(stack.shape[1:])) * 8
-    out = xp.empty(n_frames, dtype=xp.float64)
-    for s in chunk_groups(n_frames, frame_bytes, chunk_bytes):
-        f = take_frames(xp, stack, idx[s]).astype(xp.float64)
-        f = f.reshape(f.shape[0], -1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[s] = xp.einsum("ij,ij->i", f, f)
+    out = None
+    if kernels is not None and is_device_array(stack):
+        out = kernels.frame_energies(stack, xp.asarray(idx))
+    if out is None:
+        out = xp.empty(n_frames, dtype=xp.float64)
+        frame_bytes = int(np.prod(stack.shape[1:])) * 8
+        for s in chunk_groups(n_frames, frame_bytes, chunk_bytes):
+            f = take_frames(xp, stack, idx[s]).astype(xp.float64)
+            f = f.reshape(f.shape[0], -1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[s] = xp.einsum("ij,ij->i", f, f)
     bad = xp.nonzero(~xp.isfinite(out))[0]
     if int(bad.shape[0]):
         j = int(bad[0])
@@ -144,11 +149,12 @@ def normalization_scale(xp, energies, N: int) -> float:
     return float(np.sqrt((N / 2.0) ** 2 / mean))
 
 
-def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None):
     """Energies E[nn_indices] of the frames groups use, each frame read once."""
     nn = nn_indices if is_device_array(nn_indices) else np.asarray(nn_indices)
     uniq, inverse = (xp if is_device_array(nn) else np).unique(nn, return_inverse=True)
-    return frame_energies(xp, stack, uniq, chunk_bytes)[xp.asarray(inverse).reshape(nn.shape)]
+    energies = frame_energies(xp, stack, uniq, chunk_bytes, kernels)
+    return energies[xp.asarray(inverse).reshape(nn.shape)]
 
 
 class PatchSource:
@@ -185,7 +191,8 @@ class PatchSource:
 
 def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=None,
                         out_X=None, out_Y=None, patches=None,
-                        chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None, progress=None):
+                        chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None, progress=None,
+                        kernels=None):
     """One fused pass over chunks of groups: gather, write channel-last, scale.
 
     Writes ``out_diffraction[g] = stack[nn[g]]`` moved to (N, N, C),
@@ -193,27 +200,35 @@ def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=No
     ``patches`` (a :class:`PatchSource`), each moved to (N, N, C); any output may be
     None. Outputs are preallocated (B, N, N, C) arrays (NumPy, CuPy, or any store taking
     slice assignment, e.g. an HDF5 dataset). ``progress(k)`` is called with the number of
-    groups done after each chunk.
+    groups done after each chunk. ``kernels`` (a backend's fused kernels, or None) does
+    the gather, transpose and scale of a device stack into device outputs in one pass.
     """
     B, C = int(nn_indices.shape[0]), int(nn_indices.shape[1])
     frame = tuple(stack.shape[1:])
     group_bytes = C * int(np.prod(frame)) * (np.dtype(stack.dtype).itemsize
                                              + (16 if out_Y is not None else 0))
     s32 = None if scale is None else np.float32(scale)
+    m = np.result_type(stack.dtype, np.float32)  # X_full's product type, as NumPy's
     workers = default_workers() if workers is None else workers
+    fused = (kernels is not None and is_device_array(stack)
+             and all(o is None or is_device_array(o) for o in (out_diffraction, out_X)))
 
     def one(sl):
         b = sl.stop - sl.start
         flat = nn_indices[sl].reshape(-1)
-        if out_diffraction is not None or out_X is not None:
+        done = fused and kernels.gather_channel_last(
+            stack, xp.asarray(nn_indices[sl]), s32,
+            None if out_diffraction is None else out_diffraction[sl],
+            None if out_X is None else out_X[sl])
+        if not done and (out_diffraction is not None or out_X is not None):
             moved = xp.moveaxis(take_frames(xp, stack, flat).reshape((b, C) + frame), 1, -1)
             if out_diffraction is not None:
                 out_diffraction[sl] = moved
             if out_X is not None:
                 if isinstance(out_X, np.ndarray) or is_device_array(out_X):
-                    xp.multiply(moved, s32, out=out_X[sl], casting="unsafe")
+                    xp.multiply(moved, s32, out=out_X[sl], casting="unsafe", dtype=m)
                 else:
-                    out_X[sl] = (moved * s32).astype(np.float32)
+                    out_X[sl] = xp.multiply(moved, s32, dtype=m).astype(np.float32)
         if out_Y is not None:
             out_Y[sl] = xp.moveaxis(patches.take(xp, flat).reshape((b, C) + frame), 1, -1)
         if progress is not None:
@@ -307,16 +322,18 @@ def _patches(xp, padded, xc, yc, N: int):
 
 def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, ycoords_start,
                     N: int, Y=None, objectGuess=None, keep_diffraction: bool = True,
-                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers=None, progress=None):
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers=None, progress=None,
+                    kernels=None):
     """The grouped dict of DESIGN.md section 2 for groups ``nn_indices`` (B, C).
 
     ``diff3d`` may be a NumPy array, a memmap, an h5py/zarr array or (with xp = cupy) a
     device array; outputs are ``xp`` arrays. With ``keep_diffraction=False`` the
-    ``diffraction`` entry is None and only ``X_full`` is materialized.
+    ``diffraction`` entry is None and only ``X_full`` is materialized. ``kernels``: the
+    backend's fused kernels (``Backend.kernels``), used where they apply.
     """
     nn = xp.asarray(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
-    s = normalization_scale(xp, group_energies(xp, diff3d, nn, chunk_bytes), N)
+    s = normalization_scale(xp, group_energies(xp, diff3d, nn, chunk_bytes, kernels), N)
     patches = PatchSource.optional(xp, N, Y, objectGuess, xcoords_start, ycoords_start)
     grouped = {
         "nn_indices": nn,
@@ -325,7 +342,8 @@ def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, 
     }
     gather_channel_last(xp, diff3d, nn, scale=s, out_diffraction=grouped["diffraction"],
                         out_X=grouped["X_full"], out_Y=grouped["Y"], patches=patches,
-                        chunk_bytes=chunk_bytes, workers=workers, progress=progress)
+                        chunk_bytes=chunk_bytes, workers=workers, progress=progress,
+                        kernels=kernels)
     grouped.update(group_coordinates(xp, nn, xcoords, ycoords, xcoords_start, ycoords_start))
     grouped["objectGuess"] = objectGuess
     return grouped

@@ -107,7 +107,8 @@ class GroupedDataset:
             from gpugroup.io.frames import raw_view
 
             stack = raw_view(raw.diff3d) or raw.diff3d
-            energies = assembly.group_energies(xp, stack, xp.asarray(nn), chunk_bytes)
+            energies = assembly.group_energies(xp, stack, xp.asarray(nn), chunk_bytes,
+                                               self._be.kernels)
             norm_scale = assembly.normalization_scale(xp, energies, self.N)
         self.norm_scale = float(norm_scale)
         self._pid = os.getpid()
@@ -237,7 +238,7 @@ class GroupedDataset:
         assembly.gather_channel_last(xp, stack, nn, scale=self.norm_scale,
                                      out_diffraction=out["diffraction"], out_X=out["X_full"],
                                      out_Y=out["Y"], patches=patches, chunk_bytes=1 << 62,
-                                     workers=1)
+                                     workers=1, kernels=self._be.kernels)
         out = {k: v for k, v in out.items() if v is not None}
         out.update(assembly.group_coordinates(xp, out["nn_indices"], self._x, self._y,
                                               self._xs, self._ys))

@@ -401,6 +401,7 @@ class RawData:
             ycoords=self.ycoords, xcoords_start=self.xcoords_start,
             ycoords_start=self.ycoords_start, N=N, Y=self.Y, objectGuess=self.objectGuess,
             keep_diffraction=keep_diffraction, chunk_bytes=chunk_bytes, progress=progress,
+            kernels=be.kernels,
         )
         if output == "numpy":
             grouped = {k: be.asnumpy(v) if _is_array(v) else v for k, v in grouped.items()}

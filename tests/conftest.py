@@ -41,6 +41,17 @@ def cp(request, monkeypatch):
 
         devicelike.install(monkeypatch)
         return devicelike
+    return real_cupy()
+
+
+@pytest.fixture
+def cuda():
+    """Real CuPy on a CUDA device, for tests of what the stand-in cannot run (compiled
+    kernels); mark such tests ``gpu``. Skips saying what is missing."""
+    return real_cupy()
+
+
+def real_cupy():
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
     from gpugroup.backends import gpu
 

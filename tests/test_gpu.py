@@ -240,6 +240,102 @@ def test_gpu_rawdata_grouped_data_matches_cpu(cp, engine, monkeypatch, device_fr
     np.testing.assert_array_equal(cp.asnumpy(dev["nn_indices"]), want["nn_indices"])
 
 
+# ----------------------------------------------------------------------------- fused kernels
+def _frames(cp, dtype, n=50, N=12, seed=0):
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        host = (rng.standard_normal((n, N, N)) * 1e3).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        host = rng.integers(max(info.min, -2**40), min(info.max, 2**40), (n, N, N),
+                            dtype=dtype, endpoint=True)
+    return host, cp.asarray(host)
+
+
+def _gathered(xp, stack, nn, scale, kernels, keep_diffraction=True, chunk_bytes=1 << 12):
+    from gpugroup import assembly
+
+    B, C, N = int(nn.shape[0]), int(nn.shape[1]), int(stack.shape[1])
+    out = assembly.empty_outputs(xp, B, N, C, stack.dtype, keep_diffraction, False)
+    assembly.gather_channel_last(xp, stack, nn, scale=scale, out_diffraction=out["diffraction"],
+                                 out_X=out["X_full"], chunk_bytes=chunk_bytes, kernels=kernels)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint16", "int32", "int64", "uint8",
+                                   "float16"])
+@pytest.mark.parametrize("C", [1, 4, 9])
+@pytest.mark.parametrize("keep_diffraction", [True, False])
+def test_fused_gather_equals_numpy(cuda, dtype, C, keep_diffraction):
+    """The fused gather writes what NumPy's gather, transpose and multiply write, bit for
+    bit (X_full multiplied in NumPy's result type), for every frame dtype it takes; a dtype
+    it does not take (float16) goes through the plain operations, with the same values."""
+    kernels = gpu.make_backend("cupy").kernels
+    host, dev = _frames(cuda, dtype)
+    rng = np.random.default_rng(C)
+    nn_host = rng.integers(0, host.shape[0], (37, C)).astype(np.int32 if C != 4 else np.int64)
+    nn = cuda.asarray(nn_host)
+    scale = 0.3712345678901
+    want = _gathered(np, host, nn_host, scale, None, keep_diffraction)
+    got = _gathered(cuda, dev, nn, scale, kernels, keep_diffraction)
+    for key in ("diffraction", "X_full"):
+        if want[key] is None:
+            assert got[key] is None
+            continue
+        assert got[key].dtype == want[key].dtype
+        np.testing.assert_array_equal(cuda.asnumpy(got[key]), want[key], err_msg=key)
+    out = cuda.empty((37, 12, 12, C), cuda.float32)
+    took = kernels.gather_channel_last(dev, nn, np.float32(scale), None, out)
+    assert took == (dtype != "float16")
+
+
+@pytest.mark.gpu
+def test_fused_gather_falls_back_or_splits_where_it_must(cuda, monkeypatch):
+    """Non-contiguous frames fall back to plain operations; misaligned outputs take the
+    element-wise stores; many launches (a small launch size) give the same arrays."""
+    kernels = gpu.make_backend("cupy").kernels
+    host, dev = _frames(cuda, "float32", n=40, N=16)
+    nn_host = np.random.default_rng(1).integers(0, 40, (25, 4))
+    nn = cuda.asarray(nn_host)
+    want = _gathered(np, host, nn_host, 2.5, None)
+    wide = cuda.zeros((40, 16, 32), cuda.float32)
+    wide[:, :, :16] = dev
+    strided = wide[:, :, :16]  # the same values, not contiguous
+    assert kernels.gather_channel_last(strided, nn, np.float32(1), None,
+                                       cuda.empty((25, 16, 16, 4), cuda.float32)) is False
+    np.testing.assert_array_equal(cuda.asnumpy(_gathered(cuda, strided, nn, 2.5, kernels)["X_full"]),
+                                  want["X_full"])
+    flat = cuda.empty(25 * 16 * 16 * 4 + 1, cuda.float32)[1:].reshape(25, 16, 16, 4)
+    assert flat.data.ptr % 16 != 0
+    assert kernels.gather_channel_last(dev, nn, np.float32(2.5), None, flat) is True
+    np.testing.assert_array_equal(cuda.asnumpy(flat), want["X_full"])
+    monkeypatch.setattr(gpu, "_GATHER_LAUNCH", 16 * 16 * 3)  # 3 groups per launch
+    got = _gathered(cuda, dev, nn, 2.5, kernels, chunk_bytes=1 << 30)
+    for key in ("diffraction", "X_full"):
+        np.testing.assert_array_equal(cuda.asnumpy(got[key]), want[key], err_msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint16", "int32"])
+def test_fused_frame_energies_equal_numpy(cuda, dtype):
+    """Energies summed by the kernel equal NumPy's float64 sums (to summation order), and
+    a frame with NaN is named in the error as on the plain path."""
+    from gpugroup import assembly
+
+    kernels = gpu.make_backend("cupy").kernels
+    host, dev = _frames(cuda, dtype, n=30, N=40)
+    idx_host = np.array([3, 0, 29, 3, 17])
+    want = assembly.frame_energies(np, host, idx_host)
+    got = assembly.frame_energies(cuda, dev, cuda.asarray(idx_host), kernels=kernels)
+    assert kernels.frame_energies(dev, cuda.asarray(idx_host)) is not None
+    np.testing.assert_allclose(cuda.asnumpy(got), want, rtol=1e-13)
+    if np.dtype(dtype).kind == "f":
+        dev[17, 5, 7] = np.nan
+        with pytest.raises(ValueError, match=r"diff3d\[17\] holds NaN or inf"):
+            assembly.frame_energies(cuda, dev, cuda.asarray(idx_host), kernels=kernels)
+
+
 # ----------------------------------------------------------------------------- dispatch (any machine)
 def test_devicelike_enforces_cupy_rules():
     """The stand-in refuses what CuPy refuses, so the devicelike runs above can fail."""
@@ -383,17 +479,24 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
         monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
         rc = bench.main(args)
         (result,) = tmp_path.glob("gpu-devicelike-numpy-*.json")
-        backends = ["gpu", "bare xp gather (reference)", "cpu"]
+        steps = [("assemble_groups", "gpu")] + [  # no fused kernels on the stand-in
+            ("generate_grouped_data (grouping included)", "gpu"),
+            ("bare copy of the frames (reference)", None),
+            ("generate_grouped_data (grouping included)", "cpu")]
     else:
         rc = bench.main(["--cpu-only"] + args)
         (result,) = tmp_path.glob("cpu-smoke-*.json")
-        backends = ["grid-numpy", "bare xp gather (reference)"]
+        steps = [("assemble_groups", "grid-numpy"),
+                 ("generate_grouped_data (grouping included)", "grid-numpy"),
+                 ("bare copy of the frames (reference)", None)]
     data = json.loads(result.read_text())
     assert rc == 0 and data["errors"] == [] and data["finished"]
     assert data["parity_summary"] == {"checked": 2, "identical": 2, "all_identical": True}
     assert [r["layout"].split(" ")[0] for r in data["grouping"]] == ["fermat", "nested"]
-    assert [r["backend"] for r in data["assembly"]] == backends
-    assert all(r.get("nn_indices_equal_gpu", True) for r in data["assembly"])
+    assert [(r["step"], r.get("backend")) for r in data["assembly"]] == steps
+    for r in data["assembly"]:
+        assert r.get("nn_indices_equal_gpu", True) and r.get("outputs_equal_first_variant", True)
+        assert r.get("nn_indices_equal_assembly_input", True)
     assert data["targets"]["parity_all_identical"] is True
     if mode == "devicelike":  # the step breakdown and cProfile of one device grouping
         assert set(data["profile"]["steps_s"]) >= {"3.1 sample_seeds", "3.2 neighbour_pool"}
@@ -403,7 +506,10 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
     assert data["targets"]["grouping_n1e7_under_1s"] is None  # not measured at these sizes
     made_up = {"grouping": [{"n": 10**7, "layout": "fermat spiral", "gpu_best_s": s}
                             for s in (0.4, 1.2)],
-               "assembly": [{"fraction_of_peak": 0.3}, {"fraction_of_peak": 0.6}],
+               "assembly": [{"step": "assemble_groups", "fraction_of_peak": 0.3},
+                            {"step": "assemble_groups", "fraction_of_peak": 0.6},
+                            {"step": "bare copy of the frames (reference)",
+                             "fraction_of_peak": 0.9}],
                "parity_summary": {"all_identical": False}}
     assert bench.targets(made_up) == {
         "parity_all_identical": False, "grouping_n1e7_slowest_K_s": 1.2,

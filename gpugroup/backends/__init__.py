@@ -43,6 +43,8 @@ class Backend:
     build_index: Callable[[Any, Any], Any]
     asnumpy: Callable[[Any], np.ndarray]
     description: str = ""
+    #: Optional fused kernels for assembly (see ``gpu.AssemblyKernels``); None: plain xp.
+    kernels: Any = None
 
 
 def get_backend(name: str | Backend = "auto") -> Backend:

@@ -140,4 +140,158 @@ def make_backend(engine: str | None = None) -> Backend:
         description = "CuPy + CuPy-native grid kNN"
     logger.info("GPU backend on %s: %s", device_name(), description)
     return Backend(name="gpu", xp=cupy, build_index=build, asnumpy=cupy.asnumpy,
-                   description=description)
+                   description=description,
+                   kernels=_assembly_kernels(cupy))
+
+
+# ----------------------------------------------------------------------------- assembly
+#: C types of the frame dtypes the fused kernels take (others use plain CuPy operations).
+_C_TYPES = {"float32": "float", "float64": "double", "uint8": "unsigned char",
+            "int8": "signed char", "uint16": "unsigned short", "int16": "short",
+            "uint32": "unsigned int", "int32": "int", "uint64": "unsigned long long",
+            "int64": "long long"}
+#: Output elements per launch of the gather (32-bit index arithmetic inside).
+_GATHER_LAUNCH = 1 << 30
+
+_KERNELS = r"""
+template <typename T, int C> struct Row { T v[C]; };
+template <typename T, int C> struct alignas(sizeof(Row<T, C>)) Vec { T v[C]; };
+
+// out[g, p, c] = stack[nn[g, c], p] (and its float32 product with `scale`, computed in M as
+// NumPy's multiply does), for the groups of one launch; one thread per (group, pixel).
+template <typename T, typename I, typename M, int C, bool D, bool X, bool VEC>
+__global__ void gather_channel_last(const T* __restrict__ stack, const I* __restrict__ nn,
+                                    T* __restrict__ out_d, float* __restrict__ out_x,
+                                    M scale, unsigned int npix, unsigned int total) {
+    for (unsigned int t = blockIdx.x * blockDim.x + threadIdx.x; t < total;
+         t += gridDim.x * blockDim.x) {
+        unsigned int g = t / npix, p = t - g * npix;
+        Row<T, C> v;
+        Row<float, C> x;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            v.v[c] = stack[(unsigned long long)nn[(unsigned long long)g * C + c] * npix + p];
+            x.v[c] = (float)((M)v.v[c] * scale);
+        }
+        if constexpr (VEC) {  // one aligned vector store per output (C * size a power of 2)
+            if constexpr (D) *reinterpret_cast<Vec<T, C>*>(out_d + (unsigned long long)t * C) =
+                                 *reinterpret_cast<Vec<T, C>*>(&v);
+            if constexpr (X) *reinterpret_cast<Vec<float, C>*>(out_x + (unsigned long long)t * C) =
+                                 *reinterpret_cast<Vec<float, C>*>(&x);
+        } else {
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                if constexpr (D) out_d[(unsigned long long)t * C + c] = v.v[c];
+                if constexpr (X) out_x[(unsigned long long)t * C + c] = x.v[c];
+            }
+        }
+    }
+}
+
+// out[f] = sum_p double(stack[idx[f], p])**2; one block of 256 threads per frame.
+template <typename T, typename I>
+__global__ void frame_energies(const T* __restrict__ stack, const I* __restrict__ idx,
+                               double* __restrict__ out, unsigned int npix) {
+    const T* frame = stack + (unsigned long long)idx[blockIdx.x] * npix;
+    double acc = 0.0;
+    for (unsigned int p = threadIdx.x; p < npix; p += blockDim.x) {
+        double v = (double)frame[p];
+        acc += v * v;
+    }
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    __shared__ double warp_sums[8];
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < 8; ++w) total += warp_sums[w];
+        out[blockIdx.x] = total;
+    }
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _assembly_kernels(cupy):
+    """One :class:`AssemblyKernels` per CuPy module (None for a stand-in without
+    ``RawModule``), so compiled kernels outlive each backend object."""
+    return AssemblyKernels(cupy) if hasattr(cupy, "RawModule") else None
+
+
+class AssemblyKernels:
+    """Fused CUDA kernels for the bandwidth-bound steps of assembly, compiled on first use
+    (with ``--fmad=false``, like any custom kernel here) per dtype combination.
+
+    ``gather_channel_last`` reads each gathered frame once and writes ``diffraction``
+    and ``X_full`` channel-last in the same pass (the plain CuPy path takes three: gather,
+    transpose, scale); ``frame_energies`` sums squares in float64 straight from the
+    stack. Each returns False, touching nothing, when it does not apply (a frame dtype
+    without a C type, non-contiguous or misaligned arrays); the caller then runs the plain
+    ``xp`` operations, which give the same values.
+    """
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+        self._functions = {}
+
+    def _function(self, name):
+        if name not in self._functions:
+            module = self.cupy.RawModule(code=_KERNELS, options=("--std=c++17", "--fmad=false"),
+                                         name_expressions=[name])
+            self._functions[name] = module.get_function(name)
+        return self._functions[name]
+
+    def _usable(self, *arrays):
+        return all(isinstance(a, self.cupy.ndarray) and a.flags.c_contiguous for a in arrays)
+
+    def gather_channel_last(self, stack, nn, scale, out_d=None, out_x=None) -> bool:
+        """``out_d[g] = stack[nn[g]]`` moved to (N, N, C) and ``out_x[g]`` = that times
+        ``scale`` as float32, like :func:`gpugroup.assembly.gather_channel_last`."""
+        import numpy as np
+
+        cp = self.cupy
+        T, I = _C_TYPES.get(stack.dtype.name), _C_TYPES.get(nn.dtype.name)
+        outs = [a for a in (out_d, out_x) if a is not None]
+        if (T is None or nn.dtype.kind != "i" or I is None or not outs
+                or not self._usable(stack, nn, *outs) or (out_x is not None) != (scale is not None)
+                or (out_d is not None and out_d.dtype != stack.dtype)
+                or (out_x is not None and out_x.dtype != np.float32)):
+            return False
+        B, C = int(nn.shape[0]), int(nn.shape[1])
+        npix = int(np.prod(stack.shape[1:]))
+        if B == 0:
+            return True
+        m = np.result_type(stack.dtype, np.float32)  # the type NumPy multiplies in
+        row = C * stack.dtype.itemsize
+        vec = (row & (row - 1) == 0 and row <= 16 and C * 4 <= 16
+               and all(a.data.ptr % (C * a.dtype.itemsize) == 0 for a in outs))
+        name = (f"gather_channel_last<{T}, {I}, {_C_TYPES[m.name]}, {C}, "
+                f"{str(out_d is not None).lower()}, {str(out_x is not None).lower()}, "
+                f"{str(vec).lower()}>")
+        fn = self._function(name)
+        d = out_d if out_d is not None else outs[0]
+        x = out_x if out_x is not None else cp.empty(0, cp.float32)
+        s = m.type(0 if scale is None else scale)
+        step = max(1, _GATHER_LAUNCH // npix)
+        for a in range(0, B, step):
+            b = min(B, a + step) - a
+            total = b * npix
+            blocks = min(-(-total // 256), 1 << 20)
+            fn((blocks,), (256,), (stack, nn[a:], d[a:], x[a:] if out_x is not None else x,
+                                   s, np.uint32(npix), np.uint32(total)))
+        return True
+
+    def frame_energies(self, stack, idx):
+        """float64 ``sum(stack[i]**2)`` for each ``i`` in ``idx``, or None when the kernel
+        does not apply."""
+        import numpy as np
+
+        cp = self.cupy
+        T, I = _C_TYPES.get(stack.dtype.name), _C_TYPES.get(idx.dtype.name)
+        if T is None or I is None or idx.dtype.kind != "i" or not self._usable(stack, idx):
+            return None
+        out = cp.empty(int(idx.shape[0]), dtype=cp.float64)
+        if out.size:
+            fn = self._function(f"frame_energies<{T}, {I}>")
+            fn((int(idx.shape[0]),), (256,), (stack, idx, out, np.uint32(np.prod(stack.shape[1:]))))
+        return out
