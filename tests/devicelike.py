@@ -312,7 +312,7 @@ _FUNCTIONS = (
     "count_nonzero cumsum diff einsum empty_like full_like lexsort mean moveaxis nonzero "
     "ones_like partition ravel repeat reshape round searchsorted sort stack sum take "
     "take_along_axis tile unique where zeros_like ascontiguousarray max min prod "
-    "flatnonzero bincount allclose array_equal expand_dims squeeze transpose"
+    "flatnonzero bincount allclose array_equal expand_dims squeeze transpose copyto"
 ).split()
 for _name in _FUNCTIONS:
     _NAMESPACE[_name] = _function(_name)

@@ -154,49 +154,64 @@ _C_TYPES = {"float32": "float", "float64": "double", "uint8": "unsigned char",
 _GATHER_LAUNCH = 1 << 30
 
 _KERNELS = r"""
+typedef unsigned long long u64;
 template <typename T, int C> struct Row { T v[C]; };
 template <typename T, int C> struct alignas(sizeof(Row<T, C>)) Vec { T v[C]; };
 
-// out[g, p, c] = stack[nn[g, c], p] (and its float32 product with `scale`, computed in M as
-// NumPy's multiply does), for the groups of one launch; one thread per (group, pixel).
-template <typename T, typename I, typename M, int C, bool D, bool X, bool VEC>
+// out[g, p, c] = stack[nn[g, c], p] and, for X, its float32 product with `scale` computed
+// in M as NumPy's multiply does. One thread per (group, P consecutive pixels): one aligned
+// P-pixel load from each of the C frames, then C-wide stores (vector stores when VEC).
+template <typename T, typename I, typename M, int C, int P, bool D, bool X, bool VEC>
 __global__ void gather_channel_last(const T* __restrict__ stack, const I* __restrict__ nn,
                                     T* __restrict__ out_d, float* __restrict__ out_x,
                                     M scale, unsigned int npix, unsigned int total) {
+    const unsigned int nq = npix / P;
     for (unsigned int t = blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += gridDim.x * blockDim.x) {
-        unsigned int g = t / npix, p = t - g * npix;
-        Row<T, C> v;
-        Row<float, C> x;
+        unsigned int g = t / nq;
+        u64 p0 = (u64)(t - g * nq) * P;
+        Vec<T, P> in[C];
 #pragma unroll
-        for (int c = 0; c < C; ++c) {
-            v.v[c] = stack[(unsigned long long)nn[(unsigned long long)g * C + c] * npix + p];
-            x.v[c] = (float)((M)v.v[c] * scale);
-        }
-        if constexpr (VEC) {  // one aligned vector store per output (C * size a power of 2)
-            if constexpr (D) *reinterpret_cast<Vec<T, C>*>(out_d + (unsigned long long)t * C) =
-                                 *reinterpret_cast<Vec<T, C>*>(&v);
-            if constexpr (X) *reinterpret_cast<Vec<float, C>*>(out_x + (unsigned long long)t * C) =
-                                 *reinterpret_cast<Vec<float, C>*>(&x);
-        } else {
+        for (int c = 0; c < C; ++c)
+            in[c] = *reinterpret_cast<const Vec<T, P>*>(stack + (u64)nn[(u64)g * C + c] * npix + p0);
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+            Row<T, C> v;
+            Row<float, C> x;
 #pragma unroll
             for (int c = 0; c < C; ++c) {
-                if constexpr (D) out_d[(unsigned long long)t * C + c] = v.v[c];
-                if constexpr (X) out_x[(unsigned long long)t * C + c] = x.v[c];
+                v.v[c] = in[c].v[k];
+                x.v[c] = (float)((M)v.v[c] * scale);
+            }
+            u64 o = ((u64)g * npix + p0 + k) * C;
+            if constexpr (VEC) {  // C * sizeof a power of 2, outputs aligned to it
+                if constexpr (D) *reinterpret_cast<Vec<T, C>*>(out_d + o) = *reinterpret_cast<Vec<T, C>*>(&v);
+                if constexpr (X) *reinterpret_cast<Vec<float, C>*>(out_x + o) = *reinterpret_cast<Vec<float, C>*>(&x);
+            } else {
+#pragma unroll
+                for (int c = 0; c < C; ++c) {
+                    if constexpr (D) out_d[o + c] = v.v[c];
+                    if constexpr (X) out_x[o + c] = x.v[c];
+                }
             }
         }
     }
 }
 
-// out[f] = sum_p double(stack[idx[f], p])**2; one block of 256 threads per frame.
-template <typename T, typename I>
+// out[f] = sum_p double(stack[idx[f], p])**2; one block of 256 threads per frame, P-pixel
+// aligned loads.
+template <typename T, typename I, int P>
 __global__ void frame_energies(const T* __restrict__ stack, const I* __restrict__ idx,
                                double* __restrict__ out, unsigned int npix) {
-    const T* frame = stack + (unsigned long long)idx[blockIdx.x] * npix;
+    const Vec<T, P>* frame = reinterpret_cast<const Vec<T, P>*>(stack + (u64)idx[blockIdx.x] * npix);
     double acc = 0.0;
-    for (unsigned int p = threadIdx.x; p < npix; p += blockDim.x) {
-        double v = (double)frame[p];
-        acc += v * v;
+    for (unsigned int q = threadIdx.x; q < npix / P; q += blockDim.x) {
+        Vec<T, P> v = frame[q];
+#pragma unroll
+        for (int k = 0; k < P; ++k) {
+            double d = (double)v.v[k];
+            acc += d * d;
+        }
     }
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
     __shared__ double warp_sums[8];
@@ -265,7 +280,8 @@ class AssemblyKernels:
         row = C * stack.dtype.itemsize
         vec = (row & (row - 1) == 0 and row <= 16 and C * 4 <= 16
                and all(a.data.ptr % (C * a.dtype.itemsize) == 0 for a in outs))
-        name = (f"gather_channel_last<{T}, {I}, {_C_TYPES[m.name]}, {C}, "
+        P = _pixels_per_thread(stack, npix)
+        name = (f"gather_channel_last<{T}, {I}, {_C_TYPES[m.name]}, {C}, {P}, "
                 f"{str(out_d is not None).lower()}, {str(out_x is not None).lower()}, "
                 f"{str(vec).lower()}>")
         fn = self._function(name)
@@ -275,7 +291,7 @@ class AssemblyKernels:
         step = max(1, _GATHER_LAUNCH // npix)
         for a in range(0, B, step):
             b = min(B, a + step) - a
-            total = b * npix
+            total = b * (npix // P)
             blocks = min(-(-total // 256), 1 << 20)
             fn((blocks,), (256,), (stack, nn[a:], d[a:], x[a:] if out_x is not None else x,
                                    s, np.uint32(npix), np.uint32(total)))
@@ -292,6 +308,13 @@ class AssemblyKernels:
             return None
         out = cp.empty(int(idx.shape[0]), dtype=cp.float64)
         if out.size:
-            fn = self._function(f"frame_energies<{T}, {I}>")
-            fn((int(idx.shape[0]),), (256,), (stack, idx, out, np.uint32(np.prod(stack.shape[1:]))))
+            npix = int(np.prod(stack.shape[1:]))
+            fn = self._function(f"frame_energies<{T}, {I}, {_pixels_per_thread(stack, npix)}>")
+            fn((int(idx.shape[0]),), (256,), (stack, idx, out, np.uint32(npix)))
         return out
+
+
+def _pixels_per_thread(stack, npix: int) -> int:
+    """4 (aligned vector loads of 4 pixels) when every frame starts on a 4-pixel boundary,
+    else 1."""
+    return 4 if npix % 4 == 0 and stack.data.ptr % (4 * stack.dtype.itemsize) == 0 else 1
