@@ -390,6 +390,25 @@ def bench_assembly(dev: Device, report: Report, args):
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 report.error(f"assembly {label} chunk={chunk}", exc)
             report.save()
+    # Where the fused assembly step spends its time (each part synchronized, best of 5).
+    if dev.backend.kernels is not None and time.perf_counter() < args.deadline:
+        kern, chunk = dev.backend.kernels, max(args.chunk_bytes)
+        outs = assembly.empty_outputs(xp, B, N, C, frames.dtype, True, False)
+        parts = {
+            "energies and scale": lambda: assembly.normalization_scale(
+                xp, assembly.group_energies(xp, frames, nn, chunk, kern), N),
+            "gather (diffraction, X_full)": lambda: assembly.gather_channel_last(
+                xp, frames, nn, scale=0.5, out_diffraction=outs["diffraction"],
+                out_X=outs["X_full"], chunk_bytes=chunk, kernels=kern),
+            "coordinates": lambda: assembly.group_coordinates(xp, nn, x, y, x, y),
+        }
+        steps = report.data["assembly_steps_s"] = {}
+        for label, fn in parts.items():
+            steps[label] = min(time_call(dev, fn, 5)[0])
+        print("[bench] assembly steps: " + ", ".join(f"{k} {v * 1e3:.2f} ms"
+                                                      for k, v in steps.items()), flush=True)
+        outs = None
+        report.save()
     # End to end: generate_grouped_data (grouping + assembly), default chunking.
     row = dict(base, step="generate_grouped_data (grouping included)", backend=dev.backend.name)
     results.append(row)
@@ -409,20 +428,22 @@ def bench_assembly(dev: Device, report: Report, args):
     # device copy of the frames (read + write bytes; what the card does here), and the
     # fused kernels alone (no host work between launches).
     refs = [("bare copy of the frames (reference)", 2 * int(frames.nbytes),
-             functools.partial(xp.copyto, xp.empty_like(frames), frames))]
+             functools.partial(xp.copyto, xp.empty_like(frames), frames), None)]
     if dev.backend.kernels is not None:
         kern = dev.backend.kernels
         outs = assembly.empty_outputs(xp, B, N, C, frames.dtype, True, False)
         uniq = xp.unique(nn)
-        refs += [
-            ("fused gather kernel alone (reference)", int(nn.size) * frame_bytes * 3,
-             functools.partial(kern.gather_channel_last, frames, nn, np.float32(0.5),
-                               outs["diffraction"], outs["X_full"])),
-            ("fused energies kernel alone (reference)", int(uniq.size) * frame_bytes,
-             functools.partial(kern.frame_energies, frames, uniq)),
-        ]
-    for label, moved, fn in refs:
+        gather = functools.partial(kern.gather_channel_last, frames, nn, np.float32(0.5),
+                                   outs["diffraction"], outs["X_full"])
+        refs += [(f"fused gather kernel alone, {P} pixels per thread (reference)",
+                  int(nn.size) * frame_bytes * 3, gather, P) for P in (1, 2, 4, 8)]
+        refs.append(("fused energies kernel alone (reference)", int(uniq.size) * frame_bytes,
+                     functools.partial(kern.frame_energies, frames, uniq), None))
+    default_pixels = getattr(dev.backend.kernels, "pixels_per_thread", None)
+    for label, moved, fn, *pixels in refs:
         try:
+            if pixels and pixels[0]:
+                dev.backend.kernels.pixels_per_thread = pixels[0]
             fn()
             dev.sync()
             t0 = time.perf_counter()
@@ -439,6 +460,9 @@ def bench_assembly(dev: Device, report: Report, args):
                   flush=True)
         except Exception as exc:
             report.error(f"assembly {label}", exc)
+        finally:
+            if default_pixels is not None:
+                dev.backend.kernels.pixels_per_thread = default_pixels
     refs = outs = None
     report.save()
     if (not dev.cpu_only and not args.skip_cpu_assembly and gpu_out is not None

@@ -291,10 +291,13 @@ def test_fused_gather_equals_numpy(cuda, dtype, C, keep_diffraction):
 
 
 @pytest.mark.gpu
-def test_fused_gather_falls_back_or_splits_where_it_must(cuda, monkeypatch):
+@pytest.mark.parametrize("pixels", [1, 3, 4, 8])
+def test_fused_gather_falls_back_or_splits_where_it_must(cuda, monkeypatch, pixels):
     """Non-contiguous frames fall back to plain operations; misaligned outputs take the
-    element-wise stores; many launches (a small launch size) give the same arrays."""
+    element-wise stores; many launches (a small launch size) and any pixels per thread
+    (tiles that overrun a frame included) give the same arrays."""
     kernels = gpu.make_backend("cupy").kernels
+    monkeypatch.setattr(kernels, "pixels_per_thread", pixels)
     host, dev = _frames(cuda, "float32", n=40, N=16)
     nn_host = np.random.default_rng(1).integers(0, 40, (25, 4))
     nn = cuda.asarray(nn_host)
@@ -310,7 +313,7 @@ def test_fused_gather_falls_back_or_splits_where_it_must(cuda, monkeypatch):
     assert flat.data.ptr % 16 != 0
     assert kernels.gather_channel_last(dev, nn, np.float32(2.5), None, flat) is True
     np.testing.assert_array_equal(cuda.asnumpy(flat), want["X_full"])
-    monkeypatch.setattr(gpu, "_GATHER_LAUNCH", 16 * 16 * 3)  # 3 groups per launch
+    monkeypatch.setattr(gpu, "_GATHER_LAUNCH", 3 * pixels * 256)  # 3 groups per launch
     got = _gathered(cuda, dev, nn, 2.5, kernels, chunk_bytes=1 << 30)
     for key in ("diffraction", "X_full"):
         np.testing.assert_array_equal(cuda.asnumpy(got[key]), want[key], err_msg=key)

@@ -159,38 +159,41 @@ template <typename T, int C> struct Row { T v[C]; };
 template <typename T, int C> struct alignas(sizeof(Row<T, C>)) Vec { T v[C]; };
 
 // out[g, p, c] = stack[nn[g, c], p] and, for X, its float32 product with `scale` computed
-// in M as NumPy's multiply does. One thread per (group, P consecutive pixels): one aligned
-// P-pixel load from each of the C frames, then C-wide stores (vector stores when VEC).
+// in M as NumPy's multiply does. Blocks of 256 threads; a block takes one tile of P * 256
+// pixels of one group, a thread P pixels 256 apart: every load (256 consecutive pixels of a
+// frame) and every store (256 consecutive C-wide output rows, vector stores when VEC) is
+// contiguous across the block, and each thread keeps P * C loads in flight.
 template <typename T, typename I, typename M, int C, int P, bool D, bool X, bool VEC>
 __global__ void gather_channel_last(const T* __restrict__ stack, const I* __restrict__ nn,
                                     T* __restrict__ out_d, float* __restrict__ out_x,
-                                    M scale, unsigned int npix, unsigned int total) {
-    const unsigned int nq = npix / P;
-    for (unsigned int t = blockIdx.x * blockDim.x + threadIdx.x; t < total;
-         t += gridDim.x * blockDim.x) {
-        unsigned int g = t / nq;
-        u64 p0 = (u64)(t - g * nq) * P;
-        Vec<T, P> in[C];
+                                    M scale, unsigned int npix, unsigned int tiles,
+                                    unsigned int units) {
+    for (unsigned int u = blockIdx.x; u < units; u += gridDim.x) {
+        unsigned int g = u / tiles;
+        u64 p0 = (u64)(u - g * tiles) * (P * 256) + threadIdx.x;
+        Row<T, C> v[P];
 #pragma unroll
-        for (int c = 0; c < C; ++c)
-            in[c] = *reinterpret_cast<const Vec<T, P>*>(stack + (u64)nn[(u64)g * C + c] * npix + p0);
+        for (int c = 0; c < C; ++c) {
+            const T* frame = stack + (u64)nn[(u64)g * C + c] * npix;
+#pragma unroll
+            for (int k = 0; k < P; ++k)
+                if (p0 + k * 256 < npix) v[k].v[c] = frame[p0 + k * 256];
+        }
 #pragma unroll
         for (int k = 0; k < P; ++k) {
-            Row<T, C> v;
+            u64 p = p0 + k * 256;
+            if (p >= npix) break;
             Row<float, C> x;
 #pragma unroll
-            for (int c = 0; c < C; ++c) {
-                v.v[c] = in[c].v[k];
-                x.v[c] = (float)((M)v.v[c] * scale);
-            }
-            u64 o = ((u64)g * npix + p0 + k) * C;
+            for (int c = 0; c < C; ++c) x.v[c] = (float)((M)v[k].v[c] * scale);
+            u64 o = ((u64)g * npix + p) * C;
             if constexpr (VEC) {  // C * sizeof a power of 2, outputs aligned to it
-                if constexpr (D) *reinterpret_cast<Vec<T, C>*>(out_d + o) = *reinterpret_cast<Vec<T, C>*>(&v);
+                if constexpr (D) *reinterpret_cast<Vec<T, C>*>(out_d + o) = *reinterpret_cast<Vec<T, C>*>(&v[k]);
                 if constexpr (X) *reinterpret_cast<Vec<float, C>*>(out_x + o) = *reinterpret_cast<Vec<float, C>*>(&x);
             } else {
 #pragma unroll
                 for (int c = 0; c < C; ++c) {
-                    if constexpr (D) out_d[o + c] = v.v[c];
+                    if constexpr (D) out_d[o + c] = v[k].v[c];
                     if constexpr (X) out_x[o + c] = x.v[c];
                 }
             }
@@ -245,6 +248,9 @@ class AssemblyKernels:
     ``xp`` operations, which give the same values.
     """
 
+    #: Pixels each thread of the gather moves (256 apart); only speed depends on it.
+    pixels_per_thread = 4
+
     def __init__(self, cupy):
         self.cupy = cupy
         self._functions = {}
@@ -280,7 +286,7 @@ class AssemblyKernels:
         row = C * stack.dtype.itemsize
         vec = (row & (row - 1) == 0 and row <= 16 and C * 4 <= 16
                and all(a.data.ptr % (C * a.dtype.itemsize) == 0 for a in outs))
-        P = _pixels_per_thread(stack, npix)
+        P = self.pixels_per_thread
         name = (f"gather_channel_last<{T}, {I}, {_C_TYPES[m.name]}, {C}, {P}, "
                 f"{str(out_d is not None).lower()}, {str(out_x is not None).lower()}, "
                 f"{str(vec).lower()}>")
@@ -288,13 +294,13 @@ class AssemblyKernels:
         d = out_d if out_d is not None else outs[0]
         x = out_x if out_x is not None else cp.empty(0, cp.float32)
         s = m.type(0 if scale is None else scale)
-        step = max(1, _GATHER_LAUNCH // npix)
+        tiles = -(-npix // (P * 256))
+        step = max(1, _GATHER_LAUNCH // (tiles * P * 256))  # groups per launch
         for a in range(0, B, step):
-            b = min(B, a + step) - a
-            total = b * (npix // P)
-            blocks = min(-(-total // 256), 1 << 20)
-            fn((blocks,), (256,), (stack, nn[a:], d[a:], x[a:] if out_x is not None else x,
-                                   s, np.uint32(npix), np.uint32(total)))
+            units = (min(B, a + step) - a) * tiles
+            fn((min(units, 1 << 20),), (256,),
+               (stack, nn[a:], d[a:], x[a:] if out_x is not None else x, s, np.uint32(npix),
+                np.uint32(tiles), np.uint32(units)))
         return True
 
     def frame_energies(self, stack, idx):
@@ -309,12 +315,8 @@ class AssemblyKernels:
         out = cp.empty(int(idx.shape[0]), dtype=cp.float64)
         if out.size:
             npix = int(np.prod(stack.shape[1:]))
-            fn = self._function(f"frame_energies<{T}, {I}, {_pixels_per_thread(stack, npix)}>")
+            # aligned 4-pixel loads when every frame starts on a 4-pixel boundary
+            P = 4 if npix % 4 == 0 and stack.data.ptr % (4 * stack.dtype.itemsize) == 0 else 1
+            fn = self._function(f"frame_energies<{T}, {I}, {P}>")
             fn((int(idx.shape[0]),), (256,), (stack, idx, out, np.uint32(npix)))
         return out
-
-
-def _pixels_per_thread(stack, npix: int) -> int:
-    """4 (aligned vector loads of 4 pixels) when every frame starts on a 4-pixel boundary,
-    else 1."""
-    return 4 if npix % 4 == 0 and stack.data.ptr % (4 * stack.dtype.itemsize) == 0 else 1
