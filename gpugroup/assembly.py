@@ -112,8 +112,9 @@ def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kerne
     """float64 ``sum_hw stack[i]**2`` for each ``i`` in ``idx`` (an ``xp`` array).
 
     ``kernels`` (a backend's fused kernels, or None) sums a device stack in one pass.
-    Raises ValueError naming the first frame whose energy is not finite (NaN or inf
-    values, or values so large that their squares overflow)."""
+    ``idx`` may repeat frames. Raises ValueError naming the lowest-numbered frame whose
+    energy is not finite (NaN or inf values, or values so large that their squares
+    overflow)."""
     idx = np.asarray(idx) if not is_device_array(idx) else idx
     n_frames = int(idx.shape[0])
     out = None
@@ -129,12 +130,15 @@ def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kerne
                 out[s] = xp.einsum("ij,ij->i", f, f)
     bad = xp.nonzero(~xp.isfinite(out))[0]
     if int(bad.shape[0]):
-        j = int(bad[0])
+        bad = to_host(bad)
+        frames, energy = to_host(idx)[bad], to_host(out)[bad]
+        j = int(np.argmin(frames))
         raise ValueError(
-            f"diff3d[{int(idx[j])}] holds NaN or inf values (or values whose squares "
-            f"overflow float64): its energy is {float(out[j])}, and {int(bad.shape[0])} of the "
-            f"{n_frames} frames used are like it; such frames cannot be normalized: fix or "
-            f"drop them (np.isfinite(diff3d).all(axis=(1, 2)) finds them)")
+            f"diff3d[{int(frames[j])}] holds NaN or inf values (or values whose squares "
+            f"overflow float64): its energy is {float(energy[j])}, and "
+            f"{len(np.unique(frames))} of the {len(np.unique(to_host(idx)))} frames used are "
+            f"like it; such frames cannot be normalized: fix or drop them "
+            f"(np.isfinite(diff3d).all(axis=(1, 2)) finds them)")
     return out
 
 
@@ -150,8 +154,13 @@ def normalization_scale(xp, energies, N: int) -> float:
 
 
 def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None):
-    """Energies E[nn_indices] of the frames groups use, each frame read once."""
+    """Energies E[nn_indices] of the frames groups use, each frame read once (with
+    ``kernels`` and a device stack: each group member's frame, in one kernel and no sort;
+    the same values)."""
     nn = nn_indices if is_device_array(nn_indices) else np.asarray(nn_indices)
+    if kernels is not None and is_device_array(stack):
+        members = xp.ascontiguousarray(xp.asarray(nn)).reshape(-1)
+        return frame_energies(xp, stack, members, chunk_bytes, kernels).reshape(nn.shape)
     uniq, inverse = (xp if is_device_array(nn) else np).unique(nn, return_inverse=True)
     energies = frame_energies(xp, stack, uniq, chunk_bytes, kernels)
     return energies[xp.asarray(inverse).reshape(nn.shape)]
@@ -241,9 +250,16 @@ def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_s
     """``{prefix}_nn`` (B,1,2,C), ``{prefix}_offsets`` (B,1,2,1) and ``{prefix}_relative``
     (B,1,2,C), float64, for prefix ``coords`` (the positions) and ``coords_start``."""
     nn = xp.asarray(nn_indices)
+    arrays = (xcoords, ycoords, xcoords_start, ycoords_start)
+    if (xp is not np and all(isinstance(a, np.ndarray) for a in arrays)
+            and len({a.dtype for a in arrays}) == 1):
+        # One copy to the device (each copy from host memory waits for the device), each
+        # distinct array once.
+        distinct = list({id(a): a for a in arrays}.values())
+        on_device = dict(zip([id(a) for a in distinct], xp.asarray(np.stack(distinct))))
+        arrays = [on_device[id(a)] for a in arrays]
     out = {}
-    for prefix, x, y in (("coords", xcoords, ycoords),
-                         ("coords_start", xcoords_start, ycoords_start)):
+    for prefix, x, y in (("coords", *arrays[:2]), ("coords_start", *arrays[2:])):
         nn_xy = xp.stack([xp.asarray(x)[nn], xp.asarray(y)[nn]], axis=1)[:, None, :, :]
         offsets = xp.mean(nn_xy, axis=3, keepdims=True)
         out.update({f"{prefix}_nn": nn_xy, f"{prefix}_offsets": offsets,
