@@ -250,7 +250,14 @@ def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_s
     """``{prefix}_nn`` (B,1,2,C), ``{prefix}_offsets`` (B,1,2,1) and ``{prefix}_relative``
     (B,1,2,C), float64, for prefix ``coords`` (the positions) and ``coords_start``."""
     nn = xp.asarray(nn_indices)
-    arrays = coordinates_to(xp, xcoords, ycoords, xcoords_start, ycoords_start)
+    arrays = (xcoords, ycoords, xcoords_start, ycoords_start)
+    if (xp is not np and all(isinstance(a, np.ndarray) for a in arrays)
+            and len({a.dtype for a in arrays}) == 1):
+        # One copy to the device (each copy from host memory waits for the device), each
+        # distinct array once.
+        distinct = list({id(a): a for a in arrays}.values())
+        on_device = dict(zip([id(a) for a in distinct], xp.asarray(np.stack(distinct))))
+        arrays = [on_device[id(a)] for a in arrays]
     out = {}
     for prefix, x, y in (("coords", *arrays[:2]), ("coords_start", *arrays[2:])):
         nn_xy = xp.stack([xp.asarray(x)[nn], xp.asarray(y)[nn]], axis=1)[:, None, :, :]
@@ -258,21 +265,6 @@ def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_s
         out.update({f"{prefix}_nn": nn_xy, f"{prefix}_offsets": offsets,
                     f"{prefix}_relative": -(nn_xy - offsets)})
     return out
-
-
-def coordinates_to(xp, *arrays):
-    """``arrays`` for ``xp``: NumPy arrays of one dtype go to a device in one copy, each
-    distinct array once; anything else is returned as it is.
-
-    A copy from host memory waits until the device's queue has run, so assembly makes it
-    once, before queueing the gather, and the small coordinate operations queued after
-    the gather then overlap it."""
-    if (xp is np or not all(isinstance(a, np.ndarray) for a in arrays)
-            or len({a.dtype for a in arrays}) != 1):
-        return arrays
-    distinct = list({id(a): a for a in arrays}.values())
-    on_device = dict(zip([id(a) for a in distinct], xp.asarray(np.stack(distinct))))
-    return tuple(on_device[id(a)] for a in arrays)
 
 
 def empty_outputs(xp, B: int, N: int, C: int, dtype, keep_diffraction: bool, with_y: bool):
@@ -357,8 +349,6 @@ def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, 
     """
     nn = xp.asarray(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
-    xcoords, ycoords, xcoords_start, ycoords_start = coordinates_to(
-        xp, xcoords, ycoords, xcoords_start, ycoords_start)
     s = normalization_scale(xp, group_energies(xp, diff3d, nn, chunk_bytes, kernels), N)
     patches = PatchSource.optional(xp, N, Y, objectGuess, xcoords_start, ycoords_start)
     grouped = {
