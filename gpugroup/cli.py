@@ -9,6 +9,7 @@ exit status 2 (a traceback only with ``-vv``).
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import logging
 import os
@@ -26,7 +27,8 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports `gpugroup info | hea
 EXIT_TERMINATED = 143  # 128 + SIGTERM (kill, timeout, SLURM, docker stop)
 CACHE_SUFFIX = ".groups_cache.npz"
 DEMO_PNG = "gpugroup-demo.png"
-OPTIONAL_PACKAGES = ("cupy", "cuml", "dask", "h5py", "zarr", "matplotlib", "tqdm")
+OPTIONAL_PACKAGES = ("cupy", "cuml", "dask", "distributed", "h5py", "zarr", "sklearn",
+                     "matplotlib", "tqdm", "psutil")
 
 EPILOG = """\
 examples:
@@ -445,7 +447,11 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
 
 # --------------------------------------------------------------------------- info
 def _package_versions(names):
-    """``{module: "version" | "present" | "not installed"}`` without importing them."""
+    """``{module: "version" | "not installed" | "broken: <error>"}``.
+
+    Each installed package is imported, so an install that resolved but cannot import
+    (a mismatched dask/distributed pair, a CuPy without its CUDA libraries) says why.
+    """
     from importlib import metadata
     from importlib.util import find_spec
 
@@ -462,14 +468,19 @@ def _package_versions(names):
         if not present:
             out[name] = "not installed"
             continue
-        version = "present"
-        for dist in dists.get(name, ()):
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to import is the report
+            out[name] = f"broken: {type(exc).__name__}: {exc}".splitlines()[0]
+            continue
+        version = getattr(module, "__version__", None)
+        for dist in () if version else dists.get(name, ()):
             try:
                 version = metadata.version(dist)
                 break
             except metadata.PackageNotFoundError:  # pragma: no cover
                 continue
-        out[name] = version
+        out[name] = str(version or "installed (no version)")
     return out
 
 
@@ -495,7 +506,7 @@ def cmd_info(args) -> int:
     print(f"GPUs seen: {gpu.split(': ', 1)[1] if gpu.startswith('available') else 'none'}")
     print("optional packages:")
     for name, version in _package_versions(OPTIONAL_PACKAGES).items():
-        print(f"  {name:<10} {version}")
+        print(f"  {name:<11} {version}")
     return EXIT_OK
 
 

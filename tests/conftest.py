@@ -20,6 +20,27 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 
+# ----------------------------------------------------------------------------- optional packages
+def needs(*modules: str):
+    """A skip mark for a test that needs optional packages, naming the missing ones (the
+    core install - numpy, scipy, pytest, hypothesis - runs the rest of the suite)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} "
+                              "(pip install \".[test]\")")
+
+
+#: The optional package each file suffix needs to be read or written.
+SUFFIX_NEEDS = {".h5": "h5py", ".hdf5": "h5py", ".cxi": "h5py", ".zarr": "zarr"}
+
+
+def suffix_param(suffix: str):
+    """``suffix`` as a parameter that skips when its format's package is missing."""
+    module = SUFFIX_NEEDS.get(suffix)
+    return pytest.param(suffix, marks=needs(module) if module else ())
+
+
 # ----------------------------------------------------------------------------- scans
 def square_grid(nx: int, ny: int | None = None, spacing: float = 1.0, offset=(0.0, 0.0)):
     """A grid with position i = nx * row + col at x = col, y = row (the KAT layout)."""

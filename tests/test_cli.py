@@ -3,7 +3,6 @@ demo, info, cleanup-cache, errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -16,9 +15,9 @@ import pytest
 from gpugroup import RawData, sample_groups
 from gpugroup.cli import main
 
+from conftest import needs, suffix_param
+
 ROOT = Path(__file__).resolve().parent.parent
-HAS_MPL = importlib.util.find_spec("matplotlib") is not None
-HAS_DASK = importlib.util.find_spec("dask") is not None
 N = 16
 n = 300
 
@@ -138,7 +137,7 @@ def _read_grouped(path):
             d["X_full"].file.close()
 
 
-@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+@pytest.mark.parametrize("suffix", [suffix_param(s) for s in (".npz", ".h5", ".zarr")])
 def test_group_streams_every_format(scan_file, in_memory, tmp_path, capsys, suffix):
     out = tmp_path / ("grouped" + suffix)
     assert main(["group", str(scan_file), "-o", str(out), "--chunk-mib", "1"]
@@ -154,6 +153,7 @@ def test_group_streams_every_format(scan_file, in_memory, tmp_path, capsys, suff
     assert not [p for p in tmp_path.iterdir() if p.name != out.name]  # no temporaries left
 
 
+@needs("h5py")
 def test_group_locality_order_and_no_overwrite(scan_file, in_memory, tmp_path, capsys):
     out = tmp_path / "grouped.hdf5"
     assert main(["group", str(scan_file), "-o", str(out), "--row-order", "locality"]
@@ -170,7 +170,7 @@ def test_group_locality_order_and_no_overwrite(scan_file, in_memory, tmp_path, c
     assert out.read_bytes() == before
 
 
-@pytest.mark.skipif(not HAS_DASK, reason="dask is not installed")
+@needs("dask", "zarr")
 def test_group_lazy_zarr(scan_file, in_memory, tmp_path, capsys):
     out = tmp_path / "lazy.zarr"
     assert main(["group", str(scan_file), "-o", str(out), "--lazy", "--chunk-mib", "1"]
@@ -210,7 +210,7 @@ def compressed_scan(scan_file, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+@pytest.mark.parametrize("suffix", [suffix_param(s) for s in (".npz", ".h5", ".zarr")])
 def test_convert_compressed_npz_round_trip(compressed_scan, tmp_path, capsys, suffix):
     out = tmp_path / ("scan" + suffix)
     assert main(["convert", str(compressed_scan), str(out), "--slab-mib", "1"]) == 0
@@ -230,6 +230,7 @@ def test_convert_compressed_npz_round_trip(compressed_scan, tmp_path, capsys, su
     assert not [p for p in tmp_path.iterdir() if p.name != out.name]
 
 
+@needs("h5py", "zarr")
 def test_convert_then_group_from_zarr_directory(compressed_scan, in_memory, tmp_path, capsys):
     store = tmp_path / "scan.zarr"
     assert main(["convert", str(compressed_scan), str(store)]) == 0
@@ -267,7 +268,7 @@ def test_convert_errors(compressed_scan, scan_file, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- demo / info
-@pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
+@needs("matplotlib")
 def test_demo_writes_png(tmp_path, capsys):
     rc = main(["demo", "--n", str(n), "--N", str(N), "--nsamples", "100",
                "--outdir", str(tmp_path)])
@@ -294,8 +295,29 @@ def test_info_via_python_m():
     assert "gpugroup 0." in out and "numpy" in out and "scipy" in out
     assert "backends:" in out and "cpu  available" in out and "gpu " in out
     assert "GPUs seen:" in out
-    for pkg in ("cupy", "cuml", "dask", "h5py", "zarr", "matplotlib", "tqdm"):
+    for pkg in ("cupy", "cuml", "dask", "distributed", "h5py", "zarr", "sklearn",
+                "matplotlib", "tqdm", "psutil"):
         assert pkg in out
+
+
+def test_info_says_which_optional_package_is_broken(tmp_path, monkeypatch, capsys):
+    """An installed package that fails to import (a mismatched dask/distributed pair) is
+    'broken: <error>', not a version."""
+    import gpugroup.cli
+
+    (tmp_path / "gpugroup_broken_pkg.py").write_text(
+        "raise ImportError(\"cannot import name 'collections_to_dsk' from 'dask.base'\")\n")
+    (tmp_path / "gpugroup_fine_pkg.py").write_text("__version__ = '1.2.3'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(gpugroup.cli, "OPTIONAL_PACKAGES",
+                        ("gpugroup_broken_pkg", "gpugroup_fine_pkg", "gpugroup_absent_pkg"))
+    assert main(["info"]) == 0
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in
+             capsys.readouterr().out.split("optional packages:")[1].strip().splitlines()}
+    assert lines["gpugroup_broken_pkg"] == (
+        "broken: ImportError: cannot import name 'collections_to_dsk' from 'dask.base'")
+    assert lines["gpugroup_fine_pkg"] == "1.2.3"
+    assert lines["gpugroup_absent_pkg"] == "not installed"
 
 
 def test_help_and_argparse_errors_exit_codes(capsys):
@@ -439,7 +461,7 @@ class _FakeTTY:
         return True
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tqdm") is None, reason="tqdm is not installed")
+@needs("tqdm")
 def test_progress_bar_on_a_terminal(scan_file, tmp_path, monkeypatch, capsys):
     fake = _FakeTTY()
     monkeypatch.setattr(sys, "stderr", fake)
@@ -502,6 +524,7 @@ def test_output_checks_come_before_any_work(scan_file, tmp_path, capsys, monkeyp
     assert "not a Zarr store" in line and (plain / "notes.txt").exists()
 
 
+@needs("h5py")
 def test_key_option_names_fields_stored_under_other_names(scan_file, in_memory, tmp_path,
                                                           capsys):
     with np.load(scan_file) as z:
@@ -629,6 +652,7 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up(scan_file, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+@needs("h5py")
 def test_a_ctrl_c_that_python_dropped_still_stops_the_run(scan_file, tmp_path, monkeypatch,
                                                           capsys):
     """h5py runs weakref callbacks while it writes; a KeyboardInterrupt raised inside one is

@@ -265,7 +265,10 @@ def test_pyproject_metadata(pyproject):
     assert _core_dependency_names(pyproject) == {"numpy", "scipy"}, (
         "core dependencies are numpy and scipy only; everything else is an extra"
     )
-    assert Version("3.10") in SpecifierSet(project["requires-python"])
+    # zarr 3 and current cuML need Python 3.11: admitting 3.10 would leave extras that
+    # cannot resolve there.
+    admitted = SpecifierSet(project["requires-python"])
+    assert Version("3.11") in admitted and Version("3.10") not in admitted
     extras = project["optional-dependencies"]
     for extra in ("test", "plot", "cu12", "cu13", "dask", "hdf5", "zarr"):
         assert extra in extras, f"missing extra [{extra}]"
@@ -277,6 +280,44 @@ def test_pyproject_metadata(pyproject):
     for extra in ("plot", "dask", "hdf5", "zarr"):
         assert _extra_names(pyproject, extra) <= test, f"[test] must include [{extra}]"
     assert project["scripts"]["gpugroup"] == "gpugroup.cli:main"
+
+
+def _requirements(pyproject, extra: str) -> dict[str, Requirement]:
+    return {Requirement(r).name.lower(): Requirement(r)
+            for r in pyproject["project"]["optional-dependencies"][extra]}
+
+
+@pytest.mark.parametrize("extra", ["test", "dask"])
+def test_dask_and_distributed_come_from_one_release(pyproject, extra):
+    """A bare "distributed" lets pip backtrack it years (distributed 2021.4.1 beside dask
+    2026.11.0 cannot import); dask's own [distributed] extra pins it to dask's release."""
+    reqs = _requirements(pyproject, extra)
+    assert "distributed" not in reqs, f"[{extra}] names distributed unpinned: {reqs}"
+    assert {"array", "distributed"} <= reqs["dask"].extras, reqs["dask"]
+
+
+@pytest.mark.parametrize("extra,cupy,cuml", [("cu12", "cupy-cuda12x", "cuml-cu12"),
+                                             ("cu13", "cupy-cuda13x", "cuml-cu13")])
+def test_gpu_extras_follow_rapids_cupy_exclusions(pyproject, extra, cupy, cuml):
+    reqs = _requirements(pyproject, extra)
+    spec = reqs[cupy].specifier
+    assert "ctk" in reqs[cupy].extras, f"{cupy} needs [ctk] for the CUDA libraries via pip"
+    for excluded in ("13.5.0", "14.0.0", "14.0.1", "14.1.0"):
+        assert not spec.contains(excluded), f"[{extra}] admits {cupy} {excluded}"
+    for fine in ("13.6.0", "14.1.1", "14.2.0"):
+        assert spec.contains(fine), f"[{extra}] refuses {cupy} {fine}"
+    assert not reqs[cuml].specifier.contains("25.8.0") and reqs[cuml].specifier.contains(
+        "25.10.0")
+
+
+def test_every_requirement_has_a_floor_and_no_python_marker(pyproject):
+    """Each extra resolves on every Python requires-python admits: no marker narrows one."""
+    project = pyproject["project"]
+    lists = [project["dependencies"], *project["optional-dependencies"].values()]
+    for req in (Requirement(r) for reqs in lists for r in reqs):
+        assert req.marker is None, f"{req} carries a marker; raise requires-python instead"
+        assert any(s.operator in (">=", "==", "~=") for s in req.specifier), (
+            f"{req} has no floor")
 
 
 def test_pyproject_version_matches_package(pyproject):
