@@ -7,10 +7,12 @@ integer groups for the same seed.
 
 import logging
 
+from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import sample_groups
 from gpugroup.rawdata import RawData
+from gpugroup.schema import ScanFileError
 
 __version__ = "0.1.0"
-__all__ = ["RawData", "sample_groups", "__version__"]
+__all__ = ["RawData", "sample_groups", "GroupedDataset", "ScanFileError", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

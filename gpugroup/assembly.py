@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from gpugroup._xp import is_device_array, to_host
+from gpugroup.io.frames import check_unchanged, file_backed, gather_frames
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +29,6 @@ DEFAULT_DEVICE_CHUNK_BYTES = 256 << 20
 def default_chunk_bytes(xp) -> int:
     """The in-memory assembly chunk for namespace ``xp`` (NumPy or a device one)."""
     return DEFAULT_CHUNK_BYTES if xp is np else DEFAULT_DEVICE_CHUNK_BYTES
-
-
-def is_device_array(a) -> bool:
-    """True for a CuPy array, checked without importing CuPy."""
-    cupy = sys.modules.get("cupy")
-    return cupy is not None and isinstance(a, cupy.ndarray)
 
 
 def frame_size(N, stack) -> int:
@@ -54,11 +50,6 @@ def locality_order(nn_indices) -> np.ndarray:
     return np.argsort(to_host(nn_indices).min(axis=1), kind="stable")
 
 
-def to_host(a) -> np.ndarray:
-    """``a`` as a NumPy array (a CuPy array copied to the host)."""
-    return a.get() if is_device_array(a) else np.asarray(a)
-
-
 def take_frames(xp, stack, idx):
     """``stack[idx]`` as an ``xp`` array, for any frame store.
 
@@ -70,8 +61,6 @@ def take_frames(xp, stack, idx):
     if is_device_array(stack):
         return stack[xp.asarray(idx)]
     idx = to_host(idx)
-    from gpugroup.io.frames import check_unchanged, file_backed, gather_frames
-
     if isinstance(stack, np.ndarray):
         if file_backed(stack):  # a map of a file rewritten in place shows the new bytes
             check_unchanged(stack, replaced_ok=True)

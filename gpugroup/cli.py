@@ -17,6 +17,15 @@ import signal
 import sys
 import time
 
+import gpugroup
+from gpugroup import io
+from gpugroup.backends import available_backends, get_backend
+from gpugroup.grouping import neighbour_pool, sample_seeds
+from gpugroup.io import check_output, output_format
+from gpugroup.io.npz import CompressedMemberError
+from gpugroup.rawdata import RawData, convert
+from gpugroup.simulate import simulate_rawdata
+
 logger = logging.getLogger(__name__)
 
 PROG = "gpugroup"
@@ -85,8 +94,6 @@ def _check_output_path(path: str, flag: str, *, overwrite: bool = True,
     any work: a known suffix, an existing directory to write in, not the input scan
     ``source`` (links resolved), and an existing ``path`` only with ``overwrite`` and
     only of a kind the output replaces."""
-    from gpugroup.io import check_output, output_format
-
     ext = os.path.splitext(path.rstrip("/\\"))[1].lower()
     try:
         if ext not in OUTPUT_SUFFIXES:
@@ -152,8 +159,6 @@ def run_grouping(raw, *, N, gridsize, K, nsamples, seed, backend, sequential=Fal
     ``out_options`` (``out``, ``lazy``, ``chunk_bytes``, ``overwrite``, ``row_order``) go
     to ``generate_grouped_data`` unchanged. Dask (``lazy``) reports no progress: no bar.
     """
-    from gpugroup.backends import get_backend
-
     be = get_backend(backend)
     if out_options.get("lazy"):
         update, close = None, lambda: None
@@ -193,8 +198,6 @@ def _summary(raw, grouped, be, seconds, *, gridsize, K, out=None) -> str:
 # --------------------------------------------------------------------------- simulate
 def cmd_simulate(args) -> int:
     """Write a synthetic scan (Fermat spiral, test object, probe, diffraction amplitudes)."""
-    from gpugroup.simulate import simulate_rawdata
-
     out = args.out
     _check_output_path(out, "OUT", overwrite=args.overwrite)
     t0 = time.perf_counter()
@@ -213,9 +216,6 @@ def cmd_group(args) -> int:
     .h5/.hdf5 or .zarr) in bounded memory. The scan's frames stay on disk (memory-mapped
     NPZ/.npy, HDF5 or Zarr datasets); OUT is written under a temporary name and renamed
     when complete."""
-    from gpugroup.io.npz import CompressedMemberError
-    from gpugroup.rawdata import RawData
-
     source = _check_input_file(args.input)
     out = args.output
     fmt = _check_output_path(out, "-o", overwrite=args.overwrite, source=source)
@@ -248,14 +248,12 @@ def cmd_convert(args) -> int:
     as an uncompressed, memory-mappable .npz, an .h5/.hdf5 file or a .zarr store. Frame
     stacks are copied slab by slab (bounded memory); OUT is written under a temporary name
     and renamed when complete."""
-    from gpugroup import io
-
     source = _check_input_file(args.input)
     fmt = _check_output_path(args.output, "OUT", overwrite=args.overwrite, source=source)
     update, close = _progress(None, "converting", unit="frame")
     t0 = time.perf_counter()
     try:
-        written = io.convert(source, args.output, keys=args.key, slab_bytes=args.slab_mib << 20,
+        written = convert(source, args.output, keys=args.key, slab_bytes=args.slab_mib << 20,
                              overwrite=args.overwrite, progress=update)
     finally:
         close()
@@ -277,9 +275,6 @@ def cmd_convert(args) -> int:
 def cmd_demo(args) -> int:
     """Simulate, group and (with matplotlib) draw a few groups to gpugroup-demo.png."""
     import tempfile
-
-    from gpugroup.rawdata import RawData
-    from gpugroup.simulate import simulate_rawdata
 
     if not os.path.isdir(args.outdir):
         raise CLIError(f"--outdir {args.outdir!r} is not an existing directory")
@@ -345,9 +340,6 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
     import numpy as np
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Circle
-
-    from gpugroup.backends import get_backend
-    from gpugroup.grouping import neighbour_pool, sample_seeds
 
     x, y = raw.xcoords, raw.ycoords
     n = len(raw)
@@ -490,9 +482,6 @@ def cmd_info(args) -> int:
 
     import numpy
     import scipy
-
-    import gpugroup
-    from gpugroup.backends import available_backends
 
     print(f"gpugroup {gpugroup.__version__}")
     print(f"python   {platform.python_version()} ({sys.executable})")
@@ -740,9 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from gpugroup import __version__
-
-    return __version__
+    return gpugroup.__version__
 
 
 def _configure_logging(verbose: int) -> None:

@@ -33,8 +33,11 @@ import uuid
 import numpy as np
 
 from gpugroup import assembly
-from gpugroup.io import require
+from gpugroup._optional import require
+from gpugroup.io import atomic_path
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
+from gpugroup.io.grouped import (GROUPED_STACKS, check_lazy_output, check_row_order,
+                                 open_grouped, seed_array)
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +181,6 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     """
     dask = require("dask", "dask")
     da = require("dask.array", "dask")
-    from gpugroup.io.grouped import check_row_order
 
     check_row_order(row_order)
     if chunk_type not in ("numpy", "cupy"):
@@ -299,8 +301,6 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
     """
     da = require("dask.array", "dask")
     zarr = require("zarr", "zarr")
-    from gpugroup.io import atomic_path
-    from gpugroup.io.grouped import GROUPED_STACKS, check_lazy_output, open_grouped, seed_array
 
     check_lazy_output(path)
     stacks = {k: grouped[k] for k in GROUPED_STACKS if grouped.get(k) is not None}

@@ -18,6 +18,7 @@ import numpy as np
 
 from gpugroup import assembly
 from gpugroup.backends import get_backend
+from gpugroup.io.frames import StackRef, open_stack, raw_view, stack_ref
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,6 @@ class GroupedDataset:
         if norm_scale is None:
             # one pass over the frames used; a memory-mapped file is read with pread so
             # that this pass does not leave the whole file resident
-            from gpugroup.io.frames import raw_view
-
             stack = raw_view(raw.diff3d) or raw.diff3d
             energies = assembly.group_energies(xp, stack, xp.asarray(nn), chunk_bytes,
                                                self._be.kernels)
@@ -186,8 +185,6 @@ class GroupedDataset:
     def __getstate__(self):
         # Pickled for worker processes (spawn): on-disk stacks travel as references that
         # each process reopens; in-memory ones travel as they are.
-        from gpugroup.io.frames import stack_ref
-
         state = self.__dict__.copy()
         state["_be"] = self._be.name
         state["raw"] = None
@@ -212,8 +209,6 @@ class GroupedDataset:
         return self._object_patches
 
     def _stack(self, name):
-        from gpugroup.io.frames import StackRef, open_stack, stack_ref
-
         stack = self._stacks[name]
         if isinstance(stack, StackRef):
             stack = self._stacks[name] = open_stack(stack)

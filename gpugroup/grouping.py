@@ -17,6 +17,7 @@ import numpy as np
 
 from gpugroup import keys
 from gpugroup.backends import get_backend
+from gpugroup.backends.base import position_runs
 
 logger = logging.getLogger(__name__)
 
@@ -172,23 +173,6 @@ _STACK_KQ = 256
 #: Distinct coordinate values at least this far apart have d2 > 0 in float64 (2**-1000 is
 #: a normal number), so "d2 == 0" means "same position".
 _NO_UNDERFLOW = 2.0**-500
-
-
-def position_runs(xp, x, y):
-    """Points grouped by identical position: ``(order, start, count)``.
-
-    ``order`` sorts the points by x, then y, then point number; the points at the j-th
-    distinct position are ``order[start[j] : start[j] + count[j]]``, ascending.
-    (-0.0 and 0.0 are one position, as their d2 is 0.)
-    """
-    n = int(x.shape[0])
-    # The point number as the last key makes the order explicit, stable sort or not.
-    order = xp.lexsort(xp.stack([xp.arange(n, dtype=xp.float64), y, x]))
-    xs, ys = x[order], y[order]
-    new = xp.ones(n, dtype=bool)
-    new[1:] = (xs[1:] != xs[:-1]) | (ys[1:] != ys[:-1])
-    start = xp.nonzero(new)[0]
-    return order, start, xp.diff(xp.concatenate([start, xp.full(1, n, dtype=xp.int64)]))
 
 
 class _Stacks:

@@ -13,9 +13,12 @@ import os
 
 import numpy as np
 
-from gpugroup import assembly, io
+from gpugroup import assembly, io, streamed
+from gpugroup import dask as gdask
 from gpugroup.backends import BACKEND_NAMES, get_backend
 from gpugroup.grouping import _check_coordinates, sample_groups
+from gpugroup.dataset import GroupedDataset
+from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
 
 logger = logging.getLogger(__name__)
@@ -327,7 +330,7 @@ class RawData:
         out : str or path-like or None
             Stream the result into ``*.h5``, ``*.zarr`` or ``*.npz`` (written under a
             temporary name, renamed when complete; nothing is left under ``out`` on an
-            error or Ctrl-C). See :func:`gpugroup.io.grouped.write_grouped`.
+            error or Ctrl-C). See :func:`gpugroup.streamed.write_grouped`.
         lazy : bool
             Return Dask arrays for ``diffraction``, ``X_full`` and ``Y`` (and a 0-d Dask
             array ``norm_scale``), see :func:`gpugroup.dask.grouped_arrays`. With ``out`` (a
@@ -361,8 +364,6 @@ class RawData:
                 chunk_bytes, (int, np.integer)) or chunk_bytes < 1):
             raise ValueError(f"chunk_bytes must be a positive int (bytes) or None for the "
                              f"default, got chunk_bytes={chunk_bytes!r}")
-        from gpugroup.io.grouped import check_lazy_output, check_row_order
-
         check_row_order(row_order)  # the output's options, before any work
         if out is not None:
             io.check_output(out, overwrite=overwrite, source=self._source, option="out")
@@ -440,16 +441,12 @@ class RawData:
         """An index-only grouped dataset: the rows of ``generate_grouped_data`` with the
         same arguments, gathered batch by batch (see :class:`gpugroup.dataset.GroupedDataset`;
         ``kwargs``: the sampling options and ``backend``, ``output``, ``keep_diffraction``)."""
-        from gpugroup.dataset import GroupedDataset
-
         return GroupedDataset.from_raw(self, N, K, nsamples, seed, gridsize, **kwargs)
 
     def _grouped_out_of_core(self, be, nn, N, seed, *, out, lazy, keep_diffraction,
                              chunk_bytes, progress, overwrite, row_order):
         """``generate_grouped_data`` with ``out`` (streamed file) or ``lazy`` (Dask)."""
         if lazy:
-            from gpugroup import dask as gdask
-
             grouped = gdask.grouped_arrays(self, nn_indices=be.asnumpy(nn), N=N,
                                            keep_diffraction=keep_diffraction,
                                            block_bytes=chunk_bytes, seed=seed,
@@ -457,15 +454,41 @@ class RawData:
             if out is not None:
                 return gdask.to_zarr(grouped, out, overwrite=overwrite)
             return grouped
-        from gpugroup.io.grouped import DEFAULT_OUT_CHUNK_BYTES, write_grouped
-
-        return write_grouped(
+        return streamed.write_grouped(
             out, be.xp, nn_indices=nn, diff3d=self.diff3d, xcoords=self.xcoords,
             ycoords=self.ycoords, xcoords_start=self.xcoords_start,
             ycoords_start=self.ycoords_start, N=N, Y=self.Y, objectGuess=self.objectGuess,
             keep_diffraction=keep_diffraction,
-            chunk_bytes=DEFAULT_OUT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
+            chunk_bytes=streamed.DEFAULT_OUT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
             progress=progress, seed=seed, overwrite=overwrite, row_order=row_order)
+
+
+def convert(src, dst, *, keys=None, slab_bytes=io.DEFAULT_SLAB_BYTES, overwrite=True,
+            progress=None) -> str:
+    """Rewrite scan ``src`` (any readable format, compressed NPZ included) as ``dst``
+    (``.npz`` uncompressed and memory-mappable, ``.h5`` or ``.zarr``), in bounded memory.
+
+    The scan is validated (as :class:`gpugroup.RawData`) and written with its defaults
+    filled in (``xcoords_start``, ``scan_index``). This is ``gpugroup convert SRC DST``.
+
+    Examples
+    --------
+    >>> import numpy as np, os, tempfile
+    >>> from gpugroup.rawdata import RawData, convert
+    >>> d = tempfile.mkdtemp()
+    >>> np.savez_compressed(os.path.join(d, "s.npz"), xcoords=np.arange(4.0),
+    ...     ycoords=np.zeros(4), diff3d=np.ones((4, 8, 8), np.float32),
+    ...     probeGuess=np.ones((8, 8), np.complex64))
+    >>> out = convert(os.path.join(d, "s.npz"), os.path.join(d, "s2.npz"))
+    >>> type(RawData.from_file(out, mmap_mode="r", backend="cpu").diff3d).__name__
+    'memmap'
+    """
+    src = os.fspath(src)
+    io.check_keys(keys)
+    io.check_output(dst, overwrite=overwrite, source=src, option="dst")
+    raw = RawData._from_mapping(io.read_scan_slabs(src, keys), src, "cpu")
+    return io.write_scan(dst, raw.to_dict(), slab_bytes=slab_bytes, overwrite=overwrite,
+                      progress=progress)
 
 
 def _is_array(v) -> bool:

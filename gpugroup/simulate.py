@@ -16,6 +16,7 @@ import numpy as np
 
 from gpugroup.assembly import extract_patches
 from gpugroup.grouping import check_count
+from gpugroup.rawdata import RawData
 
 logger = logging.getLogger(__name__)
 
@@ -312,8 +313,6 @@ def simulate_rawdata(n: int = 2000, N: int = 64, seed: int = 0, *, backend="auto
     >>> len(raw), raw.metadata["simulation"]["seed"]
     (40, 3)
     """
-    from gpugroup.rawdata import RawData
-
     scan = simulate_scan(n, N, seed, **kwargs)
     params = {"n": int(n), "N": int(N), "seed": seed}
     params.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()})

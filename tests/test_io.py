@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gpugroup import RawData, io
+from gpugroup.rawdata import convert
 from gpugroup.io import frames, npz
 
 h5py = pytest.importorskip("h5py")
@@ -91,7 +92,7 @@ def test_compressed_npz_refuses_mmap_and_converts(tmp_path):
         RawData.from_file(src, mmap_mode="r")
     assert_same_scan(raw, RawData.from_file(src, backend="cpu"))  # in memory still works
     for name in ("plain.npz", "scan.h5", "scan.zarr"):
-        out = io.convert(src, tmp_path / name, slab_bytes=1000)
+        out = convert(src, tmp_path / name, slab_bytes=1000)
         back = RawData.from_file(out, mmap_mode="r", backend="cpu")
         assert not isinstance(back.diff3d, np.ndarray) or isinstance(back.diff3d, np.memmap)
         assert_same_scan(raw, back)
@@ -110,7 +111,7 @@ def test_convert_streams_compressed_members(tmp_path, monkeypatch):
     np.testing.assert_array_equal(stack[50:60], raw.diff3d[50:60])
     np.testing.assert_array_equal(stack[3:5], raw.diff3d[3:5])  # going back reopens
     seen = []
-    io.convert(src, tmp_path / "out.h5", slab_bytes=8 * 8 * 4 * 16,
+    convert(src, tmp_path / "out.h5", slab_bytes=8 * 8 * 4 * 16,
                progress=seen.append)
     assert sum(seen) == 200 and max(seen) == 16
 
@@ -351,7 +352,7 @@ def test_members_that_are_no_scan_field_are_logged(tmp_path, caplog):
         io.read_scan(npy_dir)
         assert "['xcoord']" in caplog.text
         caplog.clear()
-        io.convert(npz_path, tmp_path / "c.npz")  # conversion would drop it: say so
+        convert(npz_path, tmp_path / "c.npz")  # conversion would drop it: say so
         assert "['foo']" in caplog.text
         caplog.clear()
         io.read_scan(tmp_path / "c.npz")  # a clean scan: nothing to say
@@ -374,9 +375,9 @@ def test_convert_refuses_a_link_to_its_source(tmp_path):
     before = path.read_bytes()
     for src, dst in ((link, path), (path, link)):
         with pytest.raises(ValueError, match="is the input scan"):
-            io.convert(src, dst)
+            convert(src, dst)
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['difff3d'\]"):
-        io.convert(path, tmp_path / "k.h5", keys={"difff3d": "frames"})
+        convert(path, tmp_path / "k.h5", keys={"difff3d": "frames"})
     assert path.read_bytes() == before
     assert io.same_path(link, path) and not io.same_path(path, tmp_path / "other.h5")
 

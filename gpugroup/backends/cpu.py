@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-from gpugroup.backends import Backend
+from gpugroup.backends.base import Backend
 
 # cKDTree returns sqrt(sum of squares) in float64: a few ulp from the exact distance.
 # Lowering the squared distance by 2**-40 (relative) covers that rounding with room.

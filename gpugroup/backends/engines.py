@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from gpugroup.grouping import position_runs
+from gpugroup.backends.base import position_runs
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,8 @@ import os
 
 import numpy as np
 
-from gpugroup.backends import Backend
+from gpugroup.backends.base import Backend
+from gpugroup.backends.engines import GridIndex, NeighborsIndex, cuml_algorithm
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def make_backend(engine: str | None = None) -> Backend:
     if reason is not None:
         raise RuntimeError(f"backend='gpu' is not available: {reason}. Install: {INSTALL_HINT}")
     import cupy
-
-    from gpugroup.backends.engines import GridIndex, NeighborsIndex, cuml_algorithm
 
     nn_class = None
     if engine in ("auto", "cuml"):

@@ -2,14 +2,13 @@
 (``.h5``/``.hdf5``/``.cxi``) and Zarr (``.zarr``), read lazily and written in slabs.
 
 ``read_scan`` returns a scan's arrays by key (frame stacks left on disk with
-``mmap_mode="r"``); ``write_scan``/``convert`` write one atomically; ``gpugroup.io.grouped``
-streams grouped outputs. h5py and zarr are imported only when such a file is used.
+``mmap_mode="r"``); ``write_scan`` writes one atomically; ``gpugroup.io.grouped``
+holds the grouped-output layout. h5py and zarr are imported only when such a file is used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import shutil
@@ -17,51 +16,17 @@ import tempfile
 
 import numpy as np
 
+from gpugroup._xp import to_host
+from gpugroup.io import hdf5, npz, zarr_io
+from gpugroup.io.frames import raw_view, remember_opened
+from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS, ScanFileError
+
 logger = logging.getLogger(__name__)
 
-#: Keys whose arrays are frame stacks: left on disk (memory-mapped / datasets) when lazy.
-STACK_KEYS = ("diff3d", "diffraction", "Y", "X_full")
-#: The scan fields of DESIGN.md section 1 (``_metadata`` is a JSON string).
-SCAN_FIELDS = ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d", "probeGuess",
-               "scan_index", "objectGuess", "Y", "norm_Y_I")
-REQUIRED_FIELDS = ("xcoords", "ycoords", "diff3d", "probeGuess")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs")
 FORMATS = ("npz", "hdf5", "zarr", "npy-dir")
 #: Default bytes per slab when copying stacks (memory bound of ``write_scan``/``convert``).
 DEFAULT_SLAB_BYTES = 64 << 20
-
-_EXTRA = {"h5py": "hdf5", "zarr": "zarr", "dask": "dask", "distributed": "dask"}
-
-
-class ScanFileError(OSError, ValueError):
-    """A scan file that cannot be read as any supported format."""
-
-
-#: Oldest major version of an optional package the code works with.
-_MIN_MAJOR = {"zarr": 3}
-
-
-def require(module: str, extra: str | None = None):
-    """Import optional dependency ``module`` or raise ImportError with the install line
-    (also when it is older than the code needs: zarr 3, which needs Python 3.11)."""
-    extra = extra or _EXTRA.get(module, module)
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(
-            f"this needs the optional package {module!r}: pip install \"gpugroup[{extra}]\" "
-            f"(or pip install {module})"
-        ) from exc
-    major = _MIN_MAJOR.get(module)
-    version = str(getattr(mod, "__version__", ""))
-    found = version.split(".")[0]
-    if major is not None and found.isdigit() and int(found) < major:
-        raise ImportError(
-            f"this needs {module} >= {major} (found {version}): pip install "
-            f"\"gpugroup[{extra}]\" (or pip install \"{module}>={major}\"; zarr 3 needs "
-            f"Python >= 3.11)")
-    return mod
-
 
 def format_of(path) -> str:
     """``"npz"``, ``"hdf5"``, ``"zarr"``, ``"npy-dir"`` or ``"npy"`` from the name (and, for
@@ -132,8 +97,6 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
             f"(diff3d.npy is memory-mapped), an .npz, .h5 or .zarr file"
         )
     if fmt == "npz":
-        from gpugroup.io import npz
-
         renamed = tuple(m[:-4] if m.endswith(".npy") else m
                         for f, m in keys.items() if f in STACK_KEYS)
         return _opened(_npz_fields(path, npz.read_npz(path, mmap_mode, STACK_KEYS + renamed),
@@ -141,13 +104,9 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     if fmt == "npy-dir":
         data = _read_npy_dir(path, mmap_mode, keys)
     elif fmt == "hdf5":
-        from gpugroup.io import hdf5
-
         data = hdf5.read(path, keys, SCAN_FIELDS, mmap_mode,
                          cxi=path.lower().endswith(".cxi"))
     else:
-        from gpugroup.io import zarr_io
-
         data = zarr_io.read(path, keys, SCAN_FIELDS, mmap_mode)
     found = data.pop("_datasets", None)
     missing = [k for k in REQUIRED_FIELDS if k not in data]
@@ -159,8 +118,6 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
 def _opened(data: dict) -> dict:
     """``data``, with the identity of the files its on-disk stacks were opened from noted
     (so that a file rewritten later is refused, not mixed in: see io.frames)."""
-    from gpugroup.io.frames import remember_opened
-
     for key in STACK_KEYS:
         if data.get(key) is not None:
             remember_opened(data[key])
@@ -413,15 +370,10 @@ def settle_removed(tmp, seconds: float = 5.0) -> None:
 def open_target(path, fmt):
     """A writer (``create``/``put``/``close``/``discard``) for a new ``fmt`` file at
     ``path`` (a temporary path from :func:`atomic_path`)."""
-    if fmt == "npz":
-        from gpugroup.io.npz import Target
-    elif fmt == "hdf5":
-        from gpugroup.io.hdf5 import Target
-    elif fmt == "zarr":
-        from gpugroup.io.zarr_io import Target
-    else:
+    targets = {"npz": npz.Target, "hdf5": hdf5.Target, "zarr": zarr_io.Target}
+    if fmt not in targets:
         raise ValueError(f"cannot write {fmt!r} files; write .npz, .h5 or .zarr")
-    return Target(path)
+    return targets[fmt](path)
 
 
 def output_format(path) -> str:
@@ -443,9 +395,6 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
 
     File-backed stacks are read with ``pread`` (:mod:`gpugroup.io.frames`), so a
     memory-mapped source does not stay resident."""
-    from gpugroup.io.frames import raw_view
-    from gpugroup.assembly import to_host
-
     src = raw_view(stack) or stack
     n = int(stack.shape[0])
     row = int(np.prod(stack.shape[1:], dtype=np.int64)) * np.dtype(stack.dtype).itemsize
@@ -485,42 +434,17 @@ def write_scan(path, arrays: dict, *, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=T
     return os.path.abspath(os.fspath(path))
 
 
-def convert(src, dst, *, keys=None, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=True,
-            progress=None) -> str:
-    """Rewrite scan ``src`` (any readable format, compressed NPZ included) as ``dst``
-    (``.npz`` uncompressed and memory-mappable, ``.h5`` or ``.zarr``), in bounded memory.
-
-    The scan is validated (as :class:`gpugroup.RawData`) and written with its defaults
-    filled in (``xcoords_start``, ``scan_index``). This is ``gpugroup convert SRC DST``.
-
-    Examples
-    --------
-    >>> import numpy as np, os, tempfile
-    >>> from gpugroup import RawData
-    >>> d = tempfile.mkdtemp()
-    >>> np.savez_compressed(os.path.join(d, "s.npz"), xcoords=np.arange(4.0),
-    ...     ycoords=np.zeros(4), diff3d=np.ones((4, 8, 8), np.float32),
-    ...     probeGuess=np.ones((8, 8), np.complex64))
-    >>> out = convert(os.path.join(d, "s.npz"), os.path.join(d, "s2.npz"))
-    >>> type(RawData.from_file(out, mmap_mode="r", backend="cpu").diff3d).__name__
-    'memmap'
-    """
-    from gpugroup.rawdata import RawData
-
-    src = os.fspath(src)
-    check_keys(keys)
-    check_output(dst, overwrite=overwrite, source=src, option="dst")
-    if format_of(src) == "npz":
-        from gpugroup.io.npz import read_npz_streaming
-
-        data = _npz_fields(src, read_npz_streaming(src), dict(keys or {}))
-    else:
-        data = read_scan(src, mmap_mode="r", keys=keys)
-    raw = RawData._from_mapping(data, src, "cpu")
-    return write_scan(dst, raw.to_dict(), slab_bytes=slab_bytes, overwrite=overwrite,
-                      progress=progress)
+def read_scan_slabs(path, keys=None) -> dict:
+    """A scan's arrays by field, its frame stacks readable slab by slab in bounded memory:
+    compressed NPZ members streamed (:func:`gpugroup.io.npz.read_npz_streaming`), every
+    other stack left on disk as with ``read_scan(path, mmap_mode="r")``. For copying a scan
+    whatever its layout (``gpugroup convert``)."""
+    path = os.fspath(path)
+    if format_of(path) == "npz":
+        return _npz_fields(path, npz.read_npz_streaming(path), check_keys(keys))
+    return read_scan(path, mmap_mode="r", keys=keys)
 
 
-__all__ = ["STACK_KEYS", "SCAN_FIELDS", "ScanFileError", "require", "format_of", "read_scan",
-           "write_scan", "convert", "atomic_path", "same_path", "check_output", "check_keys",
+__all__ = ["STACK_KEYS", "SCAN_FIELDS", "ScanFileError", "format_of", "read_scan",
+           "read_scan_slabs", "write_scan", "atomic_path", "same_path", "check_output", "check_keys",
            "open_target", "output_format", "copy_stack"]

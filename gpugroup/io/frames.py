@@ -25,6 +25,9 @@ import weakref
 
 import numpy as np
 
+from gpugroup._optional import require
+from gpugroup.schema import ScanFileError
+
 #: HDF5/Zarr: when the range spanned by the wanted frames is at most this many times their
 #: number, read the whole range in one call and pick from it.
 _SLAB_FILL = 2.0
@@ -115,7 +118,6 @@ def read_frames(stack, uniq):
     except MemoryError:
         raise
     except Exception as exc:  # a damaged store: say which store and which frames
-        from gpugroup.io import ScanFileError
 
         if isinstance(exc, ScanFileError):
             raise
@@ -387,7 +389,6 @@ def _open_elsewhere(real, identity) -> bool:
 
 
 def _scan_file_error(message):
-    from gpugroup.io import ScanFileError  # (gpugroup.io imports this module)
 
     return ScanFileError(message)
 
@@ -477,7 +478,6 @@ def _open_stack(ref: StackRef, pid: int):
     if ref.kind == "raw":
         return RawFileStack(ref.path, ref.offset, ref.shape, np.dtype(ref.dtype),
                             ref.identity or None)  # checked at every read
-    from gpugroup.io import require
 
     if ref.kind == "hdf5":
         h5py = require("h5py", "hdf5")

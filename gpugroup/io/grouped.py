@@ -1,50 +1,20 @@
-"""Grouped data streamed into a file (``.h5``, ``.zarr``, ``.npz``) in bounded memory.
-
-:func:`write_grouped` is ``RawData.generate_grouped_data(..., out=PATH)``: energies of the
-frames the groups use come first (each used frame read once), then one gather pass writes
-``diffraction`` and ``X_full`` (and ``Y``) chunk by chunk, so every used frame is read
-twice in all, and memory stays near ``chunk_bytes`` whatever the output size. The file is
-written under a temporary name and renamed when complete.
-"""
+"""Grouped-output files (``.h5``, ``.zarr``, ``.npz``): their layout, the checks on where
+they go, and :func:`open_grouped` to read one back (large entries lazily). Writing them is
+:mod:`gpugroup.streamed` (in memory order) and :mod:`gpugroup.dask` (parallel blocks)."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
 
-from gpugroup import assembly
-from gpugroup.io import atomic_path, open_target, output_format
+from gpugroup.io import hdf5, npz, output_format, zarr_io
 
-logger = logging.getLogger(__name__)
-
-#: Transient memory budget of a streamed write (frames read, copies, write buffers).
-DEFAULT_OUT_CHUNK_BYTES = 256 << 20
-#: Largest working chunk: bigger ones gain nothing (cache-sized buffers are reused by
-#: malloc; fresh large ones cost page faults, ~5x slower on our VMs).
-MAX_WORK_BYTES = 8 << 20
 #: Grouped entries stored as on-disk arrays; the rest are small and read back whole.
 GROUPED_STACKS = ("diffraction", "X_full", "Y")
 _ORDER = ("nn_indices", "diffraction", "X_full", "norm_scale", "coords_nn", "coords_offsets",
           "coords_relative", "coords_start_nn", "coords_start_offsets",
           "coords_start_relative", "Y", "objectGuess", "seed")
-
-
-def _chunk_rows(fmt, shape, dtype):
-    if fmt == "npz":
-        return None
-    from gpugroup.io.zarr_io import default_chunk_rows
-
-    return max(1, min(default_chunk_rows(shape, dtype), int(shape[0])))
-
-
-def _aligned_chunk_bytes(budget, group_bytes, rows):
-    """Bytes per gather chunk within ``budget``, a whole number of ``rows``-group file
-    chunks (so concurrent chunks never share a file chunk)."""
-    rows = rows or 1
-    groups = max(rows, (max(1, budget // max(1, group_bytes)) // rows) * rows)
-    return groups * group_bytes
 
 
 def check_row_order(row_order) -> None:
@@ -65,117 +35,11 @@ def seed_array(seed: int) -> np.ndarray:
     return np.array(seed, dtype=np.uint64 if int(seed) >= 2**63 else np.int64)
 
 
-def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start,
-                  ycoords_start, N, Y=None, objectGuess=None, keep_diffraction=True,
-                  chunk_bytes=DEFAULT_OUT_CHUNK_BYTES, workers=None, progress=None,
-                  seed=None, overwrite=True, row_order="canonical") -> dict:
-    """Assemble the grouped dict of DESIGN.md section 2 into file ``path``.
-
-    Parameters
-    ----------
-    path : str or path-like
-        ``*.h5`` (HDF5, datasets chunked along groups), ``*.zarr`` (unsharded,
-        uncompressed, 1-16 groups per chunk) or ``*.npz`` (uncompressed, memory-mappable).
-    xp, nn_indices, diff3d, ... : as :func:`gpugroup.assembly.assemble_groups`.
-    chunk_bytes : int
-        Transient memory budget in bytes (an upper bound: working chunks are at most
-        :data:`MAX_WORK_BYTES`). Peak memory is at most about this plus a fixed margin
-        (libhdf5's free lists, thread stacks; 15-60 MiB measured) plus the index arrays
-        (B x C) and coordinates, whatever the output size. Every used frame is read twice:
-        once for the energies (distinct frames, sorted), once in the gather.
-    workers : int or None
-        Gather threads. None: 1. The file writes are serial anyway; on our 2-core VM a
-        second thread only contends (1 GB into tmpfs: 2.6-3.5 s with one thread, 3.6-4.5 s
-        with two).
-    progress : callable or None
-        Called with the number of groups written after each chunk.
-    seed : int or None
-        Stored as ``seed``.
-    overwrite : bool
-        Replace an existing ``path`` (only once the new file is complete).
-    row_order : {"canonical", "locality"}
-        ``"locality"`` stores the groups sorted by their smallest frame index (stable), so
-        the gather reads the input nearly sequentially (about 5x faster from a cold disk
-        than canonical order, whose seeds are random), and adds ``order``: row j holds
-        canonical group ``order[j]`` (``x[np.argsort(order)]`` is canonical). Every entry
-        uses the same order; ``norm_scale`` is the canonical one.
-
-    Returns
-    -------
-    dict
-        As the eager result, but ``diffraction``, ``X_full`` and ``Y`` are on-disk arrays:
-        ``np.memmap`` (npz), ``zarr.Array`` (zarr) or ``h5py.Dataset`` (h5; they keep the
-        file open read-only: close it with ``d["X_full"].file.close()`` or drop them).
-        Also ``path``: the absolute path written.
-    """
-    fmt = output_format(path)
-    check_row_order(row_order)
-    workers = 1 if workers is None else max(1, int(workers))
-    chunk_bytes = int(chunk_bytes)
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be positive, got chunk_bytes={chunk_bytes}")
-    from gpugroup.io.frames import raw_view
-
-    # Out of core, read file-backed stacks with pread: a memory map would keep every page
-    # touched resident in this process.
-    stack = raw_view(diff3d) or diff3d
-    y_stack = None if Y is None else (raw_view(Y) or Y)
-    nn = xp.asarray(nn_indices)
-    B, C = int(nn.shape[0]), int(nn.shape[1])
-    energy_chunk = min(MAX_WORK_BYTES, max(1, chunk_bytes // 2))
-    s = assembly.normalization_scale(xp, assembly.group_energies(xp, stack, nn, energy_chunk),
-                                     N)
-    logger.info("write_grouped: %d groups x %d into %s (%s, %s order), norm_scale=%.6g", B,
-                C, path, fmt, row_order, s)
-    small = {}
-    if row_order == "locality":
-        order = assembly.locality_order(nn)
-        nn = nn[xp.asarray(order)]
-        small["order"] = order
-    small.update({"nn_indices": nn, "norm_scale": np.float64(s)})
-    small.update(assembly.group_coordinates(xp, nn, xcoords, ycoords, xcoords_start,
-                                            ycoords_start))
-    if objectGuess is not None:
-        small["objectGuess"] = np.asarray(objectGuess)
-    if seed is not None:
-        small["seed"] = seed_array(seed)
-    per_chunk = max(1, min(MAX_WORK_BYTES, chunk_bytes // (5 * workers)))
-    out_shape = (B, N, N, C)
-    with atomic_path(path, overwrite) as tmp:
-        target = open_target(tmp, fmt)
-        try:
-            for key, value in small.items():
-                target.put(key, value)
-            rows = _chunk_rows(fmt, out_shape, np.float32)
-            sink_d = (target.create("diffraction", out_shape, np.dtype(stack.dtype), rows)
-                      if keep_diffraction else None)
-            sink_x = target.create("X_full", out_shape, np.float32, rows)
-            patches = assembly.PatchSource.optional(xp, N, y_stack, objectGuess,
-                                                    xcoords_start, ycoords_start)
-            sink_y = (None if patches is None
-                      else target.create("Y", out_shape, np.complex64, rows))
-            group_bytes = C * N * N * (np.dtype(stack.dtype).itemsize
-                                       + (16 if patches is not None else 0))
-            assembly.gather_channel_last(
-                xp, stack, nn, scale=s, out_diffraction=sink_d, out_X=sink_x, out_Y=sink_y,
-                patches=patches, chunk_bytes=_aligned_chunk_bytes(per_chunk, group_bytes, rows),
-                workers=workers, progress=progress)
-            target.close()
-        except BaseException:
-            target.discard()
-            raise
-    return open_grouped(path)
-
-
 def open_grouped(path) -> dict:
     """Open a grouped output written by :func:`write_grouped` (large entries lazily)."""
     fmt = output_format(path)
-    if fmt == "npz":
-        from gpugroup.io.npz import open_output
-    elif fmt == "hdf5":
-        from gpugroup.io.hdf5 import open_output
-    else:
-        from gpugroup.io.zarr_io import open_output
+    open_output = {"npz": npz.open_output, "hdf5": hdf5.open_output,
+                   "zarr": zarr_io.open_output}[fmt]
     data = open_output(os.fspath(path), GROUPED_STACKS)
     out = {}
     for key in _ORDER:

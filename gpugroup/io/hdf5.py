@@ -12,7 +12,9 @@ import threading
 
 import numpy as np
 
-from gpugroup.io import STACK_KEYS, require
+from gpugroup._optional import require
+from gpugroup._xp import to_host
+from gpugroup.schema import STACK_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +116,6 @@ class _Sink:
         self.dtype = ds.dtype
 
     def __setitem__(self, key, value):
-        from gpugroup.assembly import to_host
 
         value = to_host(value)
         with self._lock:
@@ -138,7 +139,6 @@ class Target:
         return _Sink(ds, self._lock)
 
     def put(self, key, array):
-        from gpugroup.assembly import to_host
 
         array = to_host(array)
         if array.dtype.kind == "U":

@@ -20,8 +20,8 @@ import zlib
 import numpy as np
 from numpy.lib import format as npy_format
 
-from gpugroup.assembly import to_host
-from gpugroup.io import STACK_KEYS
+from gpugroup._xp import to_host
+from gpugroup.schema import STACK_KEYS
 
 logger = logging.getLogger(__name__)
 

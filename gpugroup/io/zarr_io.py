@@ -11,7 +11,9 @@ import threading
 
 import numpy as np
 
-from gpugroup.io import STACK_KEYS, require
+from gpugroup._optional import require
+from gpugroup._xp import to_host
+from gpugroup.schema import STACK_KEYS
 
 
 def _open_group(path, mode):
@@ -65,7 +67,6 @@ class _Sink:
         self.dtype = arr.dtype
 
     def __setitem__(self, key, value):
-        from gpugroup.assembly import to_host
 
         value = to_host(value)
         with self._lock:
@@ -88,7 +89,6 @@ class Target:
         return _Sink(arr, self._lock)
 
     def put(self, key, array):
-        from gpugroup.assembly import to_host
 
         array = to_host(array)
         if array.dtype.kind == "U":
