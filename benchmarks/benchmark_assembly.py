@@ -83,15 +83,15 @@ def _caller(method, spec, x, y, diff, nn):
         return lambda: legacy.assemble_legacy(diff, nn, N, x, y)
     if method.startswith("assemble"):
         from gpugroup import assembly
+        from gpugroup.schema import ScanArrays
 
         if method == "assemble_1worker":
             kw["workers"] = 1
         elif spec.get("workers"):
             kw["workers"] = spec["workers"]
         keep = method != "assemble_nodiff"
-        return lambda: assembly.assemble_groups(
-            np, nn_indices=nn, diff3d=diff, xcoords=x, ycoords=y, xcoords_start=x,
-            ycoords_start=y, N=N, keep_diffraction=keep, **kw)
+        return lambda: assembly.assemble_groups(np, ScanArrays(x, y, diff), nn, N,
+                                                keep_diffraction=keep, **kw)
     if method.startswith("generate"):
         from gpugroup import RawData
 
@@ -111,10 +111,10 @@ def _caller(method, spec, x, y, diff, nn):
 def _check(spec, x, y, diff, nn):
     """gpugroup vs legacy on the same groups: max relative differences."""
     from gpugroup import assembly
+    from gpugroup.schema import ScanArrays
 
     old = legacy.assemble_legacy(diff, nn, spec["N"], x, y)
-    new = assembly.assemble_groups(np, nn_indices=nn, diff3d=diff, xcoords=x, ycoords=y,
-                                   xcoords_start=x, ycoords_start=y, N=spec["N"],
+    new = assembly.assemble_groups(np, ScanArrays(x, y, diff), nn, spec["N"],
                                    keep_diffraction=True)
     out = {"diffraction_equal": bool(np.array_equal(old["diffraction"], new["diffraction"])),
            "norm_scale_rel_diff": abs(old["norm_scale"] - new["norm_scale"]) / old["norm_scale"]}

@@ -337,6 +337,7 @@ def bench_assembly(dev: Device, report: Report, args):
     ``generate_grouped_data`` end to end (grouping included), a bare device copy of the
     frames (the card's practical ceiling here) and the CPU."""
     from gpugroup import RawData, assembly
+    from gpugroup.schema import ScanArrays
 
     xp = dev.xp
     n, N, B, C = args.assembly_n, 64, args.assembly_nsamples, 4
@@ -363,9 +364,8 @@ def bench_assembly(dev: Device, report: Report, args):
             results.append(row)
             try:
                 call = functools.partial(
-                    assembly.assemble_groups, xp, nn_indices=nn, diff3d=frames, xcoords=x,
-                    ycoords=y, xcoords_start=x, ycoords_start=y, N=N, chunk_bytes=chunk,
-                    kernels=kernels)
+                    assembly.assemble_groups, xp, ScanArrays(x, y, frames), nn, N,
+                    chunk_bytes=chunk, kernels=kernels)
                 call()  # warm: kernels loaded, the memory pool holds the outputs
                 times, out = time_call(dev, call, max(args.repeats, 5))
                 gathered = int(nn.size) * frame_bytes

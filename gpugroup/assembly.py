@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from gpugroup._xp import is_device_array, to_host
-from gpugroup.io.frames import check_unchanged, file_backed, gather_frames
+from gpugroup.io.frames import check_unchanged, file_backed, gather_frames, raw_view
 
 logger = logging.getLogger(__name__)
 
@@ -325,30 +325,119 @@ def _patches(xp, padded, xc, yc, N: int):
     return out.reshape(out.shape[0], N, 2 * N).view(xp.complex64)
 
 
-def assemble_groups(xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start, ycoords_start,
-                    N: int, Y=None, objectGuess=None, keep_diffraction: bool = True,
+class AssemblyPlan:
+    """What the groups of one scan need before any frame is gathered, computed once: the
+    normalization factor s, where ``Y`` comes from, the coordinates on ``xp``.
+
+    One plan fills any sink, for any rows of the groups: in-memory arrays
+    (:func:`assemble_groups`), a streamed file (:mod:`gpugroup.streamed`), a Dask block
+    (:mod:`gpugroup.dask`) or a training batch (:class:`gpugroup.dataset.GroupedDataset`).
+
+    Parameters
+    ----------
+    xp : module
+        The array namespace the outputs live in.
+    scan : RawData or :class:`gpugroup.schema.ScanArrays`
+        Anything with the scan fields of DESIGN.md section 1 (``diff3d``, the four
+        coordinate arrays, ``Y``, ``objectGuess``).
+    nn_indices : (B, C) array of int
+        The groups; only used for s (``norm_scale`` None).
+    N : int
+        Frame size.
+    norm_scale : float or None
+        s; None computes it from the energies of the frames the groups use (each read
+        once).
+    keep_diffraction : bool
+        Whether ``diffraction`` is an output (``X_full`` always is).
+    chunk_bytes : int
+        Bytes per chunk of the energies pass.
+    kernels : object or None
+        The backend's fused kernels (``Backend.kernels``), used where they apply.
+    warn : bool
+        Log positions whose patch lies wholly outside ``objectGuess`` (once per scan).
+    out_of_core : bool
+        Read file-backed stacks with ``pread`` (:func:`gpugroup.io.frames.raw_view`), so
+        that the passes over them leave nothing resident in this process; in memory, a
+        memory map is faster while the file fits.
+    """
+
+    def __init__(self, xp, scan, nn_indices, N: int, *, norm_scale=None,
+                 keep_diffraction: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 kernels=None, warn: bool = True, out_of_core: bool = False):
+        self.xp, self.N, self.kernels = xp, int(N), kernels
+        self.keep_diffraction = bool(keep_diffraction)
+        y_stack = scan.Y
+        self.stack = scan.diff3d
+        if out_of_core:
+            self.stack = raw_view(self.stack) or self.stack
+            y_stack = None if y_stack is None else (raw_view(y_stack) or y_stack)
+        if norm_scale is None:
+            nn = nn_indices if is_device_array(nn_indices) else np.asarray(nn_indices)
+            energies = group_energies(xp, self.stack, nn, chunk_bytes, kernels)
+            norm_scale = normalization_scale(xp, energies, self.N)
+        self.scale = float(norm_scale)
+        self.patches = PatchSource.optional(xp, self.N, y_stack, scan.objectGuess,
+                                            scan.xcoords_start, scan.ycoords_start, warn)
+        self.coords = (scan.xcoords, scan.ycoords, scan.xcoords_start, scan.ycoords_start)
+
+    @property
+    def with_y(self) -> bool:
+        return self.patches is not None
+
+    def outputs(self, B: int, C: int) -> dict:
+        """Uninitialized ``xp`` arrays for ``B`` groups of ``C`` (see :func:`empty_outputs`)."""
+        return empty_outputs(self.xp, B, self.N, C, self.stack.dtype, self.keep_diffraction,
+                             self.with_y)
+
+    def fill(self, nn_indices, sinks: dict, *, chunk_bytes=DEFAULT_CHUNK_BYTES,
+             workers=None, progress=None) -> None:
+        """Write the groups ``nn_indices`` into ``sinks["diffraction"]``, ``["X_full"]``
+        and ``["Y"]`` (any may be None or absent): arrays or stores taking slice
+        assignment, (len(nn_indices), N, N, C)."""
+        gather_channel_last(self.xp, self.stack, nn_indices,
+                            scale=self.scale, out_diffraction=sinks.get("diffraction"),
+                            out_X=sinks.get("X_full"), out_Y=sinks.get("Y"),
+                            patches=self.patches, chunk_bytes=chunk_bytes, workers=workers,
+                            progress=progress, kernels=self.kernels)
+
+    def coordinates(self, nn_indices) -> dict:
+        """The coordinate entries of DESIGN.md section 2 for groups ``nn_indices``."""
+        return group_coordinates(self.xp, nn_indices, *self.coords)
+
+    def assemble(self, nn_indices, *, chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None,
+                 progress=None) -> dict:
+        """The grouped dict of DESIGN.md section 2, in memory (``xp`` arrays)."""
+        nn = self.xp.asarray(nn_indices)
+        grouped = {"nn_indices": nn, **self.outputs(int(nn.shape[0]), int(nn.shape[1])),
+                   "norm_scale": self.scale}
+        self.fill(nn, grouped, chunk_bytes=chunk_bytes, workers=workers, progress=progress)
+        grouped.update(self.coordinates(nn))
+        return grouped
+
+
+def assemble_groups(xp, scan, nn_indices, N: int, *, keep_diffraction: bool = True,
                     chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers=None, progress=None,
                     kernels=None):
-    """The grouped dict of DESIGN.md section 2 for groups ``nn_indices`` (B, C).
+    """The grouped dict of DESIGN.md section 2 for groups ``nn_indices`` (B, C) of ``scan``.
 
-    ``diff3d`` may be a NumPy array, a memmap, an h5py/zarr array or (with xp = cupy) a
-    device array; outputs are ``xp`` arrays. With ``keep_diffraction=False`` the
+    ``scan.diff3d`` may be a NumPy array, a memmap, an h5py/zarr array or (with xp = cupy)
+    a device array; outputs are ``xp`` arrays. With ``keep_diffraction=False`` the
     ``diffraction`` entry is None and only ``X_full`` is materialized. ``kernels``: the
     backend's fused kernels (``Backend.kernels``), used where they apply.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpugroup.schema import ScanArrays
+    >>> x = np.arange(6.0)
+    >>> scan = ScanArrays(x, np.zeros(6), np.ones((6, 4, 4), np.float32))
+    >>> out = assemble_groups(np, scan, np.array([[0, 1], [2, 3]]), 4)
+    >>> out["X_full"].shape, out["norm_scale"]
+    ((2, 4, 4, 2), 0.5)
     """
-    nn = xp.asarray(nn_indices)
-    B, C = int(nn.shape[0]), int(nn.shape[1])
-    s = normalization_scale(xp, group_energies(xp, diff3d, nn, chunk_bytes, kernels), N)
-    patches = PatchSource.optional(xp, N, Y, objectGuess, xcoords_start, ycoords_start)
-    grouped = {
-        "nn_indices": nn,
-        **empty_outputs(xp, B, N, C, diff3d.dtype, keep_diffraction, patches is not None),
-        "norm_scale": s,
-    }
-    gather_channel_last(xp, diff3d, nn, scale=s, out_diffraction=grouped["diffraction"],
-                        out_X=grouped["X_full"], out_Y=grouped["Y"], patches=patches,
-                        chunk_bytes=chunk_bytes, workers=workers, progress=progress,
-                        kernels=kernels)
-    grouped.update(group_coordinates(xp, nn, xcoords, ycoords, xcoords_start, ycoords_start))
-    grouped["objectGuess"] = objectGuess
+    plan = AssemblyPlan(xp, scan, nn_indices, N, keep_diffraction=keep_diffraction,
+                        chunk_bytes=chunk_bytes, kernels=kernels)
+    grouped = plan.assemble(nn_indices, chunk_bytes=chunk_bytes, workers=workers,
+                            progress=progress)
+    grouped["objectGuess"] = scan.objectGuess
     return grouped

@@ -36,8 +36,14 @@ from gpugroup import assembly
 from gpugroup._optional import require
 from gpugroup.io import atomic_path
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
-from gpugroup.io.grouped import (GROUPED_STACKS, check_lazy_output, check_row_order,
-                                 open_grouped, seed_array)
+from gpugroup.io.grouped import (
+    GROUPED_STACKS,
+    check_lazy_output,
+    check_row_order,
+    open_grouped,
+    seed_array,
+)
+from gpugroup.schema import ScanArrays
 
 logger = logging.getLogger(__name__)
 
@@ -73,26 +79,23 @@ def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffractio
     (each read: the distinct frames, sorted), and written back to their own rows.
     """
     stack = _open(source)
+    scan = ScanArrays(xs, ys, stack, Y=None if y_source is None else _open(y_source),
+                      objectGuess=obj)
+    plan = assembly.AssemblyPlan(np, scan, nn, N, norm_scale=scale,
+                                 keep_diffraction=keep_diffraction, warn=False)  # warned once
     b, C = int(nn.shape[0]), int(nn.shape[1])
     order = assembly.locality_order(nn)
     group_bytes = C * N * N * max(np.dtype(stack.dtype).itemsize, 4)
     step = max(1, int(read_bytes) // group_bytes)
-    patches = assembly.PatchSource.optional(np, N, None if y_source is None else _open(y_source),
-                                            obj, xs, ys, warn=False)  # warned once, below
-    names = ("diffraction", "X_full", "Y")
-    made = assembly.empty_outputs(np, b, N, C, stack.dtype, keep_diffraction,
-                                  patches is not None)
-    out = [made[k] for k in names]
+    out = plan.outputs(b, C)
     for a in range(0, b, step):
         rows = order[a:a + step]
-        tmp = [None if o is None else np.empty((len(rows),) + o.shape[1:], o.dtype) for o in out]
-        assembly.gather_channel_last(np, stack, nn[rows], scale=scale, out_diffraction=tmp[0],
-                                     out_X=tmp[1], out_Y=tmp[2], patches=patches,
-                                     chunk_bytes=1 << 62, workers=1)
-        for o, t in zip(out, tmp):
-            if o is not None:
-                o[rows] = t
-    diffraction, X, Y = out
+        part = plan.outputs(len(rows), C)
+        plan.fill(nn[rows], part, chunk_bytes=1 << 62, workers=1)
+        for key, value in part.items():
+            if value is not None:
+                out[key][rows] = value
+    diffraction, X, Y = out["diffraction"], out["X_full"], out["Y"]
     if chunk_type == "cupy":
         import cupy
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from gpugroup import assembly
 from gpugroup.backends import get_backend
-from gpugroup.io.frames import StackRef, open_stack, raw_view, stack_ref
+from gpugroup.io.frames import StackRef, open_stack, stack_ref
+from gpugroup.schema import ScanArrays
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +100,16 @@ class GroupedDataset:
         self.keep_diffraction = bool(keep_diffraction)
         self.seed = seed
         xp = self._be.xp
-        self._x, self._y = xp.asarray(raw.xcoords), xp.asarray(raw.ycoords)
-        self._xs, self._ys = xp.asarray(raw.xcoords_start), xp.asarray(raw.ycoords_start)
-        self._object_patches = None
+        self._coords = tuple(xp.asarray(a) for a in (raw.xcoords, raw.ycoords,
+                                                        raw.xcoords_start, raw.ycoords_start))
         if norm_scale is None:
             # one pass over the frames used; a memory-mapped file is read with pread so
             # that this pass does not leave the whole file resident
-            stack = raw_view(raw.diff3d) or raw.diff3d
-            energies = assembly.group_energies(xp, stack, xp.asarray(nn), chunk_bytes,
-                                               self._be.kernels)
-            norm_scale = assembly.normalization_scale(xp, energies, self.N)
+            norm_scale = assembly.AssemblyPlan(
+                xp, raw, xp.asarray(nn), self.N, chunk_bytes=chunk_bytes,
+                kernels=self._be.kernels, warn=False, out_of_core=True).scale
         self.norm_scale = float(norm_scale)
+        self._plan = None
         self._pid = os.getpid()
         self._stacks = {"diff3d": raw.diff3d, "Y": raw.Y}
         self._object = raw.objectGuess
@@ -188,7 +188,7 @@ class GroupedDataset:
         state = self.__dict__.copy()
         state["_be"] = self._be.name
         state["raw"] = None
-        state["_object_patches"] = None
+        state["_plan"] = None
         state["_stacks"] = {k: (stack_ref(v) or v) if v is not None else None
                             for k, v in self._stacks.items()}
         return state
@@ -198,15 +198,19 @@ class GroupedDataset:
         self._be = get_backend(state["_be"])
 
     # ------------------------------------------------------------------ gathering
-    def _patch_source(self):
-        """Y patches: the (re)opened ground-truth stack, else the object (padded once)."""
-        y_stack = self._stack("Y")
-        if y_stack is not None:
-            return assembly.PatchSource(self._be.xp, self.N, Y=y_stack)
-        if self._object is not None and self._object_patches is None:
-            self._object_patches = assembly.PatchSource(
-                self._be.xp, self.N, objectGuess=self._object, xs=self._xs, ys=self._ys)
-        return self._object_patches
+    def plan(self) -> assembly.AssemblyPlan:
+        """The assembly plan of this process's stacks (reopened in worker processes; an
+        object's padding made once per process)."""
+        if self._plan is None or self._plan_pid != os.getpid():
+            x, y, xs, ys = self._coords
+            scan = ScanArrays(x, y, self._stack("diff3d"), xs, ys, Y=self._stack("Y"),
+                              objectGuess=self._object)
+            self._plan = assembly.AssemblyPlan(
+                self._be.xp, scan, None, self.N, norm_scale=self.norm_scale,
+                keep_diffraction=self.keep_diffraction, kernels=self._be.kernels,
+                warn=False)
+            self._plan_pid = os.getpid()
+        return self._plan
 
     def _stack(self, name):
         stack = self._stacks[name]
@@ -221,23 +225,13 @@ class GroupedDataset:
         return stack
 
     def _batch(self, rows):
-        xp = self._be.xp
-        N, C = self.N, int(self.nn_indices.shape[1])
+        plan = self.plan()
         nn = self.nn_indices[rows]
-        b = int(nn.shape[0])
-        stack = self._stack("diff3d")
-        patches = self._patch_source()
-        out = {"nn_indices": xp.asarray(nn),
-               **assembly.empty_outputs(xp, b, N, C, stack.dtype, self.keep_diffraction,
-                                        patches is not None)}
-        assembly.gather_channel_last(xp, stack, nn, scale=self.norm_scale,
-                                     out_diffraction=out["diffraction"], out_X=out["X_full"],
-                                     out_Y=out["Y"], patches=patches, chunk_bytes=1 << 62,
-                                     workers=1, kernels=self._be.kernels)
+        out = {"nn_indices": self._be.xp.asarray(nn),
+               **plan.outputs(int(nn.shape[0]), int(nn.shape[1]))}
+        plan.fill(nn, out, chunk_bytes=1 << 62, workers=1)
         out = {k: v for k, v in out.items() if v is not None}
-        out.update(assembly.group_coordinates(xp, out["nn_indices"], self._x, self._y,
-                                              self._xs, self._ys))
+        out.update(plan.coordinates(out["nn_indices"]))
         if self.output == "numpy":
             out = {k: self._be.asnumpy(v) for k, v in out.items()}
         return out
-

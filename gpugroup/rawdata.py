@@ -398,12 +398,8 @@ class RawData:
         if chunk_bytes is None:
             chunk_bytes = assembly.default_chunk_bytes(be.xp)
         grouped = assembly.assemble_groups(
-            be.xp, nn_indices=nn, diff3d=self.diff3d, xcoords=self.xcoords,
-            ycoords=self.ycoords, xcoords_start=self.xcoords_start,
-            ycoords_start=self.ycoords_start, N=N, Y=self.Y, objectGuess=self.objectGuess,
-            keep_diffraction=keep_diffraction, chunk_bytes=chunk_bytes, progress=progress,
-            kernels=be.kernels,
-        )
+            be.xp, self, nn, N, keep_diffraction=keep_diffraction, chunk_bytes=chunk_bytes,
+            progress=progress, kernels=be.kernels)
         if output == "numpy":
             grouped = {k: be.asnumpy(v) if _is_array(v) else v for k, v in grouped.items()}
         grouped["seed"] = seed
@@ -455,10 +451,7 @@ class RawData:
                 return gdask.to_zarr(grouped, out, overwrite=overwrite)
             return grouped
         return streamed.write_grouped(
-            out, be.xp, nn_indices=nn, diff3d=self.diff3d, xcoords=self.xcoords,
-            ycoords=self.ycoords, xcoords_start=self.xcoords_start,
-            ycoords_start=self.ycoords_start, N=N, Y=self.Y, objectGuess=self.objectGuess,
-            keep_diffraction=keep_diffraction,
+            out, be.xp, self, nn, N, keep_diffraction=keep_diffraction,
             chunk_bytes=streamed.DEFAULT_OUT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
             progress=progress, seed=seed, overwrite=overwrite, row_order=row_order)
 

@@ -3,6 +3,9 @@ names every reader, writer and driver agrees on."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 #: Keys whose arrays are frame stacks: left on disk (memory-mapped / datasets) when lazy.
 STACK_KEYS = ("diff3d", "diffraction", "Y", "X_full")
 #: The scan fields of DESIGN.md section 1 (``_metadata`` is a JSON string).
@@ -13,3 +16,23 @@ REQUIRED_FIELDS = ("xcoords", "ycoords", "diff3d", "probeGuess")
 
 class ScanFileError(OSError, ValueError):
     """A scan file that cannot be read as any supported format."""
+
+
+@dataclass(frozen=True)
+class ScanArrays:
+    """A scan's arrays by their DESIGN.md section 1 names, for code that assembles groups
+    from plain arrays. :class:`gpugroup.RawData` has the same attributes (and checks them);
+    this record checks nothing. The start positions default to the positions."""
+
+    xcoords: Any
+    ycoords: Any
+    diff3d: Any
+    xcoords_start: Any = None
+    ycoords_start: Any = None
+    Y: Any = None
+    objectGuess: Any = None
+
+    def __post_init__(self):
+        for name, default in (("xcoords_start", self.xcoords), ("ycoords_start", self.ycoords)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)

@@ -15,7 +15,6 @@ import numpy as np
 
 from gpugroup import assembly
 from gpugroup.io import atomic_path, open_target, output_format, zarr_io
-from gpugroup.io.frames import raw_view
 from gpugroup.io.grouped import check_row_order, open_grouped, seed_array
 
 logger = logging.getLogger(__name__)
@@ -25,6 +24,7 @@ DEFAULT_OUT_CHUNK_BYTES = 256 << 20
 #: Largest working chunk: bigger ones gain nothing (cache-sized buffers are reused by
 #: malloc; fresh large ones cost page faults, ~5x slower on our VMs).
 MAX_WORK_BYTES = 8 << 20
+
 
 def _chunk_rows(fmt, shape, dtype):
     if fmt == "npz":
@@ -40,8 +40,7 @@ def _aligned_chunk_bytes(budget, group_bytes, rows):
     return groups * group_bytes
 
 
-def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_start,
-                  ycoords_start, N, Y=None, objectGuess=None, keep_diffraction=True,
+def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
                   chunk_bytes=DEFAULT_OUT_CHUNK_BYTES, workers=None, progress=None,
                   seed=None, overwrite=True, row_order="canonical") -> dict:
     """Assemble the grouped dict of DESIGN.md section 2 into file ``path``.
@@ -51,7 +50,7 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
     path : str or path-like
         ``*.h5`` (HDF5, datasets chunked along groups), ``*.zarr`` (unsharded,
         uncompressed, 1-16 groups per chunk) or ``*.npz`` (uncompressed, memory-mappable).
-    xp, nn_indices, diff3d, ... : as :func:`gpugroup.assembly.assemble_groups`.
+    xp, scan, nn_indices, N, keep_diffraction : as :func:`gpugroup.assembly.assemble_groups`.
     chunk_bytes : int
         Transient memory budget in bytes (an upper bound: working chunks are at most
         :data:`MAX_WORK_BYTES`). Peak memory is at most about this plus a fixed margin
@@ -89,27 +88,24 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
     chunk_bytes = int(chunk_bytes)
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got chunk_bytes={chunk_bytes}")
-    # Out of core, read file-backed stacks with pread: a memory map would keep every page
-    # touched resident in this process.
-    stack = raw_view(diff3d) or diff3d
-    y_stack = None if Y is None else (raw_view(Y) or Y)
     nn = xp.asarray(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
-    energy_chunk = min(MAX_WORK_BYTES, max(1, chunk_bytes // 2))
-    s = assembly.normalization_scale(xp, assembly.group_energies(xp, stack, nn, energy_chunk),
-                                     N)
+    # Out of core, file-backed stacks are read with pread: a memory map would keep every
+    # page touched resident in this process.
+    plan = assembly.AssemblyPlan(xp, scan, nn, N, keep_diffraction=keep_diffraction,
+                                 chunk_bytes=min(MAX_WORK_BYTES, max(1, chunk_bytes // 2)),
+                                 out_of_core=True)
     logger.info("write_grouped: %d groups x %d into %s (%s, %s order), norm_scale=%.6g", B,
-                C, path, fmt, row_order, s)
+                C, path, fmt, row_order, plan.scale)
     small = {}
     if row_order == "locality":
         order = assembly.locality_order(nn)
         nn = nn[xp.asarray(order)]
         small["order"] = order
-    small.update({"nn_indices": nn, "norm_scale": np.float64(s)})
-    small.update(assembly.group_coordinates(xp, nn, xcoords, ycoords, xcoords_start,
-                                            ycoords_start))
-    if objectGuess is not None:
-        small["objectGuess"] = np.asarray(objectGuess)
+    small.update({"nn_indices": nn, "norm_scale": np.float64(plan.scale)})
+    small.update(plan.coordinates(nn))
+    if scan.objectGuess is not None:
+        small["objectGuess"] = np.asarray(scan.objectGuess)
     if seed is not None:
         small["seed"] = seed_array(seed)
     per_chunk = max(1, min(MAX_WORK_BYTES, chunk_bytes // (5 * workers)))
@@ -120,19 +116,13 @@ def write_grouped(path, xp, *, nn_indices, diff3d, xcoords, ycoords, xcoords_sta
             for key, value in small.items():
                 target.put(key, value)
             rows = _chunk_rows(fmt, out_shape, np.float32)
-            sink_d = (target.create("diffraction", out_shape, np.dtype(stack.dtype), rows)
-                      if keep_diffraction else None)
-            sink_x = target.create("X_full", out_shape, np.float32, rows)
-            patches = assembly.PatchSource.optional(xp, N, y_stack, objectGuess,
-                                                    xcoords_start, ycoords_start)
-            sink_y = (None if patches is None
-                      else target.create("Y", out_shape, np.complex64, rows))
-            group_bytes = C * N * N * (np.dtype(stack.dtype).itemsize
-                                       + (16 if patches is not None else 0))
-            assembly.gather_channel_last(
-                xp, stack, nn, scale=s, out_diffraction=sink_d, out_X=sink_x, out_Y=sink_y,
-                patches=patches, chunk_bytes=_aligned_chunk_bytes(per_chunk, group_bytes, rows),
-                workers=workers, progress=progress)
+            # the plan's outputs, made empty, name the entries and their dtypes
+            sinks = {key: target.create(key, out_shape, empty.dtype, rows)
+                     for key, empty in plan.outputs(0, C).items() if empty is not None}
+            group_bytes = C * N * N * (np.dtype(plan.stack.dtype).itemsize
+                                       + (16 if plan.with_y else 0))
+            plan.fill(nn, sinks, chunk_bytes=_aligned_chunk_bytes(per_chunk, group_bytes, rows),
+                      workers=workers, progress=progress)
             target.close()
         except BaseException:
             target.discard()

@@ -90,6 +90,7 @@ def test_knn_floor_matches_tree():
 
 def test_assemble_legacy_matches_gpugroup():
     from gpugroup import assembly, sample_groups
+    from gpugroup.schema import ScanArrays
 
     x, y = _scan(300)
     N = 16
@@ -98,8 +99,7 @@ def test_assemble_legacy_matches_gpugroup():
     old = legacy.assemble_legacy(diff, nn, N, x, y)
     assert old["diffraction"].shape == (50, N, N, 4) and old["X_full"].dtype == np.float32
     assert old["diffraction"].flags.c_contiguous
-    new = assembly.assemble_groups(np, nn_indices=nn, diff3d=diff, xcoords=x, ycoords=y,
-                                   xcoords_start=x, ycoords_start=y, N=N)
+    new = assembly.assemble_groups(np, ScanArrays(x, y, diff), nn, N)
     np.testing.assert_array_equal(old["diffraction"], new["diffraction"])
     np.testing.assert_allclose(old["X_full"], new["X_full"], rtol=1e-6)
     for k in ("coords_nn", "coords_offsets", "coords_relative"):

@@ -12,7 +12,7 @@ import pytest
 
 from gpugroup import RawData
 
-from conftest import SUFFIX_NEEDS, needs
+from conftest import SUFFIX_NEEDS, assert_same_grouped, needs
 
 dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
@@ -32,24 +32,6 @@ def make_raw(n=500, N=8, y="object", seed=0):
         kw["Y"] = (rng.random((n, N, N)) + 1j).astype(np.complex64)
     return RawData(x, yc, x, yc, (rng.random((n, N, N)) * 50).astype(np.float32),
                    np.ones((N, N), np.complex64), None, backend="cpu", **kw)
-
-
-def assert_matches(got, want, order=None):
-    back = slice(None) if order is None else np.argsort(order)
-    for key, value in want.items():
-        g = got[key]
-        if value is None:
-            assert g is None, key
-        elif key == "seed":
-            assert g == value
-        elif key == "norm_scale":
-            assert float(g) == pytest.approx(value, rel=1e-12)
-        elif key == "objectGuess":
-            np.testing.assert_array_equal(g, value)
-        elif key == "nn_indices":
-            np.testing.assert_array_equal(np.asarray(g)[back], value)  # bit for bit
-        else:
-            np.testing.assert_allclose(np.asarray(g)[back], value, rtol=1e-6, err_msg=key)
 
 
 SOURCES = ("scan.npz", "scan.h5", "scan.zarr")
@@ -85,7 +67,7 @@ def test_lazy_equals_eager(scans, source, block_bytes, read_bytes):
     assert isinstance(lazy["X_full"], da.Array) and isinstance(lazy["Y"], da.Array)
     assert lazy["X_full"].chunks[1:] == ((8,), (8,), (4,))
     got = gdask.compute(lazy)
-    assert_matches(got, eager)
+    assert_same_grouped(got, eager, exact=True)
     assert got["norm_scale"] == eager["norm_scale"]  # same energies, same order: exact
     np.testing.assert_array_equal(got["X_full"], eager["X_full"])
 
@@ -98,7 +80,7 @@ def test_locality_order_keeps_the_permutation(scans):
     order = lazy["order"]
     firsts = lazy["nn_indices"].min(axis=1)
     assert np.all(np.diff(firsts) >= 0)  # blocks read nearby frames
-    assert_matches(gdask.compute(lazy), eager, order=order)
+    assert_same_grouped(gdask.compute(lazy), eager, order=order, exact=True)
 
 
 def test_options_and_generate_grouped_data_lazy():
@@ -109,7 +91,7 @@ def test_options_and_generate_grouped_data_lazy():
                                      keep_diffraction=False, lazy=True, chunk_bytes=10_000)
     assert lazy["diffraction"] is None and isinstance(lazy["norm_scale"], da.Array)
     assert float(lazy["norm_scale"]) == eager["norm_scale"]
-    assert_matches(gdask.compute(lazy), eager)
+    assert_same_grouped(gdask.compute(lazy), eager, exact=True)
     given = gdask.grouped_arrays(raw, nn_indices=eager["nn_indices"], norm_scale=1.5)
     np.testing.assert_allclose(given["X_full"][:3].compute(),
                                np.moveaxis(raw.diff3d[eager["nn_indices"][:3]], 1, -1) * 1.5)
@@ -155,7 +137,7 @@ def test_to_zarr_region_writes(tmp_path, scans):
     out = gdask.to_zarr(lazy, tmp_path / "g.zarr")
     assert isinstance(out["X_full"], zarr.Array)
     assert 24 % out["X_full"].chunks[0] == 0 and out["X_full"].shards is None
-    assert_matches(out, eager)
+    assert_same_grouped(out, eager, exact=True)
     assert sorted(os.listdir(tmp_path)) == ["g.zarr"]
     with pytest.raises(ValueError, match=r"\.zarr"):
         gdask.to_zarr(lazy, tmp_path / "g.h5")
@@ -211,7 +193,7 @@ def test_local_cluster_processes(tmp_path, scans):
         out = gdask.to_zarr(gdask.grouped_arrays(raws["scan.npz"], 8, K=7, nsamples=300,
                                                  seed=8, gridsize=2, block_bytes=20_000),
                             tmp_path / "g.zarr")
-        assert_matches(out, eager)
+        assert_same_grouped(out, eager, exact=True)
         workers = client.run(os.getpid)
         assert len(set(workers.values())) == 2 and os.getpid() not in workers.values()
 

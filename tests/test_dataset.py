@@ -12,6 +12,8 @@ import pytest
 from gpugroup import RawData
 from gpugroup.dataset import GroupedDataset
 
+from conftest import assert_same_grouped
+
 ROW_KEYS = ("nn_indices", "diffraction", "X_full", "coords_nn", "coords_offsets",
             "coords_relative", "coords_start_nn", "coords_start_offsets",
             "coords_start_relative", "Y")
@@ -42,8 +44,8 @@ def case():
 
 def assert_rows(batch, eager, rows):
     assert set(batch) == {k for k in ROW_KEYS if eager.get(k) is not None}
+    assert_same_grouped(batch, {k: eager[k] for k in batch}, rows=rows, exact=True)
     for key, value in batch.items():
-        np.testing.assert_array_equal(value, eager[key][rows], err_msg=key)
         assert value.dtype == eager[key].dtype, key
 
 

@@ -16,6 +16,8 @@ from gpugroup import RawData, assembly
 from gpugroup.dataset import GroupedDataset
 from gpugroup.io.grouped import open_grouped
 
+from conftest import assert_same_grouped
+
 h5py = pytest.importorskip("h5py")
 zarr = pytest.importorskip("zarr")
 
@@ -38,18 +40,6 @@ def make_raw(n=300, N=8, y="object", seed=0, dtype=np.float32):
     return RawData(x, yc, x, yc, diff, probe, None, backend="cpu", **kw)
 
 
-def assert_equal_grouped(got, want, rows=slice(None)):
-    for key, value in want.items():
-        if key in ("seed", "norm_scale"):
-            assert got[key] == value, key
-        elif value is None:
-            assert got[key] is None, key
-        elif key == "objectGuess":
-            np.testing.assert_array_equal(got[key], value)
-        else:
-            np.testing.assert_array_equal(np.asarray(got[key][rows]), value[rows], err_msg=key)
-
-
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("source", ["memory", "npz", "h5", "zarr"])
 def test_streamed_output_equals_eager(tmp_path, name, source):
@@ -64,11 +54,11 @@ def test_streamed_output_equals_eager(tmp_path, name, source):
                                     out=tmp_path / name, chunk_bytes=20_000,
                                     progress=done.append)
     assert sum(done) == 150 and len(done) > 3
-    assert_equal_grouped(got, want)
+    assert_same_grouped(got, want, exact=True)
     assert got["path"] == str(tmp_path / name)
     kind = {"h5": h5py.Dataset, "zarr": zarr.Array, "npz": np.memmap}[name.split(".")[1]]
     assert isinstance(got["X_full"], kind) and isinstance(got["coords_nn"], np.ndarray)
-    assert_equal_grouped(open_grouped(tmp_path / name), want)
+    assert_same_grouped(open_grouped(tmp_path / name), want, exact=True)
     if name.endswith(".h5"):
         got["X_full"].file.close()
     if name.endswith(".zarr"):
@@ -84,7 +74,7 @@ def test_streamed_without_diffraction_and_without_y(tmp_path):
     got = raw.generate_grouped_data(8, K=4, nsamples=80, seed=9, gridsize=2,
                                     keep_diffraction=False, out=tmp_path / "g.npz")
     assert got["diffraction"] is None and got["Y"] is None
-    assert_equal_grouped(got, want)
+    assert_same_grouped(got, want, exact=True)
 
 
 @pytest.mark.parametrize("name", FORMATS)
