@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -298,6 +299,44 @@ def _combination_positions(xp, pool_len, repeat, C: int, P: int):
 
 
 # --------------------------------------------------------------------------- together
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The options of one sampling (DESIGN.md section 3), checked once when made: counts
+    are ints >= 1, K >= C, and ``seed`` is resolved (None draws one, see
+    :func:`gpugroup.keys.resolve_seed`), so the object names its groups exactly.
+
+    Examples
+    --------
+    >>> SamplingOptions(nsamples=10, K=7, C=4, seed=42).seed
+    42
+    >>> SamplingOptions(nsamples=10, K=3, C=4, seed=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: K must be >= C: K=3 < C=4. Each group takes C = gridsize**2 positions from a pool of K; pass K >= 4
+    """
+
+    nsamples: int
+    K: int
+    C: int
+    seed: int | None = None
+    sequential: bool = False
+    enable_oversampling: bool = False
+    batch_rows: int = DEFAULT_BATCH_ROWS
+
+    def __post_init__(self):
+        for name, minimum in (("nsamples", 1), ("K", 1), ("C", 1), ("batch_rows", 1)):
+            object.__setattr__(self, name, check_count(name, getattr(self, name), minimum))
+        if self.K < self.C:
+            raise ValueError(
+                f"K must be >= C: K={self.K} < C={self.C}. Each group takes C = gridsize**2 "
+                f"positions from a pool of K; pass K >= {self.C}")
+        for name in ("sequential", "enable_oversampling"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got "
+                                 f"{name}={getattr(self, name)!r}")
+        object.__setattr__(self, "seed", keys.resolve_seed(self.seed))
+
+
 def sample_groups(
     xcoords,
     ycoords,
@@ -368,19 +407,20 @@ def sample_groups(
     >>> g[0].tolist()
     [56, 66, 45, 46]
     """
+    opts = SamplingOptions(nsamples, K, C, seed, sequential, enable_oversampling, batch_rows)
+    return sample_with(opts, xcoords, ycoords, backend=backend, scan_index=scan_index,
+                       output=output, index_cache=index_cache)
+
+
+def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan_index=None,
+                output: str = "numpy", index_cache: dict | None = None):
+    """:func:`sample_groups` with its options already made (``opts``)."""
     be = get_backend(backend)
     xp = be.xp
     x_np, y_np = _check_coordinates(xcoords, ycoords)
     n = int(x_np.shape[0])
-    nsamples = check_count("nsamples", nsamples, 1)
-    K = check_count("K", K, 1)
-    C = check_count("C", C, 1)
-    batch_rows = check_count("batch_rows", batch_rows, 1)
-    if K < C:
-        raise ValueError(
-            f"K must be >= C: K={K} < C={C}. Each group takes C = gridsize**2 positions "
-            f"from a pool of K; pass K >= {C}"
-        )
+    nsamples, K, C, seed = opts.nsamples, opts.K, opts.C, opts.seed
+    sequential, batch_rows = opts.sequential, opts.batch_rows
     if n < C:
         raise ValueError(
             f"n must be >= C: the scan has n={n} positions but C={C}; use a smaller gridsize "
@@ -393,10 +433,9 @@ def sample_groups(
             f"n={n} positions is too many for backend={be.name!r}: CuPy's indexing kernels "
             f"take 32-bit sizes, so a device handles n < 2**31; pass backend='cpu'"
         )
-    seed = keys.resolve_seed(seed)
     scans = _check_scan_index(scan_index, n, C)
 
-    B, oversample = _group_count(n, nsamples, K, C, enable_oversampling, scans)
+    B, oversample = _group_count(n, nsamples, K, C, opts.enable_oversampling, scans)
     m = min(B, n)
     logger.info(
         "sample_groups: n=%d nsamples=%d -> B=%d groups, K=%d C=%d seed=%d backend=%s%s%s",
