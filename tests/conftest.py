@@ -267,6 +267,70 @@ class RepeatingNeighbors(Expanded32Neighbors):
         return ind if not return_distance else (None, ind)
 
 
+#: What cuVS's random ball cover leaves in every index slot when it selects nothing.
+INT64_MAX = np.iinfo(np.int64).max
+
+
+class CumlLikeNeighbors:
+    """A stand-in for ``cuml.neighbors.NearestNeighbors`` (scikit-learn underneath: rbc ->
+    kd_tree) that enforces the limits of cuML 25.10 / cuVS the scikit-learn class lacks:
+
+    * ``fit`` with ``algorithm="rbc"`` and a metric other than euclidean or haversine
+      raises ``ValueError``, as cuML's does;
+    * ``kneighbors`` with ``rbc`` and ``n_neighbors > rbc_max_k`` (1024) returns rows of
+      INT64_MAX, as cuVS's random ball cover does (its query passes stop at k = 1024);
+    * ``rbc`` with ``n_neighbors**2 > n`` runs brute force instead, as cuML does.
+
+    ``xp`` is the array namespace it takes and returns; ``required_output_type``, when set,
+    must be the ``output_type`` the caller passes. ``log`` records (algorithm, k) per call.
+    """
+
+    xp = np
+    rbc_max_k = 1024
+    required_output_type = None
+    log: list = []
+
+    def __init__(self, *, algorithm="auto", metric="euclidean", output_type=None):
+        from sklearn.neighbors import NearestNeighbors
+
+        if self.required_output_type is not None:
+            assert output_type == self.required_output_type, (
+                f"output_type={output_type!r}, want {self.required_output_type!r}")
+        self.algorithm, self.metric = algorithm, metric
+        self.inner = NearestNeighbors(algorithm="kd_tree" if algorithm == "rbc" else algorithm,
+                                      metric=metric)
+
+    def _host(self, a):
+        return getattr(self.xp, "asnumpy", np.asarray)(a)
+
+    def fit(self, X):
+        if self.algorithm == "rbc" and self.metric not in ("euclidean", "haversine"):
+            raise ValueError(f"Metric {self.metric} is not supported by rbc")
+        assert X.dtype == np.float32
+        self.n = int(X.shape[0])
+        self._X = self._host(X)
+        self.inner.fit(self._X)
+        return self
+
+    def kneighbors(self, X, n_neighbors, return_distance=True):
+        k = int(n_neighbors)
+        CumlLikeNeighbors.log.append((self.algorithm, k))
+        Q = self._host(X)
+        if self.algorithm == "rbc" and k > self.rbc_max_k:
+            ind = np.full((Q.shape[0], k), INT64_MAX, dtype=np.int64)
+            dist = np.full((Q.shape[0], k), np.finfo(np.float32).max, dtype=np.float32)
+        else:
+            model = self.inner
+            if self.algorithm == "rbc" and k * k > self.n:  # cuML: brute, with a warning
+                from sklearn.neighbors import NearestNeighbors
+
+                model = NearestNeighbors(algorithm="brute", metric=self.metric)
+                model.fit(self._X)
+            dist, ind = model.kneighbors(Q, n_neighbors=k, return_distance=True)
+        ind = self.xp.asarray(ind.astype(np.int64))
+        return (self.xp.asarray(dist.astype(np.float32)), ind) if return_distance else ind
+
+
 def make_backend(factory, name: str):
     """A custom NumPy ``Backend`` whose ``build_index`` is ``factory(x, y)``; records indexes."""
     from gpugroup.backends import Backend

@@ -369,6 +369,7 @@ cuda = types.SimpleNamespace(
                                        "major": 0, "minor": 0},
         runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0,
         deviceGetAttribute=lambda *a: 0),
+    nvrtc=types.SimpleNamespace(getVersion=lambda: (12, 8)),
 )
 
 

@@ -466,6 +466,49 @@ def test_cuml_algorithm_switch():
     assert cuml_algorithm(10, 100) == "rbc"
     assert cuml_algorithm(11, 100) == "brute"
     assert cuml_algorithm(1, 1) == "rbc"
+    # cuVS's rbc selects nothing past k = 1024, however large n is
+    assert cuml_algorithm(1024, 1024**2) == "rbc"
+    assert cuml_algorithm(1025, 10**7) == "brute"
+    assert cuml_algorithm(2048, 10**9) == "brute"
+
+
+def test_adapter_refuses_sqeuclidean_where_rbc_can_be_chosen():
+    x, y = square_grid(4)
+    for algorithm in ("rbc", cuml_algorithm, _sklearn_algorithm):
+        with pytest.raises(ValueError, match=r"sqeuclidean.*rbc.*metric='euclidean'"):
+            NeighborsIndex(x, y, xp=np, nn_class=object, algorithm=algorithm,
+                           metric="sqeuclidean")
+    NeighborsIndex(x, y, xp=np, nn_class=object, algorithm="brute", metric="sqeuclidean")
+
+
+@needs_sklearn
+def test_cuml_stand_in_int64_max_rows_are_rescued_and_avoided(monkeypatch, caplog):
+    """The cuML stand-in (conftest.CumlLikeNeighbors) answers rbc queries past its k limit
+    with INT64_MAX rows, as cuVS does past 1024. An adapter forced onto rbc gets them, logs
+    it and re-serves those rows exactly; with cuml_algorithm (limit lowered to match) rbc is
+    never asked past the limit and nothing needs rescuing. Groups equal the CPU's in both."""
+    from conftest import CumlLikeNeighbors
+
+    from gpugroup.backends import engines
+
+    monkeypatch.setattr(CumlLikeNeighbors, "rbc_max_k", 8)
+    x, y = square_grid(30, offset=(3e4, -7e3))
+    want = sample_groups(x, y, 400, 16, 4, seed=2, backend="cpu")
+    for algorithm, rescued in (("rbc", True), (cuml_algorithm, False)):
+        monkeypatch.setattr(engines, "RBC_MAX_K", 8)
+        CumlLikeNeighbors.log = []
+        be = Backend(name="cuml-like", xp=np, asnumpy=np.asarray, description="test",
+                     build_index=functools.partial(NeighborsIndex, xp=np,
+                                                   nn_class=CumlLikeNeighbors,
+                                                   algorithm=algorithm))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gpugroup.backends.engines"):
+            got = sample_groups(x, y, 400, 16, 4, seed=2, backend=be)
+        np.testing.assert_array_equal(got, want)
+        assert ("out-of-range" in caplog.text) is rescued, caplog.text
+        asked = [k for alg, k in CumlLikeNeighbors.log if alg == "rbc"]
+        assert any(k > 8 for k in asked) is rescued
+        assert rescued or any(alg == "brute" for alg, _ in CumlLikeNeighbors.log)
 
 
 @needs_sklearn

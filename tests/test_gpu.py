@@ -16,8 +16,14 @@ import types
 import numpy as np
 import pytest
 
-from conftest import (Expanded32Neighbors, RepeatingNeighbors, assert_same_grouped, jittered_scan,
-                      square_grid)
+from conftest import (
+    CumlLikeNeighbors,
+    Expanded32Neighbors,
+    RepeatingNeighbors,
+    assert_same_grouped,
+    jittered_scan,
+    square_grid,
+)
 from parity_cases import CASES as PARITY_CASES
 from parity_cases import case
 from gpugroup import sample_groups
@@ -387,32 +393,26 @@ def test_gpu_backend_without_cupy_says_what_to_install(monkeypatch):
 
 
 def _fake_cuml(monkeypatch):
-    """A ``cuml`` package whose NearestNeighbors is scikit-learn's (rbc -> kd_tree); like
-    cuML it takes and returns device arrays."""
-    neighbors_mod = pytest.importorskip("sklearn.neighbors", reason="scikit-learn not installed")
+    """A ``cuml`` package whose NearestNeighbors is :class:`conftest.CumlLikeNeighbors`
+    (scikit-learn with cuML's rbc limits enforced); like cuML it takes and returns device
+    arrays, and it requires ``output_type="cupy"``."""
+    pytest.importorskip("sklearn.neighbors", reason="scikit-learn not installed")
     import cupy  # the namespace the test installed
 
-    class NearestNeighbors:
-        def __init__(self, *, algorithm="auto", metric="euclidean"):
-            self.algorithm = algorithm
-            self.inner = neighbors_mod.NearestNeighbors(
-                algorithm="kd_tree" if algorithm == "rbc" else algorithm, metric=metric)
+    class NearestNeighbors(CumlLikeNeighbors):
+        xp = cupy
+        required_output_type = "cupy"
 
         def fit(self, X):
-            assert isinstance(X, cupy.ndarray) and X.dtype == np.float32
-            self.inner.fit(cupy.asnumpy(X))
-            return self
-
-        def kneighbors(self, X, n_neighbors, return_distance=True):
-            out = self.inner.kneighbors(cupy.asnumpy(X), n_neighbors=n_neighbors,
-                                        return_distance=return_distance)
-            return tuple(map(cupy.asarray, out)) if return_distance else cupy.asarray(out)
+            assert isinstance(X, cupy.ndarray)
+            return super().fit(X)
 
     cuml = types.ModuleType("cuml")
     cuml.neighbors = types.ModuleType("cuml.neighbors")
     cuml.neighbors.NearestNeighbors = NearestNeighbors
     monkeypatch.setitem(sys.modules, "cuml", cuml)
     monkeypatch.setitem(sys.modules, "cuml.neighbors", cuml.neighbors)
+    return NearestNeighbors
 
 
 def test_auto_engine_without_cuml_is_the_grid_engine(cp, monkeypatch, caplog):
@@ -430,14 +430,86 @@ def test_auto_engine_without_cuml_is_the_grid_engine(cp, monkeypatch, caplog):
                                   sample_groups(x, y, 200, 9, 4, seed=6, backend="cpu"))
 
 
-def test_auto_engine_uses_cuml_when_it_imports(cp, monkeypatch):
+def test_auto_engine_is_the_grid_engine_until_cuml_is_verified(cp, monkeypatch, caplog):
+    """cuML imports, but ``auto`` keeps the grid engine (the one verified on a device) and
+    says how to ask for cuML; ``engine="cuml"`` gets it (rbc while kq <= sqrt(n))."""
     monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
     _fake_cuml(monkeypatch)
-    be = gpu.make_backend()
+    assert gpu.CUML_VERIFIED is False
+    with caplog.at_level("INFO", logger="gpugroup.backends.gpu"):
+        be = gpu.make_backend()
+    assert be.description == "CuPy + CuPy-native grid kNN"
+    assert "engine='cuml'" in caplog.text and gpu.ENGINE_ENV in caplog.text
+    assert get_backend("gpu").description == "CuPy + CuPy-native grid kNN"
+    CumlLikeNeighbors.log = []
+    be = gpu.make_backend(engine="cuml")
     assert be.description == "CuPy + cuML NearestNeighbors"
-    x, y = square_grid(30)  # n = 900: rbc (here kd_tree) while kq <= 30, brute beyond
+    x, y = square_grid(30)  # n = 900: rbc while kq <= 30, brute beyond
     np.testing.assert_array_equal(sample_groups(x, y, 300, 9, 4, seed=6, backend=be),
                                   sample_groups(x, y, 300, 9, 4, seed=6, backend="cpu"))
+    assert any(alg == "rbc" for alg, _ in CumlLikeNeighbors.log)
+    # once a device run records cuML identical and faster, auto takes it
+    monkeypatch.setattr(gpu, "CUML_VERIFIED", True)
+    assert gpu.make_backend().description == "CuPy + cuML NearestNeighbors"
+
+
+def test_cuml_engine_keeps_rbc_within_its_limits(cp, monkeypatch, caplog):
+    """The stand-in returns INT64_MAX rows for rbc past its k limit (as cuVS does past
+    1024); with the limit lowered to 8 in both, every widened query goes to brute, and no
+    row needs the grid engine's rescue. With the adapter's limit left above the library's,
+    the rescue is what saves the groups (and it says so)."""
+    from gpugroup.backends import engines
+
+    monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
+    nn_class = _fake_cuml(monkeypatch)
+    monkeypatch.setattr(nn_class, "rbc_max_k", 8)
+    x, y = jittered_scan(900, seed=2)  # rbc would be allowed to kq = 30 by sqrt(n)
+    want = sample_groups(x, y, 300, 16, 4, seed=5, backend="cpu")
+    be = gpu.make_backend(engine="cuml")
+    monkeypatch.setattr(engines, "RBC_MAX_K", 8)
+    CumlLikeNeighbors.log = []
+    with caplog.at_level("WARNING", logger="gpugroup.backends.engines"):
+        np.testing.assert_array_equal(sample_groups(x, y, 300, 16, 4, seed=5, backend=be), want)
+    assert "out-of-range" not in caplog.text
+    assert all(k <= 8 for alg, k in CumlLikeNeighbors.log if alg == "rbc")
+    assert any(alg == "brute" for alg, k in CumlLikeNeighbors.log)
+    monkeypatch.setattr(engines, "RBC_MAX_K", 1024)  # the library's limit is lower
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpugroup.backends.engines"):
+        np.testing.assert_array_equal(sample_groups(x, y, 300, 16, 4, seed=5, backend=be), want)
+    assert "out-of-range" in caplog.text
+
+
+def test_cuml_stand_in_rejects_sqeuclidean_with_rbc_and_so_does_the_adapter(cp, monkeypatch):
+    from gpugroup.backends.engines import NeighborsIndex, cuml_algorithm
+
+    nn_class = _fake_cuml(monkeypatch)
+    x, y = square_grid(10)
+    with pytest.raises(ValueError, match="not supported by rbc"):
+        nn_class(algorithm="rbc", metric="sqeuclidean", output_type="cupy").fit(
+            cp.asarray(np.stack([x, y], 1).astype(np.float32)))
+    for algorithm in ("rbc", cuml_algorithm):
+        with pytest.raises(ValueError, match="sqeuclidean.*rbc"):
+            NeighborsIndex(cp.asarray(x), cp.asarray(y), xp=cp, nn_class=nn_class,
+                           algorithm=algorithm, metric="sqeuclidean")
+
+
+def test_nvrtc_missing_makes_the_gpu_unavailable(cp, monkeypatch):
+    """CuPy 14 loads NVRTC only at the first compile: the probe finds it missing up front,
+    so ``auto`` takes the CPU and ``gpu`` says what to install."""
+    if cp.__name__ != "devicelike":
+        pytest.skip("simulates a missing NVRTC on the stand-in only")
+
+    def missing():
+        raise RuntimeError("CuPy failed to load libnvrtc.so.12")
+
+    monkeypatch.setattr(cp.cuda, "nvrtc", types.SimpleNamespace(getVersion=missing))
+    reason = gpu.unavailable_reason()
+    assert reason.startswith("CuPy cannot load NVRTC") and "libnvrtc" in reason
+    assert "cupy-cuda12x[ctk]" in reason and "cuda-nvrtc" in reason
+    assert get_backend("auto").name == "cpu"
+    with pytest.raises(RuntimeError, match=r"NVRTC.*cupy-cuda12x\[ctk\]"):
+        get_backend("gpu")
 
 
 def test_engine_is_chosen_by_argument_or_environment(cp, monkeypatch):

@@ -524,13 +524,27 @@ EXPANDED_ERROR = 32 * U32
 _SUBNORMAL_SAFE = 2.0**-1000
 
 
-def cuml_algorithm(kq: int, n: int) -> str:
-    """cuML's choice for 2-D points: ``"rbc"`` while kq <= sqrt(n), else ``"brute"``.
+#: cuVS's random ball cover (cuML's ``rbc``) selects neighbours only for k <= 1024: both
+#: query passes dispatch on k up to 1024 and do nothing above it, leaving every index at
+#: INT64_MAX (cuML itself checks only k <= sqrt(n)).
+RBC_MAX_K = 1024
 
-    cuML's random ball cover handles 2-D and 3-D Euclidean data and itself falls back
-    to brute force (with a warning) when ``n_neighbors > sqrt(n_samples)``.
+
+def cuml_algorithm(kq: int, n: int) -> str:
+    """cuML's algorithm for 2-D points: ``"rbc"`` while kq <= 1024 and kq * kq <= n, else
+    ``"brute"``.
+
+    cuML's random ball cover handles 2-D and 3-D Euclidean data. It falls back to brute
+    force itself (with a warning) when ``n_neighbors > sqrt(n_samples)``, but returns no
+    neighbours at all (INT64_MAX indices) for ``n_neighbors > 1024`` (:data:`RBC_MAX_K`),
+    which a widened kq reaches once n >= 1024**2; both cases go to ``brute`` here.
+
+    Examples
+    --------
+    >>> cuml_algorithm(16, 10**6), cuml_algorithm(2048, 10**7), cuml_algorithm(11, 100)
+    ('rbc', 'brute', 'brute')
     """
-    return "rbc" if kq * kq <= n else "brute"
+    return "rbc" if kq <= RBC_MAX_K and kq * kq <= n else "brute"
 
 
 class NeighborsIndex:
@@ -586,8 +600,13 @@ class NeighborsIndex:
         Passed to the class; :func:`cuml_algorithm` for cuML.
     metric : {"euclidean", "sqeuclidean"}
         Passed to the library (both rank alike); its distances are never read.
+        ``"sqeuclidean"`` only with a fixed algorithm other than ``"rbc"``: cuML's ``fit``
+        rejects it for ``rbc``, and a callable ``algorithm`` may choose ``rbc``.
     batch_rows : int
         Seeds per library call.
+    model_kwargs : dict, optional
+        More keyword arguments for the class, e.g. ``{"output_type": "cupy"}`` for cuML
+        (so results come back as CuPy arrays whatever ``cuml.global_settings`` says).
 
     Examples
     --------
@@ -602,9 +621,16 @@ class NeighborsIndex:
     """
 
     def __init__(self, x, y, *, xp, nn_class, algorithm="brute", metric: str = "euclidean",
-                 batch_rows: int = 1 << 16):
+                 batch_rows: int = 1 << 16, model_kwargs: dict | None = None):
         if metric not in ("euclidean", "sqeuclidean"):
             raise ValueError(f"metric must be 'euclidean' or 'sqeuclidean', got {metric!r}")
+        if metric == "sqeuclidean" and (callable(algorithm) or algorithm == "rbc"):
+            raise ValueError(
+                f"metric='sqeuclidean' cannot be used where algorithm 'rbc' can be chosen "
+                f"(got algorithm={getattr(algorithm, '__name__', algorithm)!r}): cuML's rbc "
+                f"accepts only 'euclidean' (and haversine). Use metric='euclidean' (it ranks "
+                f"alike) or a fixed algorithm='brute'")
+        self.model_kwargs = dict(model_kwargs or {})
         self.xp = xp
         self.x = xp.asarray(x, dtype=xp.float64)
         self.y = xp.asarray(y, dtype=xp.float64)
@@ -638,7 +664,7 @@ class NeighborsIndex:
         if algorithm not in self._models:
             logger.debug("NeighborsIndex: fitting %s(algorithm=%r) on %d points",
                          getattr(self.nn_class, "__name__", self.nn_class), algorithm, self.n)
-            model = self.nn_class(algorithm=algorithm, metric=self.metric)
+            model = self.nn_class(algorithm=algorithm, metric=self.metric, **self.model_kwargs)
             self._models[algorithm] = model.fit(self.points32)
         return self._models[algorithm]
 

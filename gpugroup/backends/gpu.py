@@ -5,12 +5,16 @@ for. The grouping itself (keys, seeds, the exact float64 re-rank, members) is th
 code of :mod:`gpugroup.grouping` run with ``xp = cupy``; this module only picks the
 candidate engine (:mod:`gpugroup.backends.engines`):
 
-* ``"cuml"``: ``cuml.neighbors.NearestNeighbors`` (``rbc`` while kq <= sqrt(n), else
-  ``brute``) on float32 coordinates centred in float64, with a rigorous error bound on its
-  float32 distances (:class:`~gpugroup.backends.engines.NeighborsIndex`).
+* ``"cuml"``: ``cuml.neighbors.NearestNeighbors`` (``rbc`` while kq <= 1024 and
+  kq <= sqrt(n), else ``brute``; ``output_type="cupy"``) on float32 coordinates centred in
+  float64, with a rigorous error bound on its float32 distances
+  (:class:`~gpugroup.backends.engines.NeighborsIndex`).
 * ``"cupy"``: the CuPy-native exact uniform-grid engine
   (:class:`~gpugroup.backends.engines.GridIndex`).
-* ``"auto"`` (default): cuML when it imports, else CuPy-native; the choice is logged.
+* ``"auto"`` (default): the CuPy-native grid engine, the one verified on a device (an
+  H200: groups identical to the CPU's up to n = 1e7). cuML becomes ``auto``'s choice only
+  once a run on a device records it identical and faster (:data:`CUML_VERIFIED`); until
+  then ask for it by name. The choice is logged.
 
 Pick one with ``make_backend(engine=...)`` or the environment variable
 ``GPUGROUP_GPU_ENGINE`` (read by ``backend="gpu"`` / ``"auto"``).
@@ -60,10 +64,23 @@ INSTALL_HINT = (
 #: Environment variable that picks the GPU candidate engine: auto | cuml | cupy.
 ENGINE_ENV = "GPUGROUP_GPU_ENGINE"
 ENGINES = ("auto", "cuml", "cupy")
+#: Whether a run on a device has recorded the cuML engine as giving groups identical to the
+#: CPU's and grouping faster than the grid engine (``benchmarks/gpu_check.sh``, results in
+#: ``benchmarks/results``). While False, ``engine="auto"`` takes the grid engine.
+CUML_VERIFIED = False
+NVRTC_HINT = (
+    "install NVRTC, the CUDA runtime compiler CuPy builds its kernels with: "
+    "pip install 'cupy-cuda12x[ctk]' (or 'gpugroup[cu12]'; [cu13] for CUDA 13), "
+    "or conda install cuda-nvrtc"
+)
 
 
 def unavailable_reason() -> str | None:
-    """None when CuPy imports and sees a CUDA device, else why not (one line)."""
+    """None when CuPy imports, sees a CUDA device and loads NVRTC, else why not (one line).
+
+    NVRTC is probed because CuPy 14 loads it only at the first kernel compile: without the
+    probe, ``backend="auto"`` would pick the GPU on a machine without NVRTC and then fail.
+    """
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install raising on import
@@ -74,6 +91,10 @@ def unavailable_reason() -> str | None:
         return f"CuPy sees no CUDA device ({type(exc).__name__}: {exc})"
     if count < 1:
         return "CuPy sees no CUDA device"
+    try:
+        cupy.cuda.nvrtc.getVersion()  # loads the library (CuPy 14 defers that)
+    except Exception as exc:
+        return f"CuPy cannot load NVRTC ({type(exc).__name__}: {exc}); {NVRTC_HINT}"
     return None
 
 
@@ -101,8 +122,9 @@ def make_backend(engine: str | None = None) -> Backend:
     Parameters
     ----------
     engine : {"auto", "cuml", "cupy"} or None
-        Candidate engine. None reads ``$GPUGROUP_GPU_ENGINE`` (default ``"auto"``: cuML
-        when importable, else the CuPy-native grid engine).
+        Candidate engine. None reads ``$GPUGROUP_GPU_ENGINE`` (default ``"auto"``: the
+        CuPy-native grid engine, until cuML is recorded identical and faster on a device;
+        see :data:`CUML_VERIFIED`).
 
     Raises
     ------
@@ -130,7 +152,11 @@ def make_backend(engine: str | None = None) -> Backend:
     import cupy
 
     nn_class = None
-    if engine in ("auto", "cuml"):
+    if engine == "auto" and not CUML_VERIFIED:
+        logger.info("GPU engine 'auto': the CuPy-native grid engine (the one verified on a "
+                    "device; cuML has not been recorded identical and faster there yet: "
+                    "engine='cuml' or $%s=cuml asks for it)", ENGINE_ENV)
+    elif engine in ("auto", "cuml"):
         nn_class, why = _cuml_neighbors()
         if nn_class is None and engine == "cuml":
             raise RuntimeError(f"GPU engine 'cuml' needs cuML, which did not import ({why}). "
@@ -140,7 +166,8 @@ def make_backend(engine: str | None = None) -> Backend:
                         why)
     if nn_class is not None:
         build = functools.partial(NeighborsIndex, xp=cupy, nn_class=nn_class,
-                                  algorithm=cuml_algorithm)
+                                  algorithm=cuml_algorithm,
+                                  model_kwargs={"output_type": "cupy"})
         description = "CuPy + cuML NearestNeighbors"
     else:
         build = functools.partial(GridIndex, xp=cupy)
