@@ -358,3 +358,62 @@ def test_ci_script_runs_the_readme_test_command():
     assert re.search(r"-eq 5", text), ".ci/run must treat pytest exit code 5 as a failure"
     proc = subprocess.run(["bash", "-n", str(CI_RUN)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------- (f) pins that move together
+#: CuPy releases each RAPIDS release was built and tested against (RAPIDS' own conda
+#: metadata asks cupy>=13.6.0; CuPy 14 came after RAPIDS 25.10 and was never tested with it).
+RAPIDS_CUPY = {"25.10": SpecifierSet(">=13.6,<14")}
+CUPY_PROBES = ("13.5.1", "13.6.0", "13.6.5", "14.0.0", "14.1.0", "14.2.0", "15.0.0")
+
+
+def _rapids_release(environment) -> str:
+    (cuml,) = [d for d in environment["dependencies"] if _conda_name(d) == "cuml"]
+    m = re.fullmatch(r"cuml\s*==?\s*(\d{2}\.\d{2})(\.\*)?", cuml.replace(" ", ""))
+    assert m, f"environment.yml must pin cuML to one RAPIDS release (cuml=YY.MM), got {cuml!r}"
+    return m[1]
+
+
+def test_environment_yml_cupy_pin_matches_its_rapids_release(environment):
+    release = _rapids_release(environment)
+    assert release in RAPIDS_CUPY, (
+        f"RAPIDS {release}: add the CuPy range it was released against to RAPIDS_CUPY")
+    (cupy,) = [d for d in environment["dependencies"] if _conda_name(d) == "cupy"]
+    spec = cupy[len("cupy"):].replace(" ", "")
+    assert spec, f"environment.yml's cupy is unpinned: RAPIDS {release} needs {RAPIDS_CUPY[release]}"
+    ours = SpecifierSet(spec)
+    want = RAPIDS_CUPY[release]
+    for v in CUPY_PROBES:
+        assert (Version(v) in ours) == (Version(v) in want), (
+            f"environment.yml {cupy!r} and RAPIDS {release} ({want}) disagree about CuPy {v}")
+
+
+def test_dockerfile_tag_is_the_rapids_release_of_environment_yml(environment):
+    froms = [args for word, args in _dockerfile_instructions() if word == "FROM"]
+    m = FROM_RE.match(froms[-1])
+    assert m and m["rapids"] == _rapids_release(environment), (
+        f"docker/Dockerfile {froms[-1]!r} and environment.yml's cuml={_rapids_release(environment)} "
+        f"must name the same RAPIDS release")
+
+
+def test_dockerfile_build_directory_belongs_to_the_build_user():
+    """WORKDIR creates a missing directory as root (classic builder, kaniko); the in-tree
+    build runs as `rapids` and writes there, so the directory must be created and chowned
+    before it, and the install must not run as root."""
+    user, workdir, made = "rapids", "/", {}
+    for word, args in _dockerfile_instructions():
+        if word == "USER":
+            user = args.split(":")[0]
+        elif word == "WORKDIR":
+            workdir = args if args.startswith("/") else f"{workdir.rstrip('/')}/{args}"
+        elif word == "RUN" and "chown" in args:
+            for path in re.findall(r"(/[\w./-]+)", args):
+                made[path.rstrip("/")] = re.search(r"chown\s+(?:-\S+\s+)?([\w-]+)", args)[1]
+        elif word == "RUN" and re.search(r"\bpip\b.*\binstall\b", args):
+            assert user not in ("root", "0"), "install gpugroup as `rapids`, not root"
+            owner = made.get(workdir.rstrip("/"))
+            assert owner == user, (
+                f"the build directory {workdir} must be created and chowned to {user} in a "
+                f"RUN before the install (WORKDIR alone makes it root's); chowned: {made}")
+            return
+    pytest.fail("docker/Dockerfile has no pip install")
