@@ -127,6 +127,11 @@ def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BAT
     kq, stacked = _starting_kq(xp, x, y, seeds[rest], width, index)
     if stacked:
         rest = settle_stacked_rows(rest)
+    # Rows in the engine's locality order, when it has one (after the probe, which wants
+    # rows from all over the scan): every row's pool is its own, so only speed changes.
+    locality = getattr(index, "locality_order", None)
+    if locality is not None and int(rest.shape[0]) > 1:
+        rest = rest[locality(seeds[rest])]
     for start in range(0, int(rest.shape[0]), batch_rows):
         part = rest[start : start + batch_rows]
         out[part, 1:] = _nearest_others(xp, x, y, seeds[part], width, index, kq, stacks)

@@ -24,6 +24,7 @@ from parity_cases import (CASES, duplicated, far_clusters, mixed_density, outlie
                           sparse_halo)
 from gpugroup import sample_groups
 from gpugroup.backends import Backend
+from gpugroup.backends.cpu import KDTreeIndex
 from gpugroup.backends.engines import (
     EXPANDED_ERROR,
     GridIndex,
@@ -63,8 +64,12 @@ ENGINES = {
     "sklearn-sqeuclidean": _adapter(algorithm="brute", metric="sqeuclidean"),
     "expanded-float32": _adapter(Expanded32Neighbors, algorithm="brute"),
     "expanded-float32-sq": _adapter(Expanded32Neighbors, algorithm="brute", metric="sqeuclidean"),
+    # the CPU backend's forest of slab trees (slab count forced: only speed depends on it)
+    "kdtree-forest-3": functools.partial(KDTreeIndex, slabs=3),
+    "kdtree-forest-7-serial": functools.partial(KDTreeIndex, slabs=7, workers=1),
 }
 GRID_ENGINES = ["grid", "grid-chunked", "grid-coarse"]
+FOREST_ENGINES = ["kdtree-forest-3", "kdtree-forest-7-serial"]
 ADAPTER_ENGINES = ["sklearn-brute", "sklearn-switch", "sklearn-sqeuclidean"]
 EMULATED_ENGINES = ["expanded-float32", "expanded-float32-sq"]
 
@@ -206,7 +211,8 @@ def test_floor_contract_property(data, n, scale, offset, layout):
     y = y * scale - offset
     kq = data.draw(st.integers(1, n))
     rows = rng.integers(0, n, size=min(n, 8))
-    engines = GRID_ENGINES + EMULATED_ENGINES + (ADAPTER_ENGINES if NearestNeighbors else [])
+    engines = (GRID_ENGINES + EMULATED_ENGINES + FOREST_ENGINES
+               + (ADAPTER_ENGINES if NearestNeighbors else []))
     for name in engines:
         assert_contract(ENGINES[name](x, y), x, y, rows, kq)
 
@@ -609,3 +615,50 @@ def test_neighbors_adapter_survives_coordinates_beyond_float32(scale):
                                                nn_class=NearestNeighbors, algorithm="brute"))
     np.testing.assert_array_equal(sample_groups(x, y, 150, 7, 4, seed=3, backend=be),
                                   sample_groups(x, y, 150, 7, 4, seed=3, backend="cpu"))
+
+
+# ----------------------------------------------------------------------------- CPU forest
+def _forest_backend(slabs, workers=-1):
+    return Backend(name=f"forest-{slabs}", xp=np, asnumpy=np.asarray, description="test",
+                   build_index=functools.partial(KDTreeIndex, slabs=slabs, workers=workers))
+
+
+def _raster_with_duplicates():
+    x, y = square_grid(70)
+    return np.concatenate([x, x[::3]]), np.concatenate([y, y[::3]])
+
+
+@pytest.mark.parametrize("layout", ["jitter", "raster", "raster-dups", "line"])
+def test_cpu_forest_groups_do_not_depend_on_slabs_or_workers(layout):
+    """Slabs cut along x (raster columns straddle the cuts: zero gaps), each row looking
+    into neighbouring slabs: the groups equal the single tree's whatever the slab count."""
+    if layout == "jitter":
+        x, y = jittered_scan(6000, seed=3)
+    elif layout == "raster":
+        x, y = square_grid(80)
+    elif layout == "raster-dups":
+        x, y = _raster_with_duplicates()
+    else:
+        x = np.random.default_rng(1).uniform(0, 100, 3000)
+        y = np.zeros_like(x)
+    want = sample_groups(x, y, len(x), 16, 4, seed=9, backend=_forest_backend(1))
+    for slabs, workers in ((2, -1), (5, 1), (16, 2), (len(x) // 40, -1)):
+        got = sample_groups(x, y, len(x), 16, 4, seed=9, backend=_forest_backend(slabs, workers))
+        np.testing.assert_array_equal(got, want, err_msg=f"slabs={slabs}")
+    assert np.array_equal(want, sample_groups(x, y, len(x), 16, 4, seed=9, backend="cpu"))
+
+
+def test_cpu_backend_builds_a_forest_on_several_cores(monkeypatch):
+    from gpugroup.backends import cpu
+
+    monkeypatch.setattr(cpu, "_FOREST_MIN", 1000)
+    monkeypatch.setattr(cpu, "_SLAB_MIN", 300)
+    monkeypatch.setattr(cpu, "cpu_count", lambda: 4)
+    x, y = jittered_scan(2000, seed=5)
+    index = cpu.BACKEND.build_index(x, y)
+    assert index.slabs == 4
+    assert sorted(index.locality_order(np.arange(2000))) == list(range(2000))
+    monkeypatch.setattr(cpu, "cpu_count", lambda: 1)
+    assert cpu.BACKEND.build_index(x, y).slabs == 1
+    monkeypatch.setattr(cpu, "cpu_count", lambda: 64)
+    assert cpu.BACKEND.build_index(x, y).slabs == 2000 // 300

@@ -11,6 +11,8 @@ The candidate-index contract (shared by every engine)::
 
     index.stacked                         # optional hint: True when some position holds
                                           # many points (queries of it would be as wide)
+    index.locality_order(rows)            # optional hint: a permutation of rows that visits
+                                          # them in a cache-friendly order (speed only)
 
 Engines only propose candidates; ``grouping.neighbour_pool`` re-ranks them exactly (and
 takes rows on stacks of duplicates from the stack, with the same result, when ``stacked``

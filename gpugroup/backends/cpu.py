@@ -1,6 +1,18 @@
-"""CPU backend: NumPy arrays and SciPy ``cKDTree`` candidates, queried with all cores."""
+"""CPU backend: NumPy arrays and SciPy ``cKDTree`` candidates, built and queried on all cores.
+
+A cKDTree is built by one thread. From 2**20 positions on a machine with several cores the
+index is a forest instead: the positions are cut into slabs of equal count along x, one tree
+per slab is built in a thread of its own (SciPy releases the GIL while building), and a query
+of a row asks the trees of the neighbouring slabs too whenever they could hold a point nearer
+than its kq-th candidate. Candidates and floors obey the same contract either way, and the
+exact re-rank in ``grouping`` decides the groups, so they do not depend on the number of
+slabs or threads.
+"""
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -12,25 +24,147 @@ from gpugroup.backends.base import Backend
 _REL_SLACK = 1.0 - 2.0**-40
 #: Candidates (rows x kq) from which a query is worth spreading over all cores.
 _PARALLEL_MIN = 1 << 15
+#: Positions from which the index is a forest of slab trees (with more than one core), and
+#: the fewest positions per slab.
+_FOREST_MIN = 1 << 20
+_SLAB_MIN = 1 << 17
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _build_tree(points):
+    return cKDTree(points, balanced_tree=False, compact_nodes=False)
 
 
 class KDTreeIndex:
-    """Candidate index over one point set (a ``cKDTree``, built once and reused)."""
+    """Candidate index over one point set: a ``cKDTree``, or a forest of slab trees built in
+    parallel (see the module docstring); built once and reused.
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, workers: int = -1):
-        self.n = int(x.shape[0])
+    Parameters
+    ----------
+    x, y : (n,) float64 arrays
+    workers : int
+        Threads for queries (-1: all cores) and for building the slab trees.
+    slabs : int or None
+        Number of slab trees; None picks one per core from 2**20 positions on (at least
+        2**17 positions per slab), else 1. Only speed depends on it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpugroup.backends.cpu import KDTreeIndex
+    >>> yy, xx = np.divmod(np.arange(100.0), 10)
+    >>> cand, floor = KDTreeIndex(xx, yy, slabs=3).query(np.array([55]), 5)
+    >>> sorted(cand[0].tolist()), float(floor[0]) >= 0.99
+    ([45, 54, 55, 56, 65], True)
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, workers: int = -1, slabs: int | None = None):
+        self.n = n = int(x.shape[0])
         self.workers = workers
+        self._x = np.asarray(x, dtype=np.float64)
         self._points = np.column_stack([x, y]).astype(np.float64, copy=False)
-        self._tree = cKDTree(self._points, balanced_tree=False, compact_nodes=False)
+        threads = cpu_count() if workers == -1 else max(1, int(workers))
+        if slabs is None:
+            slabs = min(threads, n // _SLAB_MIN) if n >= _FOREST_MIN else 1
+        slabs = max(1, min(int(slabs), n))
+        if slabs == 1:
+            members = [np.arange(n, dtype=np.int64)]
+        else:  # equal counts along x: slab s holds no x above any x of slab s + 1
+            cuts = [n * j // slabs for j in range(1, slabs)]
+            members = np.split(np.argpartition(self._x, cuts), cuts)
+        self._members = members
+        if slabs == 1:
+            self._trees = [_build_tree(self._points)]
+        else:
+            with ThreadPoolExecutor(min(threads, slabs)) as pool:
+                self._trees = list(pool.map(_build_tree, (self._points[m] for m in members)))
+        self._xmin = np.array([self._x[m].min() for m in members])
+        self._xmax = np.array([self._x[m].max() for m in members])
+        self._slab_of = np.empty(n, dtype=np.int32)
+        for s, m in enumerate(members):
+            self._slab_of[m] = s
+        # Leaf order of the forest (slab by slab): rows taken in this order query and
+        # re-rank memory that neighbouring rows have just touched.
+        self._rank = np.empty(n, dtype=np.int64)
+        self._rank[np.concatenate([m[t.indices] for m, t in zip(members, self._trees)])] = (
+            np.arange(n, dtype=np.int64))
+
+    @property
+    def slabs(self) -> int:
+        return len(self._trees)
+
+    def locality_order(self, rows: np.ndarray) -> np.ndarray:
+        """A permutation of ``rows`` that visits them in the index's leaf order (an optional
+        hint of the candidate-index contract: only speed depends on the order of rows)."""
+        return np.argsort(self._rank[rows], kind="stable")
+
+    def _query_slab(self, s: int, rows: np.ndarray, kq: int):
+        """(cand, dist) of ``rows`` in slab ``s`` as global point numbers, padded with -1 and
+        inf past the slab's size."""
+        members, tree = self._members[s], self._trees[s]
+        k = min(kq, len(members))
+        workers = self.workers if len(rows) * k >= _PARALLEL_MIN else 1
+        dist, idx = tree.query(self._points[rows], k=k, workers=workers)
+        dist = dist.reshape(len(rows), k)
+        cand = members[idx.reshape(len(rows), k)]
+        if k < kq:
+            cand = np.pad(cand, ((0, 0), (0, kq - k)), constant_values=-1)
+            dist = np.pad(dist, ((0, 0), (0, kq - k)), constant_values=np.inf)
+        return cand, dist
 
     def query(self, rows: np.ndarray, kq: int):
-        # Starting threads costs more than a small query: one worker below ~32k candidates.
-        workers = self.workers if len(rows) * kq >= _PARALLEL_MIN else 1
-        dist, cand = self._tree.query(self._points[rows], k=kq, workers=workers)
-        dist = dist.reshape(len(rows), kq)
-        cand = cand.reshape(len(rows), kq).astype(np.int64, copy=False)
+        """``(cand, floor)`` for local point numbers ``rows`` (see the module contract of
+        :mod:`gpugroup.backends`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        m = len(rows)
+        cand = np.empty((m, kq), dtype=np.int64)
+        dist = np.empty((m, kq), dtype=np.float64)
+        # Slab by slab, in leaf order within each (cache-friendly: see locality_order).
+        order = self.locality_order(rows)
+        slab = self._slab_of[rows[order]]
+        bounds = np.searchsorted(slab, np.arange(self.slabs + 1))
+        for s in range(self.slabs):
+            sub = order[bounds[s] : bounds[s + 1]]
+            if len(sub):
+                cand[sub], dist[sub] = self._with_neighbour_slabs(s, rows[sub], kq)
         last = dist[:, -1]
         return cand, last * last * _REL_SLACK
+
+    def _with_neighbour_slabs(self, s: int, rows: np.ndarray, kq: int):
+        """The kq nearest of ``rows`` (all in slab ``s``) over the whole forest.
+
+        The other slabs are visited outwards on each side while the gap in x to the next
+        one is below the row's current kq-th distance: slabs are ordered by x, so every
+        point of an unvisited slab is at least that gap away, no nearer than the kq-th; a
+        visited slab's points left out are no nearer than its own kq-th, nor than the
+        merged kq-th. So the merged kq-th distance bounds every point not returned.
+        """
+        cand, dist = self._query_slab(s, rows, kq)
+        qx = self._x[rows]
+        for side in (-1, 1):
+            active = np.arange(len(rows))
+            t = s + side
+            while len(active) and 0 <= t < self.slabs:
+                q = qx[active]
+                gap = q - self._xmax[t] if side < 0 else self._xmin[t] - q
+                active = active[gap < dist[active, -1]]
+                if not len(active):
+                    break
+                c2, d2 = self._query_slab(t, rows[active], kq)
+                both_d = np.concatenate([dist[active], d2], axis=1)
+                both_c = np.concatenate([cand[active], c2], axis=1)
+                best = np.argsort(both_d, axis=1, kind="stable")[:, :kq]
+                dist[active] = np.take_along_axis(both_d, best, axis=1)
+                cand[active] = np.take_along_axis(both_c, best, axis=1)
+                t += side
+        return cand, dist
 
 
 BACKEND = Backend(
