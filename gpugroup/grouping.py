@@ -99,12 +99,32 @@ def _starting_kq(xp, x, y, rows, width: int, index):
     return kq, False
 
 
-def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BATCH_ROWS):
+def run_blocks(fn, starts, threads: int = 1):
+    """``fn(start)`` for every start, in up to ``threads`` host threads (in order on one).
+
+    Callers hand it blocks of independent rows that write disjoint outputs, so neither the
+    thread count nor the order in which blocks finish can change a result.
+    """
+    starts = list(starts)
+    if threads <= 1 or len(starts) <= 1:
+        for start in starts:
+            fn(start)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+        for _ in pool.map(fn, starts):  # re-raises the first error
+            pass
+
+
+def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BATCH_ROWS,
+                   threads: int = 1):
     """Pools of DESIGN.md 3.2 for local seed positions ``seeds`` of one point set.
 
     Returns an int64 array (len(seeds), min(K, n)): column 0 is the seed, then its
     ``min(K, n) - 1`` nearest other positions ranked by exact float64 ``(d2, p)`` with
-    ``d2 = dx*dx + dy*dy`` (separately rounded element-wise operations).
+    ``d2 = dx*dx + dy*dy`` (separately rounded element-wise operations). Batches of
+    ``batch_rows`` seeds run in up to ``threads`` host threads (NumPy only).
     """
     n = int(x.shape[0])
     width = min(K, n)
@@ -132,9 +152,12 @@ def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BAT
     locality = getattr(index, "locality_order", None)
     if locality is not None and int(rest.shape[0]) > 1:
         rest = rest[locality(seeds[rest])]
-    for start in range(0, int(rest.shape[0]), batch_rows):
+
+    def batch(start):
         part = rest[start : start + batch_rows]
         out[part, 1:] = _nearest_others(xp, x, y, seeds[part], width, index, kq, stacks)
+
+    run_blocks(batch, range(0, int(rest.shape[0]), batch_rows), threads)
     return out
 
 
@@ -458,13 +481,16 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
         pool, pool_len = _pools(be, x, y, seeds, K, scans, cache, batch_rows, digest)
         groups = xp.empty((B, C), dtype=index_dtype(n))
         step = max(1, _SELECT_BLOCK // int(pool.shape[1]))  # rows are independent
-        for a in range(0, B, step):
+
+        def members(a):
             rows = xp.arange(a, min(B, a + step), dtype=xp.int64)
             first = rows % m
             groups[a : a + step] = select_members(
                 xp, pool[first], pool_len[first], first, C, seed,
                 repeat=rows // m if oversample else None,
             )
+
+        run_blocks(members, range(0, B, step), be.threads)
     groups = groups.astype(index_dtype(n), copy=False)
     return be.asnumpy(groups) if output == "numpy" else groups
 
@@ -577,7 +603,7 @@ def _pools(be, x, y, seeds, K, scans, cache, batch_rows, digest):
     xp = be.xp
     if scans is None:
         index = _cached_index(be, cache, digest, None, x, y)
-        pool = neighbour_pool(xp, x, y, seeds, K, index, batch_rows)
+        pool = neighbour_pool(xp, x, y, seeds, K, index, batch_rows, be.threads)
         return pool, xp.full(int(seeds.shape[0]), pool.shape[1], dtype=xp.int64)
     n = int(x.shape[0])
     width = min(K, max(len(mem) for _, mem in scans))
@@ -597,7 +623,8 @@ def _pools(be, x, y, seeds, K, scans, cache, batch_rows, digest):
         members = xp.asarray(mem)
         index = _cached_index(be, cache, digest, sid, x[members], y[members])
         local = xp.searchsorted(members, seeds[here])
-        p = neighbour_pool(xp, x[members], y[members], local, K, index, batch_rows)
+        p = neighbour_pool(xp, x[members], y[members], local, K, index, batch_rows,
+                           be.threads)
         pool[here[:, None], xp.arange(p.shape[1])[None, :]] = members[p]
         pool_len[here] = p.shape[1]
     return pool, pool_len

@@ -38,6 +38,9 @@ class Backend:
     description: str = ""
     #: Optional fused kernels for assembly (see ``gpu.AssemblyKernels``); None: plain xp.
     kernels: Any = None
+    #: Host threads that may run independent blocks of rows at once (NumPy releases the GIL
+    #: in its sorts and element-wise loops); 1 for device backends, whose work is queued.
+    threads: int = 1
 
 
 def position_runs(xp, x, y):

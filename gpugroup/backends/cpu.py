@@ -12,6 +12,7 @@ slabs or threads.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -70,7 +71,11 @@ class KDTreeIndex:
         self.workers = workers
         self._x = np.asarray(x, dtype=np.float64)
         self._points = np.column_stack([x, y]).astype(np.float64, copy=False)
-        threads = cpu_count() if workers == -1 else max(1, int(workers))
+        self._threads = threads = cpu_count() if workers == -1 else max(1, int(workers))
+        # Queries running at once (grouping may query from several threads): they share
+        # the cores rather than each starting one worker per core.
+        self._lock = threading.Lock()
+        self._busy = 0
         if slabs is None:
             slabs = min(threads, n // _SLAB_MIN) if n >= _FOREST_MIN else 1
         slabs = max(1, min(int(slabs), n))
@@ -105,12 +110,12 @@ class KDTreeIndex:
         hint of the candidate-index contract: only speed depends on the order of rows)."""
         return np.argsort(self._rank[rows], kind="stable")
 
-    def _query_slab(self, s: int, rows: np.ndarray, kq: int):
+    def _query_slab(self, s: int, rows: np.ndarray, kq: int, workers: int):
         """(cand, dist) of ``rows`` in slab ``s`` as global point numbers, padded with -1 and
         inf past the slab's size."""
         members, tree = self._members[s], self._trees[s]
         k = min(kq, len(members))
-        workers = self.workers if len(rows) * k >= _PARALLEL_MIN else 1
+        workers = workers if len(rows) * k >= _PARALLEL_MIN else 1
         dist, idx = tree.query(self._points[rows], k=k, workers=workers)
         dist = dist.reshape(len(rows), k)
         cand = members[idx.reshape(len(rows), k)]
@@ -122,7 +127,16 @@ class KDTreeIndex:
     def query(self, rows: np.ndarray, kq: int):
         """``(cand, floor)`` for local point numbers ``rows`` (see the module contract of
         :mod:`gpugroup.backends`)."""
-        rows = np.asarray(rows, dtype=np.int64)
+        with self._lock:
+            self._busy += 1
+            workers = max(1, self._threads // self._busy)
+        try:
+            return self._query(np.asarray(rows, dtype=np.int64), int(kq), workers)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _query(self, rows: np.ndarray, kq: int, workers: int):
         m = len(rows)
         cand = np.empty((m, kq), dtype=np.int64)
         dist = np.empty((m, kq), dtype=np.float64)
@@ -133,11 +147,11 @@ class KDTreeIndex:
         for s in range(self.slabs):
             sub = order[bounds[s] : bounds[s + 1]]
             if len(sub):
-                cand[sub], dist[sub] = self._with_neighbour_slabs(s, rows[sub], kq)
+                cand[sub], dist[sub] = self._with_neighbour_slabs(s, rows[sub], kq, workers)
         last = dist[:, -1]
         return cand, last * last * _REL_SLACK
 
-    def _with_neighbour_slabs(self, s: int, rows: np.ndarray, kq: int):
+    def _with_neighbour_slabs(self, s: int, rows: np.ndarray, kq: int, workers: int):
         """The kq nearest of ``rows`` (all in slab ``s``) over the whole forest.
 
         The other slabs are visited outwards on each side while the gap in x to the next
@@ -146,7 +160,7 @@ class KDTreeIndex:
         visited slab's points left out are no nearer than its own kq-th, nor than the
         merged kq-th. So the merged kq-th distance bounds every point not returned.
         """
-        cand, dist = self._query_slab(s, rows, kq)
+        cand, dist = self._query_slab(s, rows, kq, workers)
         qx = self._x[rows]
         for side in (-1, 1):
             active = np.arange(len(rows))
@@ -157,7 +171,7 @@ class KDTreeIndex:
                 active = active[gap < dist[active, -1]]
                 if not len(active):
                     break
-                c2, d2 = self._query_slab(t, rows[active], kq)
+                c2, d2 = self._query_slab(t, rows[active], kq, workers)
                 both_d = np.concatenate([dist[active], d2], axis=1)
                 both_c = np.concatenate([cand[active], c2], axis=1)
                 best = np.argsort(both_d, axis=1, kind="stable")[:, :kq]
@@ -173,4 +187,5 @@ BACKEND = Backend(
     build_index=KDTreeIndex,
     asnumpy=np.asarray,
     description="NumPy + SciPy cKDTree",
+    threads=cpu_count(),
 )
