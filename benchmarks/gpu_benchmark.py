@@ -8,12 +8,21 @@ run, and the integer groups compared. The CPU run is skipped when its estimate (
 ``--cpu-limit`` seconds; parity is then checked on a prefix of the groups (the first m
 groups do not depend on nsamples >= m).
 
-Assembly: the assembly step ``assembly.assemble_groups`` (N=64, gridsize=2, DESIGN.md's
-25 000 groups by default) on groups and frames already on the device, with the backend's
+Assembly: the assembly step ``assembly.assemble_groups`` (N=64, gridsize=2, 25 000 and
+100 000 groups by default) on groups and frames already on the device, with the backend's
 fused kernels and with plain xp operations, as effective GB/s = (gathered frame bytes read
 + output bytes written) / time, next to the card's theoretical bandwidth and a bare device
-copy of the frames; then ``generate_grouped_data`` end to end (grouping included) on the
-GPU and on the CPU.
+copy of the frames; then (first group count only) ``generate_grouped_data`` end to end
+(grouping included) on the GPU and on the CPU.
+
+Parity matrix: every case of ``tests/parity_cases.py`` (and a scan_index case), CPU against
+each GPU engine that loads. Engines: the largest grouping (n, K) timed with each GPU engine
+that loads (grid, cuML), with parity: the record that lets ``auto`` move to cuML
+(``gpu.CUML_VERIFIED``). The CPU runs use all host cores (``cpu_threads`` in the JSON).
+
+The ``targets`` block holds issue 16's goals and whether this run met them: grouping n = 1e7,
+nsamples = 1e6, K = 16, C = 4 end to end <= 60 ms; assembly >= 75% of peak at 25 000 groups
+and >= 80% at 100 000; CPU grouping of the same scan <= 1.5 s; every parity check identical.
 
 Results go to ``$OUT/gpu-<card>-<date>.json`` (``--out`` overrides ``$OUT``), rewritten after
 every step, so a run cut short still leaves what it measured. ``--cpu-only`` runs the same
@@ -46,7 +55,7 @@ if str(REPO) not in sys.path:
 
 import gpugroup  # noqa: E402
 from gpugroup import sample_groups  # noqa: E402
-from gpugroup.backends import Backend  # noqa: E402
+from gpugroup.backends import Backend, cpu  # noqa: E402
 from gpugroup.simulate import fermat_spiral, nested_scan  # noqa: E402
 
 #: Peak DRAM bandwidth (GB/s) by card, for when the driver does not report clock and bus.
@@ -87,25 +96,50 @@ class Report:
         self.save()
 
 
-#: Issue 3's acceptance targets: grouping n = 1e7, nsamples = 1e6 end to end under 1 s;
-#: assembly at >= 50% of the card's memory bandwidth; parity 100%.
-TARGET_N, TARGET_GROUPING_S, TARGET_FRACTION_OF_PEAK = 10**7, 1.0, 0.5
+#: Issue 16's goals (measured on an H100 or H200): grouping n = 1e7, nsamples = 1e6,
+#: K = 16, C = 4 end to end; assembly as a fraction of the card's peak bandwidth at 25 000
+#: and 100 000 groups; CPU grouping of the same scan on all host cores; parity 100%.
+TARGET_N, TARGET_K = 10**7, 16
+GOALS = {"grouping_n1e7_K16_s": 0.060, "assembly_25000_fraction_of_peak": 0.75,
+         "assembly_100000_fraction_of_peak": 0.80, "cpu_grouping_n1e7_K16_s": 1.5}
 
 
 def targets(data: dict) -> dict:
-    """Each target's measured value and whether it is met (None: not measured this run)."""
-    big = [r["gpu_best_s"] for r in data["grouping"]
-           if r.get("n") == TARGET_N and r.get("layout") == "fermat spiral" and "gpu_best_s" in r]
-    peak = [r["fraction_of_peak"] for r in data["assembly"]
-            if "fraction_of_peak" in r and r.get("step") == "assemble_groups"]
-    parity = data.get("parity_summary", {}).get("all_identical")
-    return {
-        "parity_all_identical": parity,
-        "grouping_n1e7_slowest_K_s": max(big) if big else None,
-        "grouping_n1e7_under_1s": max(big) < TARGET_GROUPING_S if big else None,
-        "assembly_best_fraction_of_peak": max(peak) if peak else None,
-        "assembly_at_least_half_of_peak": max(peak) >= TARGET_FRACTION_OF_PEAK if peak else None,
-    }
+    """Each goal's measured value and whether it is met (None: not measured this run)."""
+    spiral = [r for r in data["grouping"]
+              if r.get("n") == TARGET_N and r.get("K") == TARGET_K
+              and r.get("layout") == "fermat spiral"]
+    gpu_s = [r["gpu_best_s"] for r in spiral if "gpu_best_s" in r]
+    cpu_s = [r["cpu_s"] for r in spiral if r.get("cpu_s") is not None]
+
+    def peak(B):
+        v = [r["fraction_of_peak"] for r in data["assembly"]
+             if r.get("step") == "assemble_groups" and r.get("nsamples") == B
+             and "fraction_of_peak" in r]
+        return max(v) if v else None
+
+    checks = [data.get("parity_summary", {}).get("all_identical"),
+              data.get("parity_matrix_summary", {}).get("all_identical")]
+    checks = [c for c in checks if c is not None]
+    values = {"grouping_n1e7_K16_s": min(gpu_s) if gpu_s else None,
+              "assembly_25000_fraction_of_peak": peak(25_000),
+              "assembly_100000_fraction_of_peak": peak(100_000),
+              "cpu_grouping_n1e7_K16_s": min(cpu_s) if cpu_s else None}
+    out = {"parity_all_identical": all(checks) if checks else None}
+    for name, value in values.items():
+        goal = GOALS[name]
+        out[name] = value
+        met = None if value is None else (value >= goal if "fraction" in name else value <= goal)
+        out[f"{name}_goal"] = goal
+        out[f"{name}_met"] = met
+    out["cpu_threads"] = data.get("cpu_threads")
+    engines = data.get("engine_comparison") or []
+    grid = [r for r in engines if r.get("engine") == "cupy" and "gpu_best_s" in r]
+    cuml = [r for r in engines if r.get("engine") == "cuml" and "gpu_best_s" in r]
+    out["cuml_identical_and_faster"] = (
+        bool(cuml[0]["parity"] and grid and cuml[0]["gpu_best_s"] < grid[0]["gpu_best_s"])
+        if cuml else None)
+    return out
 
 
 def _jsonable(v):
@@ -276,6 +310,89 @@ def _grouping_row(dev, report, args, row, x, y, cpu_rate):
     return cpu_rate
 
 
+# ----------------------------------------------------------------------------- parity
+def gpu_engines(dev: Device, report: Report) -> dict:
+    """Engine name -> backend, for every GPU engine that loads (the stand-in backend alone
+    with --cpu-only); the reason for each one that does not goes in the notes."""
+    if dev.cpu_only:
+        return {dev.backend.name: dev.backend}
+    from gpugroup.backends import gpu
+
+    out = {}
+    for name in ("cupy", "cuml"):
+        try:
+            out[name] = gpu.make_backend(name)
+        except RuntimeError as exc:
+            report.data["notes"].append(f"engine {name} not measured: {exc}")
+    return out
+
+
+def _parity_cases():
+    """(id, xy, nsamples, K, C, seed, kw) of tests/parity_cases.py plus a scan_index case."""
+    tests = REPO / "tests"
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    import parity_cases
+
+    cases = [(p.id, *p.values) for p in parity_cases.CASES]
+    x, y, scans = parity_cases.scans3()
+    cases.append(("scan-index-3", lambda: (x, y), 200, 8, 4, 5, {"scan_index": scans}))
+    return cases
+
+
+def bench_parity_matrix(dev: Device, report: Report, args):
+    """DESIGN.md 3's parity matrix: each case's groups on the CPU and on each GPU engine."""
+    rows = report.data["parity_matrix"]
+    engines = gpu_engines(dev, report)
+    for case_id, xy, nsamples, K, C, seed, kw in _parity_cases():
+        coords = xy()
+        want = sample_groups(*coords[:2], nsamples, K, C, seed=seed, backend="cpu", **kw)
+        for name, be in engines.items():
+            row = {"case": case_id, "engine": name}
+            try:
+                got = sample_groups(*coords[:2], nsamples, K, C, seed=seed, backend=be, **kw)
+                row["identical"] = bool(np.array_equal(got, want))
+            except Exception as exc:
+                row["identical"] = False
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+    bad = [f"{r['case']}/{r['engine']}" for r in rows if not r["identical"]]
+    report.data["parity_matrix_summary"] = {
+        "checked": len(rows), "identical": len(rows) - len(bad), "all_identical": not bad,
+        "engines": list(engines), "mismatched": bad}
+    print(f"[bench] parity matrix: {len(rows) - len(bad)}/{len(rows)} identical"
+          + (f" (mismatched: {', '.join(bad)})" if bad else ""), flush=True)
+    report.save()
+
+
+def bench_engines(dev: Device, report: Report, args):
+    """The largest grouping of the run (n, K) with each GPU engine that loads, end to end,
+    with parity against the CPU: whether cuML is identical and faster than the grid engine
+    (the condition for ``auto`` to choose it)."""
+    if not args.sizes or time.perf_counter() > args.deadline:
+        return
+    n, K = max(args.sizes), max(args.K)
+    m = max(1, n // 10)
+    x, y = fermat_spiral(n, spacing=1.0, jitter=0.1, rng=np.random.default_rng(n))
+    want = sample_groups(x, y, m, K, args.C, seed=7, backend="cpu")
+    for name, be in gpu_engines(dev, report).items():
+        row = {"engine": name, "description": be.description, "n": n, "nsamples": m, "K": K,
+               "C": args.C}
+        report.data["engine_comparison"].append(row)
+        try:
+            call = functools.partial(sample_groups, x, y, m, K, args.C, seed=7, backend=be)
+            call()  # warm: kernels compiled, libraries loaded
+            times, got = time_call(dev, call, args.repeats)
+            row.update({"gpu_s": times, "gpu_best_s": min(times),
+                        "parity": bool(np.array_equal(got, want))})
+            print(f"[bench] engine {name}: n={n:.0e} K={K} {min(times):.3f} s, "
+                  f"parity {row['parity']}", flush=True)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            report.error(f"engine {name}", exc)
+        report.save()
+
+
 # ----------------------------------------------------------------------------- profile
 def bench_profile(dev: Device, report: Report, args):
     """Where one GPU grouping at the largest n spends its time: each step of DESIGN.md 3
@@ -331,6 +448,16 @@ def bench_profile(dev: Device, report: Report, args):
 
 # ----------------------------------------------------------------------------- assembly
 def bench_assembly(dev: Device, report: Report, args):
+    """:func:`assembly_for` each group count of ``--assembly-nsamples``, in full for the
+    first (steps, end to end, references, CPU), the assembly step alone for the others."""
+    for i, B in enumerate(args.assembly_nsamples):
+        if i and time.perf_counter() > args.deadline:
+            report.data["notes"].append(f"assembly nsamples={B} skipped: deadline")
+            continue
+        assembly_for(dev, report, args, B, full=i == 0)
+
+
+def assembly_for(dev: Device, report: Report, args, B: int, full: bool):
     """The assembly step (``assembly.assemble_groups``: energies, scale, the fused gather
     into channel-last ``diffraction`` and ``X_full``, coordinates) on groups already on the
     device, with the backend's fused kernels and with plain xp operations; then
@@ -340,7 +467,7 @@ def bench_assembly(dev: Device, report: Report, args):
     from gpugroup.schema import ScanArrays
 
     xp = dev.xp
-    n, N, B, C = args.assembly_n, 64, args.assembly_nsamples, 4
+    n, N, C = args.assembly_n, 64, 4
     x, y = fermat_spiral(n, spacing=16.0, jitter=0.1, rng=np.random.default_rng(1))
     frames = xp.random.default_rng(0).random((n, N, N), dtype=xp.float32)
     probe = np.ones((N, N), np.complex64)
@@ -390,6 +517,8 @@ def bench_assembly(dev: Device, report: Report, args):
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 report.error(f"assembly {label} chunk={chunk}", exc)
             report.save()
+    if not full:
+        return
     # Where the fused assembly step spends its time (each part synchronized, best of 5).
     if dev.backend.kernels is not None and time.perf_counter() < args.deadline:
         kern, chunk = dev.backend.kernels, max(args.chunk_bytes)
@@ -505,7 +634,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefix-rows", type=int, default=20_000,
                    help="groups compared when the CPU run is skipped")
     p.add_argument("--assembly-n", type=float, default=1e5, help="frames for assembly")
-    p.add_argument("--assembly-nsamples", type=int, default=25_000, help="groups for assembly")
+    p.add_argument("--assembly-nsamples", default="25000,100000",
+                   help="group counts for assembly, comma-separated (default %(default)s)")
     p.add_argument("--chunk-bytes", default="4Mi,256Mi",
                    help="assembly chunk sizes to time (default %(default)s)")
     p.add_argument("--skip-cpu-assembly", action="store_true")
@@ -520,6 +650,7 @@ def main(argv=None) -> int:
     args.nested = parse_sizes(args.nested)
     args.K = [int(k) for k in args.K.split(",")]
     args.assembly_n = int(args.assembly_n)
+    args.assembly_nsamples = parse_sizes(args.assembly_nsamples)
     args.chunk_bytes = [int(float(c[:-2]) * 2**20) if c.endswith("Mi") else int(float(c))
                         for c in args.chunk_bytes.split(",")]
     args.deadline = time.perf_counter() + args.time_budget
@@ -530,9 +661,12 @@ def main(argv=None) -> int:
         "argv": sys.argv[1:], "cpu_only": args.cpu_only, "gpugroup": gpugroup.__version__,
         "git_commit": _git_commit(), "python": sys.version.split()[0],
         "numpy": np.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "device": None, "engine": None, "grouping": [], "assembly": [], "errors": [],
+        "device": None, "engine": None, "cpu_threads": cpu.BACKEND.threads,
+        "grouping": [], "parity_matrix": [], "engine_comparison": [], "assembly": [],
+        "errors": [],
         "notes": ["times in seconds, wall clock, device synchronized; GPU grouping times are "
-                  "end to end (host coordinates in, NumPy groups out, index built each call)"],
+                  "end to end (host coordinates in, NumPy groups out, index built each call); "
+                  "CPU grouping on all host cores (cpu_threads)"],
     }
     out_dir = Path(args.out)
     try:
@@ -550,7 +684,8 @@ def main(argv=None) -> int:
     report = Report(out_dir / f"{prefix}-{date}.json", data)
     print(f"[bench] {dev.info['name']}: {dev.backend.description}; writing {report.path}",
           flush=True)
-    for step in (bench_grouping, bench_assembly, bench_profile):
+    for step in (bench_grouping, bench_parity_matrix, bench_engines, bench_assembly,
+                 bench_profile):
         try:
             step(dev, report, args)
         except Exception as exc:

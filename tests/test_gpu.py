@@ -539,7 +539,7 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     args = ["--sizes", "2e3", "--nested", "3e3", "--K", "7", "--repeats", "1",
-            "--assembly-n", "400", "--assembly-nsamples", "100", "--chunk-bytes", "1Mi",
+            "--assembly-n", "400", "--assembly-nsamples", "100,60", "--chunk-bytes", "1Mi",
             "--out", str(tmp_path)]
     if mode == "devicelike":
         import devicelike
@@ -551,36 +551,73 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
         steps = [("assemble_groups", "gpu")] + [  # no fused kernels on the stand-in
             ("generate_grouped_data (grouping included)", "gpu"),
             ("bare copy of the frames (reference)", None),
-            ("generate_grouped_data (grouping included)", "cpu")]
+            ("generate_grouped_data (grouping included)", "cpu"),
+            ("assemble_groups", "gpu")]  # the second group count: the step alone
+        engines = ["cupy"]  # cuML does not load on the stand-in: noted
     else:
         rc = bench.main(["--cpu-only"] + args)
         (result,) = tmp_path.glob("cpu-smoke-*.json")
         steps = [("assemble_groups", "grid-numpy"),
                  ("generate_grouped_data (grouping included)", "grid-numpy"),
-                 ("bare copy of the frames (reference)", None)]
+                 ("bare copy of the frames (reference)", None),
+                 ("assemble_groups", "grid-numpy")]
+        engines = ["grid-numpy"]
     data = json.loads(result.read_text())
     assert rc == 0 and data["errors"] == [] and data["finished"]
     assert data["parity_summary"] == {"checked": 2, "identical": 2, "all_identical": True}
     assert [r["layout"].split(" ")[0] for r in data["grouping"]] == ["fermat", "nested"]
     assert [(r["step"], r.get("backend")) for r in data["assembly"]] == steps
+    assert [r["nsamples"] for r in data["assembly"] if r["step"] == "assemble_groups"] == [100, 60]
     for r in data["assembly"]:
         assert r.get("nn_indices_equal_gpu", True) and r.get("outputs_equal_first_variant", True)
         assert r.get("nn_indices_equal_assembly_input", True)
+    # the parity matrix: every case of tests/parity_cases.py (and a scan_index case)
+    matrix = data["parity_matrix_summary"]
+    assert matrix["all_identical"] and matrix["engines"] == engines
+    assert matrix["checked"] == len(PARITY_CASES) + 1 and matrix["mismatched"] == []
+    assert {r["case"] for r in data["parity_matrix"]} >= {"dup12", "outlier", "scan-index-3"}
+    # each GPU engine at the largest (n, K), with parity: what auto's choice rests on
+    assert [(r["engine"], r["parity"], r["n"]) for r in data["engine_comparison"]] == [
+        (e, True, 2000) for e in engines]
+    if mode == "devicelike":
+        assert any("engine cuml not measured" in note for note in data["notes"])
     assert data["targets"]["parity_all_identical"] is True
+    assert data["targets"]["cuml_identical_and_faster"] is None  # cuML not measured
+    assert data["cpu_threads"] >= 1 and data["targets"]["cpu_threads"] == data["cpu_threads"]
     if mode == "devicelike":  # the step breakdown and cProfile of one device grouping
         assert set(data["profile"]["steps_s"]) >= {"3.1 sample_seeds", "3.2 neighbour_pool"}
         assert "function calls" in (tmp_path / "profile.txt").read_text()
     else:
         assert "profile" not in data
-    assert data["targets"]["grouping_n1e7_under_1s"] is None  # not measured at these sizes
-    made_up = {"grouping": [{"n": 10**7, "layout": "fermat spiral", "gpu_best_s": s}
-                            for s in (0.4, 1.2)],
-               "assembly": [{"step": "assemble_groups", "fraction_of_peak": 0.3},
-                            {"step": "assemble_groups", "fraction_of_peak": 0.6},
+    assert data["targets"]["grouping_n1e7_K16_s"] is None  # not measured at these sizes
+    assert data["targets"]["assembly_25000_fraction_of_peak"] is None
+    made_up = {"grouping": [{"n": 10**7, "K": 16, "layout": "fermat spiral",
+                             "gpu_best_s": 0.05, "cpu_s": 1.9},
+                            {"n": 10**7, "K": 7, "layout": "fermat spiral",
+                             "gpu_best_s": 0.5, "cpu_s": 1.0}],
+               "assembly": [{"step": "assemble_groups", "nsamples": 25_000,
+                             "fraction_of_peak": 0.3},
+                            {"step": "assemble_groups", "nsamples": 25_000,
+                             "fraction_of_peak": 0.76},
+                            {"step": "assemble_groups", "nsamples": 100_000,
+                             "fraction_of_peak": 0.79},
                             {"step": "bare copy of the frames (reference)",
-                             "fraction_of_peak": 0.9}],
-               "parity_summary": {"all_identical": False}}
+                             "nsamples": 100_000, "fraction_of_peak": 0.9}],
+               "parity_summary": {"all_identical": True},
+               "parity_matrix_summary": {"all_identical": False},
+               "cpu_threads": 16,
+               "engine_comparison": [{"engine": "cupy", "gpu_best_s": 0.05, "parity": True},
+                                     {"engine": "cuml", "gpu_best_s": 0.04, "parity": True}]}
     assert bench.targets(made_up) == {
-        "parity_all_identical": False, "grouping_n1e7_slowest_K_s": 1.2,
-        "grouping_n1e7_under_1s": False, "assembly_best_fraction_of_peak": 0.6,
-        "assembly_at_least_half_of_peak": True}
+        "parity_all_identical": False,
+        "grouping_n1e7_K16_s": 0.05, "grouping_n1e7_K16_s_goal": 0.06,
+        "grouping_n1e7_K16_s_met": True,
+        "assembly_25000_fraction_of_peak": 0.76,
+        "assembly_25000_fraction_of_peak_goal": 0.75,
+        "assembly_25000_fraction_of_peak_met": True,
+        "assembly_100000_fraction_of_peak": 0.79,
+        "assembly_100000_fraction_of_peak_goal": 0.8,
+        "assembly_100000_fraction_of_peak_met": False,
+        "cpu_grouping_n1e7_K16_s": 1.9, "cpu_grouping_n1e7_K16_s_goal": 1.5,
+        "cpu_grouping_n1e7_K16_s_met": False,
+        "cpu_threads": 16, "cuml_identical_and_faster": True}
