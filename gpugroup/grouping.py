@@ -28,6 +28,8 @@ DEFAULT_BATCH_ROWS = 1 << 16
 _MAX_BLOCK = 1 << 23
 #: Pool entries per member-selection block (its transients take ~40 bytes per entry).
 _SELECT_BLOCK = 1 << 20
+#: Positions per block of seed keys when several threads compute them.
+_KEY_BLOCK = 1 << 20
 #: Largest coordinate span: squared differences must stay finite in float64.
 _MAX_SPAN = 1e150
 #: Most groups one call may ask for (oversampling; beyond any memory).
@@ -53,15 +55,26 @@ def check_count(name: str, value, minimum: int) -> int:
 
 
 # --------------------------------------------------------------------------- 3.1 seeds
-def sample_seeds(xp, n: int, m: int, seed: int, sequential: bool = False):
+def sample_seeds(xp, n: int, m: int, seed: int, sequential: bool = False, threads: int = 1):
     """The first ``m`` positions in seed order (DESIGN.md 3.1).
 
     Positions are ordered by ``(key(stream(seed, 1), i), i)``; ``sequential`` gives
-    ``0..m-1``. Returns an int64 array of length ``m``.
+    ``0..m-1``. Returns an int64 array of length ``m``. The keys are computed in blocks on
+    up to ``threads`` host threads (NumPy only; the same keys).
     """
     if sequential:
         return xp.arange(m, dtype=xp.int64)
-    k = keys.key(xp, keys.stream(seed, keys.SEED_STREAM), xp.arange(n, dtype=xp.int64))
+    s = keys.stream(seed, keys.SEED_STREAM)
+    if threads > 1 and n > _KEY_BLOCK:
+        k = xp.empty(n, dtype=xp.uint64)
+
+        def block(a):
+            k[a : a + _KEY_BLOCK] = keys.key(xp, s, xp.arange(a, min(n, a + _KEY_BLOCK),
+                                                              dtype=xp.int64))
+
+        run_blocks(block, range(0, n, _KEY_BLOCK), threads)
+    else:
+        k = keys.key(xp, s, xp.arange(n, dtype=xp.int64))
     if m < n:
         # Keep only keys <= the m-th smallest, then order those; indices stay ascending
         # into the stable sort, so equal keys (never seen: key is injective) fall by index.
@@ -470,7 +483,7 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
         n, nsamples, B, K, C, seed, be.name, " sequential" if sequential else "",
         " oversampling" if oversample else "",
     )
-    seeds = sample_seeds(xp, n, m, seed, sequential)
+    seeds = sample_seeds(xp, n, m, seed, sequential, be.threads)
     if C == 1:
         groups = seeds[:, None]
     else:

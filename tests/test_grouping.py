@@ -1045,3 +1045,13 @@ def test_extreme_finite_coordinates_give_reference_or_clear_error(scale):
         assert "coord" in str(exc), exc
         return
     assert got.tolist() == ref.sample_groups(x, y, 200, 9, 4, 1)
+
+
+def test_seed_keys_in_threads_equal_one_thread():
+    """Blocks of seed keys computed on several threads give the same seeds (3.1)."""
+    from gpugroup.grouping import _KEY_BLOCK, sample_seeds
+
+    n = 2 * _KEY_BLOCK + 12345
+    for m in (1000, n):
+        np.testing.assert_array_equal(sample_seeds(np, n, m, 42, threads=3),
+                                      sample_seeds(np, n, m, 42, threads=1))
