@@ -79,27 +79,34 @@ class KDTreeIndex:
         if slabs is None:
             slabs = min(threads, n // _SLAB_MIN) if n >= _FOREST_MIN else 1
         slabs = max(1, min(int(slabs), n))
+        # Slab s holds points order[bounds[s]:bounds[s+1]]: equal counts along x, so no x of
+        # slab s exceeds any x of slab s + 1.
+        self._bounds = bounds = [n * j // slabs for j in range(slabs + 1)]
         if slabs == 1:
-            members = [np.arange(n, dtype=np.int64)]
-        else:  # equal counts along x: slab s holds no x above any x of slab s + 1
-            cuts = [n * j // slabs for j in range(1, slabs)]
-            members = np.split(np.argpartition(self._x, cuts), cuts)
-        self._members = members
-        if slabs == 1:
-            self._trees = [_build_tree(self._points)]
+            order, points = None, self._points
         else:
-            with ThreadPoolExecutor(min(threads, slabs)) as pool:
-                self._trees = list(pool.map(_build_tree, (self._points[m] for m in members)))
-        self._xmin = np.array([self._x[m].min() for m in members])
-        self._xmax = np.array([self._x[m].max() for m in members])
-        self._slab_of = np.empty(n, dtype=np.int32)
-        for s, m in enumerate(members):
-            self._slab_of[m] = s
-        # Leaf order of the forest (slab by slab): rows taken in this order query and
+            order = np.argpartition(self._x, bounds[1:-1])
+            points = self._points[order]
+        # Leaf order of the forest, slab by slab: rows taken in this order query and
         # re-rank memory that neighbouring rows have just touched.
         self._rank = np.empty(n, dtype=np.int64)
-        self._rank[np.concatenate([m[t.indices] for m, t in zip(members, self._trees)])] = (
-            np.arange(n, dtype=np.int64))
+
+        def build(s):
+            lo, hi = bounds[s], bounds[s + 1]
+            tree = _build_tree(points[lo:hi])
+            members = np.arange(lo, hi) if order is None else order[lo:hi]
+            self._rank[members[tree.indices]] = np.arange(lo, hi, dtype=np.int64)
+            return tree, members, points[lo:hi, 0].min(), points[lo:hi, 0].max()
+
+        if slabs == 1:
+            built = [build(0)]
+        else:
+            with ThreadPoolExecutor(min(threads, slabs)) as pool:
+                built = list(pool.map(build, range(slabs)))
+        self._trees = [b[0] for b in built]
+        self._members = [b[1] for b in built]
+        self._xmin = np.array([b[2] for b in built])
+        self._xmax = np.array([b[3] for b in built])
 
     @property
     def slabs(self) -> int:
@@ -141,9 +148,10 @@ class KDTreeIndex:
         cand = np.empty((m, kq), dtype=np.int64)
         dist = np.empty((m, kq), dtype=np.float64)
         # Slab by slab, in leaf order within each (cache-friendly: see locality_order).
-        order = self.locality_order(rows)
-        slab = self._slab_of[rows[order]]
-        bounds = np.searchsorted(slab, np.arange(self.slabs + 1))
+        rank = self._rank[rows]
+        order = np.argsort(rank, kind="stable")
+        # ranks are slab-major: slab s holds ranks bounds[s] .. bounds[s+1] - 1
+        bounds = np.searchsorted(rank[order], self._bounds)
         for s in range(self.slabs):
             sub = order[bounds[s] : bounds[s + 1]]
             if len(sub):
