@@ -4,9 +4,12 @@ A cKDTree is built by one thread. From 2**20 positions on a machine with several
 index is a forest instead: the positions are cut into slabs of equal count along x, one tree
 per slab is built in a thread of its own (SciPy releases the GIL while building), and a query
 of a row asks the trees of the neighbouring slabs too whenever they could hold a point nearer
-than its kq-th candidate. Candidates and floors obey the same contract either way, and the
-exact re-rank in ``grouping`` decides the groups, so they do not depend on the number of
-slabs or threads.
+than its kq-th candidate. Rows are queried in the trees' leaf order (``locality_order``,
+also used by ``grouping`` to order its batches): at n = 1e7 that alone makes the queries
+about 4x faster than in seed order, which is random in space. ``BACKEND.threads`` (the
+cores) lets ``grouping`` run its blocks of rows in threads; concurrent queries share the
+cores. Candidates and floors obey the same contract either way, and the exact re-rank in
+``grouping`` decides the groups, so they do not depend on the number of slabs or threads.
 """
 
 from __future__ import annotations
