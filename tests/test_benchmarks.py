@@ -176,3 +176,27 @@ def test_benchmark_assembly_entry_point(tmp_path):
     assert data["summary"]["assemble"]["speedup_vs_legacy"] > 0
     assert data["paired"]["status"] == "ok" and data["paired"]["rounds"] == 2
     assert data["summary"]["assemble"]["paired_median_speedup_vs_legacy"] > 0
+
+
+def test_benchmark_cpu_cores_entry_point(tmp_path):
+    """Before (the CPU backend of a git revision) and after, side by side: runs, writes its
+    JSON and table, and finds the groups identical."""
+    import subprocess
+
+    from benchmarks import benchmark_cpu_cores
+
+    rev = "HEAD"  # this tree's own backend stands in for the baseline in a smoke test
+    probe = subprocess.run(["git", "show", f"{rev}:gpugroup/backends/cpu.py"],
+                           cwd=Path(benchmark_cpu_cores.__file__).parents[1],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("not a git checkout")
+    rc = benchmark_cpu_cores.main(["--sizes", "3e3", "--rounds", "2", "--baseline-rev", rev,
+                                   "--machine", "smoke", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads(next(tmp_path.glob("cpu-cores-smoke-*.json")).read_text())
+    (row,) = data["rows"]
+    assert row["identical_groups"] and set(row["best_s"]) == {"before", "after"}
+    assert set(row["ratio_after_over_before"]) == {"seeds", "build_index", "neighbour_pool",
+                                                   "sample_groups"}
+    assert "| 3e+03 | sample_groups |" in next(tmp_path.glob("cpu-cores-smoke-*.md")).read_text()
