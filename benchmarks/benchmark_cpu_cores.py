@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--K", type=int, default=16)
     p.add_argument("--C", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best reported)")
-    p.add_argument("--baseline-rev", default="23cc5b9",
+    p.add_argument("--baseline-rev", default="42415ff",
                    help="git revision whose CPU backend is 'before' (default %(default)s)")
     p.add_argument("--machine", default=platform.node() or "unknown")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
