@@ -1,4 +1,4 @@
-"""The ``gpugroup`` command line: simulate, group, convert, demo, info, cleanup-cache.
+"""The ``gpugroup`` command line: simulate, group, convert, demo, show, info, cleanup-cache.
 
 One function per subcommand (``cmd_<name>``), registered in :func:`build_parser`. This is
 the only module that prints, configures logging (``-v``/``-vv``) or shows progress bars
@@ -19,9 +19,13 @@ import time
 
 import gpugroup
 from gpugroup import io
+from gpugroup._optional import require
+from gpugroup.assembly import frame_size, group_coordinates
 from gpugroup.backends import available_backends, get_backend
+from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import neighbour_pool, sample_seeds
-from gpugroup.io import check_output, output_format
+from gpugroup.io import check_output, format_of, output_format
+from gpugroup.io.grouped import open_grouped
 from gpugroup.io.npz import CompressedMemberError
 from gpugroup.rawdata import RawData, convert
 from gpugroup.simulate import simulate_rawdata
@@ -47,7 +51,9 @@ examples:
   gpugroup group big.h5 -o grouped.h5 --chunk-mib 512 --row-order locality
   gpugroup group big.zarr -o grouped.zarr --lazy              (Dask tasks write the store)
   gpugroup convert compressed.npz scan.npz                    (memory-mappable from now on)
+  gpugroup group scan.npz -o grouped.h5 --dry-run              (the plan and its size)
   gpugroup demo --outdir .
+  gpugroup show scan.npz -o scan.png                          (your scan, as the demo draws it)
   gpugroup info
   gpugroup cleanup-cache ~/data --dry-run
   gpugroup -v group scan.npz -o grouped.npz      (INFO logs; -vv for DEBUG and tracebacks)
@@ -222,12 +228,10 @@ def cmd_group(args) -> int:
     if args.lazy and fmt != "zarr":
         raise CLIError(f"--lazy writes a .zarr store (each Dask task writes its own chunks), "
                        f"got -o {out!r}; drop --lazy for .npz/.h5 (streamed) output")
-    try:
-        raw = RawData.from_file(source, mmap_mode="r", keys=args.key)
-    except CompressedMemberError as exc:
-        logger.warning("%s; loading it into memory instead", exc)
-        raw = RawData.from_file(source, keys=args.key)
+    raw = _open_scan(source, args.key)
     N = raw.diff3d.shape[1] if args.N is None else args.N
+    if _print_plan(raw, args, N=N, fmt=fmt):
+        return EXIT_OK  # --dry-run
     grouped, be, seconds = run_grouping(
         raw, N=N, gridsize=args.gridsize, K=args.K, nsamples=args.nsamples, seed=args.seed,
         backend=args.backend, sequential=args.sequential, oversample=args.oversample,
@@ -240,6 +244,71 @@ def cmd_group(args) -> int:
     finally:
         _close_output(grouped, fmt)
     return EXIT_OK
+
+
+def output_bytes(raw, *, B: int, C: int, N: int, keep_diffraction: bool = True,
+                 locality: bool = False) -> int:
+    """Bytes of the grouped arrays of B groups of C frames (N x N), as written
+    uncompressed: ``diffraction`` (the scan's dtype), ``X_full`` (float32), ``Y``
+    (complex64, when the scan has ``Y`` or ``objectGuess``), indices, coordinates and
+    ``objectGuess``. File formats add little (headers, chunk indices)."""
+    import numpy as np
+
+    frame = N * N * C
+    per_group = frame * 4 + 4 * C + 64 * C + 32  # X_full, nn_indices, 4+2 coordinate arrays
+    if keep_diffraction:
+        per_group += frame * np.dtype(raw.diff3d.dtype).itemsize
+    if raw.Y is not None or raw.objectGuess is not None:
+        per_group += frame * 8
+    if locality:
+        per_group += 8  # order
+    extra = 0 if raw.objectGuess is None else raw.objectGuess.nbytes
+    return B * per_group + extra
+
+
+def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
+    """Print the estimated size of ``gpugroup group``'s output (and with ``--dry-run`` the
+    whole plan); returns whether this is a dry run (then nothing is written)."""
+    import shutil
+
+    C = args.gridsize ** 2
+    B = _expected_groups(len(raw), args.nsamples, args.oversample, C)
+    size = output_bytes(raw, B=B, C=C, N=N, keep_diffraction=not args.no_diffraction,
+                        locality=args.row_order == "locality")
+    where = os.path.dirname(os.path.abspath(args.output))
+    free = shutil.disk_usage(where).free
+    arrays = (["diffraction"] * (not args.no_diffraction) + ["X_full"]
+              + ["Y"] * (raw.Y is not None or raw.objectGuess is not None))
+    print(f"estimated output: {_human_bytes(size)} ({B} groups of C={C} {N}x{N} frames: "
+          f"{' + '.join(arrays)}); {_human_bytes(free)} free in {where}", flush=True)
+    if size > free:
+        logger.warning("the output (about %s) may not fit in %s (%s free)",
+                       _human_bytes(size), where, _human_bytes(free))
+    if not args.dry_run:
+        return False
+    # The groups themselves (coordinates only, no frames read): every check of the real
+    # run, and the exact count.
+    nn, seed, be = raw.sample_for_grouping(
+        args.K, args.nsamples, args.seed, args.gridsize, sequential_sampling=args.sequential,
+        enable_oversampling=args.oversample, neighbor_pool_size=args.neighbor_pool_size,
+        group_by_scan=args.group_by_scan, backend=args.backend)
+    B = len(nn)
+    size = output_bytes(raw, B=B, C=C, N=N, keep_diffraction=not args.no_diffraction,
+                        locality=args.row_order == "locality")
+    pool = args.K if args.neighbor_pool_size is None else args.neighbor_pool_size
+    shape = tuple(raw.diff3d.shape)
+    print(f"dry run: nothing written\n"
+          f"  input    {args.input}: {len(raw)} positions, frames {shape[1]}x{shape[2]} "
+          f"{raw.diff3d.dtype}\n"
+          f"  groups   {B} of C={C} (gridsize {args.gridsize}, pool {pool}), seed "
+          f"{seed}{' (drawn: pass --seed to repeat it)' if args.seed is None else ''}"
+          f"{', sequential' if args.sequential else ''}"
+          f"{', oversampled' if args.oversample else ''}"
+          f"{', by scan' if args.group_by_scan else ''}\n"
+          f"  backend  {be.name} ({be.description})\n"
+          f"  output   {args.output} ({fmt}{', Dask' if args.lazy else ''}, rows "
+          f"{args.row_order}), {size} bytes, memory budget {args.chunk_mib} MiB")
+    return True
 
 
 # --------------------------------------------------------------------------- convert
@@ -322,18 +391,28 @@ def _spread_rows(centres, count: int):
     return [int(inner[i]) for i in chosen]
 
 
-def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
+def plot_demo(raw, grouped, path, *, seed=None, K=None, n_groups=8, title=None):
     """Draw the scan with ``n_groups`` groups, one group up close, and its diffraction.
 
     Left: every scan position over the object's phase, with ``n_groups`` groups (members
     coloured, lines from the group centre, the group's seed starred). Middle: group 1 with
     its pool and probe footprints. Right: group 1's C diffraction frames (``X_full``, log
-    scale). Written with matplotlib's Agg backend.
+    scale). Written with matplotlib's Agg backend (the only place the CLI imports it).
+
+    ``raw`` needs ``xcoords``, ``ycoords`` (NaN: a position not drawn) and ``objectGuess``
+    (None: no object behind the positions); ``grouped`` needs ``nn_indices``,
+    ``coords_offsets`` and ``X_full`` (only its shape and one row are read). ``seed`` and
+    ``K`` None (groups read from a file, which does not store how they were sampled): no
+    seed stars and no pool.
     """
     quiet = max(logging.INFO, logging.getLogger().getEffectiveLevel())
     for name in ("matplotlib", "PIL"):  # their DEBUG chatter drowns ours under -vv
         logging.getLogger(name).setLevel(quiet)
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("drawing needs matplotlib: pip install 'gpugroup[plot]' "
+                          "(or pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -341,27 +420,29 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Circle
 
-    x, y = raw.xcoords, raw.ycoords
-    n = len(raw)
-    nn = grouped["nn_indices"]
+    x, y = np.asarray(raw.xcoords), np.asarray(raw.ycoords)
+    n = int(np.count_nonzero(np.isfinite(x)))
+    nn = np.asarray(grouped["nn_indices"])
     B, C = nn.shape
     N = grouped["X_full"].shape[1]
-    seeds = sample_seeds(np, n, min(B, n), int(seed))  # row g's seed is seeds[g % len]
-    centres = grouped["coords_offsets"][:, 0, :, 0]
+    seeds = None if seed is None else sample_seeds(np, len(x), min(B, len(x)), int(seed))
+    centres = np.asarray(grouped["coords_offsets"])[:, 0, :, 0]
     rows = _spread_rows(centres, n_groups)
     colours = plt.get_cmap("tab10").colors
-    phase = np.angle(raw.objectGuess)
-    H, W = phase.shape
+    obj = getattr(raw, "objectGuess", None)
+    phase = None if obj is None else np.angle(np.asarray(obj))
 
     fig = plt.figure(figsize=(17, 6.4), layout="constrained")
-    fig.suptitle(f"gpugroup demo: sample-then-group of {n} positions into {B} groups of "
-                 f"C={C} (K={K}, seed {seed})", fontsize=13)
+    fig.suptitle(title or f"gpugroup demo: sample-then-group of {n} positions into {B} "
+                 f"groups of C={C} (K={K}, seed {seed})", fontsize=13)
     left, middle, right = fig.subfigures(1, 3, width_ratios=[1.15, 1.0, 0.95], wspace=0.02)
     ax = left.subplots()
     zoom = middle.subplots()
     for a, dot in ((ax, 3), (zoom, 16)):
-        a.imshow(phase, cmap="Greys", extent=(-0.5, W - 0.5, H - 0.5, -0.5), alpha=0.3,
-                 interpolation="bilinear")
+        if phase is not None:
+            H, W = phase.shape
+            a.imshow(phase, cmap="Greys", extent=(-0.5, W - 0.5, H - 0.5, -0.5), alpha=0.3,
+                     interpolation="bilinear")
         a.scatter(x, y, s=dot, color="0.35", lw=0, zorder=2)
         a.set_aspect("equal")
         a.set_xlabel("x (object pixels)")
@@ -375,9 +456,10 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
         a.scatter(x[mem], y[mem], s=size, color=colour, edgecolor="k", lw=0.6, zorder=4,
                   label=label)
         a.scatter([cx], [cy], s=size, marker="+", color=colour, lw=1.5, zorder=4)
-        s_ = seeds[g % len(seeds)]
-        a.scatter([x[s_]], [y[s_]], s=size * 4, marker="*", facecolor="none",
-                  edgecolor="k", lw=1.0, zorder=5)
+        if seeds is not None:
+            s_ = seeds[g % len(seeds)]
+            a.scatter([x[s_]], [y[s_]], s=size * 4, marker="*", facecolor="none",
+                      edgecolor="k", lw=1.0, zorder=5)
 
     for j, g in enumerate(rows):
         colour = colours[j % len(colours)]
@@ -385,32 +467,41 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
         ax.annotate(f"{j + 1}", centres[g], xytext=(7, 5), textcoords="offset points",
                     fontsize=10, weight="bold", color=colour, zorder=6,
                     bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.7))
-    ax.set_xlim(x.min() - N / 2, x.max() + N / 2)
-    ax.set_ylim(y.max() + N / 2, y.min() - N / 2)
-    left.suptitle(f"all positions over the object phase; {len(rows)} groups drawn\n"
-                  f"(\u2605 seed, + group centre, lines to the C members)", fontsize=11)
+    ax.set_xlim(np.nanmin(x) - N / 2, np.nanmax(x) + N / 2)
+    ax.set_ylim(np.nanmax(y) + N / 2, np.nanmin(y) - N / 2)
+    over = " over the object phase" if phase is not None else ""
+    star = "\u2605 seed, " if seeds is not None else ""
+    left.suptitle(f"all positions{over}; {len(rows)} groups drawn\n"
+                  f"({star}+ group centre, lines to the C members)", fontsize=11)
 
     # Group 1 up close: its seed's pool (seed + K-1 nearest), members and probe footprints.
     g = rows[0]
     colour = colours[0]
-    s_ = seeds[g % len(seeds)]
-    pool = neighbour_pool(np, x, y, np.array([s_]), K, get_backend("cpu").build_index(x, y))[0]
-    half = float(np.hypot(x[pool] - x[s_], y[pool] - y[s_]).max()) + N / 2
-    zoom.scatter(x[pool], y[pool], s=110, facecolor="none", edgecolor="tab:orange", lw=1.5,
-                 zorder=3, label=f"pool: seed + {K - 1} nearest")
+    if seeds is not None and K is not None:
+        s_ = seeds[g % len(seeds)]
+        cx, cy = x[s_], y[s_]
+        pool = neighbour_pool(np, x, y, np.array([s_]), K,
+                              get_backend("cpu").build_index(x, y))[0]
+        zoom.scatter(x[pool], y[pool], s=110, facecolor="none", edgecolor="tab:orange",
+                     lw=1.5, zorder=3, label=f"pool: seed + {K - 1} nearest")
+    else:
+        (cx, cy), pool = centres[g], nn[g]
+    half = float(np.hypot(x[pool] - cx, y[pool] - cy).max()) + N / 2
     for m in nn[g]:
         zoom.add_patch(Circle((x[m], y[m]), N / 4, fill=False, ls="--", lw=0.9,
                               color=colour, zorder=3))
-    draw_group(zoom, g, colour, 60, label=f"members: C={C} of the pool")
+    draw_group(zoom, g, colour, 60,
+               label=f"members: C={C}{' of the pool' if seeds is not None else ''}")
     for m in nn[g]:
         zoom.annotate(str(m), (x[m], y[m]), xytext=(6, -12), textcoords="offset points",
                       fontsize=8, color=colour, weight="bold", zorder=6)
-    zoom.scatter([], [], s=150, marker="*", facecolor="none", edgecolor="k",
-                 label="seed position")
+    if seeds is not None:
+        zoom.scatter([], [], s=150, marker="*", facecolor="none", edgecolor="k",
+                     label="seed position")
     zoom.scatter([], [], s=60, marker="+", color=colour, label="group centre (offset)")
     zoom.plot([], [], ls="--", lw=0.9, color=colour, label=f"probe footprint (r = {N // 4} px)")
-    zoom.set_xlim(x[s_] - half, x[s_] + half)
-    zoom.set_ylim(y[s_] + half, y[s_] - half)
+    zoom.set_xlim(cx - half, cx + half)
+    zoom.set_ylim(cy + half, cy - half)
     zoom.legend(loc="lower left", fontsize=8, framealpha=0.9)
     middle.suptitle("group 1 up close", fontsize=11)
 
@@ -435,6 +526,112 @@ def plot_demo(raw, grouped, path, *, seed, K, n_groups=8):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     logger.info("wrote %s", path)
+
+
+# --------------------------------------------------------------------------- show
+def _is_grouped_output(path: str) -> bool:
+    """Whether ``path`` is a grouped output (it holds ``nn_indices``) rather than a scan."""
+    fmt = format_of(path)
+    if fmt == "zarr":
+        return os.path.isdir(os.path.join(path, "nn_indices"))
+    if not os.path.isfile(path) or fmt not in ("npz", "hdf5"):
+        return False
+    if fmt == "hdf5":
+        with require("h5py").File(path, "r") as f:
+            return "nn_indices" in f
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "nn_indices.npy" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False  # the scan reader says what is wrong with it
+
+
+class _RowsOnDemand:
+    """``X_full`` of a :class:`~gpugroup.dataset.GroupedDataset`, one row assembled when
+    indexed: all that :func:`plot_demo` reads of it."""
+
+    def __init__(self, ds):
+        self.ds = ds
+        self.shape = (len(ds), ds.N, ds.N, ds.nn_indices.shape[1])
+
+    def __getitem__(self, g):
+        return self.ds[int(g)]["X_full"]
+
+
+def cmd_show(args) -> int:
+    """Draw the demo's picture for a scan or a grouped output: positions over the object
+    (when there is one), a few groups, one group up close with its diffraction frames.
+    A scan alone is grouped on the fly (in memory, only the drawn group's frames are
+    assembled); --groups OUT draws the groups of a grouped output of that scan."""
+    import types
+    from importlib.util import find_spec
+
+    import numpy as np
+
+
+    if find_spec("matplotlib") is None:
+        raise CLIError("gpugroup show draws with matplotlib, which is not installed: "
+                       "pip install 'gpugroup[plot]'")
+    source = _check_input_file(args.input)
+    png = args.output or os.path.splitext(os.path.basename(source.rstrip("/\\")))[0] + ".png"
+    groups_path = None if args.groups is None else _check_input_file(args.groups)
+    if _is_grouped_output(source):
+        if groups_path is not None:
+            raise CLIError(f"IN {source!r} is already a grouped output; --groups takes the "
+                           f"grouped output of a scan IN")
+        groups_path, raw = source, None
+    else:
+        raw = _open_scan(source, args.key)
+    if groups_path is not None and not _is_grouped_output(groups_path):
+        raise CLIError(f"--groups {groups_path!r} holds no nn_indices: not a grouped output "
+                       f"of gpugroup group")
+    name = os.path.basename(source.rstrip("/\\"))
+    if groups_path is None:  # group the scan here, as gpugroup group would
+        nsamples = min(args.nsamples, len(raw))
+        nn, seed, be = raw.sample_for_grouping(args.K, nsamples, args.seed, args.gridsize,
+                                               backend=args.backend)
+        ds = GroupedDataset(raw, nn, backend="cpu", keep_diffraction=False)
+        grouped = group_coordinates(np, nn, raw.xcoords, raw.ycoords, raw.xcoords_start,
+                                    raw.ycoords_start)
+        grouped.update(nn_indices=nn, X_full=_RowsOnDemand(ds))
+        title = (f"{name}: {len(raw)} positions, {len(nn)} groups of C={nn.shape[1]} "
+                 f"(K={args.K}, seed {seed}, backend {be.name})")
+        plot_demo(raw, grouped, png, seed=seed, K=args.K, title=title)
+    else:
+        grouped = open_grouped(groups_path)
+        try:
+            nn = np.asarray(grouped["nn_indices"])
+            if raw is None:  # positions of the frames the groups use, from coords_nn
+                xy = np.asarray(grouped["coords_nn"])[:, 0]
+                x = np.full(int(nn.max()) + 1, np.nan)
+                y = x.copy()
+                x[nn], y[nn] = xy[:, 0], xy[:, 1]
+                raw = types.SimpleNamespace(xcoords=x, ycoords=y,
+                                            objectGuess=grouped.get("objectGuess"))
+            elif nn.max() >= len(raw):
+                raise CLIError(f"--groups {groups_path!r} uses position {int(nn.max())} but "
+                               f"IN has {len(raw)} positions: not a grouped output of IN")
+            title = (f"{os.path.basename(groups_path.rstrip('/'))}: {len(nn)} groups of "
+                     f"C={nn.shape[1]} (seed {grouped.get('seed')}) over "
+                     f"{int(np.count_nonzero(np.isfinite(raw.xcoords)))} positions"
+                     f"{' (those the groups use)' if groups_path == source else ''}")
+            plot_demo(raw, grouped, png, title=title)
+        finally:
+            _close_output(grouped, format_of(groups_path))
+    print(f"wrote {png}")
+    return EXIT_OK
+
+
+def _open_scan(source, keys):
+    """A scan with its frames left on disk where the format allows (a compressed NPZ is
+    read into memory, with a warning)."""
+    try:
+        return RawData.from_file(source, mmap_mode="r", keys=keys)
+    except CompressedMemberError as exc:
+        logger.warning("%s; loading it into memory instead", exc)
+        return RawData.from_file(source, keys=keys)
 
 
 # --------------------------------------------------------------------------- info
@@ -691,6 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lazy", action="store_true",
                    help="compute with Dask, tasks writing the .zarr store in parallel "
                         "(.zarr output only; needs gpugroup[dask])")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (groups, bytes, format, backend) and write nothing")
 
     p = add("convert", cmd_convert,
             "rewrite a scan as uncompressed .npz, .h5 or .zarr (memory-mappable)",
@@ -715,6 +914,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default=".",
                    help=f"where to write {DEMO_PNG} (default: the current directory)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+    p = add("show", cmd_show, "draw a scan or a grouped output as the demo does (needs [plot])",
+            "gpugroup show scan.npz -o scan.png --groups grouped.npz")
+    p.add_argument("input", metavar="IN",
+                   help="a scan (any input format) or a grouped output of gpugroup group")
+    p.add_argument("-o", "--output", metavar="PNG", default=None,
+                   help="picture to write (default: IN's name with .png, here)")
+    p.add_argument("--groups", metavar="OUT", default=None,
+                   help="draw the groups of this grouped output of IN instead of grouping "
+                        "IN here")
+    _add_key_option(p)
+    _add_grouping_options(p, nsamples=1000, seed=0)
 
     add("info", cmd_info, "versions, backends, GPUs and optional packages", "gpugroup info")
 
@@ -792,6 +1003,7 @@ _MEMORY_HINTS = {
     "convert": "a smaller --slab-mib",
     "simulate": "fewer positions (--n) or smaller frames (--N)",
     "demo": "fewer positions (--n), groups (--nsamples) or smaller frames (--N)",
+    "show": "fewer groups (--nsamples)",
 }
 
 

@@ -286,6 +286,123 @@ def test_demo_no_plot_writes_nothing(tmp_path, capsys):
     assert "20 groups" in capsys.readouterr().out
 
 
+# --------------------------------------------------------------------------- group: size, plan
+def test_group_prints_the_estimated_size_first(scan_file, tmp_path, capsys):
+    from gpugroup.cli import output_bytes
+
+    out = tmp_path / "g.npz"
+    assert main(["group", str(scan_file), "-o", str(out)] + GROUP_ARGS) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("estimated output: ")
+    assert "200 groups of C=4" in lines[0] and "diffraction + X_full + Y" in lines[0]
+    estimate = output_bytes(RawData.from_file(scan_file), B=200, C=4, N=N)
+    written = out.stat().st_size
+    assert estimate <= written <= estimate * 1.05, (estimate, written)  # NPZ headers only
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+def test_group_dry_run_prints_the_plan_and_writes_nothing(scan_file, tmp_path, capsys,
+                                                          suffix):
+    out = tmp_path / ("g" + suffix)
+    rc = main(["group", str(scan_file), "-o", str(out), "--dry-run", "--no-diffraction",
+               "--row-order", "locality"] + GROUP_ARGS)
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    assert "dry run: nothing written" in text and "200 of C=4" in text
+    assert "seed 42" in text and "backend  cpu" in text
+    assert {".npz": "(npz", ".h5": "(hdf5", ".zarr": "(zarr"}[suffix] in text
+    assert "diffraction" not in text.splitlines()[0] and "rows locality" in text
+    from gpugroup.cli import output_bytes
+
+    size = output_bytes(RawData.from_file(scan_file), B=200, C=4, N=N,
+                        keep_diffraction=False, locality=True)
+    assert f"{size} bytes" in text
+
+
+def test_group_dry_run_checks_like_the_real_run(scan_file, tmp_path, capsys):
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "g.h5"),
+                                     "--dry-run", "--K", "3", "--backend", "cpu"]))
+    assert "K=3" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_group_dry_run_draws_and_prints_a_seed(scan_file, tmp_path, capsys):
+    assert main(["group", str(scan_file), "-o", str(tmp_path / "g.npz"), "--dry-run",
+                 "--backend", "cpu", "--nsamples", "10"]) == 0
+    assert "(drawn: pass --seed to repeat it)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- show
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_a_scan(scan_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert main(["show", str(scan_file), "--nsamples", "50", "--backend", "cpu"]) == 0
+    png = tmp_path / "scan.png"  # default: IN's name with .png, in the current directory
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "wrote scan.png" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+def test_show_a_grouped_output_alone_and_with_its_scan(scan_file, tmp_path, capsys, suffix):
+    pytest.importorskip("matplotlib")
+    grouped = tmp_path / ("g" + suffix)
+    assert main(["group", str(scan_file), "-o", str(grouped)] + GROUP_ARGS) == 0
+    alone, both = tmp_path / "alone.png", tmp_path / "both.png"
+    assert main(["show", str(grouped), "-o", str(alone)]) == 0
+    assert main(["show", str(scan_file), "--groups", str(grouped), "-o", str(both)]) == 0
+    assert alone.read_bytes()[:8] == PNG_MAGIC and both.read_bytes()[:8] == PNG_MAGIC
+    if suffix == ".h5":  # the grouped file was closed: it can be replaced
+        assert main(["group", str(scan_file), "-o", str(grouped)] + GROUP_ARGS) == 0
+
+
+def test_show_a_scan_without_object(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    yy, xx = np.divmod(np.arange(100.0), 10)
+    raw = RawData.from_coords_without_pc(xx * 4, yy * 4,
+                                         np.random.default_rng(0).random((100, 8, 8),
+                                                                         np.float32),
+                                         np.ones((8, 8), np.complex64), None)
+    scan = tmp_path / "plain.npz"
+    raw.to_file(scan)
+    assert main(["show", str(scan), "-o", str(tmp_path / "p.png"), "--backend", "cpu",
+                 "--gridsize", "1"]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_show_errors(scan_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    line = _error_line(capsys, main(["show", str(tmp_path / "missing.npz")]))
+    assert "does not exist" in line
+    line = _error_line(capsys, main(["show", str(scan_file), "--groups", str(scan_file)]))
+    assert "not a grouped output" in line
+    small = tmp_path / "small.npz"
+    assert main(["simulate", str(small), "--n", "20", "--N", str(N)]) == 0
+    grouped = tmp_path / "g.npz"
+    assert main(["group", str(scan_file), "-o", str(grouped)] + GROUP_ARGS) == 0
+    capsys.readouterr()
+    line = _error_line(capsys, main(["show", str(small), "--groups", str(grouped)]))
+    assert "not a grouped output of IN" in line
+    line = _error_line(capsys, main(["show", str(grouped), "--groups", str(grouped)]))
+    assert "already a grouped output" in line
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_show_without_matplotlib_says_what_to_install(scan_file, tmp_path, capsys,
+                                                      monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    monkeypatch.setattr(util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    line = _error_line(capsys, main(["show", str(scan_file), "-o", str(tmp_path / "s.png")]))
+    assert "pip install 'gpugroup[plot]'" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_info_via_python_m():
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "gpugroup", "info"], capture_output=True,
