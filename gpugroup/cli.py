@@ -229,7 +229,7 @@ def cmd_group(args) -> int:
         raise CLIError(f"--lazy writes a .zarr store (each Dask task writes its own chunks), "
                        f"got -o {out!r}; drop --lazy for .npz/.h5 (streamed) output")
     raw = _open_scan(source, args.key)
-    N = raw.diff3d.shape[1] if args.N is None else args.N
+    N = frame_size(args.N, raw.diff3d)  # before the plan: a wrong --N fails first
     if _print_plan(raw, args, N=N, fmt=fmt):
         return EXIT_OK  # --dry-run
     grouped, be, seconds = run_grouping(
@@ -920,7 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN",
                    help="a scan (any input format) or a grouped output of gpugroup group")
     p.add_argument("-o", "--output", metavar="PNG", default=None,
-                   help="picture to write (default: IN's name with .png, here)")
+                   help="picture to write (default: IN's name with .png, in the current "
+                        "directory)")
     p.add_argument("--groups", metavar="OUT", default=None,
                    help="draw the groups of this grouped output of IN instead of grouping "
                         "IN here")
