@@ -300,7 +300,7 @@ def test_group_prints_the_estimated_size_first(scan_file, tmp_path, capsys):
     assert estimate <= written <= estimate * 1.05, (estimate, written)  # NPZ headers only
 
 
-@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+@pytest.mark.parametrize("suffix", [suffix_param(s) for s in (".npz", ".h5", ".zarr")])
 def test_group_dry_run_prints_the_plan_and_writes_nothing(scan_file, tmp_path, capsys,
                                                           suffix):
     out = tmp_path / ("g" + suffix)
@@ -346,7 +346,7 @@ def test_show_a_scan(scan_file, tmp_path, capsys, monkeypatch):
     assert "wrote scan.png" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+@pytest.mark.parametrize("suffix", [suffix_param(s) for s in (".npz", ".h5", ".zarr")])
 def test_show_a_grouped_output_alone_and_with_its_scan(scan_file, tmp_path, capsys, suffix):
     pytest.importorskip("matplotlib")
     grouped = tmp_path / ("g" + suffix)

@@ -54,6 +54,19 @@ def _python_blocks(path):
 
 
 RUNNABLE = [p for p in PAGES if any(_skip_reason(s) is None for _, s in _python_blocks(p))]
+
+#: Optional packages (of the test extra) an example needs, recognised in its code: a page
+#: whose examples need a missing one skips naming it (the core-only CI job).
+OPTIONAL = {"h5py": r"\bh5py\b|\.(h5|hdf5|cxi)\b", "zarr": r"\bzarr\b|\.zarr\b",
+            "dask": r"\bdask\b|lazy=True", "matplotlib": r"\bmatplotlib\b"}
+
+
+def missing_packages(page):
+    import importlib.util
+
+    code = "\n".join(src for _, src in _python_blocks(page) if _skip_reason(src) is None)
+    return [m for m, pattern in OPTIONAL.items()
+            if re.search(pattern, code) and importlib.util.find_spec(m) is None]
 MARKED = [(p, line, _skip_reason(s)) for p in PAGES for line, s in _python_blocks(p)
           if _skip_reason(s) is not None]
 
@@ -86,6 +99,9 @@ def _isolated(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=_rel)
 def test_python_examples_run(page, _isolated):
+    missing = missing_packages(page)
+    if missing:
+        pytest.skip(f"{_rel(page)}: needs {', '.join(missing)} (pip install \".[test]\")")
     namespace = {"__name__": "__docs__"}
     for line, source in _python_blocks(page):
         if _skip_reason(source) is not None:
@@ -223,3 +239,8 @@ def test_the_checkers_see_what_they_should():
     readme_links = {t for p, _, t in LINKS if p.name == "README.md"}
     assert {"docs/images/gpugroup-demo.png", "docs/ptychopinn.md"} <= readme_links
     assert len(RUNNABLE) >= 6 and len(CLI_LINES) >= 20
+    formats = ROOT / "docs" / "formats-and-out-of-core.md"
+    code = "\n".join(src for _, src in _python_blocks(formats))
+    assert re.search(OPTIONAL["h5py"], code) and re.search(OPTIONAL["zarr"], code)
+    assert not any(re.search(p, "\n".join(src for _, src in _python_blocks(ROOT / "README.md")))
+                   for p in OPTIONAL.values()), "README's example must run on the core install"
