@@ -288,7 +288,7 @@ def test_demo_no_plot_writes_nothing(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- group: size, plan
 def test_group_prints_the_estimated_size_first(scan_file, tmp_path, capsys):
-    from gpugroup.cli import output_bytes
+    from gpugroup.cli.commands import output_bytes
 
     out = tmp_path / "g.npz"
     assert main(["group", str(scan_file), "-o", str(out)] + GROUP_ARGS) == 0
@@ -313,7 +313,7 @@ def test_group_dry_run_prints_the_plan_and_writes_nothing(scan_file, tmp_path, c
     assert "seed 42" in text and "backend  cpu" in text
     assert {".npz": "(npz", ".h5": "(hdf5", ".zarr": "(zarr"}[suffix] in text
     assert "diffraction" not in text.splitlines()[0] and "rows locality" in text
-    from gpugroup.cli import output_bytes
+    from gpugroup.cli.commands import output_bytes
 
     size = output_bytes(RawData.from_file(scan_file), B=200, C=4, N=N,
                         keep_diffraction=False, locality=True)
@@ -426,7 +426,7 @@ def test_info_says_which_optional_package_is_broken(tmp_path, monkeypatch, capsy
         "raise ImportError(\"cannot import name 'collections_to_dsk' from 'dask.base'\")\n")
     (tmp_path / "gpugroup_fine_pkg.py").write_text("__version__ = '1.2.3'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(gpugroup.cli, "OPTIONAL_PACKAGES",
+    monkeypatch.setattr(gpugroup.cli.commands, "OPTIONAL_PACKAGES",
                         ("gpugroup_broken_pkg", "gpugroup_fine_pkg", "gpugroup_absent_pkg"))
     assert main(["info"]) == 0
     lines = {line.split()[0]: line.split(None, 1)[1] for line in
@@ -622,7 +622,7 @@ def test_output_checks_come_before_any_work(scan_file, tmp_path, capsys, monkeyp
     def fail(*a, **k):
         raise AssertionError("grouping ran before the output was checked")
 
-    monkeypatch.setattr(gpugroup.cli, "run_grouping", fail)
+    monkeypatch.setattr(gpugroup.cli.commands, "run_grouping", fail)
     folder = tmp_path / "d.npz"
     folder.mkdir()
     line = _error_line(capsys, main(["group", str(scan_file), "-o", str(folder)] + GROUP_ARGS))
@@ -678,7 +678,7 @@ def test_sigterm_mid_write_removes_the_partial_output(scan_file, tmp_path, monke
     def progress_bar(total, desc, unit="group"):
         return lambda k: os.kill(os.getpid(), signal.SIGTERM), lambda: None
 
-    monkeypatch.setattr(gpugroup.cli, "_progress_bar", progress_bar)
+    monkeypatch.setattr(gpugroup.cli.process, "progress_bar", progress_bar)
     before = signal.getsignal(signal.SIGTERM)
     rc = main(["group", str(scan_file), "-o", str(tmp_path / "g.npz"), "--chunk-mib", "1"]
               + GROUP_ARGS)
@@ -761,7 +761,7 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up(scan_file, tmp_path, m
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating its signal
         real_remove(tmp)
 
-    monkeypatch.setattr(gpugroup.cli, "_progress_bar", progress_bar)
+    monkeypatch.setattr(gpugroup.cli.process, "progress_bar", progress_bar)
     monkeypatch.setattr(gpugroup.io, "_remove", remove_while_signalled)
     rc = main(["group", str(scan_file), "-o", str(tmp_path / "g.zarr"), "--chunk-mib", "1"]
               + GROUP_ARGS)
@@ -795,7 +795,7 @@ def test_a_ctrl_c_that_python_dropped_still_stops_the_run(scan_file, tmp_path, m
 
     dropped = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
-    monkeypatch.setattr(gpugroup.cli, "_progress_bar", progress_bar)
+    monkeypatch.setattr(gpugroup.cli.process, "progress_bar", progress_bar)
     rc = main(["group", str(scan_file), "-o", str(tmp_path / "g.h5"), "--chunk-mib", "1"]
               + GROUP_ARGS)
     assert dropped == [KeyboardInterrupt]  # Python did drop it
@@ -807,8 +807,8 @@ def test_a_ctrl_c_that_python_dropped_still_stops_the_run(scan_file, tmp_path, m
 def test_an_ignored_sigterm_stays_ignored():
     code = ("import os, signal, sys\n"
             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "from gpugroup.cli import _raise_on_signals\n"
-            "restore = _raise_on_signals()\n"
+            "from gpugroup.cli.process import raise_on_signals\n"
+            "restore = raise_on_signals()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n"
             "restore()\n"
             "print('survived', signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)\n")

@@ -33,8 +33,9 @@ FLOORS = {
     "gpugroup.streamed": 3.0, "gpugroup.dask": 3.0, "gpugroup.dataset": 3.0,
     "gpugroup.rawdata": 3.1, "gpugroup.simulate": 3.2, "gpugroup.ptychopinn": 3.3,
     "gpugroup": 3.9,
-    # L4: the command line
-    "gpugroup.cli": 4.0, "gpugroup.__main__": 4.1,
+    # L4: the command line (process handling and the picture < the commands < the parser)
+    "gpugroup.cli.process": 4.0, "gpugroup.cli.plot": 4.0, "gpugroup.cli.commands": 4.1,
+    "gpugroup.cli": 4.2, "gpugroup.__main__": 4.3,
 }
 #: Sides of L1 that never import each other (nor anything above them).
 SIBLINGS = ("gpugroup.backends", "gpugroup.io")
