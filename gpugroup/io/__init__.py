@@ -9,16 +9,19 @@ holds the grouped-output layout. h5py and zarr are imported only when such a fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 
 import numpy as np
 
 from gpugroup._xp import to_host
 from gpugroup.io import hdf5, npz, zarr_io
-from gpugroup.io.frames import raw_view, remember_opened
+from gpugroup.io.frames import (_present, open_regular, raw_view, remember_opened,
+                                stat_identity, stat_input)
 from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS, ScanFileError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +50,7 @@ def format_of(path) -> str:
     if lower.endswith(HDF5_SUFFIXES):
         return "hdf5"
     if os.path.isfile(path):
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             magic = fh.read(8)
         if magic == b"\x89HDF\r\n\x1a\n":
             return "hdf5"
@@ -86,6 +89,8 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     """
     path = os.fspath(path)
     keys = check_keys(keys)
+    if _present(path):  # (a missing file: the reader of its format says what is missing)
+        stat_input(path)
     if mmap_mode not in (None, "r"):  # "r+" would map the user's scan writable
         raise ValueError(f"mmap_mode must be None (read into memory) or 'r' (frames left on "
                          f"disk, read-only), got mmap_mode={mmap_mode!r}")
@@ -169,6 +174,39 @@ def _warn_ignored(path, names) -> None:
                        sorted(names), ", ".join(SCAN_FIELDS))
 
 
+def _read_npy(f, field, mmap_mode):
+    """One ``.npy`` file of a scan directory, from one open file: read whole, or (with
+    ``mmap_mode``) memory-mapped from that file's descriptor, its identity noted."""
+    with open_regular(f, f"{field} file") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            raise ScanFileError(
+                f"cannot read {f!r} ({field}): it is not a .npy file (no NumPy header: "
+                f"truncated, or another format); write it with numpy.save")
+        fh.seek(0)
+        try:
+            shape, fortran, dtype = npz.read_npy_header(fh)
+        except (ValueError, EOFError, OSError) as exc:
+            raise ScanFileError(f"cannot read {f!r} ({field}): a damaged .npy header "
+                                f"({exc}); write it again with numpy.save") from exc
+        if dtype.hasobject:
+            raise ScanFileError(
+                f"cannot read {f!r} ({field}): it holds Python objects (a pickled object "
+                f"array), which gpugroup never unpickles; save {field} as a numeric array")
+        offset = fh.tell()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = os.fstat(fh.fileno()).st_size
+        if offset + nbytes > size:
+            raise ScanFileError(f"cannot read {f!r} ({field}): truncated ({size} bytes, "
+                                f"{offset + nbytes} needed for shape {shape} {dtype})")
+        if mmap_mode is None or nbytes == 0:
+            fh.seek(0)
+            return npz.npy_format.read_array(fh, allow_pickle=False)
+        stack = np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
+                          order="F" if fortran else "C")  # from the open file, not by name
+        remember_opened(stack, stat_identity(os.fstat(fh.fileno())))
+        return stack
+
+
 def _read_npy_dir(path, mmap_mode, keys):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such scan file or directory: {path!r}")
@@ -179,12 +217,9 @@ def _read_npy_dir(path, mmap_mode, keys):
                           else (name,)):
             f = os.path.join(path, candidate if candidate.endswith(".npy")
                              else candidate + ".npy")
-            if os.path.isfile(f):
+            if os.path.lexists(f):
                 lazy = mmap_mode if field in STACK_KEYS else None
-                try:
-                    data[field] = np.load(f, mmap_mode=lazy, allow_pickle=False)
-                except (ValueError, EOFError, OSError) as exc:
-                    raise ScanFileError(f"cannot read {f!r} ({field}): {exc}") from exc
+                data[field] = _read_npy(f, field, lazy)
                 used.add(os.path.basename(f))
                 break
     data["_datasets"] = sorted(p for p in os.listdir(path) if p.endswith(".npy"))

@@ -17,9 +17,11 @@ per process.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import mmap
 import os
+import stat
 import sys
 import weakref
 
@@ -313,10 +315,112 @@ class RawFileStack:
             pos += len(v)
 
 
+# ----------------------------------------------------------------------------- inputs
+_KINDS = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+          (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"))
+
+
+def _kind(mode) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def _not_regular(path, mode, what):
+    return _scan_file_error(
+        f"{what} {os.fspath(path)!r} is a {_kind(mode)}, not a regular file or directory: "
+        f"gpugroup reads scans from files (.npz, .h5, a .zarr or .npy directory); copy the "
+        f"data into one first")
+
+
+def stat_input(path, what: str = "scan") -> os.stat_result:
+    """``os.stat`` of an input ``path``, refused unless it is a regular file or a
+    directory (``/dev/zero`` would be read without end, a FIFO would block forever).
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``path`` (a dangling symbolic link included).
+    PermissionError
+        A directory on the way is not searchable.
+    ScanFileError
+        A symbolic link loop, or a device, FIFO or socket.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        dangling = os.path.islink(path)
+        raise FileNotFoundError(
+            f"{what} {path!r} does not exist"
+            + (f" (a symbolic link to the missing {os.readlink(path)!r})" if dangling else "")
+            + "; check the path") from None
+    except PermissionError:
+        raise PermissionError(
+            f"{what} {path!r} cannot be reached: permission denied (a directory "
+            f"on the way is not searchable, or the file is not readable); fix the permissions "
+            f"(chmod) or copy the scan elsewhere") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _scan_file_error(
+                f"{what} {path!r} cannot be reached: a symbolic link loop (too "
+                f"many levels of symbolic links); point the link at the scan itself") from None
+        if exc.errno == errno.ENOTDIR:
+            raise FileNotFoundError(
+                f"{what} {path!r} does not exist: a part of the path is a file, "
+                f"not a directory") from None
+        raise OSError(f"cannot stat {what} {path!r}: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise _not_regular(path, st.st_mode, what)
+    return st
+
+
+def _present(path) -> bool:
+    """Whether something (or something unreachable) is at ``path``: not a plain miss."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _nonblocking(path, flags):
+    return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+
+
+def open_regular(path, what: str = "scan file"):
+    """``path`` opened for binary reading, after checking (on the open descriptor) that
+    it is a regular file: opened without blocking, so a FIFO is refused, not waited on.
+    Read everything of one scan through this one file object (memory maps included), so
+    that a file replaced meanwhile is never mixed in."""
+    path = os.fspath(path)
+    stat_input(path, what)
+    fh = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 - returned to the caller
+    try:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise (IsADirectoryError(f"{what} {path!r} is a directory")
+                   if stat.S_ISDIR(st.st_mode) else _not_regular(path, st.st_mode, what))
+        try:
+            os.set_blocking(fh.fileno(), True)
+        except OSError:  # pragma: no cover - regular files do not block anyway
+            pass
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+
 # ----------------------------------------------------------------------------- identity
 #: The identity of the file each on-disk stack was opened from, by ``id`` of the stack
 #: (dropped with the stack): a file rewritten or replaced later is then noticed, not read.
 _OPENED: dict = {}
+
+
+def stat_identity(st) -> tuple:
+    """The identity (inode, size, mtime, ctime) of a file from its ``os.stat`` result."""
+    return _stat_identity(st)
 
 
 def _stat_identity(st) -> tuple:
@@ -349,19 +453,21 @@ def _identity_file(stack):
     return None
 
 
-def remember_opened(stack) -> None:
+def remember_opened(stack, identity=None) -> None:
     """Record the identity of the file ``stack`` reads from; call it when ``stack`` is
-    opened (the readers of :mod:`gpugroup.io` do; otherwise it is taken on first use)."""
+    opened (the readers of :mod:`gpugroup.io` do, with the ``identity`` of the file they
+    opened, taken from its descriptor; otherwise it is taken by name on first use)."""
     if id(stack) in _OPENED:
         return
-    identity = None
-    if _is_h5py(stack):
+    if identity is None and _is_h5py(stack):
         try:  # the open file's own, whatever is at its path now
             identity = _stat_identity(os.fstat(stack.file.id.get_vfd_handle()))
         except Exception:  # noqa: BLE001 - a driver without a file descriptor
             pass
     path = _identity_file(stack)
-    if identity is None and path is not None:
+    if path is None:  # not a stack read by name later (e.g. a Fortran-ordered map)
+        return
+    if identity is None:
         identity = file_identity(path)
     if identity is None:
         return
