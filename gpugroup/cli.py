@@ -115,9 +115,12 @@ def _check_output_path(path: str, flag: str, *, overwrite: bool = True,
 
 
 def _check_input_file(path: str) -> str:
-    """An existing scan: a file, or a directory (``.zarr`` store, directory of ``.npy``)."""
-    if not os.path.exists(path):
-        raise CLIError(f"input file {path!r} does not exist")
+    """An existing scan: a regular file, or a directory (``.zarr`` store, directory of
+    ``.npy``); a device, FIFO or socket is refused before anything reads it, and a path
+    that cannot be reached says why (a symbolic link loop, a directory not searchable)."""
+    from gpugroup.io import stat_input
+
+    stat_input(path, "input file")
     return path
 
 
@@ -208,7 +211,7 @@ def cmd_simulate(args) -> int:
     _check_output_path(out, "OUT", overwrite=args.overwrite)
     t0 = time.perf_counter()
     raw = simulate_rawdata(args.n, args.N, args.seed, backend="cpu")
-    raw.to_file(out, overwrite=args.overwrite)
+    raw.to_file(out, overwrite=args.overwrite, check_space=args.space_check)
     print(f"simulated {len(raw)} positions, frames {args.N}x{args.N}, object "
           f"{raw.objectGuess.shape[0]}x{raw.objectGuess.shape[1]}, seed {args.seed} in "
           f"{time.perf_counter() - t0:.2f} s")
@@ -238,6 +241,7 @@ def cmd_group(args) -> int:
         neighbor_pool_size=args.neighbor_pool_size, group_by_scan=args.group_by_scan,
         keep_diffraction=not args.no_diffraction, out=out, lazy=args.lazy,
         chunk_bytes=args.chunk_mib << 20, overwrite=args.overwrite, row_order=args.row_order,
+        check_space=args.space_check,
     )
     try:
         print(_summary(raw, grouped, be, seconds, gridsize=args.gridsize, K=args.K, out=out))
@@ -323,7 +327,8 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     try:
         written = convert(source, args.output, keys=args.key, slab_bytes=args.slab_mib << 20,
-                             overwrite=args.overwrite, progress=update)
+                          overwrite=args.overwrite, progress=update,
+                          check_space=args.space_check)
     finally:
         close()
     seconds = time.perf_counter() - t0
@@ -746,7 +751,12 @@ def cmd_cleanup_cache(args) -> int:
     if args.dry_run:
         print("dry run: nothing deleted")
         return EXIT_OK
-    if not args.yes and sys.stdin is not None and sys.stdin.isatty():
+    if not args.yes and not (sys.stdin is not None and sys.stdin.isatty()):
+        raise CLIError(
+            f"refusing to delete {len(deletable)} file(s) without confirmation: stdin is not "
+            f"a terminal, so nobody can answer; pass --yes to delete them (or --dry-run to "
+            f"list them only)")
+    if not args.yes:
         answer = input(f"delete these {len(deletable)} file(s)? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing deleted")
@@ -768,8 +778,13 @@ def cmd_cleanup_cache(args) -> int:
 # --------------------------------------------------------------------------- parser
 def _add_overwrite(p):
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing OUT once the new one is complete "
-                        "(default: --overwrite)")
+                   help="replace an existing OUT once the new one is complete; with "
+                        "--no-overwrite an OUT that appears meanwhile is kept and the new "
+                        "one discarded (default: --overwrite)")
+    p.add_argument("--space-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse up front an OUT larger than the free space where it goes; "
+                        "--no-space-check skips that for filesystems that report free space "
+                        "wrongly (default: --space-check)")
 
 
 def _positive_int(text: str) -> int:
@@ -936,7 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="directory to search recursively")
     p.add_argument("--dry-run", action="store_true", help="list the files; delete nothing")
     p.add_argument("--yes", action="store_true",
-                   help="do not ask before deleting (asked only when stdin is a terminal)")
+                   help="delete without asking; without it, cleanup-cache asks on a "
+                        "terminal and refuses when stdin is not one (a script, a pipe)")
     return parser
 
 
@@ -1086,6 +1102,17 @@ def _raise_on_signals():
         _pending.append(Terminated)
         raise Terminated()
 
+    def unraisable(info, default=sys.unraisablehook):
+        # A signal's exception raised inside a finalizer (h5py closes objects in weakref
+        # callbacks) cannot propagate: Python would print "Exception ignored ..." and a
+        # traceback. It is pending (check_signals raises it again), so stay silent.
+        if (isinstance(info.exc_value, KeyboardInterrupt) and _pending
+                and default is sys.__unraisablehook__):  # (a host's own hook still sees it)
+            return
+        default(info)
+
+    hook_before = sys.unraisablehook
+    sys.unraisablehook = unraisable
     previous = {}
     for signum, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, on_sigterm)):
         before = signal.getsignal(signum)
@@ -1096,6 +1123,7 @@ def _raise_on_signals():
     def restore():
         for signum, before in previous.items():
             signal.signal(signum, before)
+        sys.unraisablehook = hook_before
         _pending.clear()
 
     return restore

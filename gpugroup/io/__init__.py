@@ -268,19 +268,55 @@ def check_output(path, *, overwrite: bool = True, source=None, option: str = "ou
                               f"choose a writable one")
 
 
+#: Margin over an output's estimated bytes (headers, metadata, chunk indexes).
+_SPACE_MARGIN = 1.02
+_SPACE_SLACK = 1 << 20
+
+
+def check_free_space(path, nbytes, *, option: str = "check_space") -> None:
+    """Refuse, before writing, an output of about ``nbytes`` bytes that does not fit in the
+    free space at ``path``'s directory (``shutil.disk_usage``); the message gives both
+    numbers and the path. ``option`` names the keyword that skips the check (for
+    filesystems that report no or wrong free space)."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError as exc:
+        logger.info("free space at %s unknown (%s): not checked", directory, exc)
+        return
+    need = int(int(nbytes) * _SPACE_MARGIN) + _SPACE_SLACK
+    if need > free:
+        raise _with_errno(OSError(
+            f"not enough free space for {os.fspath(path)!r}: the output needs about "
+            f"{need:,} bytes ({need / 1e9:.2f} GB) but {directory!r} has {free:,} bytes "
+            f"({free / 1e9:.2f} GB) free; free space, write elsewhere or make a smaller "
+            f"output (fewer groups, --no-diffraction); skip this check with {option}=False "
+            f"(--no-space-check) if the filesystem reports free space wrongly"), errno.ENOSPC)
+    logger.debug("output %s: about %d bytes, %d free", path, need, free)
+
+
 def _looks_like_zarr(path) -> bool:
     return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
 
 
 @contextlib.contextmanager
-def atomic_path(path, overwrite: bool = True):
+def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool = True):
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.
 
     On any exception (KeyboardInterrupt included) the temporary file or directory is
     removed and nothing appears under ``path`` (an existing ``path`` is left as it was).
-    Zarr outputs are directories: an existing store is replaced only if it is a Zarr store.
+    Zarr outputs are directories: an existing store is replaced only if it is a Zarr store
+    at the moment of the rename. Without ``overwrite`` the rename itself refuses an
+    existing ``path`` (``renameat2(RENAME_NOREPLACE)``, else ``link`` + ``unlink`` or an
+    exclusive ``mkdir``), so two runs started together cannot both publish.
+
+    ``nbytes``, when given, is the output's estimated size: with ``check_space``, too
+    little free space at ``path`` is refused before anything is written
+    (:func:`check_free_space`). A write error (full disk, file-size limit) names ``path``.
     """
     check_output(path, overwrite=overwrite)
+    if nbytes is not None and check_space:
+        check_free_space(path, nbytes)
     path = os.path.abspath(os.fspath(path))
     directory, base = os.path.split(path)
     is_dir = format_of(path) == "zarr"
@@ -302,13 +338,19 @@ def atomic_path(path, overwrite: bool = True):
             finally:
                 os.close(fd)
         with signals_deferred():  # a Ctrl-C must not stop the renames half-way
-            _replace(tmp, path, is_dir)
-    except BaseException:
+            if overwrite:
+                _replace(tmp, path, is_dir)
+            else:
+                _publish_new(tmp, path, is_dir)
+    except BaseException as exc:
         with signals_deferred():  # nor a second Ctrl-C the clean-up
             if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
                 settle_removed(tmp)
             else:
                 _remove(tmp)
+        named = write_error(exc, path)
+        if named is not exc:
+            raise named from exc
         raise
 
 
@@ -351,29 +393,175 @@ def _umask() -> int:
     return mask
 
 
+#: ``renameat2`` flag: fail with EEXIST when the target exists (Linux >= 3.15).
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src, dst) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists, atomically (``renameat2`` with
+    ``RENAME_NOREPLACE`` through ctypes). Returns False where that is not available (not
+    Linux, an old kernel or C library, a filesystem without it); raises FileExistsError
+    when ``dst`` exists."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                 _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        raise FileExistsError(err, os.strerror(err), os.fspath(dst))
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(dst))
+
+
+def _exists_error(path) -> FileExistsError:
+    return FileExistsError(
+        f"{path!r} appeared while the output was written (another run writing the same "
+        f"name?) and overwrite=False (--no-overwrite): it was left as it is and the new "
+        f"output discarded; choose another name or pass overwrite=True")
+
+
+def _publish_new(tmp, path, is_dir) -> None:
+    """Rename ``tmp`` to ``path`` only if nothing is at ``path``, atomically: at most one
+    of several runs publishing the same name succeeds; the others raise FileExistsError
+    (and remove their own temporary output, nothing else)."""
+    try:
+        if _rename_noreplace(tmp, path):
+            return
+        if not is_dir:  # a hard link fails if the name exists; then drop the temporary name
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError as exc:  # no hard links here: an exclusive placeholder, replaced
+                logger.debug("no hard links in %s (%s): exclusive create, then rename",
+                             os.path.dirname(path), exc)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.replace(tmp, path)
+                return
+            os.unlink(tmp)
+            return
+        os.mkdir(path)  # claims the name (EEXIST if taken); a rename replaces an empty dir
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:  # someone wrote into the claimed directory: theirs now
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(exc.errno, exc.strerror, path) from None
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # still empty: only what this run created
+            raise
+    except FileExistsError:
+        raise _exists_error(path) from None
+
+
 def _replace(tmp, path, is_dir):
     """Rename ``tmp`` to ``path``. An existing store at ``path`` is moved aside first and
-    removed after; interrupted anywhere, one complete store stays under ``path`` (the new
-    one once it got there, else the old one, put back) and no moved-aside copy is left."""
-    if not (is_dir and os.path.lexists(path)):
+    removed after, if it is a Zarr store at that moment (anything else is put back and
+    refused: gpugroup removes nothing it did not create); interrupted anywhere, one
+    complete store stays under ``path`` (the new one once it got there, else the old one,
+    put back) and no moved-aside copy is left."""
+    if not is_dir:
         os.replace(tmp, path)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
-                           dir=os.path.dirname(path))
-    os.rmdir(old)
+    for _ in range(100):  # another process may keep creating and removing the name
+        if not os.path.lexists(path):
+            try:
+                if _rename_noreplace(tmp, path):
+                    return
+            except FileExistsError:
+                continue  # created meanwhile: check what it is
+            try:
+                os.mkdir(path)  # claim the name, then replace the empty claim
+            except FileExistsError:
+                continue
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+                raise
+            return
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
+                               dir=os.path.dirname(path))
+        os.rmdir(old)
+        try:
+            try:
+                os.rename(path, old)  # now under a name only this run uses
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if not _replaceable(old):
+                raise FileExistsError(
+                    f"{path!r} was replaced by something that is not a Zarr store while the "
+                    f"output was written; refusing to remove it (it was left as it is and "
+                    f"the new output discarded): remove it or choose another name")
+            os.rename(tmp, path)
+        finally:
+            if os.path.lexists(old):
+                if os.path.lexists(path) and _replaceable(old) and not os.path.lexists(tmp):
+                    try:
+                        _remove(old)
+                    except BaseException:  # interrupted while removing: finish, then go on
+                        _remove(old)
+                        raise
+                else:
+                    _put_back(old, path)
+        return
+    raise FileExistsError(f"{path!r} keeps changing while the output is published; "
+                          f"choose another name")
+
+
+def _replaceable(old) -> bool:
+    """What a ``.zarr`` output may replace (as :func:`check_output` allows): a Zarr store,
+    a file or a link; never another directory."""
+    return not os.path.isdir(old) or os.path.islink(old) or _looks_like_zarr(old)
+
+
+def _put_back(old, path) -> None:
+    """Rename the moved-aside ``old`` back to ``path``, unless a new ``path`` appeared
+    meanwhile (then ``old`` stays, logged, rather than replacing someone's)."""
     try:
-        os.rename(path, old)
-        os.rename(tmp, path)
-    finally:
-        if os.path.lexists(old):
+        if not _rename_noreplace(old, path):
             if os.path.lexists(path):
-                try:
-                    _remove(old)
-                except BaseException:  # interrupted while removing: finish, then go on
-                    _remove(old)
-                    raise
-            else:
-                os.rename(old, path)
+                raise FileExistsError(path)
+            os.rename(old, path)
+    except FileExistsError:
+        logger.warning("%r appeared meanwhile; the earlier contents of that name are kept "
+                       "as %r", path, old)
+
+
+def write_error(exc, path):
+    """``exc``, or for an OSError that does not name ``path`` (a full disk, a file-size
+    limit: a bare "[Errno 28]"), an OSError of the same errno that does, with the fix."""
+    if not isinstance(exc, OSError) or os.fspath(path) in str(exc):
+        return exc
+    code = getattr(exc, "errno", None)
+    hint = {errno.ENOSPC: "free space there or write elsewhere",
+            errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere",
+            errno.EFBIG: "the file is larger than the file-size limit (ulimit -f) or the "
+                         "filesystem allows: raise the limit or write elsewhere"}.get(code)
+    if hint is None:
+        return exc
+    return _with_errno(type(exc)(f"{os.strerror(code)} while writing {os.fspath(path)!r}: "
+                                 f"{hint} (the partial output was removed)"), code)
+
+
+def _with_errno(exc, code):
+    """``exc`` (one message, so no "[Errno N]" prefix) with ``errno`` set to ``code``."""
+    exc.errno = code
+    return exc
 
 
 def _remove(tmp):
@@ -442,16 +630,20 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
 
 
 def write_scan(path, arrays: dict, *, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=True,
-               progress=None, fmt=None) -> str:
+               progress=None, fmt=None, check_space=True) -> str:
     """Write scan ``arrays`` (field -> array, frame stacks may be on disk) to ``path``
     (``.npz``, ``.h5`` or ``.zarr``; ``fmt`` overrides the suffix) atomically, stacks
     copied slab by slab.
 
     HDF5 stacks are contiguous and Zarr stacks unsharded, uncompressed, 1-16 frames per
-    chunk: the layouts gpugroup reads fastest. Returns the absolute path.
+    chunk: the layouts gpugroup reads fastest. Returns the absolute path. With
+    ``check_space``, an output larger than the free space at ``path`` is refused up front.
     """
     fmt = fmt or output_format(path)
-    with atomic_path(path, overwrite) as tmp:
+    nbytes = sum(int(np.prod(getattr(v, "shape", ()), dtype=np.int64))
+                 * np.dtype(getattr(v, "dtype", np.float64)).itemsize
+                 for v in arrays.values() if v is not None)
+    with atomic_path(path, overwrite, nbytes=nbytes, check_space=check_space) as tmp:
         target = open_target(tmp, fmt)
         try:
             for key, value in arrays.items():
@@ -475,11 +667,14 @@ def read_scan_slabs(path, keys=None) -> dict:
     other stack left on disk as with ``read_scan(path, mmap_mode="r")``. For copying a scan
     whatever its layout (``gpugroup convert``)."""
     path = os.fspath(path)
+    if _present(path):  # a device or FIFO is refused before anything reads it
+        stat_input(path)
     if format_of(path) == "npz":
         return _npz_fields(path, npz.read_npz_streaming(path), check_keys(keys))
     return read_scan(path, mmap_mode="r", keys=keys)
 
 
 __all__ = ["STACK_KEYS", "SCAN_FIELDS", "ScanFileError", "format_of", "read_scan",
+           "stat_input", "open_regular", "check_free_space",
            "read_scan_slabs", "write_scan", "atomic_path", "same_path", "check_output", "check_keys",
            "open_target", "output_format", "copy_stack"]
