@@ -323,7 +323,7 @@ def to_zarr(grouped: dict, path, *, overwrite=True, check_space=True) -> dict:
             rows = _zarr_rows(block, group_bytes)
             targets.append(_Guarded(g.create_array(
                 key, shape=arr.shape, dtype=arr.dtype, chunks=(rows,) + tuple(arr.shape[1:]),
-                compressors=None, fill_value=0), guard))
+                compressors=None, fill_value=0, config={"write_empty_chunks": True}), guard))
             sources.append(arr)
         scale = grouped.get("norm_scale")
         if hasattr(scale, "__dask_graph__"):

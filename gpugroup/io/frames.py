@@ -114,8 +114,10 @@ def read_frames(stack, uniq):
             check_unchanged(stack, replaced_ok=True)  # the open file, unless rewritten
             return _read_h5py(stack, uniq)
         if _is_zarr(stack):
-            check_unchanged(stack)  # its chunks are read by name
-            return _read_zarr(stack, uniq)
+            check_unchanged(stack)  # its chunks are read by name: the same store after too
+            frames = _read_zarr(stack, uniq)
+            check_unchanged(stack)
+            return frames
         return np.asarray(stack[uniq])
     except MemoryError:
         raise
@@ -194,7 +196,7 @@ def _zarr_direct_layout(arr):
 
 
 def _read_zarr_direct(arr, uniq, layout):
-    directory, k, stored, fill = layout
+    directory, k, stored, _fill = layout
     frame = tuple(arr.shape[1:])
     out = np.empty((uniq.size,) + frame, dtype=arr.dtype)
     chunk_of = uniq // k
@@ -206,9 +208,11 @@ def _read_zarr_direct(arr, uniq, layout):
         key = arr.metadata.encode_chunk_key((cid,) + (0,) * len(frame))
         try:
             chunk = np.fromfile(os.path.join(directory, *key.split("/")), dtype=stored)
-        except FileNotFoundError:
-            out[a:b] = fill
-            continue
+        except FileNotFoundError:  # fill values are not data: a lost chunk is an error
+            check_unchanged(arr)  # (or the store was replaced: say that instead)
+            from gpugroup.io.zarr_io import missing_chunk_message
+
+            raise _scan_file_error(missing_chunk_message(arr, [key], store=directory)) from None
         chunk = chunk.reshape((k,) + frame)
         out[a:b] = chunk[uniq[a:b] - cid * k]
     return out

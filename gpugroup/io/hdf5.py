@@ -8,6 +8,7 @@ objects when asked (``mmap_mode="r"``); the small fields are read.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import numpy as np
@@ -147,13 +148,37 @@ class Target:
             self._f.create_dataset(key, data=array)
 
     def close(self):
-        self._f.close()
-
-    def discard(self):
         try:
             self._f.close()
-        except Exception:  # noqa: BLE001 - already failing; the file is removed next
-            pass
+        except BaseException:
+            self._abandon()
+            raise
+
+    def discard(self):
+        self._abandon()
+
+    def _abandon(self):
+        """Close the file without writing anything more to it (it is removed next).
+
+        After a failed write (a full disk, ``ulimit -f``) libhdf5 keeps the file open with
+        unwritable dirty metadata: closing fails, and the library's own clean-up at exit
+        then crashes the process (SIGSEGV; a bare h5py script does the same). So the
+        file's descriptor is first pointed at ``/dev/null``: the last flush then succeeds
+        into nothing and the file closes for good."""
+        try:
+            fd = self._f.id.get_vfd_handle() if self._f.id.valid else None
+        except Exception:  # noqa: BLE001 - closed already, or a driver without a descriptor
+            fd = None
+        if isinstance(fd, int) and fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+        try:
+            self._f.close()
+        except Exception as exc:  # noqa: BLE001 - already failing; the file is removed next
+            logger.debug("closing the discarded HDF5 file %s: %s", self.path, exc)
 
 
 def open_output(path, stack_keys) -> dict:
