@@ -7,6 +7,7 @@ objects when asked (``mmap_mode="r"``); the small fields are read.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -35,10 +36,15 @@ def _open(path, mode="r"):
         raise
     except OSError as exc:
         if mode == "r":
-            import os
-
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no such scan file: {path!r}") from exc
+        if "unable to lock file" in str(exc) or getattr(exc, "errno", None) in (
+                errno.EAGAIN, errno.EWOULDBLOCK):
+            raise OSError(
+                f"cannot open {path!r}: another process has it open for writing (HDF5 file "
+                f"locking: {exc}). Wait until that writer closes it; if the writer is gone "
+                f"and the lock is stale, or the file is only being read, set the environment "
+                f"variable HDF5_USE_FILE_LOCKING=FALSE") from exc
         raise OSError(f"cannot open {path!r} as HDF5: {exc}. Is it an HDF5/CXI file "
                       f"(truncated, or another format)?") from exc
 
@@ -148,11 +154,12 @@ class Target:
             self._f.create_dataset(key, data=array)
 
     def close(self):
-        try:
-            self._f.close()
+        try:  # everything written while the file is still open: a failure is reported
+            self._f.flush()  # here, and the file can still be abandoned cleanly
         except BaseException:
             self._abandon()
             raise
+        self._f.close()
 
     def discard(self):
         self._abandon()

@@ -59,7 +59,12 @@ def _consistently(path, read_once):
 
     for _ in range(_OPEN_ATTEMPTS):
         before = store_identity(path)
-        out = read_once()
+        try:
+            out = read_once()
+        except Exception:  # noqa: BLE001 - a store replaced mid-read fails in many ways
+            if store_identity(path) != before:
+                continue
+            raise
         if store_identity(path) == before:
             return out
     raise ScanFileError(f"{path!r} kept changing while it was opened (another process "
