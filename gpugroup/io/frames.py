@@ -91,9 +91,27 @@ def gather_frames(stack, idx):
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
     raw = raw_view(stack)
     if raw is not None:
-        return raw.take(idx)
+        return _take_raw(stack, raw, idx)
     uniq, inverse = np.unique(idx, return_inverse=True)
     return read_frames(stack, uniq)[inverse.reshape(-1)]
+
+
+def _take_raw(stack, raw, idx):
+    """``raw.take(idx)``; when the file at ``stack``'s path was replaced between the check
+    of :func:`raw_view` and the read (``raw`` then refuses the new file), the frames come
+    from ``stack`` itself, whose open map or handle still holds the file it was opened
+    from."""
+    try:
+        return raw.take(idx)
+    except Exception as exc:
+        from gpugroup.io import ScanFileError
+
+        if (raw is stack or not isinstance(exc, ScanFileError)
+                or check_unchanged(stack, replaced_ok=True) != "replaced"):
+            raise
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return np.asarray(stack[uniq])[inverse.reshape(-1)]
 
 
 def read_frames(stack, uniq):
@@ -109,7 +127,7 @@ def read_frames(stack, uniq):
     raw = raw_view(stack)
     try:
         if raw is not None:
-            return raw.take(uniq)
+            return _take_raw(stack, raw, uniq)
         if _is_h5py(stack):
             check_unchanged(stack, replaced_ok=True)  # the open file, unless rewritten
             return _read_h5py(stack, uniq)
