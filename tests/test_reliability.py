@@ -465,6 +465,22 @@ def test_unreachable_inputs_say_why(tmp_path, capsys):
             locked.chmod(0o755)
 
 
+def test_an_unsearchable_directory_says_permission_denied(tmp_path, monkeypatch, capsys):
+    """(As root every directory is searchable: the denial is simulated for the scan.)"""
+    scan = tmp_path / "locked" / "s.npz"
+    real = os.stat
+
+    def denied(path, *args, **kwargs):
+        if os.fspath(path) == str(scan):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", denied)
+    monkeypatch.setattr(os, "lstat", denied)
+    line = _one_error(capsys, main(["group", str(scan), "-o", str(tmp_path / "o.npz")]))
+    assert "permission denied" in line and "does not exist" not in line and str(scan) in line
+
+
 def test_pickled_and_garbage_members_are_named(tmp_path):
     bad = tmp_path / "p.npz"
     scan = _marked_scan(1.0)
