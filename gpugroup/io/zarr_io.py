@@ -284,3 +284,10 @@ def open_output(path, stack_keys) -> dict:
         return out
 
     return _consistently(path, read_once)
+
+
+def __getattr__(name):
+    # ``CheckedArray`` is built on first use (zarr is optional); by name for pickle.
+    if name == "CheckedArray":
+        return _checked_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
