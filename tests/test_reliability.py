@@ -22,6 +22,7 @@ from gpugroup import RawData, io, sample_groups
 from gpugroup.cli import main
 from gpugroup.io import frames
 from gpugroup.io.grouped import open_grouped
+from gpugroup.rawdata import convert
 from gpugroup.simulate import simulate_rawdata
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def _replace_loop(sources, target, stop):
         k += 1
 
 
-# ----------------------------------------------------------------------------- 1: replaced while opened
+# -------------------- 1: replaced while opened
 @pytest.mark.slow
 def test_a_scan_replaced_while_it_is_opened_is_never_mixed(tmp_path):
     """Hammer: scans renamed onto the path in a loop while it is opened (memory-mapped) and
@@ -190,7 +191,7 @@ def test_a_grouped_zarr_replaced_while_it_is_opened_is_never_mixed(tmp_path):
     assert good > 0, refused
 
 
-# ----------------------------------------------------------------------------- 2: --no-overwrite races
+# -------------------- 2: --no-overwrite races
 def test_no_overwrite_is_checked_at_the_rename(tmp_path):
     """A name that appears while an output is written (another run) is kept; the new
     output is discarded with an error that says so. Files and .zarr stores; with and
@@ -281,7 +282,7 @@ def test_two_no_overwrite_runs_started_together_publish_once(scan_file, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
-# ----------------------------------------------------------------------------- 3: special files
+# -------------------- 3: special files
 def test_special_files_are_refused_before_reading(tmp_path, capsys):
     line = _one_error(capsys, main(["group", "/dev/zero", "-o", str(tmp_path / "z.npz")]))
     assert "/dev/zero" in line and "character device" in line
@@ -291,7 +292,7 @@ def test_special_files_are_refused_before_reading(tmp_path, capsys):
     line = _one_error(capsys, main(["group", str(fifo), "-o", str(tmp_path / "o.npz")]))
     assert "FIFO" in line and str(fifo) in line
     for call in (lambda: io.read_scan(fifo, mmap_mode="r"), lambda: RawData.from_file(fifo),
-                 lambda: io.convert(fifo, tmp_path / "c.npz"),
+                 lambda: convert(fifo, tmp_path / "c.npz"),
                  lambda: io.read_scan("/dev/zero")):
         with pytest.raises(io.ScanFileError, match="not a regular file"):
             call()
@@ -304,7 +305,7 @@ def test_special_files_are_refused_before_reading(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.npz"]
 
 
-# ----------------------------------------------------------------------------- 4: HDF5 at a file-size limit
+# -------------------- 4: HDF5 at a file-size limit
 def _file_size_limit(nbytes):
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
@@ -349,7 +350,7 @@ def test_hdf5_output_at_a_file_size_limit_is_a_clean_error(scan_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ----------------------------------------------------------------------------- 5: free space
+# -------------------- 5: free space
 def test_too_little_free_space_is_refused_up_front(scan_file, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -391,7 +392,7 @@ def test_a_write_error_names_the_output(scan_file, tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
-# ----------------------------------------------------------------------------- 6: lost Zarr chunks
+# -------------------- 6: lost Zarr chunks
 def test_a_zarr_scan_with_a_missing_chunk_is_an_error(scan_file, tmp_path, capsys):
     pytest.importorskip("zarr")
     store = tmp_path / "m.zarr"
@@ -419,7 +420,7 @@ def test_zarr_outputs_write_every_chunk(tmp_path):
     np.testing.assert_array_equal(np.asarray(back.diff3d[:]), raw.diff3d)
 
 
-# ----------------------------------------------------------------------------- 7: tiny coordinates
+# -------------------- 7: tiny coordinates
 @pytest.mark.parametrize("scale", [1e-200, 1e-300, 2.0**-700, 1e-310])
 def test_tiny_coordinates_give_the_groups_of_the_unscaled_ones(scale):
     rng = np.random.default_rng(0)
@@ -444,7 +445,7 @@ def test_power_of_two_scaling_keeps_the_canonical_groups(k):
                                                     backend="cpu"), ref)
 
 
-# ----------------------------------------------------------------------------- 8: messages
+# -------------------- 8: messages
 def test_unreachable_inputs_say_why(tmp_path, capsys):
     loop = tmp_path / "loop.npz"
     loop.symlink_to(loop)
@@ -540,7 +541,7 @@ def test_sigterm_during_an_hdf5_write_prints_no_traceback(scan_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ----------------------------------------------------------------------------- 9: cleanup-cache
+# -------------------- 9: cleanup-cache
 def test_cleanup_cache_without_yes_off_a_terminal_refuses(tmp_path):
     cache = tmp_path / "a.groups_cache.npz"
     cache.write_bytes(b"x" * 10)

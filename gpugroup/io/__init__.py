@@ -13,14 +13,13 @@ import errno
 import logging
 import os
 import shutil
-import stat
 import tempfile
 
 import numpy as np
 
 from gpugroup._xp import to_host
 from gpugroup.io import hdf5, npz, zarr_io
-from gpugroup.io.frames import (_present, open_regular, raw_view, remember_opened,
+from gpugroup.io.frames import (path_present, open_regular, raw_view, remember_opened,
                                 stat_identity, stat_input)
 from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS, ScanFileError
 
@@ -89,7 +88,7 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     """
     path = os.fspath(path)
     keys = check_keys(keys)
-    if _present(path):  # (a missing file: the reader of its format says what is missing)
+    if path_present(path):  # (a missing file: the reader of its format says what is missing)
         stat_input(path)
     if mmap_mode not in (None, "r"):  # "r+" would map the user's scan writable
         raise ValueError(f"mmap_mode must be None (read into memory) or 'r' (frames left on "
@@ -667,7 +666,7 @@ def read_scan_slabs(path, keys=None) -> dict:
     other stack left on disk as with ``read_scan(path, mmap_mode="r")``. For copying a scan
     whatever its layout (``gpugroup convert``)."""
     path = os.fspath(path)
-    if _present(path):  # a device or FIFO is refused before anything reads it
+    if path_present(path):  # a device or FIFO is refused before anything reads it
         stat_input(path)
     if format_of(path) == "npz":
         return _npz_fields(path, npz.read_npz_streaming(path), check_keys(keys))

@@ -104,8 +104,6 @@ def _take_raw(stack, raw, idx):
     try:
         return raw.take(idx)
     except Exception as exc:
-        from gpugroup.io import ScanFileError
-
         if (raw is stack or not isinstance(exc, ScanFileError)
                 or check_unchanged(stack, replaced_ok=True) != "replaced"):
             raise
@@ -228,12 +226,26 @@ def _read_zarr_direct(arr, uniq, layout):
             chunk = np.fromfile(os.path.join(directory, *key.split("/")), dtype=stored)
         except FileNotFoundError:  # fill values are not data: a lost chunk is an error
             check_unchanged(arr)  # (or the store was replaced: say that instead)
-            from gpugroup.io.zarr_io import missing_chunk_message
-
             raise _scan_file_error(missing_chunk_message(arr, [key], store=directory)) from None
         chunk = chunk.reshape((k,) + frame)
         out[a:b] = chunk[uniq[a:b] - cid * k]
     return out
+
+
+def chunk_grid(arr):
+    """Chunks (shards, when sharded) per axis: what the store holds one file each of."""
+    inner = getattr(arr, "shards", None) or arr.chunks
+    return tuple(-(-int(n) // max(1, int(c))) for n, c in zip(arr.shape, inner))
+
+
+def missing_chunk_message(arr, keys, count=None, store=None) -> str:
+    name = "/" + arr.path if arr.path else "/"
+    where = f" of {os.fspath(store)!r}" if store is not None else ""
+    many = f" ({count} of {int(np.prod(chunk_grid(arr), dtype=np.int64))} chunks)" if count else ""
+    return (f"Zarr array {name!r}{where} is missing chunk {keys[0]!r}{many}"
+            f"{' (also ' + ', '.join(repr(k) for k in keys[1:]) + ')' if len(keys) > 1 else ''}"
+            f": zarr would read it as fill values, which are not data. Restore the store "
+            f"from its source (or convert the original scan again)")
 
 
 def _read_zarr(arr, uniq):
@@ -395,7 +407,7 @@ def stat_input(path, what: str = "scan") -> os.stat_result:
     return st
 
 
-def _present(path) -> bool:
+def path_present(path) -> bool:
     """Whether something (or something unreachable) is at ``path``: not a plain miss."""
     try:
         os.lstat(path)

@@ -15,7 +15,8 @@ import numpy as np
 
 from gpugroup._optional import require
 from gpugroup._xp import to_host
-from gpugroup.schema import STACK_KEYS
+from gpugroup.io.frames import check_unchanged, chunk_grid, missing_chunk_message, remember_opened
+from gpugroup.schema import STACK_KEYS, ScanFileError
 
 
 def _open_group(path, mode):
@@ -55,8 +56,6 @@ def _consistently(path, read_once):
     """``read_once()`` of the store at ``path``, repeated until the store did not change
     while it ran (another process renaming a new store onto ``path``): a store is never
     returned as a mix of two. Raises ScanFileError if it keeps changing."""
-    from gpugroup.io import ScanFileError
-
     for _ in range(_OPEN_ATTEMPTS):
         before = store_identity(path)
         try:
@@ -118,24 +117,16 @@ def _array_directory(arr):
     return os.path.join(os.fspath(root), arr.path) if arr.path else os.fspath(root)
 
 
-def _chunk_grid(arr):
-    """Chunks (shards, when sharded) per axis: what the store holds one file each of."""
-    inner = getattr(arr, "shards", None) or arr.chunks
-    return tuple(-(-int(n) // max(1, int(c))) for n, c in zip(arr.shape, inner))
-
-
 def check_chunks(arr, store=None, limit: int = 3) -> None:
     """Raise ScanFileError naming the array and chunk when a chunk file of ``arr`` (in a
     local store) is missing: zarr would read it as fill values, which are not data.
     (gpugroup writes every chunk, empty ones included.)"""
     import itertools
 
-    from gpugroup.io import ScanFileError
-
     directory = _array_directory(arr)
     if directory is None or not arr.shape or 0 in arr.shape:
         return
-    grid = _chunk_grid(arr)
+    grid = chunk_grid(arr)
     expected = int(np.prod(grid, dtype=np.int64))
     found = sum(len([f for f in files if f not in ("zarr.json", ".zarray", ".zattrs")])
                 for _, _, files in os.walk(directory))
@@ -152,21 +143,9 @@ def check_chunks(arr, store=None, limit: int = 3) -> None:
         raise ScanFileError(missing_chunk_message(arr, missing, expected - found, store))
 
 
-def missing_chunk_message(arr, keys, count=None, store=None) -> str:
-    name = "/" + arr.path if arr.path else "/"
-    where = f" of {os.fspath(store)!r}" if store is not None else ""
-    many = f" ({count} of {int(np.prod(_chunk_grid(arr), dtype=np.int64))} chunks)" if count else ""
-    return (f"Zarr array {name!r}{where} is missing chunk {keys[0]!r}{many}"
-            f"{' (also ' + ', '.join(repr(k) for k in keys[1:]) + ')' if len(keys) > 1 else ''}"
-            f": zarr would read it as fill values, which are not data. Restore the store "
-            f"from its source (or convert the original scan again)")
-
-
 def checked(arr):
     """``arr`` as a :class:`CheckedArray` (reads refused once its store changes), its
     identity noted now."""
-    from gpugroup.io.frames import remember_opened
-
     out = _checked_class()(arr._async_array)
     remember_opened(out)
     return out
@@ -182,8 +161,6 @@ def _checked_class():
         zarr would then read the new store's chunks by name, or fill values)."""
 
         def _checked(self, read, *args, **kwargs):
-            from gpugroup.io.frames import check_unchanged
-
             check_unchanged(self)
             out = read(*args, **kwargs)
             check_unchanged(self)
