@@ -24,7 +24,8 @@ from gpugroup.assembly import frame_size, group_coordinates
 from gpugroup.backends import available_backends, get_backend
 from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import neighbour_pool, sample_seeds
-from gpugroup.io import check_output, format_of, output_format
+from gpugroup.io import (check_free_space, check_output, format_of, output_format,
+                         stat_input)
 from gpugroup.io.grouped import open_grouped
 from gpugroup.io.npz import CompressedMemberError
 from gpugroup.rawdata import RawData, convert
@@ -118,8 +119,6 @@ def _check_input_file(path: str) -> str:
     """An existing scan: a regular file, or a directory (``.zarr`` store, directory of
     ``.npy``); a device, FIFO or socket is refused before anything reads it, and a path
     that cannot be reached says why (a symbolic link loop, a directory not searchable)."""
-    from gpugroup.io import stat_input
-
     stat_input(path, "input file")
     return path
 
@@ -285,11 +284,16 @@ def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
               + ["Y"] * (raw.Y is not None or raw.objectGuess is not None))
     print(f"estimated output: {_human_bytes(size)} ({B} groups of C={C} {N}x{N} frames: "
           f"{' + '.join(arrays)}); {_human_bytes(free)} free in {where}", flush=True)
+    if not args.dry_run:
+        if args.space_check:  # the output's size is known now: refuse before grouping
+            check_free_space(args.output, size, skip="--no-space-check")
+        elif size > free:
+            logger.warning("the output (about %s) may not fit in %s (%s free)",
+                           _human_bytes(size), where, _human_bytes(free))
+        return False
     if size > free:
         logger.warning("the output (about %s) may not fit in %s (%s free)",
                        _human_bytes(size), where, _human_bytes(free))
-    if not args.dry_run:
-        return False
     # The groups themselves (coordinates only, no frames read): every check of the real
     # run, and the exact count.
     nn, seed, be = raw.sample_for_grouping(

@@ -272,11 +272,13 @@ _SPACE_MARGIN = 1.02
 _SPACE_SLACK = 1 << 20
 
 
-def check_free_space(path, nbytes, *, option: str = "check_space") -> None:
+def check_free_space(path, nbytes, *,
+                     skip: str = "check_space=False (--no-space-check on the command "
+                     "line)") -> None:
     """Refuse, before writing, an output of about ``nbytes`` bytes that does not fit in the
     free space at ``path``'s directory (``shutil.disk_usage``); the message gives both
-    numbers and the path. ``option`` names the keyword that skips the check (for
-    filesystems that report no or wrong free space)."""
+    numbers and the path. ``skip`` says how to skip the check (for filesystems that
+    report no or wrong free space)."""
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
         free = shutil.disk_usage(directory).free
@@ -289,8 +291,8 @@ def check_free_space(path, nbytes, *, option: str = "check_space") -> None:
             f"not enough free space for {os.fspath(path)!r}: the output needs about "
             f"{need:,} bytes ({need / 1e9:.2f} GB) but {directory!r} has {free:,} bytes "
             f"({free / 1e9:.2f} GB) free; free space, write elsewhere or make a smaller "
-            f"output (fewer groups, --no-diffraction); skip this check with {option}=False "
-            f"(--no-space-check) if the filesystem reports free space wrongly"), errno.ENOSPC)
+            f"output (fewer groups, no diffraction copy); skip this check with {skip} if "
+            f"the filesystem reports free space wrongly"), errno.ENOSPC)
     logger.debug("output %s: about %d bytes, %d free", path, need, free)
 
 
