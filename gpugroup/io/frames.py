@@ -239,13 +239,18 @@ def chunk_grid(arr):
 
 
 def missing_chunk_message(arr, keys, count=None, store=None) -> str:
+    """The error for chunk files ``keys`` of Zarr array ``arr`` that are missing (``count``
+    of them in all, when known; ``store`` names the store)."""
     name = "/" + arr.path if arr.path else "/"
     where = f" of {os.fspath(store)!r}" if store is not None else ""
-    many = f" ({count} of {int(np.prod(chunk_grid(arr), dtype=np.int64))} chunks)" if count else ""
-    return (f"Zarr array {name!r}{where} is missing chunk {keys[0]!r}{many}"
-            f"{' (also ' + ', '.join(repr(k) for k in keys[1:]) + ')' if len(keys) > 1 else ''}"
-            f": zarr would read it as fill values, which are not data. Restore the store "
-            f"from its source (or convert the original scan again)")
+    total = int(np.prod(chunk_grid(arr), dtype=np.int64))
+    many = f" ({count} of {total} chunks)" if count else ""
+    also = f" (also {', '.join(repr(k) for k in keys[1:])})" if len(keys) > 1 else ""
+    return (f"Zarr array {name!r}{where} is missing chunk {keys[0]!r}{many}{also}: zarr "
+            f"would read it as fill values, which are not data. Restore the store from its "
+            f"source (or convert the original scan again); a store written by a program "
+            f"that skips all-fill chunks must be written with "
+            f"config={{'write_empty_chunks': True}}")
 
 
 def _read_zarr(arr, uniq):

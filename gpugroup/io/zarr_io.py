@@ -8,6 +8,7 @@ chunk: scattered reads stay cheap, and such chunk files are raw bytes that
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 
@@ -121,8 +122,6 @@ def check_chunks(arr, store=None, limit: int = 3) -> None:
     """Raise ScanFileError naming the array and chunk when a chunk file of ``arr`` (in a
     local store) is missing: zarr would read it as fill values, which are not data.
     (gpugroup writes every chunk, empty ones included.)"""
-    import itertools
-
     directory = _array_directory(arr)
     if directory is None or not arr.shape or 0 in arr.shape:
         return
