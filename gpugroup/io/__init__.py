@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from gpugroup._xp import to_host
 from gpugroup.io import hdf5, npz, zarr_io
@@ -199,7 +200,7 @@ def _read_npy(f, field, mmap_mode):
                                 f"{offset + nbytes} needed for shape {shape} {dtype})")
         if mmap_mode is None or nbytes == 0:
             fh.seek(0)
-            return npz.npy_format.read_array(fh, allow_pickle=False)
+            return npy_format.read_array(fh, allow_pickle=False)
         stack = np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
                           order="F" if fortran else "C")  # from the open file, not by name
         remember_opened(stack, stat_identity(os.fstat(fh.fileno())))
@@ -455,15 +456,7 @@ def _publish_new(tmp, path, is_dir) -> None:
                 return
             os.unlink(tmp)
             return
-        os.mkdir(path)  # claims the name (EEXIST if taken); a rename replaces an empty dir
-        try:
-            os.rename(tmp, path)
-        except OSError as exc:  # someone wrote into the claimed directory: theirs now
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise FileExistsError(exc.errno, exc.strerror, path) from None
-            with contextlib.suppress(OSError):
-                os.rmdir(path)  # still empty: only what this run created
-            raise
+        _rename_dir_new(tmp, path)
     except FileExistsError:
         raise _exists_error(path) from None
 
@@ -480,20 +473,9 @@ def _replace(tmp, path, is_dir):
     for _ in range(100):  # another process may keep creating and removing the name
         if not os.path.lexists(path):
             try:
-                if _rename_noreplace(tmp, path):
-                    return
+                _rename_dir_new(tmp, path)
             except FileExistsError:
                 continue  # created meanwhile: check what it is
-            try:
-                os.mkdir(path)  # claim the name, then replace the empty claim
-            except FileExistsError:
-                continue
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.rmdir(path)
-                raise
             return
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
                                dir=os.path.dirname(path))
@@ -508,7 +490,7 @@ def _replace(tmp, path, is_dir):
                     f"{path!r} was replaced by something that is not a Zarr store while the "
                     f"output was written; refusing to remove it (it was left as it is and "
                     f"the new output discarded): remove it or choose another name")
-            os.rename(tmp, path)
+            _rename_dir_new(tmp, path)  # (a name created meanwhile is not replaced)
         finally:
             if os.path.lexists(old):
                 if os.path.lexists(path) and _replaceable(old) and not os.path.lexists(tmp):
@@ -522,6 +504,24 @@ def _replace(tmp, path, is_dir):
         return
     raise FileExistsError(f"{path!r} keeps changing while the output is published; "
                           f"choose another name")
+
+
+def _rename_dir_new(tmp, path) -> None:
+    """Rename the directory ``tmp`` to ``path`` only if nothing is there (FileExistsError
+    otherwise): ``renameat2(RENAME_NOREPLACE)``, else claim the name with an exclusive
+    ``mkdir`` and rename onto that empty claim (a plain rename would replace anyone's
+    empty directory)."""
+    if _rename_noreplace(tmp, path):
+        return
+    os.mkdir(path)  # EEXIST: taken
+    try:
+        os.rename(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # filled meanwhile: theirs now
+            raise FileExistsError(exc.errno, exc.strerror, path) from None
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # still empty: only what this run created
+        raise
 
 
 def _replaceable(old) -> bool:
