@@ -473,7 +473,7 @@ def _replace(tmp, path, is_dir):
     for _ in range(100):  # another process may keep creating and removing the name
         if not os.path.lexists(path):
             try:
-                _rename_dir_new(tmp, path)
+                _rename_dir_new(tmp, path, noreplace=False)
             except FileExistsError:
                 continue  # created meanwhile: check what it is
             return
@@ -490,7 +490,7 @@ def _replace(tmp, path, is_dir):
                     f"{path!r} was replaced by something that is not a Zarr store while the "
                     f"output was written; refusing to remove it (it was left as it is and "
                     f"the new output discarded): remove it or choose another name")
-            _rename_dir_new(tmp, path)  # (a name created meanwhile is not replaced)
+            _rename_dir_new(tmp, path, noreplace=False)  # (nor a name created meanwhile)
         finally:
             if os.path.lexists(old):
                 if os.path.lexists(path) and _replaceable(old) and not os.path.lexists(tmp):
@@ -506,21 +506,23 @@ def _replace(tmp, path, is_dir):
                           f"choose another name")
 
 
-def _rename_dir_new(tmp, path) -> None:
+def _rename_dir_new(tmp, path, noreplace: bool = True) -> None:
     """Rename the directory ``tmp`` to ``path`` only if nothing is there (FileExistsError
-    otherwise): ``renameat2(RENAME_NOREPLACE)``, else claim the name with an exclusive
-    ``mkdir`` and rename onto that empty claim (a plain rename would replace anyone's
-    empty directory)."""
-    if _rename_noreplace(tmp, path):
+    otherwise): ``renameat2(RENAME_NOREPLACE)`` (with ``noreplace``, where available),
+    else claim the name with an exclusive ``mkdir`` and rename onto that empty claim (a
+    plain rename would replace anyone's empty directory). Interrupted, the claim is
+    removed while it is still empty."""
+    if noreplace and _rename_noreplace(tmp, path):
         return
     os.mkdir(path)  # EEXIST: taken
     try:
         os.rename(tmp, path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # filled meanwhile: theirs now
-            raise FileExistsError(exc.errno, exc.strerror, path) from None
-        with contextlib.suppress(OSError):
-            os.rmdir(path)  # still empty: only what this run created
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(exc.errno, exc.strerror, path) from None  # filled: theirs
+        if os.path.lexists(tmp):  # not renamed: drop the claim if it is still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
         raise
 
 
