@@ -392,6 +392,19 @@ def test_a_write_error_names_the_output(scan_file, tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []
 
 
+def test_libhdf5_write_errors_are_named_too():
+    """h5py raises a failed flush as RuntimeError naming only the temporary file, with the
+    errno in its text: it becomes an OSError naming the output."""
+    raw = RuntimeError("Unable to synchronously flush file (file write failed: filename = "
+                       "'/d/.g.h5.x.gpugroup-part', errno = 27, error message = 'File too "
+                       "large')")
+    named = io.write_error(raw, "/d/g.h5")
+    assert isinstance(named, OSError) and named.errno == errno.EFBIG
+    assert "'/d/g.h5'" in str(named) and "ulimit -f" in str(named)
+    other = RuntimeError("something else")
+    assert io.write_error(other, "/d/g.h5") is other
+
+
 # -------------------- 6: lost Zarr chunks
 def test_a_zarr_scan_with_a_missing_chunk_is_an_error(scan_file, tmp_path, capsys):
     pytest.importorskip("zarr")

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 
@@ -546,19 +547,25 @@ def _put_back(old, path) -> None:
 
 
 def write_error(exc, path):
-    """``exc``, or for an OSError that does not name ``path`` (a full disk, a file-size
-    limit: a bare "[Errno 28]"), an OSError of the same errno that does, with the fix."""
-    if not isinstance(exc, OSError) or os.fspath(path) in str(exc):
+    """``exc``, or for a write error that does not name ``path`` (a full disk, a file-size
+    limit: a bare "[Errno 28]", or libhdf5's message about the temporary file, which h5py
+    raises as OSError or RuntimeError with "errno = 28" in its text) an OSError of that
+    errno that names ``path``, with the fix."""
+    if not isinstance(exc, (OSError, RuntimeError)) or os.fspath(path) in str(exc):
         return exc
-    code = getattr(exc, "errno", None)
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code is None:  # libhdf5's messages carry it in the text: "errno = 28"
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
     hint = {errno.ENOSPC: "free space there or write elsewhere",
             errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere",
             errno.EFBIG: "the file is larger than the file-size limit (ulimit -f) or the "
                          "filesystem allows: raise the limit or write elsewhere"}.get(code)
     if hint is None:
         return exc
-    return _with_errno(type(exc)(f"{os.strerror(code)} while writing {os.fspath(path)!r}: "
-                                 f"{hint} (the partial output was removed)"), code)
+    kind = type(exc) if isinstance(exc, OSError) else OSError
+    return _with_errno(kind(f"{os.strerror(code)} while writing {os.fspath(path)!r}: "
+                            f"{hint} (the partial output was removed)"), code)
 
 
 def _with_errno(exc, code):
