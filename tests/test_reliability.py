@@ -264,8 +264,10 @@ def test_two_no_overwrite_runs_started_together_publish_once(scan_file, tmp_path
     if suffix == ".zarr":
         pytest.importorskip("zarr")
     out = tmp_path / f"n{suffix}"
+    # ~30 MB each, so that the two runs overlap: both pass the check at the start
     procs = [subprocess.Popen([sys.executable, "-m", "gpugroup", "group", str(scan_file), "-o",
-                               str(out), "--no-overwrite", *GROUP_ARGS[:-4], "--seed", str(s),
+                               str(out), "--no-overwrite", "--gridsize", "2", "--K", "7",
+                               "--oversample", "--nsamples", "2000", "--seed", str(s),
                                "--backend", "cpu"],
                               env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for s in (1, 2)]
