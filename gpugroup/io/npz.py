@@ -137,16 +137,19 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS) -> dict:
         fh.seek(0)
         if mmap_mode is None:
             return _read_members(path, fh, (), None)
-        identity = os.fstat(fh.fileno())
-        return _read_members(path, fh, stack_keys,
-                             lambda info: _remembered(memmap_member(path, fh, info, mmap_mode),
-                                                      identity))
+        return _remembered(fh, _read_members(
+            path, fh, stack_keys, lambda info: memmap_member(path, fh, info, mmap_mode)))
 
 
-def _remembered(stack, st):
-    """``stack``, noted as opened from the file whose ``os.fstat`` is ``st``."""
-    remember_opened(stack, stat_identity(st))
-    return stack
+def _remembered(fh, members: dict) -> dict:
+    """``members``, their memory maps noted as opened from ``fh``'s file. Its identity is
+    taken last: a file renamed into place can show its new name a moment before the rename
+    updates its change time (seen on ext4), and the later value is the one that stays."""
+    identity = stat_identity(os.fstat(fh.fileno()))
+    for value in members.values():
+        if isinstance(value, np.memmap):
+            remember_opened(value, identity)
+    return members
 
 
 def _object_member_error(path, key) -> ValueError:
@@ -496,14 +499,12 @@ def read_npz_streaming(path) -> dict:
     stacks as :class:`ZipMemberStack`, small members read."""
     path = os.fspath(path)
     with open_regular(path) as fh:
-        identity = os.fstat(fh.fileno())
-
         def open_stack(info):
             if info.compress_type == zipfile.ZIP_STORED:
-                return _remembered(memmap_member(path, fh, info, "r"), identity)
+                return memmap_member(path, fh, info, "r")
             return ZipMemberStack(path, info.filename, fh)
 
-        return _read_members(path, fh, STACK_KEYS, open_stack)
+        return _remembered(fh, _read_members(path, fh, STACK_KEYS, open_stack))
 
 
 class Target:
