@@ -294,7 +294,7 @@ def _zarr_rows(block, group_bytes, target=1 << 20):
     return best
 
 
-def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
+def to_zarr(grouped: dict, path, *, overwrite=True, check_space=True) -> dict:
     """Write a :func:`grouped_arrays` result to a Zarr store, in parallel, atomically.
 
     Each gather task writes its own block into its own whole Zarr chunks (chunks divide
@@ -309,7 +309,10 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
     stacks = {k: grouped[k] for k in GROUPED_STACKS if grouped.get(k) is not None}
     X = stacks["X_full"]
     block = int(X.chunks[0][0]) if X.chunks[0] else 1
-    with atomic_path(path, overwrite) as tmp:  # removes a failed store until it stays gone
+    nbytes = sum(int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
+                 for v in grouped.values() if hasattr(v, "shape") and hasattr(v, "dtype"))
+    with atomic_path(path, overwrite, nbytes=nbytes,
+                     check_space=check_space) as tmp:  # a failed store is removed
         g = zarr.open_group(tmp, mode="w")
         guard = os.path.join(tmp, "zarr.json")
         targets, sources = [], []
@@ -320,7 +323,7 @@ def to_zarr(grouped: dict, path, *, overwrite=True) -> dict:
             rows = _zarr_rows(block, group_bytes)
             targets.append(_Guarded(g.create_array(
                 key, shape=arr.shape, dtype=arr.dtype, chunks=(rows,) + tuple(arr.shape[1:]),
-                compressors=None, fill_value=0), guard))
+                compressors=None, fill_value=0, config={"write_empty_chunks": True}), guard))
             sources.append(arr)
         scale = grouped.get("norm_scale")
         if hasattr(scale, "__dask_graph__"):

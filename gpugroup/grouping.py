@@ -32,6 +32,10 @@ _SELECT_BLOCK = 1 << 20
 _KEY_BLOCK = 1 << 20
 #: Largest coordinate span: squared differences must stay finite in float64.
 _MAX_SPAN = 1e150
+#: Coordinates spanning less than this are scaled up by a power of two before grouping:
+#: their squared differences would underflow (to subnormals, then to 0, so that far
+#: positions tie with near ones). See :func:`exact_rescale`.
+_MIN_SPAN = 2.0**-256
 #: Most groups one call may ask for (oversampling; beyond any memory).
 _MAX_GROUPS = 1 << 40
 #: Oversampled repeats of one seed walk at most this many distinct combinations.
@@ -458,7 +462,7 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
     """:func:`sample_groups` with its options already made (``opts``)."""
     be = get_backend(backend)
     xp = be.xp
-    x_np, y_np = _check_coordinates(xcoords, ycoords)
+    x_np, y_np = exact_rescale(*_check_coordinates(xcoords, ycoords))
     n = int(x_np.shape[0])
     nsamples, K, C, seed = opts.nsamples, opts.K, opts.C, opts.seed
     sequential, batch_rows = opts.sequential, opts.batch_rows
@@ -506,6 +510,28 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
         run_blocks(members, range(0, B, step), be.threads)
     groups = groups.astype(index_dtype(n), copy=False)
     return be.asnumpy(groups) if output == "numpy" else groups
+
+
+def exact_rescale(x, y):
+    """``x`` and ``y`` both multiplied by one power of two so that tiny coordinates (a
+    span below :data:`_MIN_SPAN`, e.g. metres times 1e-200) span [0.5, 1); others as
+    they are.
+
+    Multiplying by 2**k is exact in float64, and so then is every difference, product
+    and sum of DESIGN.md section 3 (each scales by a power of two and rounds the same),
+    unless it underflows. So every (d2, p) ranking that does not underflow unscaled is
+    kept bit for bit, and the ones that underflowed (squared distances of tiny
+    coordinates becoming subnormal or 0, everything tying) are now exact. Scaled
+    coordinates span less than 1: their squares cannot overflow.
+    """
+    with np.errstate(over="ignore"):
+        span = max(float(x.max() - x.min()), float(y.max() - y.min()))
+    if span == 0.0 or span >= _MIN_SPAN:
+        return x, y
+    k = -math.frexp(span)[1]  # span * 2**k in [0.5, 1)
+    logger.info("coordinates span %.3g: scaled by 2**%d for grouping (exact; the groups "
+                "are those of the unscaled positions, without underflow)", span, k)
+    return np.ldexp(x, k), np.ldexp(y, k)
 
 
 def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords")):

@@ -236,18 +236,20 @@ class RawData:
             out["_metadata"] = np.array(json.dumps(self.metadata))
         return {k: v for k, v in out.items() if v is not None}
 
-    def to_file(self, path, *, overwrite=True) -> None:
+    def to_file(self, path, *, overwrite=True, check_space=True) -> None:
         """Write the scan atomically (under a temporary name, renamed when complete) as an
         uncompressed, memory-mappable ``.npz``, an ``.h5``/``.hdf5`` file or a ``.zarr``
         store, by the suffix. Frame stacks are copied in slabs, so they need not fit in
         memory; any other name gets an NPZ, as ``numpy.savez`` to an open file would.
-        ``overwrite=False`` refuses to replace an existing ``path``."""
+        ``overwrite=False`` refuses to replace an existing ``path``; ``check_space=False``
+        skips the free-space check."""
         io.check_output(path, overwrite=overwrite, source=self._source, option="path")
         try:
             fmt = io.output_format(path)
         except ValueError:
             fmt = "npz"
-        io.write_scan(path, self.to_dict(), overwrite=overwrite, fmt=fmt)
+        io.write_scan(path, self.to_dict(), overwrite=overwrite, fmt=fmt,
+                      check_space=check_space)
 
     # ------------------------------------------------------------------ description
     def __len__(self) -> int:
@@ -283,7 +285,7 @@ class RawData:
                               rng=None, group_by_scan=False, backend=None,
                               keep_diffraction=True, output="numpy", chunk_bytes=None,
                               progress=None, out=None, lazy=False, overwrite=True,
-                              row_order="canonical"):
+                              row_order="canonical", check_space=True):
         """Sample groups and assemble the training dict of DESIGN.md section 2.
 
         The positional order is PtychoPINN's (``N, K, nsamples, dataset_path, seed,
@@ -337,6 +339,9 @@ class RawData:
             ``.zarr``) the Dask tasks write the store in parallel.
         overwrite : bool
             With ``out``: replace an existing file (once the new one is complete).
+        check_space : bool
+            With ``out``: refuse up front an output larger than the free space there
+            (the message gives both); False skips the check.
         row_order : {"canonical", "locality"}
             With ``out`` or ``lazy``: ``"locality"`` stores the rows sorted by their smallest
             frame index (the input is then read nearly sequentially: several times faster
@@ -394,7 +399,7 @@ class RawData:
             return self._grouped_out_of_core(
                 be, nn, N, seed, out=out, lazy=lazy, keep_diffraction=keep_diffraction,
                 chunk_bytes=chunk_bytes, progress=progress, overwrite=overwrite,
-                row_order=row_order)
+                row_order=row_order, check_space=check_space)
         if chunk_bytes is None:
             chunk_bytes = assembly.default_chunk_bytes(be.xp)
         grouped = assembly.assemble_groups(
@@ -440,7 +445,7 @@ class RawData:
         return GroupedDataset.from_raw(self, N, K, nsamples, seed, gridsize, **kwargs)
 
     def _grouped_out_of_core(self, be, nn, N, seed, *, out, lazy, keep_diffraction,
-                             chunk_bytes, progress, overwrite, row_order):
+                             chunk_bytes, progress, overwrite, row_order, check_space=True):
         """``generate_grouped_data`` with ``out`` (streamed file) or ``lazy`` (Dask)."""
         if lazy:
             grouped = gdask.grouped_arrays(self, nn_indices=be.asnumpy(nn), N=N,
@@ -448,16 +453,18 @@ class RawData:
                                            block_bytes=chunk_bytes, seed=seed,
                                            row_order=row_order)
             if out is not None:
-                return gdask.to_zarr(grouped, out, overwrite=overwrite)
+                return gdask.to_zarr(grouped, out, overwrite=overwrite,
+                                     check_space=check_space)
             return grouped
         return streamed.write_grouped(
             out, be.xp, self, nn, N, keep_diffraction=keep_diffraction,
             chunk_bytes=streamed.DEFAULT_OUT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
-            progress=progress, seed=seed, overwrite=overwrite, row_order=row_order)
+            progress=progress, seed=seed, overwrite=overwrite, row_order=row_order,
+            check_space=check_space)
 
 
 def convert(src, dst, *, keys=None, slab_bytes=io.DEFAULT_SLAB_BYTES, overwrite=True,
-            progress=None) -> str:
+            progress=None, check_space=True) -> str:
     """Rewrite scan ``src`` (any readable format, compressed NPZ included) as ``dst``
     (``.npz`` uncompressed and memory-mappable, ``.h5`` or ``.zarr``), in bounded memory.
 
@@ -481,7 +488,7 @@ def convert(src, dst, *, keys=None, slab_bytes=io.DEFAULT_SLAB_BYTES, overwrite=
     io.check_output(dst, overwrite=overwrite, source=src, option="dst")
     raw = RawData._from_mapping(io.read_scan_slabs(src, keys), src, "cpu")
     return io.write_scan(dst, raw.to_dict(), slab_bytes=slab_bytes, overwrite=overwrite,
-                      progress=progress)
+                         progress=progress, check_space=check_space)
 
 
 def _is_array(v) -> bool:

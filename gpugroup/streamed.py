@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from gpugroup import assembly
-from gpugroup.io import atomic_path, open_target, output_format, zarr_io
+from gpugroup.io import atomic_path, check_free_space, open_target, output_format, zarr_io
 from gpugroup.io.grouped import check_row_order, open_grouped, seed_array
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,19 @@ def _aligned_chunk_bytes(budget, group_bytes, rows):
     return groups * group_bytes
 
 
+def estimate_grouped_bytes(B, C, N, dtype, keep_diffraction=True, with_Y=False) -> int:
+    """Bytes of a grouped output of ``B`` groups of ``C`` frames ``N`` x ``N``: the stacks
+    (``diffraction`` in ``dtype``, ``X_full`` float32, ``Y`` complex64) and the index and
+    coordinate arrays."""
+    per_frame = N * N * ((np.dtype(dtype).itemsize if keep_diffraction else 0) + 4
+                         + (8 if with_Y else 0))
+    per_group = C * per_frame + C * 8 + 2 * (2 * C + 2 + 2 * C) * 8
+    return int(B) * int(per_group)
+
+
 def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
                   chunk_bytes=DEFAULT_OUT_CHUNK_BYTES, workers=None, progress=None,
-                  seed=None, overwrite=True, row_order="canonical") -> dict:
+                  seed=None, overwrite=True, row_order="canonical", check_space=True) -> dict:
     """Assemble the grouped dict of DESIGN.md section 2 into file ``path``.
 
     Parameters
@@ -73,6 +83,10 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
         than canonical order, whose seeds are random), and adds ``order``: row j holds
         canonical group ``order[j]`` (``x[np.argsort(order)]`` is canonical). Every entry
         uses the same order; ``norm_scale`` is the canonical one.
+    check_space : bool
+        Refuse up front, before any frame is read, an output larger than the free space
+        at ``path`` (the message gives both, and the path); False skips the check (for
+        filesystems that report free space wrongly).
 
     Returns
     -------
@@ -90,6 +104,10 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
         raise ValueError(f"chunk_bytes must be positive, got chunk_bytes={chunk_bytes}")
     nn = xp.asarray(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
+    if check_space:  # before any reading: a 60 GB output on a 20 GB disk fails now
+        check_free_space(path, estimate_grouped_bytes(
+            B, C, N, np.dtype(scan.diff3d.dtype), keep_diffraction,
+            scan.Y is not None or scan.objectGuess is not None))
     # Out of core, file-backed stacks are read with pread: a memory map would keep every
     # page touched resident in this process.
     plan = assembly.AssemblyPlan(xp, scan, nn, N, keep_diffraction=keep_diffraction,

@@ -285,7 +285,7 @@ def stores(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["memmap", "raw", "h5-contig", "h5-chunked", "h5-gzip",
                                   "h5-big_endian", "zarr-raw1", "zarr-raw7", "zarr-zstd",
-                                  "zarr-sharded", "zarr-sparse"])
+                                  "zarr-sharded"])
 def test_gather_frames_equals_take(stores, name):
     stack_by_name, expect_by_name = stores
     stack, expect = stack_by_name[name], expect_by_name[name]
@@ -298,6 +298,17 @@ def test_gather_frames_equals_take(stores, name):
         np.testing.assert_array_equal(got, expect[np.asarray(idx).reshape(-1)])
         u = np.unique(idx)
         np.testing.assert_array_equal(frames.read_frames(stack, u), expect[u])
+
+
+def test_unwritten_zarr_chunks_are_an_error_not_fill_values(stores):
+    """Chunks zarr never wrote (or that were lost) read as fill values: not data. Reads of
+    frames in them raise, naming the array and the chunk; written ones still read."""
+    stack_by_name, expect_by_name = stores
+    sparse = stack_by_name["zarr-sparse"]
+    np.testing.assert_array_equal(frames.gather_frames(sparse, [30, 45, 59]),
+                                  expect_by_name["zarr-sparse"][[30, 45, 59]])
+    with pytest.raises(io.ScanFileError, match=r"'/sparse'.*missing chunk 'c/0/0/0'"):
+        frames.gather_frames(sparse, [0, 31])
 
 
 def test_fast_paths_are_taken(stores):

@@ -9,16 +9,20 @@ holds the grouped-output layout. h5py and zarr are imported only when such a fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from gpugroup._xp import to_host
 from gpugroup.io import hdf5, npz, zarr_io
-from gpugroup.io.frames import raw_view, remember_opened
+from gpugroup.io.frames import (path_present, open_regular, raw_view, remember_opened,
+                                stat_identity, stat_input)
 from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS, ScanFileError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +51,7 @@ def format_of(path) -> str:
     if lower.endswith(HDF5_SUFFIXES):
         return "hdf5"
     if os.path.isfile(path):
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             magic = fh.read(8)
         if magic == b"\x89HDF\r\n\x1a\n":
             return "hdf5"
@@ -86,6 +90,8 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
     """
     path = os.fspath(path)
     keys = check_keys(keys)
+    if path_present(path):  # (a missing file: the reader of its format says what is missing)
+        stat_input(path)
     if mmap_mode not in (None, "r"):  # "r+" would map the user's scan writable
         raise ValueError(f"mmap_mode must be None (read into memory) or 'r' (frames left on "
                          f"disk, read-only), got mmap_mode={mmap_mode!r}")
@@ -169,6 +175,39 @@ def _warn_ignored(path, names) -> None:
                        sorted(names), ", ".join(SCAN_FIELDS))
 
 
+def _read_npy(f, field, mmap_mode):
+    """One ``.npy`` file of a scan directory, from one open file: read whole, or (with
+    ``mmap_mode``) memory-mapped from that file's descriptor, its identity noted."""
+    with open_regular(f, f"{field} file") as fh:
+        if fh.read(6) != b"\x93NUMPY":
+            raise ScanFileError(
+                f"cannot read {f!r} ({field}): it is not a .npy file (no NumPy header: "
+                f"truncated, or another format); write it with numpy.save")
+        fh.seek(0)
+        try:
+            shape, fortran, dtype = npz.read_npy_header(fh)
+        except (ValueError, EOFError, OSError) as exc:
+            raise ScanFileError(f"cannot read {f!r} ({field}): a damaged .npy header "
+                                f"({exc}); write it again with numpy.save") from exc
+        if dtype.hasobject:
+            raise ScanFileError(
+                f"cannot read {f!r} ({field}): it holds Python objects (a pickled object "
+                f"array), which gpugroup never unpickles; save {field} as a numeric array")
+        offset = fh.tell()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = os.fstat(fh.fileno()).st_size
+        if offset + nbytes > size:
+            raise ScanFileError(f"cannot read {f!r} ({field}): truncated ({size} bytes, "
+                                f"{offset + nbytes} needed for shape {shape} {dtype})")
+        if mmap_mode is None or nbytes == 0:
+            fh.seek(0)
+            return npy_format.read_array(fh, allow_pickle=False)
+        stack = np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
+                          order="F" if fortran else "C")  # from the open file, not by name
+        remember_opened(stack, stat_identity(os.fstat(fh.fileno())))
+        return stack
+
+
 def _read_npy_dir(path, mmap_mode, keys):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such scan file or directory: {path!r}")
@@ -179,12 +218,9 @@ def _read_npy_dir(path, mmap_mode, keys):
                           else (name,)):
             f = os.path.join(path, candidate if candidate.endswith(".npy")
                              else candidate + ".npy")
-            if os.path.isfile(f):
+            if os.path.lexists(f):
                 lazy = mmap_mode if field in STACK_KEYS else None
-                try:
-                    data[field] = np.load(f, mmap_mode=lazy, allow_pickle=False)
-                except (ValueError, EOFError, OSError) as exc:
-                    raise ScanFileError(f"cannot read {f!r} ({field}): {exc}") from exc
+                data[field] = _read_npy(f, field, lazy)
                 used.add(os.path.basename(f))
                 break
     data["_datasets"] = sorted(p for p in os.listdir(path) if p.endswith(".npy"))
@@ -233,19 +269,57 @@ def check_output(path, *, overwrite: bool = True, source=None, option: str = "ou
                               f"choose a writable one")
 
 
+#: Margin over an output's estimated bytes (headers, metadata, chunk indexes).
+_SPACE_MARGIN = 1.02
+_SPACE_SLACK = 1 << 20
+
+
+def check_free_space(path, nbytes, *,
+                     skip: str = "check_space=False (--no-space-check on the command "
+                     "line)") -> None:
+    """Refuse, before writing, an output of about ``nbytes`` bytes that does not fit in the
+    free space at ``path``'s directory (``shutil.disk_usage``); the message gives both
+    numbers and the path. ``skip`` says how to skip the check (for filesystems that
+    report no or wrong free space)."""
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError as exc:
+        logger.info("free space at %s unknown (%s): not checked", directory, exc)
+        return
+    need = int(int(nbytes) * _SPACE_MARGIN) + _SPACE_SLACK
+    if need > free:
+        raise _with_errno(OSError(
+            f"not enough free space for {os.fspath(path)!r}: the output needs about "
+            f"{need:,} bytes ({need / 1e9:.2f} GB) but {directory!r} has {free:,} bytes "
+            f"({free / 1e9:.2f} GB) free; free space, write elsewhere or make a smaller "
+            f"output (fewer groups, no diffraction copy); skip this check with {skip} if "
+            f"the filesystem reports free space wrongly"), errno.ENOSPC)
+    logger.debug("output %s: about %d bytes, %d free", path, need, free)
+
+
 def _looks_like_zarr(path) -> bool:
     return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
 
 
 @contextlib.contextmanager
-def atomic_path(path, overwrite: bool = True):
+def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool = True):
     """Yield a temporary path beside ``path``; rename it to ``path`` on success.
 
     On any exception (KeyboardInterrupt included) the temporary file or directory is
     removed and nothing appears under ``path`` (an existing ``path`` is left as it was).
-    Zarr outputs are directories: an existing store is replaced only if it is a Zarr store.
+    Zarr outputs are directories: an existing store is replaced only if it is a Zarr store
+    at the moment of the rename. Without ``overwrite`` the rename itself refuses an
+    existing ``path`` (``renameat2(RENAME_NOREPLACE)``, else ``link`` + ``unlink`` or an
+    exclusive ``mkdir``), so two runs started together cannot both publish.
+
+    ``nbytes``, when given, is the output's estimated size: with ``check_space``, too
+    little free space at ``path`` is refused before anything is written
+    (:func:`check_free_space`). A write error (full disk, file-size limit) names ``path``.
     """
     check_output(path, overwrite=overwrite)
+    if nbytes is not None and check_space:
+        check_free_space(path, nbytes)
     path = os.path.abspath(os.fspath(path))
     directory, base = os.path.split(path)
     is_dir = format_of(path) == "zarr"
@@ -267,13 +341,19 @@ def atomic_path(path, overwrite: bool = True):
             finally:
                 os.close(fd)
         with signals_deferred():  # a Ctrl-C must not stop the renames half-way
-            _replace(tmp, path, is_dir)
-    except BaseException:
+            if overwrite:
+                _replace(tmp, path, is_dir)
+            else:
+                _publish_new(tmp, path, is_dir)
+    except BaseException as exc:
         with signals_deferred():  # nor a second Ctrl-C the clean-up
             if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
                 settle_removed(tmp)
             else:
                 _remove(tmp)
+        named = write_error(exc, path)
+        if named is not exc:
+            raise named from exc
         raise
 
 
@@ -316,29 +396,182 @@ def _umask() -> int:
     return mask
 
 
+#: ``renameat2`` flag: fail with EEXIST when the target exists (Linux >= 3.15).
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _rename_noreplace(src, dst) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists, atomically (``renameat2`` with
+    ``RENAME_NOREPLACE`` through ctypes). Returns False where that is not available (not
+    Linux, an old kernel or C library, a filesystem without it); raises FileExistsError
+    when ``dst`` exists."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint)
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                 _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        raise FileExistsError(err, os.strerror(err), os.fspath(dst))
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(dst))
+
+
+def _exists_error(path) -> FileExistsError:
+    return FileExistsError(
+        f"{path!r} appeared while the output was written (another run writing the same "
+        f"name?) and overwrite=False (--no-overwrite): it was left as it is and the new "
+        f"output discarded; choose another name or pass overwrite=True")
+
+
+def _publish_new(tmp, path, is_dir) -> None:
+    """Rename ``tmp`` to ``path`` only if nothing is at ``path``, atomically: at most one
+    of several runs publishing the same name succeeds; the others raise FileExistsError
+    (and remove their own temporary output, nothing else)."""
+    try:
+        if _rename_noreplace(tmp, path):
+            return
+        if not is_dir:  # a hard link fails if the name exists; then drop the temporary name
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError as exc:  # no hard links here: an exclusive placeholder, replaced
+                logger.debug("no hard links in %s (%s): exclusive create, then rename",
+                             os.path.dirname(path), exc)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.replace(tmp, path)
+                return
+            os.unlink(tmp)
+            return
+        _rename_dir_new(tmp, path)
+    except FileExistsError:
+        raise _exists_error(path) from None
+
+
 def _replace(tmp, path, is_dir):
     """Rename ``tmp`` to ``path``. An existing store at ``path`` is moved aside first and
-    removed after; interrupted anywhere, one complete store stays under ``path`` (the new
-    one once it got there, else the old one, put back) and no moved-aside copy is left."""
-    if not (is_dir and os.path.lexists(path)):
+    removed after, if it is a Zarr store at that moment (anything else is put back and
+    refused: gpugroup removes nothing it did not create); interrupted anywhere, one
+    complete store stays under ``path`` (the new one once it got there, else the old one,
+    put back) and no moved-aside copy is left."""
+    if not is_dir:
         os.replace(tmp, path)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
-                           dir=os.path.dirname(path))
-    os.rmdir(old)
+    for _ in range(100):  # another process may keep creating and removing the name
+        if not os.path.lexists(path):
+            try:
+                _rename_dir_new(tmp, path, noreplace=False)
+            except FileExistsError:
+                continue  # created meanwhile: check what it is
+            return
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
+                               dir=os.path.dirname(path))
+        os.rmdir(old)
+        try:
+            try:
+                os.rename(path, old)  # now under a name only this run uses
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if not _replaceable(old):
+                raise FileExistsError(
+                    f"{path!r} was replaced by something that is not a Zarr store while the "
+                    f"output was written; refusing to remove it (it was left as it is and "
+                    f"the new output discarded): remove it or choose another name")
+            _rename_dir_new(tmp, path, noreplace=False)  # (nor a name created meanwhile)
+        finally:
+            if os.path.lexists(old):
+                if os.path.lexists(path) and _replaceable(old) and not os.path.lexists(tmp):
+                    try:
+                        _remove(old)
+                    except BaseException:  # interrupted while removing: finish, then go on
+                        _remove(old)
+                        raise
+                else:
+                    _put_back(old, path)
+        return
+    raise FileExistsError(f"{path!r} keeps changing while the output is published; "
+                          f"choose another name")
+
+
+def _rename_dir_new(tmp, path, noreplace: bool = True) -> None:
+    """Rename the directory ``tmp`` to ``path`` only if nothing is there (FileExistsError
+    otherwise): ``renameat2(RENAME_NOREPLACE)`` (with ``noreplace``, where available),
+    else claim the name with an exclusive ``mkdir`` and rename onto that empty claim (a
+    plain rename would replace anyone's empty directory). Interrupted, the claim is
+    removed while it is still empty."""
+    if noreplace and _rename_noreplace(tmp, path):
+        return
+    os.mkdir(path)  # EEXIST: taken
     try:
-        os.rename(path, old)
         os.rename(tmp, path)
-    finally:
-        if os.path.lexists(old):
+    except BaseException as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(exc.errno, exc.strerror, path) from None  # filled: theirs
+        if os.path.lexists(tmp):  # not renamed: drop the claim if it is still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
+
+
+def _replaceable(old) -> bool:
+    """What a ``.zarr`` output may replace (as :func:`check_output` allows): a Zarr store,
+    a file or a link; never another directory."""
+    return not os.path.isdir(old) or os.path.islink(old) or _looks_like_zarr(old)
+
+
+def _put_back(old, path) -> None:
+    """Rename the moved-aside ``old`` back to ``path``, unless a new ``path`` appeared
+    meanwhile (then ``old`` stays, logged, rather than replacing someone's)."""
+    try:
+        if not _rename_noreplace(old, path):
             if os.path.lexists(path):
-                try:
-                    _remove(old)
-                except BaseException:  # interrupted while removing: finish, then go on
-                    _remove(old)
-                    raise
-            else:
-                os.rename(old, path)
+                raise FileExistsError(path)
+            os.rename(old, path)
+    except FileExistsError:
+        logger.warning("%r appeared meanwhile; the earlier contents of that name are kept "
+                       "as %r", path, old)
+
+
+def write_error(exc, path):
+    """``exc``, or for a write error that does not name ``path`` (a full disk, a file-size
+    limit: a bare "[Errno 28]", or libhdf5's message about the temporary file, which h5py
+    raises as OSError or RuntimeError with "errno = 28" in its text) an OSError of that
+    errno that names ``path``, with the fix."""
+    if not isinstance(exc, (OSError, RuntimeError)) or os.fspath(path) in str(exc):
+        return exc
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if code is None:  # libhdf5's messages carry it in the text: "errno = 28"
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    hint = {errno.ENOSPC: "free space there or write elsewhere",
+            errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere",
+            errno.EFBIG: "the file is larger than the file-size limit (ulimit -f) or the "
+                         "filesystem allows: raise the limit or write elsewhere"}.get(code)
+    if hint is None:
+        return exc
+    kind = type(exc) if isinstance(exc, OSError) else OSError
+    return _with_errno(kind(f"{os.strerror(code)} while writing {os.fspath(path)!r}: "
+                            f"{hint} (the partial output was removed)"), code)
+
+
+def _with_errno(exc, code):
+    """``exc`` (one message, so no "[Errno N]" prefix) with ``errno`` set to ``code``."""
+    exc.errno = code
+    return exc
 
 
 def _remove(tmp):
@@ -407,16 +640,20 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
 
 
 def write_scan(path, arrays: dict, *, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=True,
-               progress=None, fmt=None) -> str:
+               progress=None, fmt=None, check_space=True) -> str:
     """Write scan ``arrays`` (field -> array, frame stacks may be on disk) to ``path``
     (``.npz``, ``.h5`` or ``.zarr``; ``fmt`` overrides the suffix) atomically, stacks
     copied slab by slab.
 
     HDF5 stacks are contiguous and Zarr stacks unsharded, uncompressed, 1-16 frames per
-    chunk: the layouts gpugroup reads fastest. Returns the absolute path.
+    chunk: the layouts gpugroup reads fastest. Returns the absolute path. With
+    ``check_space``, an output larger than the free space at ``path`` is refused up front.
     """
     fmt = fmt or output_format(path)
-    with atomic_path(path, overwrite) as tmp:
+    nbytes = sum(int(np.prod(getattr(v, "shape", ()), dtype=np.int64))
+                 * np.dtype(getattr(v, "dtype", np.float64)).itemsize
+                 for v in arrays.values() if v is not None)
+    with atomic_path(path, overwrite, nbytes=nbytes, check_space=check_space) as tmp:
         target = open_target(tmp, fmt)
         try:
             for key, value in arrays.items():
@@ -440,11 +677,14 @@ def read_scan_slabs(path, keys=None) -> dict:
     other stack left on disk as with ``read_scan(path, mmap_mode="r")``. For copying a scan
     whatever its layout (``gpugroup convert``)."""
     path = os.fspath(path)
+    if path_present(path):  # a device or FIFO is refused before anything reads it
+        stat_input(path)
     if format_of(path) == "npz":
         return _npz_fields(path, npz.read_npz_streaming(path), check_keys(keys))
     return read_scan(path, mmap_mode="r", keys=keys)
 
 
 __all__ = ["STACK_KEYS", "SCAN_FIELDS", "ScanFileError", "format_of", "read_scan",
+           "stat_input", "open_regular", "check_free_space",
            "read_scan_slabs", "write_scan", "atomic_path", "same_path", "check_output", "check_keys",
            "open_target", "output_format", "copy_stack"]

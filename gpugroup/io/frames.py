@@ -17,9 +17,11 @@ per process.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import mmap
 import os
+import stat
 import sys
 import weakref
 
@@ -89,9 +91,25 @@ def gather_frames(stack, idx):
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
     raw = raw_view(stack)
     if raw is not None:
-        return raw.take(idx)
+        return _take_raw(stack, raw, idx)
     uniq, inverse = np.unique(idx, return_inverse=True)
     return read_frames(stack, uniq)[inverse.reshape(-1)]
+
+
+def _take_raw(stack, raw, idx):
+    """``raw.take(idx)``; when the file at ``stack``'s path was replaced between the check
+    of :func:`raw_view` and the read (``raw`` then refuses the new file), the frames come
+    from ``stack`` itself, whose open map or handle still holds the file it was opened
+    from."""
+    try:
+        return raw.take(idx)
+    except Exception as exc:
+        if (raw is stack or not isinstance(exc, ScanFileError)
+                or check_unchanged(stack, replaced_ok=True) != "replaced"):
+            raise
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return np.asarray(stack[uniq])[inverse.reshape(-1)]
 
 
 def read_frames(stack, uniq):
@@ -107,13 +125,15 @@ def read_frames(stack, uniq):
     raw = raw_view(stack)
     try:
         if raw is not None:
-            return raw.take(uniq)
+            return _take_raw(stack, raw, uniq)
         if _is_h5py(stack):
             check_unchanged(stack, replaced_ok=True)  # the open file, unless rewritten
             return _read_h5py(stack, uniq)
         if _is_zarr(stack):
-            check_unchanged(stack)  # its chunks are read by name
-            return _read_zarr(stack, uniq)
+            check_unchanged(stack)  # its chunks are read by name: the same store after too
+            frames = _read_zarr(stack, uniq)
+            check_unchanged(stack)
+            return frames
         return np.asarray(stack[uniq])
     except MemoryError:
         raise
@@ -192,7 +212,7 @@ def _zarr_direct_layout(arr):
 
 
 def _read_zarr_direct(arr, uniq, layout):
-    directory, k, stored, fill = layout
+    directory, k, stored, _fill = layout
     frame = tuple(arr.shape[1:])
     out = np.empty((uniq.size,) + frame, dtype=arr.dtype)
     chunk_of = uniq // k
@@ -204,12 +224,33 @@ def _read_zarr_direct(arr, uniq, layout):
         key = arr.metadata.encode_chunk_key((cid,) + (0,) * len(frame))
         try:
             chunk = np.fromfile(os.path.join(directory, *key.split("/")), dtype=stored)
-        except FileNotFoundError:
-            out[a:b] = fill
-            continue
+        except FileNotFoundError:  # fill values are not data: a lost chunk is an error
+            check_unchanged(arr)  # (or the store was replaced: say that instead)
+            raise _scan_file_error(missing_chunk_message(arr, [key], store=directory)) from None
         chunk = chunk.reshape((k,) + frame)
         out[a:b] = chunk[uniq[a:b] - cid * k]
     return out
+
+
+def chunk_grid(arr):
+    """Chunks (shards, when sharded) per axis: what the store holds one file each of."""
+    inner = getattr(arr, "shards", None) or arr.chunks
+    return tuple(-(-int(n) // max(1, int(c))) for n, c in zip(arr.shape, inner))
+
+
+def missing_chunk_message(arr, keys, count=None, store=None) -> str:
+    """The error for chunk files ``keys`` of Zarr array ``arr`` that are missing (``count``
+    of them in all, when known; ``store`` names the store)."""
+    name = "/" + arr.path if arr.path else "/"
+    where = f" of {os.fspath(store)!r}" if store is not None else ""
+    total = int(np.prod(chunk_grid(arr), dtype=np.int64))
+    many = f" ({count} of {total} chunks)" if count else ""
+    also = f" (also {', '.join(repr(k) for k in keys[1:])})" if len(keys) > 1 else ""
+    return (f"Zarr array {name!r}{where} is missing chunk {keys[0]!r}{many}{also}: zarr "
+            f"would read it as fill values, which are not data. Restore the store from its "
+            f"source (or convert the original scan again); a store written by a program "
+            f"that skips all-fill chunks must be written with "
+            f"config={{'write_empty_chunks': True}}")
 
 
 def _read_zarr(arr, uniq):
@@ -313,10 +354,112 @@ class RawFileStack:
             pos += len(v)
 
 
+# ----------------------------------------------------------------------------- inputs
+_KINDS = ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+          (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"))
+
+
+def _kind(mode) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def _not_regular(path, mode, what):
+    return _scan_file_error(
+        f"{what} {os.fspath(path)!r} is a {_kind(mode)}, not a regular file or directory: "
+        f"gpugroup reads scans from files (.npz, .h5, a .zarr or .npy directory); copy the "
+        f"data into one first")
+
+
+def stat_input(path, what: str = "scan") -> os.stat_result:
+    """``os.stat`` of an input ``path``, refused unless it is a regular file or a
+    directory (``/dev/zero`` would be read without end, a FIFO would block forever).
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``path`` (a dangling symbolic link included).
+    PermissionError
+        A directory on the way is not searchable.
+    ScanFileError
+        A symbolic link loop, or a device, FIFO or socket.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        dangling = os.path.islink(path)
+        raise FileNotFoundError(
+            f"{what} {path!r} does not exist"
+            + (f" (a symbolic link to the missing {os.readlink(path)!r})" if dangling else "")
+            + "; check the path") from None
+    except PermissionError:
+        raise PermissionError(
+            f"{what} {path!r} cannot be reached: permission denied (a directory "
+            f"on the way is not searchable, or the file is not readable); fix the permissions "
+            f"(chmod) or copy the scan elsewhere") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _scan_file_error(
+                f"{what} {path!r} cannot be reached: a symbolic link loop (too "
+                f"many levels of symbolic links); point the link at the scan itself") from None
+        if exc.errno == errno.ENOTDIR:
+            raise FileNotFoundError(
+                f"{what} {path!r} does not exist: a part of the path is a file, "
+                f"not a directory") from None
+        raise OSError(f"cannot stat {what} {path!r}: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise _not_regular(path, st.st_mode, what)
+    return st
+
+
+def path_present(path) -> bool:
+    """Whether something (or something unreachable) is at ``path``: not a plain miss."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _nonblocking(path, flags):
+    return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+
+
+def open_regular(path, what: str = "scan file"):
+    """``path`` opened for binary reading, after checking (on the open descriptor) that
+    it is a regular file: opened without blocking, so a FIFO is refused, not waited on.
+    Read everything of one scan through this one file object (memory maps included), so
+    that a file replaced meanwhile is never mixed in."""
+    path = os.fspath(path)
+    stat_input(path, what)
+    fh = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 - returned to the caller
+    try:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise (IsADirectoryError(f"{what} {path!r} is a directory")
+                   if stat.S_ISDIR(st.st_mode) else _not_regular(path, st.st_mode, what))
+        try:
+            os.set_blocking(fh.fileno(), True)
+        except OSError:  # pragma: no cover - regular files do not block anyway
+            pass
+    except BaseException:
+        fh.close()
+        raise
+    return fh
+
+
+
 # ----------------------------------------------------------------------------- identity
 #: The identity of the file each on-disk stack was opened from, by ``id`` of the stack
 #: (dropped with the stack): a file rewritten or replaced later is then noticed, not read.
 _OPENED: dict = {}
+
+
+def stat_identity(st) -> tuple:
+    """The identity (inode, size, mtime, ctime) of a file from its ``os.stat`` result."""
+    return _stat_identity(st)
 
 
 def _stat_identity(st) -> tuple:
@@ -349,19 +492,21 @@ def _identity_file(stack):
     return None
 
 
-def remember_opened(stack) -> None:
+def remember_opened(stack, identity=None) -> None:
     """Record the identity of the file ``stack`` reads from; call it when ``stack`` is
-    opened (the readers of :mod:`gpugroup.io` do; otherwise it is taken on first use)."""
+    opened (the readers of :mod:`gpugroup.io` do, with the ``identity`` of the file they
+    opened, taken from its descriptor; otherwise it is taken by name on first use)."""
     if id(stack) in _OPENED:
         return
-    identity = None
-    if _is_h5py(stack):
+    if identity is None and _is_h5py(stack):
         try:  # the open file's own, whatever is at its path now
             identity = _stat_identity(os.fstat(stack.file.id.get_vfd_handle()))
         except Exception:  # noqa: BLE001 - a driver without a file descriptor
             pass
     path = _identity_file(stack)
-    if identity is None and path is not None:
+    if path is None:  # not a stack read by name later (e.g. a Fortran-ordered map)
+        return
+    if identity is None:
         identity = file_identity(path)
     if identity is None:
         return

@@ -7,7 +7,9 @@ objects when asked (``mmap_mode="r"``); the small fields are read.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 
 import numpy as np
@@ -34,10 +36,15 @@ def _open(path, mode="r"):
         raise
     except OSError as exc:
         if mode == "r":
-            import os
-
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no such scan file: {path!r}") from exc
+        if "unable to lock file" in str(exc) or getattr(exc, "errno", None) in (
+                errno.EAGAIN, errno.EWOULDBLOCK):
+            raise OSError(
+                f"cannot open {path!r}: another process has it open for writing (HDF5 file "
+                f"locking: {exc}). Wait until that writer closes it; if the writer is gone "
+                f"and the lock is stale, or the file is only being read, set the environment "
+                f"variable HDF5_USE_FILE_LOCKING=FALSE") from exc
         raise OSError(f"cannot open {path!r} as HDF5: {exc}. Is it an HDF5/CXI file "
                       f"(truncated, or another format)?") from exc
 
@@ -147,13 +154,38 @@ class Target:
             self._f.create_dataset(key, data=array)
 
     def close(self):
+        try:  # everything written while the file is still open: a failure is reported
+            self._f.flush()  # here, and the file can still be abandoned cleanly
+        except BaseException:
+            self._abandon()
+            raise
         self._f.close()
 
     def discard(self):
+        self._abandon()
+
+    def _abandon(self):
+        """Close the file without writing anything more to it (it is removed next).
+
+        After a failed write (a full disk, ``ulimit -f``) libhdf5 keeps the file open with
+        unwritable dirty metadata: closing fails, and the library's own clean-up at exit
+        then crashes the process (SIGSEGV; a bare h5py script does the same). So the
+        file's descriptor is first pointed at ``/dev/null``: the last flush then succeeds
+        into nothing and the file closes for good."""
+        try:
+            fd = self._f.id.get_vfd_handle() if self._f.id.valid else None
+        except Exception:  # noqa: BLE001 - closed already, or a driver without a descriptor
+            fd = None
+        if isinstance(fd, int) and fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
         try:
             self._f.close()
-        except Exception:  # noqa: BLE001 - already failing; the file is removed next
-            pass
+        except Exception as exc:  # noqa: BLE001 - already failing; the file is removed next
+            logger.debug("closing the discarded HDF5 file %s: %s", self.path, exc)
 
 
 def open_output(path, stack_keys) -> dict:

@@ -14,6 +14,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 import zipfile
 import zlib
 
@@ -21,7 +22,8 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from gpugroup._xp import to_host
-from gpugroup.schema import STACK_KEYS
+from gpugroup.io.frames import open_regular, remember_opened, stat_identity
+from gpugroup.schema import STACK_KEYS, ScanFileError
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +34,11 @@ CONVERT_HINT = ("convert it once to an uncompressed file: `gpugroup convert {pat
                 "(or OUT.h5 / OUT.zarr), or in Python gpugroup.io.convert({path!r}, 'OUT.npz')")
 
 
-def _open_error(path, exc):
+def _open_error(path, exc, member=None):
+    where = f" (member {member!r})" if member else ""
     return OSError(
-        f"cannot read scan file {path!r}: {type(exc).__name__}: {exc}. It must be an NPZ "
-        f"archive written by numpy.savez (is it truncated or another format?)"
+        f"cannot read scan file {path!r}{where}: {type(exc).__name__}: {exc}. It must be an "
+        f"NPZ archive written by numpy.savez (is it truncated or another format?)"
     )
 
 
@@ -48,6 +51,11 @@ def member_data_offset(fh, info: zipfile.ZipInfo) -> int:
     fields = _LOCAL_HEADER.unpack(raw)
     name_len, extra_len = fields[-2], fields[-1]
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+
+
+def read_npy_header(fh):
+    """(shape, fortran order, dtype) from the ``.npy`` header at ``fh``'s position."""
+    return _read_npy_header(fh)
 
 
 def _read_npy_header(fh):
@@ -88,8 +96,7 @@ def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r"):
     fh.seek(start)
     shape, fortran, dtype = _read_npy_header(fh)
     if dtype.hasobject:
-        raise ValueError(f"{path!r}: member {key!r} holds Python objects (dtype {dtype}); "
-                         f"save numeric arrays")
+        raise _object_member_error(path, key)
     offset = fh.tell()
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if offset + nbytes > start + info.file_size:
@@ -97,7 +104,9 @@ def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r"):
                       f"{offset - start + nbytes} needed)")
     if nbytes == 0:
         return np.zeros(shape, dtype=dtype, order="F" if fortran else "C")
-    return np.memmap(path, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
+    # From the open file object (its descriptor), never by name again: the file at
+    # ``path`` may have been replaced since it was opened.
+    return np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
                      order="F" if fortran else "C")
 
 
@@ -105,56 +114,74 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS) -> dict:
     """All members of an NPZ archive by key; with ``mmap_mode`` the frame stacks
     (``stack_keys``) are memory-mapped and the small members are read.
 
+    Everything comes from one open file (the maps too, from its descriptor), so a file
+    replaced at ``path`` meanwhile is never mixed in.
+
     Raises
     ------
     FileNotFoundError, OSError
-        Missing, truncated or non-zip file.
+        Missing, truncated or non-zip file; a device, FIFO or socket.
     ValueError
         ``mmap_mode`` given and a stack member is compressed (the message says how to
-        convert the file).
+        convert the file); a member holding Python objects (never unpickled).
     """
     path = os.fspath(path)
     if mmap_mode not in (None, "r", "r+", "c"):
         raise ValueError(f"mmap_mode must be None, 'r', 'r+' or 'c', got {mmap_mode!r}")
-    if mmap_mode is None:
-        if os.path.isfile(path) and not zipfile.is_zipfile(path):
+    with open_regular(path) as fh:
+        if not zipfile.is_zipfile(fh):
             # np.load would guess "pickled data" for any bytes that are not npy/npz
             raise OSError(f"cannot read scan file {path!r}: it is not a zip archive. It must "
                           f"be an NPZ archive written by numpy.savez (is it truncated or "
                           f"another format?)")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                if not hasattr(npz, "files"):
-                    raise OSError(f"{path!r} holds a single array, not an NPZ scan archive")
-                return {k: npz[k] for k in npz.files}
-        except FileNotFoundError:
-            raise
-        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
-            if isinstance(exc, OSError) and "single array" in str(exc):
-                raise
-            raise _open_error(path, exc) from exc
-    return _read_members(path, stack_keys,
-                         lambda fh, info: memmap_member(path, fh, info, mmap_mode))
+        fh.seek(0)
+        if mmap_mode is None:
+            return _read_members(path, fh, (), None)
+        return _remembered(fh, _read_members(
+            path, fh, stack_keys, lambda info: memmap_member(path, fh, info, mmap_mode)))
 
 
-def _read_members(path, stack_keys, open_stack) -> dict:
-    """``.npy`` members of zip ``path`` by key: ``open_stack(fh, info)`` for the frame
-    stacks in ``stack_keys``, small members read whole."""
+def _remembered(fh, members: dict) -> dict:
+    """``members``, their memory maps noted as opened from ``fh``'s file. Its identity is
+    taken last: a file renamed into place can show its new name a moment before the rename
+    updates its change time (seen on ext4), and the later value is the one that stays."""
+    identity = stat_identity(os.fstat(fh.fileno()))
+    for value in members.values():
+        if isinstance(value, np.memmap):
+            remember_opened(value, identity)
+    return members
+
+
+def _object_member_error(path, key) -> ValueError:
+    return ScanFileError(
+        f"{path!r}: member {key!r} holds Python objects (a pickled object array), which "
+        f"gpugroup never unpickles; save {key!r} as a numeric array (metadata as a JSON "
+        f"string), e.g. np.savez(..., {key}=np.asarray(value, dtype=float))")
+
+
+def _read_members(path, fh, stack_keys, open_stack) -> dict:
+    """``.npy`` members of zip ``path`` (open as ``fh``) by key: ``open_stack(info)`` for
+    the frame stacks in ``stack_keys``, small members read whole."""
     out = {}
     try:
-        with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+        with zipfile.ZipFile(fh) as zf:
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
                     continue
                 key = info.filename[:-4]
                 if key in stack_keys:
-                    out[key] = open_stack(fh, info)
-                else:
-                    with zf.open(info) as member:
+                    out[key] = open_stack(info)
+                    continue
+                with zf.open(info) as member:
+                    try:
                         out[key] = npy_format.read_array(member, allow_pickle=False)
+                    except ValueError as exc:
+                        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+                            raise _object_member_error(path, key) from None
+                        raise _open_error(path, exc, key) from exc
     except FileNotFoundError:
         raise
-    except (zipfile.BadZipFile, EOFError) as exc:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise _open_error(path, exc) from exc
     return out
 
@@ -416,13 +443,18 @@ class ZipMemberStack:
     """A (compressed) ``.npy`` member read sequentially in row slabs: ``m[a:b]``.
 
     For streaming conversion of ``np.savez_compressed`` archives in bounded memory;
-    slabs are cheapest in increasing order (going back reopens the member).
+    slabs are cheapest in increasing order (going back reopens the member). ``file``, when
+    given, is the archive already open (the stack keeps a duplicate of its descriptor, so
+    it reads the file its scan was opened from, whatever is at ``path`` later).
     """
 
-    def __init__(self, path, name):
+    def __init__(self, path, name, file=None):
         self.path = path
         self.name = name
-        with zipfile.ZipFile(path) as zf, zf.open(name) as fh:
+        self._file = (open(path, "rb") if file is None  # noqa: SIM115 - kept open
+                      else os.fdopen(os.dup(file.fileno()), "rb"))
+        self._finalizer = weakref.finalize(self, self._file.close)
+        with zipfile.ZipFile(self._file) as zf, zf.open(name) as fh:
             self.shape, self.fortran, self.dtype = _read_npy_header(fh)
         self.ndim = len(self.shape)
         self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
@@ -431,14 +463,14 @@ class ZipMemberStack:
 
     def _reopen(self):
         self.close()
-        self._zf = zipfile.ZipFile(self.path)
+        self._zf = zipfile.ZipFile(self._file)
         self._fh = self._zf.open(self.name)
         _read_npy_header(self._fh)
         self._pos = 0
 
     def __getitem__(self, key):
         if self.fortran:
-            with zipfile.ZipFile(self.path) as zf, zf.open(self.name) as fh:
+            with zipfile.ZipFile(self._file) as zf, zf.open(self.name) as fh:
                 return npy_format.read_array(fh, allow_pickle=False)[key]
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("ZipMemberStack reads row slabs: m[a:b]")
@@ -466,13 +498,13 @@ def read_npz_streaming(path) -> dict:
     """Members of ``path`` by key for copying: stored stacks memory-mapped, compressed
     stacks as :class:`ZipMemberStack`, small members read."""
     path = os.fspath(path)
+    with open_regular(path) as fh:
+        def open_stack(info):
+            if info.compress_type == zipfile.ZIP_STORED:
+                return memmap_member(path, fh, info, "r")
+            return ZipMemberStack(path, info.filename, fh)
 
-    def open_stack(fh, info):
-        if info.compress_type == zipfile.ZIP_STORED:
-            return memmap_member(path, fh, info, "r")
-        return ZipMemberStack(path, info.filename)
-
-    return _read_members(path, STACK_KEYS, open_stack)
+        return _remembered(fh, _read_members(path, fh, STACK_KEYS, open_stack))
 
 
 class Target:
