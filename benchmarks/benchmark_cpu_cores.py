@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import functools
 import json
-import os
 import platform
 import subprocess
 import sys

@@ -750,19 +750,19 @@ def test_a_second_sigterm_does_not_interrupt_the_clean_up(scan_file, tmp_path, m
     import signal
 
     import gpugroup.cli
-    import gpugroup.io
+    import gpugroup.io.atomic
 
     def progress_bar(total, desc, unit="group"):
         return lambda k: os.kill(os.getpid(), signal.SIGTERM), lambda: None
 
-    real_remove = gpugroup.io._remove
+    real_remove = gpugroup.io.atomic._remove
 
     def remove_while_signalled(tmp):
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler repeating its signal
         real_remove(tmp)
 
     monkeypatch.setattr(gpugroup.cli.process, "progress_bar", progress_bar)
-    monkeypatch.setattr(gpugroup.io, "_remove", remove_while_signalled)
+    monkeypatch.setattr(gpugroup.io.atomic, "_remove", remove_while_signalled)
     rc = main(["group", str(scan_file), "-o", str(tmp_path / "g.zarr"), "--chunk-mib", "1"]
               + GROUP_ARGS)
     assert rc == 143

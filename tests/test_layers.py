@@ -24,9 +24,11 @@ FLOORS = {
     # L1: backends (base < engines < cpu, gpu < the dispatch table)
     "gpugroup.backends.base": 1.0, "gpugroup.backends.engines": 1.1,
     "gpugroup.backends.cpu": 1.2, "gpugroup.backends.gpu": 1.2, "gpugroup.backends": 1.3,
-    # L1: io (frame stores < formats < the face < the grouped-output layout)
+    # L1: io (frame stores < each format < the table of formats < atomic outputs, the
+    # grouped-output layout < whole scans < the face)
     "gpugroup.io.frames": 1.0, "gpugroup.io.npz": 1.1, "gpugroup.io.hdf5": 1.1,
-    "gpugroup.io.zarr_io": 1.1, "gpugroup.io": 1.2, "gpugroup.io.grouped": 1.3,
+    "gpugroup.io.zarr_io": 1.1, "gpugroup.io.formats": 1.2, "gpugroup.io.atomic": 1.3,
+    "gpugroup.io.grouped": 1.3, "gpugroup.io.scan": 1.4, "gpugroup.io": 1.5,
     # L2: the algorithm, written against xp
     "gpugroup.grouping": 2, "gpugroup.assembly": 2,
     # L3: drivers (sinks < the RawData facade < what builds on it)

@@ -151,7 +151,7 @@ def test_replacing_a_store_interrupted_leaves_one_whole_store(tmp_path, monkeypa
     """Replacing an existing .zarr output moves it aside, renames the new one in and
     removes the old: a Ctrl-C at any step leaves one whole store under the name (the old
     one put back, or the new one) and no hidden copy."""
-    import gpugroup.io as gio
+    import gpugroup.io.atomic as gio
 
     out = str(tmp_path / "g.zarr")
     _store(out, "old")
@@ -186,7 +186,7 @@ def test_replacing_a_store_interrupted_leaves_one_whole_store(tmp_path, monkeypa
 def test_signals_are_held_until_a_critical_step_ends():
     import signal
 
-    import gpugroup.io as gio
+    import gpugroup.io.atomic as gio
 
     steps = []
     with pytest.raises(KeyboardInterrupt):
@@ -204,7 +204,7 @@ def test_a_failed_store_stays_removed_while_a_late_writer_runs(tmp_path, monkeyp
     temporary store right after it was removed: it is removed again."""
     import threading
 
-    import gpugroup.io as gio
+    import gpugroup.io.atomic as gio
 
     real_remove, removed, rewritten = gio._remove, threading.Event(), threading.Event()
 

@@ -384,9 +384,9 @@ def test_to_file_leaves_nothing_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    import gpugroup.io
+    import gpugroup.io.scan
 
-    monkeypatch.setattr(gpugroup.io, "copy_stack", boom)
+    monkeypatch.setattr(gpugroup.io.scan, "copy_stack", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         raw.to_file(tmp_path / "out.npz")
     assert list(tmp_path.iterdir()) == []

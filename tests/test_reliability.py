@@ -214,7 +214,7 @@ def test_no_overwrite_is_checked_at_the_rename(tmp_path):
 
 
 def test_no_overwrite_without_renameat2(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "_rename_noreplace", lambda src, dst: False)
+    monkeypatch.setattr(io.atomic, "_rename_noreplace", lambda src, dst: False)
     target = tmp_path / "o.npz"
     with pytest.raises(FileExistsError):
         with io.atomic_path(target, overwrite=False) as tmp:

@@ -50,8 +50,13 @@ examples:
 # --------------------------------------------------------------------------- parser
 def _add_overwrite(p):
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
-                   help="replace an existing OUT once the new one is complete "
-                        "(default: --overwrite)")
+                   help="replace an existing OUT once the new one is complete; with "
+                        "--no-overwrite an OUT that appears meanwhile is kept and the new "
+                        "one discarded (default: --overwrite)")
+    p.add_argument("--space-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse up front an OUT larger than the free space where it goes; "
+                        "--no-space-check skips that for filesystems that report free space "
+                        "wrongly (default: --space-check)")
 
 
 def _positive_int(text: str) -> int:
@@ -220,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="directory to search recursively")
     p.add_argument("--dry-run", action="store_true", help="list the files; delete nothing")
     p.add_argument("--yes", action="store_true",
-                   help="do not ask before deleting (asked only when stdin is a terminal)")
+                   help="delete without asking; without it, cleanup-cache asks on a "
+                        "terminal and refuses when stdin is not one (a script, a pipe)")
     return parser
 
 

@@ -27,7 +27,7 @@ from gpugroup.backends import available_backends, get_backend
 from gpugroup.cli.plot import plot_demo
 from gpugroup.cli.process import EXIT_OK, CLIError, progress
 from gpugroup.dataset import GroupedDataset
-from gpugroup.io import check_output, format_of, output_format
+from gpugroup.io import check_free_space, check_output, format_of, output_format, stat_input
 from gpugroup.io.grouped import open_grouped
 from gpugroup.io.npz import CompressedMemberError
 from gpugroup.rawdata import RawData, convert
@@ -81,9 +81,10 @@ def _check_output_path(path: str, flag: str, *, overwrite: bool = True,
 
 
 def _check_input_file(path: str) -> str:
-    """An existing scan: a file, or a directory (``.zarr`` store, directory of ``.npy``)."""
-    if not os.path.exists(path):
-        raise CLIError(f"input file {path!r} does not exist")
+    """An existing scan: a regular file, or a directory (``.zarr`` store, directory of
+    ``.npy``); a device, FIFO or socket is refused before anything reads it, and a path
+    that cannot be reached says why (a symbolic link loop, a directory not searchable)."""
+    stat_input(path, "input file")
     return path
 
 
@@ -148,7 +149,7 @@ def cmd_simulate(args) -> int:
     _check_output_path(out, "OUT", overwrite=args.overwrite)
     t0 = time.perf_counter()
     raw = simulate_rawdata(args.n, args.N, args.seed, backend="cpu")
-    raw.to_file(out, overwrite=args.overwrite)
+    raw.to_file(out, overwrite=args.overwrite, check_space=args.space_check)
     print(f"simulated {len(raw)} positions, frames {args.N}x{args.N}, object "
           f"{raw.objectGuess.shape[0]}x{raw.objectGuess.shape[1]}, seed {args.seed} in "
           f"{time.perf_counter() - t0:.2f} s")
@@ -178,6 +179,7 @@ def cmd_group(args) -> int:
         neighbor_pool_size=args.neighbor_pool_size, group_by_scan=args.group_by_scan,
         keep_diffraction=not args.no_diffraction, out=out, lazy=args.lazy,
         chunk_bytes=args.chunk_mib << 20, overwrite=args.overwrite, row_order=args.row_order,
+        check_space=args.space_check,
     )
     try:
         print(_summary(raw, grouped, be, seconds, gridsize=args.gridsize, K=args.K, out=out))
@@ -217,11 +219,16 @@ def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
               + ["Y"] * (raw.Y is not None or raw.objectGuess is not None))
     print(f"estimated output: {_human_bytes(size)} ({B} groups of C={C} {N}x{N} frames: "
           f"{' + '.join(arrays)}); {_human_bytes(free)} free in {where}", flush=True)
+    if not args.dry_run:
+        if args.space_check:  # the output's size is known now: refuse before grouping
+            check_free_space(args.output, size, skip="--no-space-check")
+        elif size > free:
+            logger.warning("the output (about %s) may not fit in %s (%s free)",
+                           _human_bytes(size), where, _human_bytes(free))
+        return False
     if size > free:
         logger.warning("the output (about %s) may not fit in %s (%s free)",
                        _human_bytes(size), where, _human_bytes(free))
-    if not args.dry_run:
-        return False
     # The groups themselves (coordinates only, no frames read): every check of the real
     # run, and the exact count.
     nn, seed, be = raw.sample_for_grouping(
@@ -259,7 +266,8 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     try:
         written = convert(source, args.output, keys=args.key, slab_bytes=args.slab_mib << 20,
-                             overwrite=args.overwrite, progress=update)
+                          overwrite=args.overwrite, progress=update,
+                          check_space=args.space_check)
     finally:
         close()
     seconds = time.perf_counter() - t0
@@ -505,7 +513,12 @@ def cmd_cleanup_cache(args) -> int:
     if args.dry_run:
         print("dry run: nothing deleted")
         return EXIT_OK
-    if not args.yes and sys.stdin is not None and sys.stdin.isatty():
+    if not args.yes and not (sys.stdin is not None and sys.stdin.isatty()):
+        raise CLIError(
+            f"refusing to delete {len(deletable)} file(s) without confirmation: stdin is not "
+            f"a terminal, so nobody can answer; pass --yes to delete them (or --dry-run to "
+            f"list them only)")
+    if not args.yes:
         answer = input(f"delete these {len(deletable)} file(s)? [y/N] ").strip().lower()
         if answer not in ("y", "yes"):
             print("nothing deleted")

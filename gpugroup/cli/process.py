@@ -155,6 +155,17 @@ def raise_on_signals():
         _pending.append(Terminated)
         raise Terminated()
 
+    def unraisable(info, default=sys.unraisablehook):
+        # A signal's exception raised inside a finalizer (h5py closes objects in weakref
+        # callbacks) cannot propagate: Python would print "Exception ignored ..." and a
+        # traceback. It is pending (check_signals raises it again), so stay silent.
+        if (isinstance(info.exc_value, KeyboardInterrupt) and _pending
+                and default is sys.__unraisablehook__):  # (a host's own hook still sees it)
+            return
+        default(info)
+
+    hook_before = sys.unraisablehook
+    sys.unraisablehook = unraisable
     previous = {}
     for signum, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, on_sigterm)):
         before = signal.getsignal(signum)
@@ -165,6 +176,7 @@ def raise_on_signals():
     def restore():
         for signum, before in previous.items():
             signal.signal(signum, before)
+        sys.unraisablehook = hook_before
         _pending.clear()
 
     return restore

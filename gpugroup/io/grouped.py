@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from gpugroup.io import hdf5, npz, output_format, zarr_io
+from gpugroup.io.formats import FORMATS, output_format
 
 #: Grouped entries stored as on-disk arrays; the rest are small and read back whole.
 GROUPED_STACKS = ("diffraction", "X_full", "Y")
@@ -37,10 +37,7 @@ def seed_array(seed: int) -> np.ndarray:
 
 def open_grouped(path) -> dict:
     """Open a grouped output written by :func:`write_grouped` (large entries lazily)."""
-    fmt = output_format(path)
-    open_output = {"npz": npz.open_output, "hdf5": hdf5.open_output,
-                   "zarr": zarr_io.open_output}[fmt]
-    data = open_output(os.fspath(path), GROUPED_STACKS)
+    data = FORMATS[output_format(path)].read_grouped(os.fspath(path), GROUPED_STACKS)
     out = {}
     for key in _ORDER:
         value = data.pop(key, None)

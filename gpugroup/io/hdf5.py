@@ -113,7 +113,7 @@ def _dataset_names(f, limit=40):
     return names
 
 
-class _Sink:
+class _Hdf5Sink:
     """Thread-safe slice assignment into a dataset (h5py serializes calls anyway)."""
 
     def __init__(self, ds, lock):
@@ -129,7 +129,7 @@ class _Sink:
             self._ds[key] = value
 
 
-class Target:
+class Hdf5Target:
     """Write datasets into a new HDF5 file (frame stacks chunked along axis 0 when
     ``chunk_rows`` is given, else contiguous, which readers can read fastest)."""
 
@@ -143,7 +143,7 @@ class Target:
         if chunk_rows is not None and int(shape[0]) > 0:
             chunks = (max(1, min(int(chunk_rows), int(shape[0]))),) + tuple(shape[1:])
         ds = self._f.create_dataset(key, shape=tuple(shape), dtype=dtype, chunks=chunks)
-        return _Sink(ds, self._lock)
+        return _Hdf5Sink(ds, self._lock)
 
     def put(self, key, array):
 
@@ -188,7 +188,7 @@ class Target:
             logger.debug("closing the discarded HDF5 file %s: %s", self.path, exc)
 
 
-def open_output(path, stack_keys) -> dict:
+def read_grouped(path, stack_keys) -> dict:
     """A written grouped output: stacks as ``h5py.Dataset`` (of one read-only file),
     the rest as arrays."""
     h5py = require("h5py", "hdf5")

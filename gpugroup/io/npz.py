@@ -507,7 +507,7 @@ def read_npz_streaming(path) -> dict:
         return _remembered(fh, _read_members(path, fh, STACK_KEYS, open_stack))
 
 
-class Target:
+class NpzTarget:
     """Write members into a new uncompressed NPZ (see :class:`NpzWriter`)."""
 
     def __init__(self, path):
@@ -527,6 +527,6 @@ class Target:
         self._w.discard()
 
 
-def open_output(path, stack_keys) -> dict:
+def read_grouped(path, stack_keys) -> dict:
     """A written grouped output: stacks as ``np.memmap`` (read-only), the rest read."""
     return read_npz(path, "r", stack_keys)

@@ -185,7 +185,7 @@ def _checked_class():
     return CheckedArray
 
 
-class _Sink:
+class _ZarrSink:
     """Slice assignment into a Zarr array; a lock serializes writes so two chunks of
     groups that share a Zarr chunk never race (its read-modify-write)."""
 
@@ -202,7 +202,7 @@ class _Sink:
             self._arr[key] = value
 
 
-class Target:
+class ZarrTarget:
     """Write arrays into a new Zarr group (uncompressed, unsharded)."""
 
     def __init__(self, path):
@@ -215,7 +215,7 @@ class Target:
         arr = self._g.create_array(key, shape=tuple(shape), dtype=dtype,
                                    chunks=(rows,) + tuple(shape[1:]), compressors=None,
                                    fill_value=0, config=WRITE_ALL_CHUNKS)
-        return _Sink(arr, self._lock)
+        return _ZarrSink(arr, self._lock)
 
     def put(self, key, array):
 
@@ -243,7 +243,7 @@ def default_chunk_rows(shape, dtype, target_bytes=1 << 20):
     return int(max(1, min(16, target_bytes // max(1, row))))
 
 
-def open_output(path, stack_keys) -> dict:
+def read_grouped(path, stack_keys) -> dict:
     """A written grouped output: stacks as read-only (checked) ``zarr.Array``, the rest as
     arrays, all of one store: one replaced meanwhile is read again, and the stacks refuse
     reads once it changes (:class:`CheckedArray`), so rows never come from another run."""
