@@ -155,16 +155,45 @@ def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES
     return energies[xp.asarray(inverse).reshape(nn.shape)]
 
 
+#: Where ``Y`` patches of ``objectGuess`` are cut (DESIGN.md sections 2 and 6).
+Y_POSITIONS = ("ptychopinn", "members")
+
+
+def check_y_positions(y_positions) -> str:
+    """``y_positions`` checked: ``"ptychopinn"`` or ``"members"``."""
+    if y_positions not in Y_POSITIONS:
+        raise ValueError(
+            f"y_positions must be one of {Y_POSITIONS}, got y_positions={y_positions!r}: "
+            f"'ptychopinn' cuts channel c at 2*coords_offsets - pos_c (PtychoPINN's "
+            f"get_image_patches), 'members' at each member's own start position")
+    return y_positions
+
+
+def patch_positions(y_positions, xcoords, ycoords, xcoords_start, ycoords_start):
+    """The per-position coordinates ``Y`` is cut from: ``xcoords``/``ycoords`` for
+    ``"ptychopinn"`` (reflected through each group's centre by :class:`PatchSource`), the
+    start positions for ``"members"``."""
+    if check_y_positions(y_positions) == "ptychopinn":
+        return xcoords, ycoords
+    return xcoords_start, ycoords_start
+
+
 class PatchSource:
     """Where ``Y`` comes from: ground-truth patches ``Y`` (n, N, N), else ``objectGuess``
-    cut at the start positions (``xs``, ``ys``) by :func:`extract_patches`.
+    cut by :func:`extract_patches` around positions (``xs``, ``ys``).
 
-    The object is padded once here, so chunks and batches only copy their windows.
+    ``y_positions="ptychopinn"`` (default) cuts channel c of a group at PtychoPINN's point
+    ``coords_offsets + coords_relative`` = 2 * mean(pos) - pos_c (the member reflected
+    through the group centre; at gridsize 1 the position itself), as PtychoPINN's
+    ``get_image_patches`` does; ``"members"`` cuts each channel at its own position. The
+    object is padded once here, so chunks and batches only copy their windows.
     """
 
-    def __init__(self, xp, N: int, *, Y=None, objectGuess=None, xs=None, ys=None, warn=True):
+    def __init__(self, xp, N: int, *, Y=None, objectGuess=None, xs=None, ys=None, warn=True,
+                 y_positions="ptychopinn"):
         self.N = int(N)
         self.stack = Y
+        self.reflect = check_y_positions(y_positions) == "ptychopinn"
         if Y is None:
             self.padded = _pad_object(xp, objectGuess, self.N)
             self.xs = xp.asarray(xs, dtype=xp.float64)
@@ -173,18 +202,40 @@ class PatchSource:
                 warn_patches_off_object(xp, self.xs, self.ys, objectGuess.shape, self.N)
 
     @classmethod
-    def optional(cls, xp, N, Y=None, objectGuess=None, xs=None, ys=None, warn=True):
+    def optional(cls, xp, N, Y=None, objectGuess=None, xs=None, ys=None, warn=True,
+                 y_positions="ptychopinn"):
         """A source, or None when the scan has neither ``Y`` nor ``objectGuess``."""
         if Y is None and objectGuess is None:
             return None
-        return cls(xp, N, Y=Y, objectGuess=objectGuess, xs=xs, ys=ys, warn=warn)
+        return cls(xp, N, Y=Y, objectGuess=objectGuess, xs=xs, ys=ys, warn=warn,
+                   y_positions=y_positions)
+
+    @property
+    def size(self) -> int:
+        """The patches' side: the ground-truth frames' size, else N."""
+        return self.N if self.stack is None else int(self.stack.shape[1])
 
     def take(self, xp, idx):
-        """complex64 (len(idx), N, N) patches of positions ``idx``."""
+        """complex64 (len(idx), N, N) patches at positions ``idx`` (each its own point)."""
         if self.stack is not None:
             return take_frames(xp, self.stack, idx).astype(xp.complex64, copy=False)
         idx = xp.asarray(idx)
         return _patches(xp, self.padded, self.xs[idx], self.ys[idx], self.N)
+
+    def take_groups(self, xp, nn):
+        """complex64 (b, C, N, N) patches of the groups ``nn`` (b, C)."""
+        b, C = int(nn.shape[0]), int(nn.shape[1])
+        if self.stack is not None or not self.reflect:
+            p = self.take(xp, nn.reshape(-1))
+            return p.reshape((b, C) + tuple(p.shape[1:]))
+        nn = xp.asarray(nn)
+        points = []
+        for pos in (self.xs, self.ys):
+            members = pos[nn]
+            offset = xp.mean(members, axis=1, keepdims=True)  # coords_offsets
+            points.append((offset + (-(members - offset))).reshape(-1))  # + coords_relative
+        return _patches(xp, self.padded, points[0], points[1], self.N).reshape(
+            b, C, self.N, self.N)
 
 
 def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=None,
@@ -228,7 +279,7 @@ def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=No
                 else:
                     out_X[sl] = xp.multiply(moved, s32, dtype=m).astype(np.float32)
         if out_Y is not None:
-            out_Y[sl] = xp.moveaxis(patches.take(xp, flat).reshape((b, C) + frame), 1, -1)
+            out_Y[sl] = xp.moveaxis(patches.take_groups(xp, nn_indices[sl]), 1, -1)
         if progress is not None:
             progress(b)
 
@@ -256,13 +307,17 @@ def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_s
     return out
 
 
-def empty_outputs(xp, B: int, N: int, C: int, dtype, keep_diffraction: bool, with_y: bool):
-    """Uninitialized (B, N, N, C) ``diffraction`` (``dtype``; None unless
-    ``keep_diffraction``), float32 ``X_full`` and complex64 ``Y`` (None unless ``with_y``)."""
-    shape = (B, N, N, C)
+def empty_outputs(xp, B: int, N: int, C: int, dtype, keep_diffraction: bool, with_y: bool,
+                  frame: int | None = None, patch: int | None = None):
+    """Uninitialized (B, F, F, C) ``diffraction`` (``dtype``; None unless
+    ``keep_diffraction``), float32 ``X_full`` and (B, P, P, C) complex64 ``Y`` (None unless
+    ``with_y``); F, the frame size, and P, the patches' side, are N unless given."""
+    F = N if frame is None else int(frame)
+    P = N if patch is None else int(patch)
+    shape = (B, F, F, C)
     return {"diffraction": xp.empty(shape, dtype=dtype) if keep_diffraction else None,
             "X_full": xp.empty(shape, dtype=xp.float32),
-            "Y": xp.empty(shape, dtype=xp.complex64) if with_y else None}
+            "Y": xp.empty((B, P, P, C), dtype=xp.complex64) if with_y else None}
 
 
 def extract_patches(xp, obj, xc, yc, N: int):
@@ -359,11 +414,18 @@ class AssemblyPlan:
         Read file-backed stacks with ``pread`` (:func:`gpugroup.io.frames.raw_view`), so
         that the passes over them leave nothing resident in this process; in memory, a
         memory map is faster while the file fits.
+    y_positions : {"ptychopinn", "members"}
+        Where ``Y`` is cut from ``objectGuess`` (see :class:`PatchSource`).
+
+    ``N`` sets the normalization and the size of ``Y`` cut from the object;
+    ``diffraction`` and ``X_full`` keep the frames' own size (PtychoPINN's behaviour when
+    the two differ).
     """
 
     def __init__(self, xp, scan, nn_indices, N: int, *, norm_scale=None,
                  keep_diffraction: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 kernels=None, warn: bool = True, out_of_core: bool = False):
+                 kernels=None, warn: bool = True, out_of_core: bool = False,
+                 y_positions: str = "ptychopinn"):
         self.xp, self.N, self.kernels = xp, int(N), kernels
         self.keep_diffraction = bool(keep_diffraction)
         y_stack = scan.Y
@@ -376,8 +438,10 @@ class AssemblyPlan:
             energies = group_energies(xp, self.stack, nn, chunk_bytes, kernels)
             norm_scale = normalization_scale(xp, energies, self.N)
         self.scale = float(norm_scale)
-        self.patches = PatchSource.optional(xp, self.N, y_stack, scan.objectGuess,
-                                            scan.xcoords_start, scan.ycoords_start, warn)
+        xs, ys = patch_positions(y_positions, scan.xcoords, scan.ycoords, scan.xcoords_start,
+                                 scan.ycoords_start)
+        self.patches = PatchSource.optional(xp, self.N, y_stack, scan.objectGuess, xs, ys,
+                                            warn, y_positions=y_positions)
         self.coords = (scan.xcoords, scan.ycoords, scan.xcoords_start, scan.ycoords_start)
 
     @property
@@ -387,7 +451,8 @@ class AssemblyPlan:
     def outputs(self, B: int, C: int) -> dict:
         """Uninitialized ``xp`` arrays for ``B`` groups of ``C`` (see :func:`empty_outputs`)."""
         return empty_outputs(self.xp, B, self.N, C, self.stack.dtype, self.keep_diffraction,
-                             self.with_y)
+                             self.with_y, frame=int(self.stack.shape[1]),
+                             patch=None if self.patches is None else self.patches.size)
 
     def fill(self, nn_indices, sinks: dict, *, chunk_bytes=DEFAULT_CHUNK_BYTES,
              workers=None, progress=None) -> None:
@@ -417,13 +482,14 @@ class AssemblyPlan:
 
 def assemble_groups(xp, scan, nn_indices, N: int, *, keep_diffraction: bool = True,
                     chunk_bytes: int = DEFAULT_CHUNK_BYTES, workers=None, progress=None,
-                    kernels=None):
+                    kernels=None, y_positions: str = "ptychopinn"):
     """The grouped dict of DESIGN.md section 2 for groups ``nn_indices`` (B, C) of ``scan``.
 
     ``scan.diff3d`` may be a NumPy array, a memmap, an h5py/zarr array or (with xp = cupy)
     a device array; outputs are ``xp`` arrays. With ``keep_diffraction=False`` the
     ``diffraction`` entry is None and only ``X_full`` is materialized. ``kernels``: the
-    backend's fused kernels (``Backend.kernels``), used where they apply.
+    backend's fused kernels (``Backend.kernels``), used where they apply. ``y_positions``:
+    where ``Y`` is cut from ``objectGuess`` (see :class:`PatchSource`).
 
     Examples
     --------
@@ -436,7 +502,7 @@ def assemble_groups(xp, scan, nn_indices, N: int, *, keep_diffraction: bool = Tr
     ((2, 4, 4, 2), 0.5)
     """
     plan = AssemblyPlan(xp, scan, nn_indices, N, keep_diffraction=keep_diffraction,
-                        chunk_bytes=chunk_bytes, kernels=kernels)
+                        chunk_bytes=chunk_bytes, kernels=kernels, y_positions=y_positions)
     grouped = plan.assemble(nn_indices, chunk_bytes=chunk_bytes, workers=workers,
                             progress=progress)
     grouped["objectGuess"] = scan.objectGuess

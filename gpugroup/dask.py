@@ -72,7 +72,7 @@ def _scale(parts, inverse, shape, N):
 
 
 def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffraction,
-                    chunk_type, read_bytes):
+                    chunk_type, read_bytes, y_positions="ptychopinn"):
     """(diffraction or None, X_full, Y or None) of one block of groups, canonical order.
 
     Groups are read in order of their smallest frame index, ``read_bytes`` at a time
@@ -81,8 +81,10 @@ def _assemble_block(nn, source, y_source, obj, xs, ys, scale, N, keep_diffractio
     stack = _open(source)
     scan = ScanArrays(xs, ys, stack, Y=None if y_source is None else _open(y_source),
                       objectGuess=obj)
+    # xs, ys: the positions Y is cut around (assembly.patch_positions), the scan's own
     plan = assembly.AssemblyPlan(np, scan, nn, N, norm_scale=scale,
-                                 keep_diffraction=keep_diffraction, warn=False)  # warned once
+                                 keep_diffraction=keep_diffraction, warn=False,  # warned once
+                                 y_positions=y_positions)
     b, C = int(nn.shape[0]), int(nn.shape[1])
     order = assembly.locality_order(nn)
     group_bytes = C * N * N * max(np.dtype(stack.dtype).itemsize, 4)
@@ -127,7 +129,7 @@ def block_sizes(B, group_bytes, block_bytes=DEFAULT_BLOCK_BYTES, multiple=1):
 def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
                    nn_indices=None, keep_diffraction=True, block_bytes=None,
                    read_bytes=DEFAULT_READ_BYTES, norm_scale=None, row_order="canonical",
-                   chunk_type="numpy", backend=None, **sampling):
+                   chunk_type="numpy", backend=None, y_positions="ptychopinn", **sampling):
     """The grouped dict of DESIGN.md section 2 with Dask arrays for the large entries.
 
     Parameters
@@ -161,6 +163,8 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
         Block arrays on the host or on the GPU (CuPy; dask-cuda workers).
     backend : {"auto", "cpu", "gpu"} or None
         Where the groups are sampled.
+    y_positions : {"ptychopinn", "members"}
+        Where ``Y`` is cut from ``objectGuess`` (as ``RawData.generate_grouped_data``).
 
     Returns
     -------
@@ -186,6 +190,7 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     da = require("dask.array", "dask")
 
     check_row_order(row_order)
+    assembly.check_y_positions(y_positions)
     if chunk_type not in ("numpy", "cupy"):
         raise ValueError(f"chunk_type must be 'numpy' or 'cupy', got {chunk_type!r}")
     N = assembly.frame_size(N, raw.diff3d)
@@ -225,10 +230,12 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     # start positions travel once, as one graph key each, when the object is cut
     xs = ys = None
     if obj is not None:
-        assembly.warn_patches_off_object(np, raw.xcoords_start, raw.ycoords_start, obj.shape, N)
+        pos = assembly.patch_positions(y_positions, raw.xcoords, raw.ycoords,
+                                       raw.xcoords_start, raw.ycoords_start)
+        assembly.warn_patches_off_object(np, pos[0], pos[1], obj.shape, N)
         xs, ys = (dask.delayed(np.asarray(a), name=f"gpugroup-{name}-{uuid.uuid4().hex}",
                                pure=True)
-                  for name, a in (("xs", raw.xcoords_start), ("ys", raw.ycoords_start)))
+                  for name, a in zip(("xs", "ys"), pos))
     group_bytes = C * N * N * 4
     sizes = block_sizes(B, group_bytes, block_bytes)
     itemsize_dtype = np.dtype(raw.diff3d.dtype)
@@ -242,7 +249,7 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
         blk = rows_nn[start:start + g]
         task = dask.delayed(_assemble_block, pure=True, nout=3)(
             blk, src, y_src, obj_d, xs, ys, scale, N, keep_diffraction, chunk_type,
-            read_bytes, dask_key_name=f"gpugroup-gather-{token}-{i}")
+            read_bytes, y_positions, dask_key_name=f"gpugroup-gather-{token}-{i}")
         shape = (g, N, N, C)
         parts_x.append(da.from_delayed(task[1], shape, np.float32,
                                        meta=meta_lib.empty((0, 0, 0, 0), np.float32)))

@@ -45,6 +45,8 @@ class GroupedDataset:
     norm_scale : float or None
         The normalization factor s; None computes it once from the energies of the frames
         the groups use (one pass over them), exactly as the eager result does.
+    y_positions : {"ptychopinn", "members"}
+        Where ``Y`` is cut from ``objectGuess`` (as ``RawData.generate_grouped_data``).
 
     Notes
     -----
@@ -80,7 +82,7 @@ class GroupedDataset:
 
     def __init__(self, raw, nn_indices, *, N=None, backend=None, output="numpy",
                  keep_diffraction=True, norm_scale=None, seed=None,
-                 chunk_bytes=assembly.DEFAULT_CHUNK_BYTES):
+                 chunk_bytes=assembly.DEFAULT_CHUNK_BYTES, y_positions="ptychopinn"):
         self._be = get_backend(raw.backend if backend is None else backend)
         if output not in ("numpy", "device"):
             raise ValueError(f"output must be 'numpy' or 'device', got output={output!r}")
@@ -99,6 +101,7 @@ class GroupedDataset:
         self.output = output
         self.keep_diffraction = bool(keep_diffraction)
         self.seed = seed
+        self.y_positions = assembly.check_y_positions(y_positions)
         xp = self._be.xp
         self._coords = tuple(xp.asarray(a) for a in (raw.xcoords, raw.ycoords,
                                                         raw.xcoords_start, raw.ycoords_start))
@@ -208,7 +211,7 @@ class GroupedDataset:
             self._plan = assembly.AssemblyPlan(
                 self._be.xp, scan, None, self.N, norm_scale=self.norm_scale,
                 keep_diffraction=self.keep_diffraction, kernels=self._be.kernels,
-                warn=False)
+                warn=False, y_positions=self.y_positions)
             self._plan_pid = os.getpid()
         return self._plan
 

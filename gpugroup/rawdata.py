@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 
 from gpugroup import assembly, io, streamed
 from gpugroup import dask as gdask
 from gpugroup.backends import BACKEND_NAMES, get_backend
-from gpugroup.grouping import _check_coordinates, sample_groups
+from gpugroup.grouping import (_check_coordinates, check_count, index_dtype, neighbour_pool,
+                               sample_groups, select_members)
 from gpugroup.dataset import GroupedDataset
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
@@ -42,6 +44,43 @@ def _frames_shape(name, a, n=None):
             f"scan position"
         )
     return shape
+
+
+def _check_scan_index_field(scan_index, n):
+    """(n,) scan numbers: None gives zeros; integer-valued floats (PtychoPINN writes them)
+    become int64."""
+    if scan_index is None:
+        return np.zeros(n, dtype=np.int64)
+    s = np.asarray(scan_index)
+    if s.shape != (n,) or not (np.issubdtype(s.dtype, np.integer)
+                               or np.issubdtype(s.dtype, np.floating)):
+        raise ValueError(
+            f"scan_index must be ({n},) numbers like xcoords, got shape {s.shape} dtype "
+            f"{s.dtype}; pass None for one scan")
+    if np.issubdtype(s.dtype, np.floating):
+        whole = np.isfinite(s) & (s == np.round(s))
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise ValueError(f"scan_index holds non-integer values, first scan_index[{i}]="
+                             f"{s[i]}; pass whole scan numbers")
+        s = s.astype(np.int64)
+    return s
+
+
+def _check_patches(Y, n):
+    """Ground-truth patches (n, N, N); PtychoPINN's (n, N, N, 1) is taken as (n, N, N)."""
+    shape = tuple(Y.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        Y = Y[..., 0] if isinstance(Y, np.ndarray) or assembly.is_device_array(Y) \
+            else np.asarray(Y)[..., 0]
+        shape = shape[:3]
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"Y must be (n, N, N) ground-truth patches (or (n, N, N, 1)), got "
+                         f"shape {shape}")
+    if shape[0] != n:
+        raise ValueError(f"xcoords has {n} entries but Y has {shape[0]} patches; pass one "
+                         f"patch per scan position")
+    return Y
 
 
 def _as_frame_store(name, a):
@@ -115,40 +154,32 @@ class RawData:
                     f"start position per scan position (or None)"
                 )
             self.xcoords_start, self.ycoords_start = xs, ys
-        self.diff3d = _as_frame_store("diff3d", diff3d)
-        shape = _frames_shape("diff3d", self.diff3d, n)
-        if probeGuess is None:
-            raise ValueError(f"probeGuess is required: a complex ({shape[1]}, {shape[2]}) probe")
-        self.probeGuess = np.asarray(probeGuess)
-        if self.probeGuess.shape != shape[1:]:
-            raise ValueError(
-                f"probeGuess has shape {self.probeGuess.shape} but the diffraction frames are "
-                f"{shape[1:]}; the probe must match the frame size"
-            )
-        if scan_index is None:
-            scan_index = np.zeros(n, dtype=np.int64)
-        self.scan_index = np.asarray(scan_index)
-        if self.scan_index.shape != (n,) or not np.issubdtype(self.scan_index.dtype, np.integer):
-            raise ValueError(
-                f"scan_index must be ({n},) integers like xcoords, got shape "
-                f"{self.scan_index.shape} dtype {self.scan_index.dtype}; pass None for one scan"
-            )
+        # PtychoPINN accepts a scan without frames or probe (e.g. positions only); grouping
+        # then says what is missing.
+        self.diff3d = None if diff3d is None else _as_frame_store("diff3d", diff3d)
+        shape = None if self.diff3d is None else _frames_shape("diff3d", self.diff3d, n)
+        self.probeGuess = None if probeGuess is None else np.asarray(probeGuess)
+        if self.probeGuess is not None:
+            if self.probeGuess.ndim != 2:
+                raise ValueError(f"probeGuess must be 2-D (N, N), got shape "
+                                 f"{self.probeGuess.shape}")
+            if shape is not None and self.probeGuess.shape != shape[1:]:
+                logger.warning("probeGuess has shape %s but the diffraction frames are %s; "
+                               "PtychoPINN's model expects them equal", self.probeGuess.shape,
+                               shape[1:])
+        self.scan_index = _check_scan_index_field(scan_index, n)
         self.objectGuess = None if objectGuess is None else np.asarray(objectGuess)
         if self.objectGuess is not None and self.objectGuess.ndim != 2:
             raise ValueError(f"objectGuess must be 2-D (H, W), got shape {self.objectGuess.shape}")
-        self.Y = None if Y is None else _as_frame_store("Y", Y)
-        if self.Y is not None:
-            y_shape = tuple(self.Y.shape)
-            if y_shape != shape:
-                raise ValueError(
-                    f"Y has shape {y_shape} but diff3d has shape {shape}; Y holds one "
-                    f"(N, N) ground-truth patch per frame"
-                )
+        self.Y = None if Y is None else _check_patches(_as_frame_store("Y", Y), n)
         self.norm_Y_I = norm_Y_I
         self.metadata = dict(metadata) if metadata else {}
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got backend={backend!r}")
         self.backend = backend
+        # PtychoPINN's load_data records its subsample here; grouped dicts carry it along
+        self.sample_indices = None
+        self.subsample_seed = None
         self._index_cache: dict = {}
         self._source = None  # the file from_file read (out= must not replace it)
 
@@ -161,9 +192,14 @@ class RawData:
                    objectGuess=objectGuess, metadata=metadata, backend=backend)
 
     @classmethod
-    def from_file(cls, path, *, mmap_mode=None, keys=None, backend="auto"):
+    def from_file(cls, path, validate_config=False, current_config=None, *, mmap_mode=None,
+                  keys=None, backend="auto"):
         """Load a scan: NPZ (PtychoPINN layout; ``diffraction`` is accepted for ``diff3d``),
         a directory of ``KEY.npy`` files, HDF5 (``.h5``/``.hdf5``/``.cxi``) or Zarr (``.zarr``).
+
+        An NPZ ``_metadata`` member (PtychoPINN's JSON string, also as a 0-d object array)
+        becomes ``raw.metadata``; nothing else is unpickled. A member stored as None
+        (PtychoPINN's ``to_file`` with ``objectGuess=None``) counts as absent.
 
         Parameters
         ----------
@@ -178,6 +214,13 @@ class RawData:
             (``diff3d``, ``Y``): ``np.memmap`` over uncompressed NPZ members or ``.npy``
             files, ``h5py.Dataset``, ``zarr.Array``. Grouping then reads only the frames the
             groups use, in bounded memory.
+        validate_config : bool
+            With ``current_config`` and metadata in the file: log a warning for each of
+            ``nphotons``, ``N``, ``gridsize`` that differs between the file's
+            ``physics_parameters`` and the config (as PtychoPINN's ``from_file``).
+        current_config : object, optional
+            A PtychoPINN ``TrainingConfig`` (or anything with ``nphotons`` and ``model.N``,
+            ``model.gridsize`` attributes).
         keys : dict, optional
             Field -> dataset path (HDF5/Zarr) or member name (NPZ), e.g.
             ``{"diff3d": "/entry/data/frames"}``.
@@ -195,7 +238,11 @@ class RawData:
         """
         path = os.fspath(path)
         data = io.read_scan(path, mmap_mode=mmap_mode, keys=keys)
-        return cls._from_mapping(data, path, backend)
+        raw = cls._from_mapping(data, path, backend)
+        if validate_config and raw.metadata and current_config is not None:
+            for warning in _config_mismatches(raw.metadata, current_config):
+                logger.warning("Parameter mismatch: %s", warning)
+        return raw
 
     @classmethod
     def _from_mapping(cls, data, source, backend):
@@ -209,7 +256,11 @@ class RawData:
             raise io.missing_fields_error(source, missing, sorted(data))
         metadata = data.get("_metadata")
         if metadata is not None:
-            metadata = json.loads(str(metadata))
+            try:
+                metadata = json.loads(str(np.asarray(metadata).item()))
+            except ValueError as exc:
+                logger.warning("%r: _metadata is not JSON (%s); ignoring it", source, exc)
+                metadata = None
         get = data.get
         raw = cls(get("xcoords"), get("ycoords"), get("xcoords_start"), get("ycoords_start"),
                   get("diff3d"), get("probeGuess"), get("scan_index"),
@@ -217,6 +268,44 @@ class RawData:
                   metadata=metadata, backend=backend)
         raw._source = source
         return raw
+
+    @classmethod
+    def from_simulation(cls, xcoords, ycoords, probeGuess, objectGuess, scan_index=None, *,
+                        backend="auto"):
+        """A scan simulated from ``objectGuess`` and ``probeGuess`` at the given positions
+        (PtychoPINN's ``RawData.from_simulation`` at gridsize 1).
+
+        ``Y`` holds the (N, N) object patches at the positions and ``diff3d`` the far-field
+        amplitudes ``|fftshift(fft2(probe * patch))|`` (float32). PtychoPINN's own version
+        also rescales to its ``nphotons`` and sets ``norm_Y_I``; this one leaves the
+        amplitudes unscaled (``norm_Y_I`` None): the grouped ``X_full`` is normalized
+        anyway.
+
+        Raises
+        ------
+        NotImplementedError
+            When PtychoPINN's ``ptycho.params`` holds gridsize > 1 (as PtychoPINN).
+        """
+        if resolve_gridsize(None) != 1:
+            raise NotImplementedError(
+                "from_simulation supports gridsize=1 only (ptycho.params holds gridsize > "
+                "1); simulate at gridsize 1 and group with generate_grouped_data(gridsize=...)")
+        x, y = _check_coordinates(xcoords, ycoords)
+        probe = np.asarray(probeGuess)
+        if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
+            raise ValueError(f"probeGuess must be a square (N, N) array, got shape "
+                             f"{probe.shape}")
+        if objectGuess is None or np.ndim(objectGuess) != 2:
+            raise ValueError("objectGuess must be a 2-D (H, W) object to simulate from, got "
+                             f"{None if objectGuess is None else np.shape(objectGuess)}")
+        obj = np.asarray(objectGuess)
+        N = int(probe.shape[0])
+        Y = assembly.extract_patches(np, obj, x, y, N)
+        far = np.fft.fftshift(np.fft.fft2(probe[None].astype(np.complex64) * Y),
+                              axes=(-2, -1))
+        diff3d = np.abs(far).astype(np.float32)
+        return cls(x, y, x, y, diff3d, probe, scan_index, objectGuess=obj, Y=Y,
+                   backend=backend)
 
     @classmethod
     def from_files(cls, train_data_file_path, test_data_file_path, *, backend="auto"):
@@ -257,14 +346,19 @@ class RawData:
 
     def __str__(self) -> str:
         n = len(self)
-        shape = tuple(self.diff3d.shape)
+        if self.diff3d is None:
+            frames = "no frames"
+        else:
+            shape = tuple(self.diff3d.shape)
+            frames = (f"frames {shape[1]}x{shape[2]} {np.dtype(self.diff3d.dtype)} "
+                      f"({type(self.diff3d).__module__.split('.')[0]} store)")
+        probe = (None if self.probeGuess is None
+                 else f"{self.probeGuess.shape} {self.probeGuess.dtype}")
         lines = [
-            f"RawData: {n} positions, frames {shape[1]}x{shape[2]} {np.dtype(self.diff3d.dtype)}"
-            f" ({type(self.diff3d).__module__.split('.')[0]} store), backend={self.backend!r}",
+            f"RawData: {n} positions, {frames}, backend={self.backend!r}",
             f"  x in [{self.xcoords.min():.6g}, {self.xcoords.max():.6g}], "
             f"y in [{self.ycoords.min():.6g}, {self.ycoords.max():.6g}]",
-            f"  scans: {len(np.unique(self.scan_index))}, probe {self.probeGuess.shape} "
-            f"{self.probeGuess.dtype}",
+            f"  scans: {len(np.unique(self.scan_index))}, probe {probe}",
             f"  objectGuess: {None if self.objectGuess is None else self.objectGuess.shape}, "
             f"Y: {None if self.Y is None else tuple(self.Y.shape)}",
         ]
@@ -273,11 +367,68 @@ class RawData:
     __repr__ = __str__
 
     # ------------------------------------------------------------------ grouping
-    def _generate_groups_efficiently(self, nsamples: int, K: int, C: int, seed=None, **kwargs):
-        """(B, C) int32 groups by sample-then-group (the name PtychoPINN training code calls)."""
-        kwargs.setdefault("backend", self.backend)
-        return sample_groups(self.xcoords, self.ycoords, nsamples, K, C, seed=seed,
+    def _generate_groups_efficiently(self, nsamples: int, K: int, C: int, seed=None,
+                                     seed_indices=None, **kwargs):
+        """(B, C) int32 groups by sample-then-group (PtychoPINN's private method).
+
+        ``seed_indices`` (PtychoPINN's sequential path) gives the seeds, each once, and
+        members drawn with seed 0; otherwise ``seed`` as in :meth:`generate_grouped_data`
+        (None: from NumPy's legacy global RNG). ``kwargs`` go to :func:`sample_groups`.
+        """
+        C = int(C)
+        _check_pool(K, C)
+        n = len(self)
+        if n < C:
+            raise ValueError(f"Dataset has only {n} points but {C} coordinates per group "
+                             f"requested (C = gridsize**2); use a smaller gridsize")
+        backend = kwargs.pop("backend", self.backend)
+        if seed_indices is not None:
+            return self._groups_for_seeds(np.asarray(seed_indices)[:n], K, C, backend)
+        return sample_groups(self.xcoords, self.ycoords, nsamples, K, C,
+                             seed=_draw_seed(seed), backend=backend,
                              index_cache=self._index_cache, **kwargs)
+
+    def _generate_groups_with_oversampling(self, nsamples, K, C, seed=None,
+                                           seed_indices=None):
+        """(nsamples, C) groups with oversampling (DESIGN.md 3.4): row g takes seed
+        number g mod n, repeats of a seed get distinct member sets while comb(K, C)
+        allows. ``seed_indices`` (sequential seeds 0..m-1) fixes the members' seed at 0."""
+        C = int(C)
+        if K < C:
+            raise ValueError(
+                f"K choose C oversampling requires neighbor_pool_size >= C (gridsize**2): "
+                f"got neighbor_pool_size={K}, C={C} (OVERSAMPLING-001); pass "
+                f"neighbor_pool_size >= {C}")
+        n = len(self)
+        if n < C:
+            raise ValueError(f"Dataset has only {n} points but {C} coordinates per group "
+                             f"requested (C = gridsize**2); use a smaller gridsize")
+        sequential = seed_indices is not None
+        return sample_groups(self.xcoords, self.ycoords, nsamples, K, C,
+                             seed=0 if sequential else _draw_seed(seed),
+                             backend=self.backend, sequential=sequential,
+                             enable_oversampling=True, index_cache=self._index_cache)
+
+    def _groups_for_seeds(self, seeds, K, C, backend=None):
+        """Groups of DESIGN.md 3.2-3.3 for given seed positions, row g seeded by
+        ``seeds[g]`` and members drawn with seed 0 (``seeds = 0..m-1`` is
+        ``sequential_sampling=True``)."""
+        seeds = np.asarray(seeds)
+        n = len(self)
+        if seeds.ndim != 1 or not np.issubdtype(seeds.dtype, np.integer) or (
+                seeds.size and (seeds.min() < 0 or seeds.max() >= n)):
+            raise ValueError(f"seed_indices must be 1-D integers in [0, {n}), got shape "
+                             f"{seeds.shape} dtype {seeds.dtype}")
+        be = get_backend(self.backend if backend is None else backend)
+        xp = be.xp
+        rows = seeds.astype(np.int64)
+        if C == 1:
+            return rows[:, None].astype(index_dtype(n))
+        x, y = xp.asarray(self.xcoords), xp.asarray(self.ycoords)
+        pool = neighbour_pool(xp, x, y, xp.asarray(rows), K, be.build_index(x, y))
+        pool_len = xp.full(int(pool.shape[0]), int(pool.shape[1]), dtype=xp.int64)
+        nn = select_members(xp, pool, pool_len, xp.arange(len(rows), dtype=xp.int64), C, 0)
+        return be.asnumpy(nn).astype(index_dtype(n))
 
     def generate_grouped_data(self, N, K=4, nsamples=1, dataset_path=None, seed=None,
                               sequential_sampling=False, gridsize=None,
@@ -285,36 +436,48 @@ class RawData:
                               rng=None, group_by_scan=False, backend=None,
                               keep_diffraction=True, output="numpy", chunk_bytes=None,
                               progress=None, out=None, lazy=False, overwrite=True,
-                              row_order="canonical", check_space=True):
+                              row_order="canonical", check_space=True,
+                              y_positions="ptychopinn"):
         """Sample groups and assemble the training dict of DESIGN.md section 2.
 
         The positional order is PtychoPINN's (``N, K, nsamples, dataset_path, seed,
         sequential_sampling, gridsize, enable_oversampling, neighbor_pool_size``); the
-        rest is keyword-only.
+        rest is keyword-only. The semantics follow PtychoPINN's (DESIGN.md section 6).
 
         Parameters
         ----------
         N : int
-            Frame size; must equal the diffraction frames' size.
+            Patch size: the normalization uses (N/2)**2 and ``Y`` patches are N x N. It
+            should equal the diffraction frames' size; a different N is accepted in memory
+            (with a warning; ``diffraction`` and ``X_full`` keep the frames' size, as in
+            PtychoPINN) and refused with ``out`` or ``lazy``.
         K : int
             Pool size (seed + K - 1 nearest), >= gridsize**2.
         nsamples : int
-            Number of groups (more than n needs ``enable_oversampling``).
+            Number of groups. More than n positions at gridsize > 1 needs
+            ``enable_oversampling=True`` (else ``ValueError``, PtychoPINN's
+            OVERSAMPLING-001); at gridsize 1 it gives n groups and a warning.
         dataset_path : ignored
             Accepted for PtychoPINN compatibility (it named the old group cache).
         seed : int or None
-            None draws and logs a fresh seed (from ``rng`` when given); the value used is
-            in ``result["seed"]``.
-        rng : numpy.random.Generator or None
-            Accepted for PtychoPINN compatibility: with ``seed=None`` the seed is drawn
-            from it, so a seeded Generator gives repeatable groups. Ignored when ``seed``
-            is given.
+            None draws the seed from NumPy's legacy global RNG (so ``np.random.seed(s)``
+            before the call repeats the groups) and logs it; the value used is in
+            ``result["seed"]``. Ignored with ``sequential_sampling``.
+        sequential_sampling : bool
+            Seeds are positions 0..m-1 and the members are drawn with seed 0, whatever
+            ``seed`` is (as PtychoPINN), so sequential runs always give the same groups.
         gridsize : int or None
-            C = gridsize**2 positions per group; None means 1.
-        sequential_sampling, enable_oversampling, group_by_scan : bool
-            See :func:`gpugroup.sample_groups` (``group_by_scan`` passes ``scan_index``).
+            C = gridsize**2 positions per group. None: PtychoPINN's
+            ``params.get('gridsize', 1)`` when ``ptycho.params`` is imported, else 1.
+        enable_oversampling : bool
+            Allow nsamples > n at gridsize > 1 (DESIGN.md 3.4).
         neighbor_pool_size : int or None
-            Pool size overriding K (PtychoPINN's oversampling knob).
+            The pool size when oversampling (None: K); must be >= gridsize**2. No effect
+            without oversampling.
+        rng : numpy.random.Generator or None
+            With ``seed=None``, draw the seed from this Generator instead.
+        group_by_scan : bool
+            Pools only hold positions of the seed's own scan (``scan_index``).
         backend : {"auto", "cpu", "gpu"} or None
             None uses the RawData's backend.
         keep_diffraction : bool
@@ -346,14 +509,26 @@ class RawData:
             With ``out`` or ``lazy``: ``"locality"`` stores the rows sorted by their smallest
             frame index (the input is then read nearly sequentially: several times faster
             from disk) and adds ``order`` (row j is canonical group ``order[j]``).
+        y_positions : {"ptychopinn", "members"}
+            Where ``Y`` is cut from ``objectGuess`` (when the scan has no ``Y``):
+            ``"ptychopinn"`` at PtychoPINN's points ``coords_offsets + coords_relative``
+            (each member reflected through the group centre, from ``xcoords``; at
+            gridsize 1 the position itself), ``"members"`` at each member's own start
+            position (``xcoords_start``).
 
         Returns
         -------
         dict
-            Keys of DESIGN.md section 2 plus ``seed`` and ``norm_scale``. With ``out``, the
-            large entries are on-disk arrays (``np.memmap``, ``zarr.Array`` or
-            ``h5py.Dataset`` of a read-only file the caller closes with
-            ``d["X_full"].file.close()``), the rest NumPy, plus ``path``.
+            Keys of DESIGN.md section 2 plus ``seed`` and ``norm_scale`` (and
+            ``sample_indices`` when set, as PtychoPINN). With ``out``, the large entries
+            are on-disk arrays (``np.memmap``, ``zarr.Array`` or ``h5py.Dataset`` of a
+            read-only file the caller closes with ``d["X_full"].file.close()``), the rest
+            NumPy, plus ``path``.
+
+        Raises
+        ------
+        ValueError
+            K < C ("K=3 must be >= C=4"), OVERSAMPLING-001, bad options, no frames.
         """
         if isinstance(dataset_path, (int, np.integer)) and not isinstance(dataset_path, bool):
             raise TypeError(
@@ -361,7 +536,9 @@ class RawData:
                 f"{dataset_path!r}: pass the seed by keyword, seed={dataset_path!r}")
         if dataset_path is not None:
             logger.debug("dataset_path=%r ignored: gpugroup keeps no group cache", dataset_path)
-        N = assembly.frame_size(N, self.diff3d)
+        self._require_frames()
+        assembly.check_y_positions(y_positions)
+        N = self._patch_size(N, strict=bool(lazy or out is not None))
         if output not in ("numpy", "device") or (output == "device" and (lazy or out)):
             raise ValueError(f"output={output!r}: use 'numpy' or 'device' (the backend's "
                              f"arrays, in memory only: not with out= or lazy=True)")
@@ -386,7 +563,7 @@ class RawData:
                     f"{name} must be True or False, got {flag!r}: it is positional argument "
                     f"{position} (PtychoPINN's order: N, K, nsamples, dataset_path, seed, "
                     f"sequential_sampling, gridsize, ...); pass gridsize= by keyword")
-        if seed is None and rng is not None:
+        if seed is None and rng is not None and not sequential_sampling:
             if not hasattr(rng, "integers"):
                 raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}"
                                 f": pass rng=np.random.default_rng(...) (or seed=...)")
@@ -399,42 +576,115 @@ class RawData:
             return self._grouped_out_of_core(
                 be, nn, N, seed, out=out, lazy=lazy, keep_diffraction=keep_diffraction,
                 chunk_bytes=chunk_bytes, progress=progress, overwrite=overwrite,
-                row_order=row_order, check_space=check_space)
+                row_order=row_order, check_space=check_space,
+                y_positions=y_positions)
+        return self._assemble(be, nn, N, seed, keep_diffraction=keep_diffraction,
+                              output=output, chunk_bytes=chunk_bytes, progress=progress,
+                              y_positions=y_positions)
+
+    def _generate_dataset_from_groups(self, selected_groups, N, K=None, gridsize=None, *,
+                                      y_positions="ptychopinn"):
+        """The dict of :meth:`generate_grouped_data` for given groups (B, C) (PtychoPINN's
+        private method; ``K`` and ``gridsize`` are accepted and unused: C is the groups'
+        width)."""
+        self._require_frames()
+        nn = np.asarray(selected_groups)
+        n = len(self)
+        if nn.ndim != 2 or not np.issubdtype(nn.dtype, np.integer) or (
+                nn.size and (nn.min() < 0 or nn.max() >= n)):
+            raise ValueError(f"selected_groups must be (B, C) integers in [0, {n}), got "
+                             f"shape {nn.shape} dtype {nn.dtype}")
+        be = get_backend(self.backend)
+        return self._assemble(be, nn, self._patch_size(N, strict=False), None,
+                              y_positions=y_positions)
+
+    def _assemble(self, be, nn, N, seed, *, keep_diffraction=True, output="numpy",
+                  chunk_bytes=None, progress=None, y_positions="ptychopinn"):
         if chunk_bytes is None:
             chunk_bytes = assembly.default_chunk_bytes(be.xp)
         grouped = assembly.assemble_groups(
             be.xp, self, nn, N, keep_diffraction=keep_diffraction, chunk_bytes=chunk_bytes,
-            progress=progress, kernels=be.kernels)
+            progress=progress, kernels=be.kernels, y_positions=y_positions)
         if output == "numpy":
             grouped = {k: be.asnumpy(v) if _is_array(v) else v for k, v in grouped.items()}
         grouped["seed"] = seed
+        if getattr(self, "sample_indices", None) is not None:
+            grouped["sample_indices"] = np.array(self.sample_indices, copy=True)
         return grouped
+
+    def _require_frames(self):
+        if self.diff3d is None:
+            raise ValueError("diff3d is None: grouping needs the (n, N, N) diffraction "
+                             "amplitudes; build the RawData with diff3d=...")
+
+    def _patch_size(self, N, strict):
+        """``N`` checked against the frames: equal, or (not ``strict``) different with a
+        warning, as PtychoPINN allows."""
+        frame = int(self.diff3d.shape[1])
+        if strict or N is None:
+            return assembly.frame_size(N, self.diff3d)
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
+            raise TypeError(f"N must be an int (the patch size), got N={N!r}; pass "
+                            f"N={frame}")
+        if int(N) != frame:
+            logger.warning(
+                "N=%d differs from the diffraction frames (%dx%d): X_full is normalized "
+                "with (N/2)**2 and keeps the frames' size, Y patches are %dx%d (as PtychoPINN "
+                "does); pass N=%d to match them", N, frame, frame, N, N, frame)
+        return int(N)
 
     def sample_for_grouping(self, K=4, nsamples=1, seed=None, gridsize=None, *,
                             sequential_sampling=False, enable_oversampling=False,
                             neighbor_pool_size=None, group_by_scan=False, backend=None,
                             output="numpy"):
         """``(nn_indices, seed, backend)``: the groups ``generate_grouped_data`` uses for
-        these arguments (``seed`` resolved, so a ``None`` draw can be repeated)."""
-        gridsize = 1 if gridsize is None else gridsize
-        if isinstance(gridsize, bool) or not isinstance(gridsize, (int, np.integer)) or gridsize < 1:
-            raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
-        C = int(gridsize) ** 2
-        if neighbor_pool_size is not None and (
-                isinstance(neighbor_pool_size, bool)
-                or not isinstance(neighbor_pool_size, (int, np.integer))
-                or neighbor_pool_size < C):
-            raise ValueError(f"neighbor_pool_size must be an int >= gridsize**2 = {C} (it "
-                             f"replaces K), got neighbor_pool_size={neighbor_pool_size!r}")
+        these arguments (``seed`` resolved, so a ``None`` draw can be repeated).
+
+        Applies the rules of DESIGN.md section 6: ``gridsize`` from PtychoPINN's params,
+        OVERSAMPLING-001, ``neighbor_pool_size`` only when oversampling, ``seed=None`` from
+        NumPy's global RNG, sequential sampling with seed 0.
+        """
+        gridsize = resolve_gridsize(gridsize)
+        C = gridsize ** 2
+        n = len(self)
+        nsamples = check_count("nsamples", nsamples, 1)
+        K = check_count("K", K, 1)
+        if nsamples > n and C > 1:
+            if not enable_oversampling:
+                raise ValueError(
+                    f"Requesting {nsamples} groups but only {n} points available (gridsize="
+                    f"{gridsize}, C={C}): K choose C oversampling is required but not "
+                    f"enabled (OVERSAMPLING-001). Pass enable_oversampling=True with "
+                    f"neighbor_pool_size >= {C}, or nsamples <= {n}")
+            pool = K if neighbor_pool_size is None else neighbor_pool_size
+            if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < C:
+                raise ValueError(
+                    f"K choose C oversampling requires neighbor_pool_size >= C (gridsize**2)"
+                    f": got neighbor_pool_size={pool!r} (K when None), C={C} "
+                    f"(OVERSAMPLING-001); pass neighbor_pool_size >= {C}")
+        else:
+            if neighbor_pool_size is not None:
+                logger.info("neighbor_pool_size=%r has no effect without oversampling "
+                            "(nsamples=%d <= n=%d or gridsize 1): pools hold K=%d",
+                            neighbor_pool_size, nsamples, n, K)
+            pool = K
+            _check_pool(K, C)
         be = get_backend(self.backend if backend is None else backend)
-        seed = resolve_seed(seed)
+        if sequential_sampling:
+            if seed is not None:
+                logger.info("sequential_sampling=True: members are drawn with seed 0 "
+                            "(seed=%r ignored, as PtychoPINN)", seed)
+            seed = 0
+        else:
+            seed = _draw_seed(seed)
+        scans = None
+        if group_by_scan:
+            scans = self.scan_index
         nn = sample_groups(
-            self.xcoords, self.ycoords, nsamples,
-            K if neighbor_pool_size is None else neighbor_pool_size, C,
+            self.xcoords, self.ycoords, nsamples, int(pool), C,
             seed=seed, backend=be, sequential=sequential_sampling,
             enable_oversampling=enable_oversampling,
-            scan_index=self.scan_index if group_by_scan else None, output=output,
-            index_cache=self._index_cache,
+            scan_index=scans, output=output, index_cache=self._index_cache,
         )
         return nn, seed, be
 
@@ -445,13 +695,14 @@ class RawData:
         return GroupedDataset.from_raw(self, N, K, nsamples, seed, gridsize, **kwargs)
 
     def _grouped_out_of_core(self, be, nn, N, seed, *, out, lazy, keep_diffraction,
-                             chunk_bytes, progress, overwrite, row_order, check_space=True):
+                             chunk_bytes, progress, overwrite, row_order, check_space=True,
+                             y_positions="ptychopinn"):
         """``generate_grouped_data`` with ``out`` (streamed file) or ``lazy`` (Dask)."""
         if lazy:
             grouped = gdask.grouped_arrays(self, nn_indices=be.asnumpy(nn), N=N,
                                            keep_diffraction=keep_diffraction,
                                            block_bytes=chunk_bytes, seed=seed,
-                                           row_order=row_order)
+                                           row_order=row_order, y_positions=y_positions)
             if out is not None:
                 return gdask.to_zarr(grouped, out, overwrite=overwrite,
                                      check_space=check_space)
@@ -460,7 +711,60 @@ class RawData:
             out, be.xp, self, nn, N, keep_diffraction=keep_diffraction,
             chunk_bytes=streamed.DEFAULT_OUT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
             progress=progress, seed=seed, overwrite=overwrite, row_order=row_order,
-            check_space=check_space)
+            check_space=check_space, y_positions=y_positions)
+
+
+def resolve_gridsize(gridsize) -> int:
+    """``gridsize``, or for None PtychoPINN's ``params.get('gridsize', 1)`` when
+    ``ptycho.params`` is imported (looked up in ``sys.modules``; PtychoPINN is never
+    imported), else 1. The choice is logged."""
+    if gridsize is None:
+        params = sys.modules.get("ptycho.params")
+        getter = getattr(params, "get", None)
+        if callable(getter):
+            gridsize = getter("gridsize", 1)
+            gridsize = 1 if gridsize is None else gridsize
+            logger.info("gridsize=None: gridsize=%r from PtychoPINN's ptycho.params", gridsize)
+        else:
+            gridsize = 1
+            logger.info("gridsize=None: gridsize=1 (ptycho.params is not imported)")
+    if isinstance(gridsize, bool) or not isinstance(gridsize, (int, np.integer)) or gridsize < 1:
+        raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
+    return int(gridsize)
+
+
+def _check_pool(K, C):
+    """K >= C, in PtychoPINN's words."""
+    if K < C:
+        raise ValueError(f"K={K} must be >= C={C} (need at least C neighbors to form a "
+                         f"group; C = gridsize**2): pass K >= {C}")
+
+
+def _draw_seed(seed) -> int:
+    """``seed`` checked, or for None a seed drawn from NumPy's legacy global RNG (so
+    ``np.random.seed(s)`` before the call repeats it), logged."""
+    if seed is None:
+        seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
+        logger.info("seed=None: drew seed=%d from NumPy's global RNG (np.random.seed "
+                    "repeats it; pass seed=%d to repeat this run)", seed, seed)
+    return resolve_seed(seed)
+
+
+def _config_mismatches(metadata, config) -> list:
+    """PtychoPINN's metadata checks: stored nphotons, N, gridsize vs ``config``."""
+    stored = metadata.get("physics_parameters", {}) if isinstance(metadata, dict) else {}
+    model = getattr(config, "model", config)
+    current = {"nphotons": getattr(config, "nphotons", None),
+               "N": getattr(model, "N", None), "gridsize": getattr(model, "gridsize", None)}
+    out = []
+    for name, value in current.items():
+        if name not in stored or value is None:
+            continue
+        same = (abs(stored[name] - value) <= 1e-9 if name == "nphotons"
+                else stored[name] == value)
+        if not same:
+            out.append(f"{name} mismatch: dataset={stored[name]}, config={value}")
+    return out
 
 
 def convert(src, dst, *, keys=None, slab_bytes=io.DEFAULT_SLAB_BYTES, overwrite=True,

@@ -52,7 +52,8 @@ def estimate_grouped_bytes(B, C, N, dtype, keep_diffraction=True, with_Y=False) 
 
 def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
                   chunk_bytes=DEFAULT_OUT_CHUNK_BYTES, workers=None, progress=None,
-                  seed=None, overwrite=True, row_order="canonical", check_space=True) -> dict:
+                  seed=None, overwrite=True, row_order="canonical", check_space=True,
+                  y_positions="ptychopinn") -> dict:
     """Assemble the grouped dict of DESIGN.md section 2 into file ``path``.
 
     Parameters
@@ -87,6 +88,8 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
         Refuse up front, before any frame is read, an output larger than the free space
         at ``path`` (the message gives both, and the path); False skips the check (for
         filesystems that report free space wrongly).
+    y_positions : {"ptychopinn", "members"}
+        Where ``Y`` is cut from ``objectGuess`` (see :class:`gpugroup.assembly.PatchSource`).
 
     Returns
     -------
@@ -112,7 +115,7 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
     # page touched resident in this process.
     plan = assembly.AssemblyPlan(xp, scan, nn, N, keep_diffraction=keep_diffraction,
                                  chunk_bytes=min(MAX_WORK_BYTES, max(1, chunk_bytes // 2)),
-                                 out_of_core=True)
+                                 out_of_core=True, y_positions=y_positions)
     logger.info("write_grouped: %d groups x %d into %s (%s, %s order), norm_scale=%.6g", B,
                 C, path, fmt, row_order, plan.scale)
     small = {}

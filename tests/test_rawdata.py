@@ -106,9 +106,12 @@ def test_Y_gathered_from_ground_truth_patches():
     np.testing.assert_array_equal(d["Y"], np.transpose(raw.Y[d["nn_indices"]], (0, 2, 3, 1)))
 
 
-def test_Y_cut_from_object_at_start_positions():
+def test_Y_cut_from_object_at_start_positions_with_y_positions_members():
+    # DESIGN.md section 6: the default cuts at PtychoPINN's points (tests/test_ptychopinn.py);
+    # y_positions="members" cuts each channel at its member's own start position
     raw = make_raw(with_object=True)
-    d = raw.generate_grouped_data(8, K=7, nsamples=20, seed=4, gridsize=2)
+    d = raw.generate_grouped_data(8, K=7, nsamples=20, seed=4, gridsize=2,
+                                  y_positions="members")
     nn = d["nn_indices"]
     expect = extract_patches(np, raw.objectGuess, raw.xcoords_start[nn.ravel()],
                              raw.ycoords_start[nn.ravel()], 8).reshape(20, 4, 8, 8)
@@ -169,9 +172,13 @@ def test_patches_wholly_off_the_object_are_logged(caplog):
 
 def test_oversampling_and_warning(caplog):
     raw = make_raw(n=30)
+    # gridsize > 1: more groups than positions needs enable_oversampling (OVERSAMPLING-001)
+    with pytest.raises(ValueError, match="OVERSAMPLING-001.*enable_oversampling=True"):
+        raw.generate_grouped_data(8, K=7, nsamples=100, seed=1, gridsize=2)
+    # gridsize 1: n groups and a warning, as PtychoPINN
     with caplog.at_level(logging.WARNING):
-        d = raw.generate_grouped_data(8, K=7, nsamples=100, seed=1, gridsize=2)
-    assert d["nn_indices"].shape == (30, 4)
+        d = raw.generate_grouped_data(8, K=7, nsamples=100, seed=1, gridsize=1)
+    assert d["nn_indices"].shape == (30, 1)
     assert any("nsamples=100" in r.getMessage() for r in caplog.records)
     d = raw.generate_grouped_data(8, K=7, nsamples=100, seed=1, gridsize=2, enable_oversampling=True)
     assert d["nn_indices"].shape == (100, 4)
@@ -227,8 +234,9 @@ def base_fields(n=10, N=4):
     (dict(diff3d=np.ones((10, 16), np.float32)), r"diff3d must be 3-D.*\(10, 16\)"),
     (dict(diff3d=np.ones((10, 4, 5), np.float32)), r"diff3d frames must be square.*\(10, 4, 5\)"),
     (dict(diff3d=np.ones((10, 4, 4), np.complex64)), r"diff3d must hold real numbers.*complex64"),
-    (dict(probeGuess=np.ones((8, 8), np.complex64)), r"probeGuess has shape \(8, 8\).*\(4, 4\)"),
-    (dict(scan_index=np.zeros(3, int)), r"scan_index must be \(10,\) integers"),
+    (dict(probeGuess=np.ones((8, 8, 2), np.complex64)), r"probeGuess must be 2-D.*\(8, 8, 2\)"),
+    (dict(scan_index=np.zeros(3, int)), r"scan_index must be \(10,\) numbers"),
+    (dict(scan_index=np.full(10, 0.5)), r"scan_index holds non-integer values.*0\.5"),
     (dict(xcoords_start=np.zeros(10)), r"xcoords_start and ycoords_start must be given together"),
     (dict(xcoords_start=np.zeros(9), ycoords_start=np.zeros(9)), r"xcoords_start has 9"),
     (dict(xcoords=np.zeros(0), ycoords=np.zeros(0), diff3d=np.ones((0, 4, 4), np.float32)),
@@ -246,14 +254,18 @@ def test_bad_backend_and_objects():
         RawData(**base_fields(), backend="tpu")
     with pytest.raises(ValueError, match="objectGuess must be 2-D"):
         RawData(**base_fields(), objectGuess=np.ones(5))
-    with pytest.raises(ValueError, match="Y has shape"):
-        RawData(**base_fields(), Y=np.ones((10, 5, 5), np.complex64))
+    with pytest.raises(ValueError, match="xcoords has 10 entries but Y has 9 patches"):
+        RawData(**base_fields(), Y=np.ones((9, 4, 4), np.complex64))
+    with pytest.raises(ValueError, match=r"Y must be \(n, N, N\).*\(10, 4, 5\)"):
+        RawData(**base_fields(), Y=np.ones((10, 4, 5), np.complex64))
 
 
 def test_generate_grouped_data_validation():
     raw = RawData(**base_fields())
+    # in memory a different N is PtychoPINN's (a warning, tests/test_ptychopinn.py); out of
+    # core it is refused
     with pytest.raises(ValueError, match="N=8 does not match the diffraction frames"):
-        raw.generate_grouped_data(8, K=4, nsamples=2, seed=0)
+        raw.generate_grouped_data(8, K=4, nsamples=2, seed=0, lazy=True)
     with pytest.raises(ValueError, match="must be >="):
         raw.generate_grouped_data(4, K=3, nsamples=2, seed=0, gridsize=2)
     with pytest.raises(ValueError, match="gridsize must be a positive int"):
@@ -311,7 +323,8 @@ def test_ptychopinn_positional_order_and_rng():
     ({"output": "device", "lazy": True}, r"output='device'"),
     ({"chunk_bytes": 0}, r"chunk_bytes must be a positive int.*chunk_bytes=0"),
     ({"chunk_bytes": -5, "lazy": True}, r"chunk_bytes=-5"),
-    ({"neighbor_pool_size": 2}, r"neighbor_pool_size must be an int >= gridsize\*\*2 = 4"),
+    ({"neighbor_pool_size": 2, "nsamples": 50, "enable_oversampling": True},
+     r"neighbor_pool_size >= C.*neighbor_pool_size=2 .*C=4.*OVERSAMPLING-001"),
 ])
 def test_generate_grouped_data_option_errors_name_the_option(kwargs, match):
     raw = make_raw(n=40)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 import struct
 import threading
 import time
@@ -65,6 +66,44 @@ def _read_npy_header(fh):
     if version == (2, 0):
         return npy_format.read_array_header_2_0(fh)
     return npy_format._read_array_header(fh, version)  # (3, 0): utf-8 header, same layout
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles a NumPy object array and nothing else: no class outside the three that
+    rebuild an ndarray may be named, so no code runs."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def object_member_value(fileobj, path, key):
+    """The value of a 0-d object ``.npy`` member (``fileobj`` at its start): a 0-d str
+    array for a string (PtychoPINN's ``_metadata`` JSON), None for a stored None (an
+    optional field PtychoPINN's ``to_file`` wrote as None: treat it as absent).
+
+    Raises
+    ------
+    ScanFileError
+        The member holds anything else (nothing is unpickled beyond NumPy's own array).
+    """
+    shape, _, dtype = _read_npy_header(fileobj)
+    if dtype.hasobject and shape == ():
+        try:
+            value = _ArrayOnlyUnpickler(fileobj).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
+            raise _object_member_error(path, key) from exc
+        item = value.item() if isinstance(value, np.ndarray) and value.shape == () else value
+        if item is None:
+            return None
+        if isinstance(item, str):
+            return np.array(item)
+    raise _object_member_error(path, key)
 
 
 class CompressedMemberError(ValueError):
@@ -177,7 +216,12 @@ def _read_members(path, fh, stack_keys, open_stack) -> dict:
                         out[key] = npy_format.read_array(member, allow_pickle=False)
                     except ValueError as exc:
                         if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-                            raise _object_member_error(path, key) from None
+                            # PtychoPINN's _metadata JSON string or a stored None only
+                            with zf.open(info) as again:
+                                value = object_member_value(again, path, key)
+                            if value is not None:
+                                out[key] = value
+                            continue
                         raise _open_error(path, exc, key) from exc
     except FileNotFoundError:
         raise
