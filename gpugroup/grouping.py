@@ -357,7 +357,7 @@ class SamplingOptions:
     >>> SamplingOptions(nsamples=10, K=3, C=4, seed=0)
     Traceback (most recent call last):
     ...
-    ValueError: K must be >= C: K=3 < C=4. Each group takes C = gridsize**2 positions from a pool of K; pass K >= 4
+    ValueError: K=3 must be >= C=4: each group takes C = gridsize**2 positions from a pool of K; pass K >= 4
     """
 
     nsamples: int
@@ -373,7 +373,7 @@ class SamplingOptions:
             object.__setattr__(self, name, check_count(name, getattr(self, name), minimum))
         if self.K < self.C:
             raise ValueError(
-                f"K must be >= C: K={self.K} < C={self.C}. Each group takes C = gridsize**2 "
+                f"K={self.K} must be >= C={self.C}: each group takes C = gridsize**2 "
                 f"positions from a pool of K; pass K >= {self.C}")
         for name in ("sequential", "enable_oversampling"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
