@@ -296,4 +296,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, so that the script's "import gpugroup.ptychopinn"
+    # sees the same patch state
+    from gpugroup.ptychopinn import main as _main
+
+    sys.exit(_main())
