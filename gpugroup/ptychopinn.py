@@ -36,6 +36,8 @@ key_coords_relative = "coords_start_relative"
 
 #: The module PtychoPINN defines its RawData in.
 TARGET = "ptycho.raw_data"
+#: PtychoPINN's top-level packages (unpatch() restores their RawData names).
+PTYCHOPINN_PACKAGES = ("ptycho", "ptycho_torch", "scripts")
 
 # (module name, attribute) -> the object patch() replaced there
 _replaced: dict = {}
@@ -229,7 +231,9 @@ def patch() -> None:
 
 
 def unpatch() -> None:
-    """Undo :func:`patch`: every replaced name gets PtychoPINN's class back."""
+    """Undo :func:`patch`: every replaced name, and the ``RawData`` name PtychoPINN's
+    modules (``ptycho``, ``ptycho_torch``, ``scripts``) imported while patched, get
+    PtychoPINN's class back. Code that imported ``gpugroup.RawData`` itself keeps it."""
     global _finder
     if _finder is not None:
         try:
@@ -242,14 +246,15 @@ def unpatch() -> None:
         if module is not None and module.__dict__.get(attr) is RawData:
             setattr(module, attr, original)
     _replaced.clear()
-    # modules imported after patch() copied gpugroup's class from ptycho.raw_data
+    # PtychoPINN modules imported after patch() copied gpugroup's class from
+    # ptycho.raw_data; other modules (code importing gpugroup.RawData) keep theirs
     target = sys.modules.get(TARGET)
     original = None if target is None else target.__dict__.get("RawData")
     if original is not None and original is not RawData:
-        for module in list(sys.modules.values()):
+        for name, module in list(sys.modules.items()):
             d = getattr(module, "__dict__", None)
-            if isinstance(d, dict) and d.get("RawData") is RawData \
-                    and getattr(module, "__name__", "").split(".")[0] != "gpugroup":
+            if (name.split(".")[0] in PTYCHOPINN_PACKAGES and isinstance(d, dict)
+                    and d.get("RawData") is RawData):
                 module.RawData = original
 
 

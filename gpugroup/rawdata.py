@@ -649,7 +649,10 @@ class RawData:
         n = len(self)
         nsamples = check_count("nsamples", nsamples, 1)
         K = check_count("K", K, 1)
-        if nsamples > n and C > 1:
+        oversampling = nsamples > n and C > 1
+        if not (oversampling and enable_oversampling):
+            _check_pool(K, C)  # K is the pool: K < C is the first thing to say
+        if oversampling:
             if not enable_oversampling:
                 raise ValueError(
                     f"Requesting {nsamples} groups but only {n} points available (gridsize="

@@ -438,10 +438,21 @@ def test_patch_and_unpatch_swap_the_class(fake_ptycho):
     assert fake_ptycho.loader.RawData is RawData
     assert fake_ptycho.loader.accepts(grid_raw())  # PtychoPINN's isinstance checks pass
     gp.patch()  # twice is harmless
-    gp.unpatch()
-    assert not gp.is_patched()
-    assert fake_ptycho.raw_data.RawData is fake_ptycho.original
-    assert fake_ptycho.loader.RawData is fake_ptycho.original
+    late = types.ModuleType("ptycho.late")  # a PtychoPINN module imported while patched
+    late.RawData = fake_ptycho.raw_data.RawData
+    sys.modules["ptycho.late"] = late
+    mine = types.ModuleType("my_training")  # user code importing gpugroup's class
+    mine.RawData = RawData
+    sys.modules["my_training"] = mine
+    try:
+        gp.unpatch()
+        assert not gp.is_patched()
+        assert fake_ptycho.raw_data.RawData is fake_ptycho.original
+        assert fake_ptycho.loader.RawData is fake_ptycho.original
+        assert late.RawData is fake_ptycho.original
+        assert mine.RawData is RawData and gpugroup.RawData is RawData
+    finally:
+        del sys.modules["ptycho.late"], sys.modules["my_training"]
 
 
 def test_patch_before_ptychopinn_is_imported(tmp_path, monkeypatch):

@@ -107,6 +107,13 @@ def run_grouping(raw, *, N, gridsize, K, nsamples, seed, backend, sequential=Fal
     to ``generate_grouped_data`` unchanged. Dask (``lazy``) reports no progress: no bar.
     """
     be = get_backend(backend)
+    if nsamples > len(raw) and not oversample:
+        # RawData refuses this at gridsize > 1 (PtychoPINN's OVERSAMPLING-001); the
+        # command keeps its default --nsamples usable on small scans: n groups, a warning
+        logger.warning(
+            "--nsamples %d > %d positions: making %d groups (pass --oversample for more)",
+            nsamples, len(raw), len(raw))
+        nsamples = len(raw)
     if out_options.get("lazy"):
         update, close = None, lambda: None
     else:
