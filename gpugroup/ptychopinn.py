@@ -24,9 +24,19 @@ from gpugroup.rawdata import RawData, resolve_gridsize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch", "unpatch", "is_patched", "main", "get_image_patches",
-           "get_relative_coords", "get_neighbor_indices", "normalize_data",
-           "key_coords_offsets", "key_coords_relative", "local_offset_sign"]
+__all__ = [
+    "get_image_patches",
+    "get_neighbor_indices",
+    "get_relative_coords",
+    "is_patched",
+    "key_coords_offsets",
+    "key_coords_relative",
+    "local_offset_sign",
+    "main",
+    "normalize_data",
+    "patch",
+    "unpatch",
+]
 
 #: PtychoPINN's constants in ``ptycho.raw_data``: the sign of ``coords_relative`` and the
 #: grouped-dict keys its loader reads the coordinates from.

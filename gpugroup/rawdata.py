@@ -17,9 +17,9 @@ import numpy as np
 from gpugroup import assembly, io, streamed
 from gpugroup import dask as gdask
 from gpugroup.backends import BACKEND_NAMES, get_backend
+from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import (_check_coordinates, check_count, index_dtype, neighbour_pool,
                                sample_groups, select_members)
-from gpugroup.dataset import GroupedDataset
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
 

@@ -14,13 +14,12 @@ import types
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 import gpugroup
 from gpugroup import RawData
 from gpugroup import ptychopinn as gp
 from gpugroup.assembly import extract_patches
-
-from conftest import REPO_ROOT
 
 DATA = REPO_ROOT / "tests" / "data"
 KAT = np.load(DATA / "ptychopinn_kat.npz")
@@ -423,7 +422,10 @@ def fake_ptycho(monkeypatch):
     raw_data.RawData = PtychoRawData
     loader = types.ModuleType("ptycho.loader")
     loader.RawData = PtychoRawData
-    exec("def accepts(x):\n    return isinstance(x, RawData)", loader.__dict__)
+    def accepts(x):  # PtychoPINN's check reads the module's RawData name when called
+        return isinstance(x, loader.RawData)
+
+    loader.accepts = accepts
     for name, mod in (("ptycho", pkg), ("ptycho.raw_data", raw_data),
                       ("ptycho.loader", loader)):
         monkeypatch.setitem(sys.modules, name, mod)
@@ -468,12 +470,13 @@ def test_patch_before_ptychopinn_is_imported(tmp_path, monkeypatch):
         "print('patched', sys.argv[1:])\n")
     env = {"PYTHONPATH": f"{tmp_path}{':' + str(REPO_ROOT)}", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", str(script), "--x", "1"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+                         capture_output=True, text=True, env=env, cwd=tmp_path,
+                         check=False)
     assert out.returncode == 0, out.stderr
     assert "patched ['--x', '1']" in out.stdout
     # unpatched, the script's assertion fails
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                           env=env, cwd=tmp_path)
+                           env=env, cwd=tmp_path, check=False)
     assert plain.returncode != 0
 
 
@@ -482,8 +485,10 @@ def test_runner_module_mode_and_usage(tmp_path):
         "import sys, gpugroup.ptychopinn as g\nassert g.is_patched()\nprint('ok', sys.argv[1:])\n")
     env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", "-m", "hello_mod", "a"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+                         capture_output=True, text=True, env=env, cwd=tmp_path,
+                         check=False)
     assert out.returncode == 0 and "ok ['a']" in out.stdout, out.stderr
     bad = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", "missing.py"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+                         capture_output=True, text=True, env=env, cwd=tmp_path,
+                         check=False)
     assert bad.returncode == 2 and "no such script" in bad.stderr

@@ -72,9 +72,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles a NumPy object array and nothing else: no class outside the three that
     rebuild an ndarray may be named, so no code runs."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+    _ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"),
+                          ("numpy._core.multiarray", "_reconstruct"),
+                          ("numpy", "ndarray"), ("numpy", "dtype")})
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:

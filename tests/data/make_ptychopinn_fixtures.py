@@ -93,9 +93,9 @@ def main(commit):
                                                           dset["X_full"]))
 
     # files PtychoPINN writes
-    small = dict(xcoords=x[:6], ycoords=y[:6], xcoords_start=xs[:6], ycoords_start=ys[:6],
-                 diff3d=diff[:6, :4, :4], probeGuess=np.ones((4, 4), np.complex64),
-                 scan_index=np.zeros(6, int))
+    small = {"xcoords": x[:6], "ycoords": y[:6], "xcoords_start": xs[:6],
+             "ycoords_start": ys[:6], "diff3d": diff[:6, :4, :4],
+             "probeGuess": np.ones((4, 4), np.complex64), "scan_index": np.zeros(6, int)}
     metadata = {"schema_version": "1.0.0",
                 "physics_parameters": {"nphotons": 1e9, "gridsize": 2, "N": 4},
                 "data_transformations": []}
