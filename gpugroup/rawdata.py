@@ -425,7 +425,8 @@ class RawData:
         if C == 1:
             return rows[:, None].astype(index_dtype(n))
         x, y = xp.asarray(self.xcoords), xp.asarray(self.ycoords)
-        pool = neighbour_pool(xp, x, y, xp.asarray(rows), K, be.build_index(x, y))
+        pool = neighbour_pool(xp, x, y, xp.asarray(rows), K, be.build_index(x, y),
+                              threads=be.threads)
         pool_len = xp.full(int(pool.shape[0]), int(pool.shape[1]), dtype=xp.int64)
         nn = select_members(xp, pool, pool_len, xp.arange(len(rows), dtype=xp.int64), C, 0)
         return be.asnumpy(nn).astype(index_dtype(n))
