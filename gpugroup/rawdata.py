@@ -18,8 +18,8 @@ from gpugroup import assembly, io, streamed
 from gpugroup import dask as gdask
 from gpugroup.backends import BACKEND_NAMES, get_backend
 from gpugroup.dataset import GroupedDataset
-from gpugroup.grouping import (_check_coordinates, check_count, index_dtype, neighbour_pool,
-                               sample_groups, select_members)
+from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_count, index_dtype,
+                               neighbour_pool, sample_groups, sample_with, select_members)
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
 
@@ -681,15 +681,11 @@ class RawData:
             seed = 0
         else:
             seed = _draw_seed(seed)
-        scans = None
-        if group_by_scan:
-            scans = self.scan_index
-        nn = sample_groups(
-            self.xcoords, self.ycoords, nsamples, int(pool), C,
-            seed=seed, backend=be, sequential=sequential_sampling,
-            enable_oversampling=enable_oversampling,
-            scan_index=scans, output=output, index_cache=self._index_cache,
-        )
+        opts = SamplingOptions(nsamples, int(pool), C, seed, bool(sequential_sampling),
+                               bool(enable_oversampling))
+        nn = sample_with(opts, self.xcoords, self.ycoords, backend=be,
+                         scan_index=self.scan_index if group_by_scan else None,
+                         output=output, index_cache=self._index_cache)
         return nn, seed, be
 
     def grouped_dataset(self, N, K=4, nsamples=1, seed=None, gridsize=None, **kwargs):
