@@ -413,12 +413,8 @@ class RawData:
         """Groups of DESIGN.md 3.2-3.3 for given seed positions, row g seeded by
         ``seeds[g]`` and members drawn with seed 0 (``seeds = 0..m-1`` is
         ``sequential_sampling=True``)."""
-        seeds = np.asarray(seeds)
+        seeds = _position_numbers("seed_indices", seeds, len(self), "1-D")
         n = len(self)
-        if seeds.ndim != 1 or not np.issubdtype(seeds.dtype, np.integer) or (
-                seeds.size and (seeds.min() < 0 or seeds.max() >= n)):
-            raise ValueError(f"seed_indices must be 1-D integers in [0, {n}), got shape "
-                             f"{seeds.shape} dtype {seeds.dtype}")
         be = get_backend(self.backend if backend is None else backend)
         xp = be.xp
         rows = seeds.astype(np.int64)
@@ -589,12 +585,7 @@ class RawData:
         private method; ``K`` and ``gridsize`` are accepted and unused: C is the groups'
         width)."""
         self._require_frames()
-        nn = np.asarray(selected_groups)
-        n = len(self)
-        if nn.ndim != 2 or not np.issubdtype(nn.dtype, np.integer) or (
-                nn.size and (nn.min() < 0 or nn.max() >= n)):
-            raise ValueError(f"selected_groups must be (B, C) integers in [0, {n}), got "
-                             f"shape {nn.shape} dtype {nn.dtype}")
+        nn = _position_numbers("selected_groups", selected_groups, len(self), "(B, C)")
         be = get_backend(self.backend)
         return self._assemble(be, nn, self._patch_size(N, strict=False), None,
                               y_positions=y_positions)
@@ -793,6 +784,17 @@ def convert(src, dst, *, keys=None, slab_bytes=io.DEFAULT_SLAB_BYTES, overwrite=
     raw = RawData._from_mapping(io.read_scan_slabs(src, keys), src, "cpu")
     return io.write_scan(dst, raw.to_dict(), slab_bytes=slab_bytes, overwrite=overwrite,
                          progress=progress, check_space=check_space)
+
+
+def _position_numbers(name, a, n, shape):
+    """``a`` as an array of position numbers of a scan of ``n``, checked: ``shape`` is
+    ``"1-D"`` or ``"(B, C)"``."""
+    a = np.asarray(a)
+    if a.ndim != (1 if shape == "1-D" else 2) or not np.issubdtype(a.dtype, np.integer) or (
+            a.size and (a.min() < 0 or a.max() >= n)):
+        raise ValueError(f"{name} must be {shape} integers in [0, {n}), got shape {a.shape} "
+                         f"dtype {a.dtype}")
+    return a
 
 
 def _is_array(v) -> bool:
