@@ -333,6 +333,18 @@ def test_group_dry_run_draws_and_prints_a_seed(scan_file, tmp_path, capsys):
     assert "(drawn: pass --seed to repeat it)" in capsys.readouterr().out
 
 
+def test_group_dry_run_caps_nsamples_like_the_real_run(scan_file, tmp_path, capsys):
+    """The default --nsamples (10 000) on a scan of 300 positions: the real run makes 300
+    groups with a warning (no --oversample), and so does the plan."""
+    out = tmp_path / "g.npz"
+    assert main(["group", str(scan_file), "-o", str(out), "--dry-run", "--seed", "1",
+                 "--backend", "cpu"]) == 0
+    assert f"groups   {n} of C=4" in capsys.readouterr().out
+    assert main(["group", str(scan_file), "-o", str(out), "--seed", "1",
+                 "--backend", "cpu"]) == 0
+    assert f"{n} groups of C=4" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- show
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

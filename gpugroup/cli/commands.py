@@ -98,6 +98,18 @@ def _expected_groups(n: int, nsamples: int, oversample: bool, C: int) -> int:
     return nsamples if (oversample and C > 1) else min(nsamples, n)
 
 
+def _capped_nsamples(raw, nsamples: int, oversample: bool) -> int:
+    """``nsamples``, at most n without ``--oversample`` (with a warning). RawData refuses
+    more at gridsize > 1 (PtychoPINN's OVERSAMPLING-001); the commands keep their default
+    --nsamples usable on small scans."""
+    if nsamples > len(raw) and not oversample:
+        logger.warning(
+            "--nsamples %d > %d positions: making %d groups (pass --oversample for more)",
+            nsamples, len(raw), len(raw))
+        return len(raw)
+    return nsamples
+
+
 def run_grouping(raw, *, N, gridsize, K, nsamples, seed, backend, sequential=False,
                  oversample=False, neighbor_pool_size=None, group_by_scan=False,
                  keep_diffraction=True, **out_options):
@@ -107,13 +119,7 @@ def run_grouping(raw, *, N, gridsize, K, nsamples, seed, backend, sequential=Fal
     to ``generate_grouped_data`` unchanged. Dask (``lazy``) reports no progress: no bar.
     """
     be = get_backend(backend)
-    if nsamples > len(raw) and not oversample:
-        # RawData refuses this at gridsize > 1 (PtychoPINN's OVERSAMPLING-001); the
-        # command keeps its default --nsamples usable on small scans: n groups, a warning
-        logger.warning(
-            "--nsamples %d > %d positions: making %d groups (pass --oversample for more)",
-            nsamples, len(raw), len(raw))
-        nsamples = len(raw)
+    nsamples = _capped_nsamples(raw, nsamples, oversample)
     if out_options.get("lazy"):
         update, close = None, lambda: None
     else:
@@ -239,7 +245,8 @@ def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
     # The groups themselves (coordinates only, no frames read): every check of the real
     # run, and the exact count.
     nn, seed, be = raw.sample_for_grouping(
-        args.K, args.nsamples, args.seed, args.gridsize, sequential_sampling=args.sequential,
+        args.K, _capped_nsamples(raw, args.nsamples, args.oversample), args.seed,
+        args.gridsize, sequential_sampling=args.sequential,
         enable_oversampling=args.oversample, neighbor_pool_size=args.neighbor_pool_size,
         group_by_scan=args.group_by_scan, backend=args.backend)
     B = len(nn)
