@@ -525,13 +525,17 @@ def exact_rescale(x, y):
     coordinates span less than 1: their squares cannot overflow.
     """
     with np.errstate(over="ignore"):
-        span = max(float(x.max() - x.min()), float(y.max() - y.min()))
+        spans = (float(x.max() - x.min()), float(y.max() - y.min()))
+    span = max(spans)
     if span == 0.0 or span >= _MIN_SPAN:
         return x, y
     k = -math.frexp(span)[1]  # span * 2**k in [0.5, 1)
     logger.info("coordinates span %.3g: scaled by 2**%d for grouping (exact; the groups "
                 "are those of the unscaled positions, without underflow)", span, k)
-    return np.ldexp(x, k), np.ldexp(y, k)
+    # A constant axis (a line scan) adds 0 to every d2 whatever its value: zeros, which
+    # cannot overflow when scaled (its value may be far larger than the other's span).
+    return tuple(np.zeros_like(a) if s == 0.0 else np.ldexp(a, k)
+                 for a, s in zip((x, y), spans))
 
 
 def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords")):

@@ -18,8 +18,9 @@ from gpugroup import assembly, io, streamed
 from gpugroup import dask as gdask
 from gpugroup.backends import BACKEND_NAMES, get_backend
 from gpugroup.dataset import GroupedDataset
-from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_count, index_dtype,
-                               neighbour_pool, sample_groups, sample_with, select_members)
+from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_count,
+                               exact_rescale, index_dtype, neighbour_pool, sample_groups,
+                               sample_with, select_members)
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
 
@@ -420,7 +421,7 @@ class RawData:
         rows = seeds.astype(np.int64)
         if C == 1:
             return rows[:, None].astype(index_dtype(n))
-        x, y = xp.asarray(self.xcoords), xp.asarray(self.ycoords)
+        x, y = (xp.asarray(a) for a in exact_rescale(self.xcoords, self.ycoords))
         pool = neighbour_pool(xp, x, y, xp.asarray(rows), K, be.build_index(x, y),
                               threads=be.threads)
         pool_len = xp.full(int(pool.shape[0]), int(pool.shape[1]), dtype=xp.int64)

@@ -445,6 +445,35 @@ def test_tiny_coordinates_give_the_groups_of_the_unscaled_ones(scale):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("offset", [1e5, 1e12, 1e300])
+def test_tiny_line_scans_with_a_constant_axis(offset):
+    """A constant axis adds 0 to every d2: whatever its value, a line scan of tiny spacing
+    gets the groups of the unscaled line (the constant axis must not overflow when the
+    other is scaled up)."""
+    y = np.arange(60.0) + np.random.default_rng(1).uniform(-0.3, 0.3, 60)
+    ref = sample_groups(np.zeros(60), y, 20, 5, 4, seed=2, backend="cpu")
+    for x_, y_ in ((np.full(60, offset), y * 1e-300), (y * 1e-300, np.full(60, -offset))):
+        np.testing.assert_array_equal(
+            sample_groups(x_, y_, 20, 5, 4, seed=2, backend="cpu"), ref)
+
+
+def test_tiny_coordinates_seed_indices_path_equals_sequential_sampling():
+    """PtychoPINN's _generate_groups_efficiently(seed_indices=0..m-1) is sequential
+    sampling, at any scale."""
+    from conftest import square_grid
+
+    x, y = square_grid(10)
+    for scale in (1.0, 1e-300):
+        raw = RawData.from_coords_without_pc(x * scale, y * scale,
+                                             np.ones((100, 4, 4), np.float32),
+                                             np.ones((4, 4), np.complex64), None,
+                                             backend="cpu")
+        by_seeds = raw._generate_groups_efficiently(100, 9, 4, seed_indices=np.arange(100))
+        sequential = raw.generate_grouped_data(4, K=9, nsamples=100, gridsize=2,
+                                               sequential_sampling=True)["nn_indices"]
+        np.testing.assert_array_equal(by_seeds, sequential)
+
+
 @pytest.mark.parametrize("k", [-1074 + 40, -700, -300, -100, -1, 0, 1, 100, 400])
 def test_power_of_two_scaling_keeps_the_canonical_groups(k):
     """Scaling both coordinates by 2**k is exact: the groups of a grid full of exact ties

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from gpugroup.backends import get_backend
-from gpugroup.grouping import neighbour_pool, sample_seeds
+from gpugroup.grouping import exact_rescale, neighbour_pool, sample_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,9 @@ def plot_demo(raw, grouped, path, *, seed=None, K=None, n_groups=8, title=None):
     if seeds is not None and K is not None:
         s_ = seeds[g % len(seeds)]
         cx, cy = x[s_], y[s_]
-        pool = neighbour_pool(np, x, y, np.array([s_]), K,
-                              get_backend("cpu").build_index(x, y))[0]
+        xr, yr = exact_rescale(x, y)  # the pool as grouping ranks it (tiny coordinates)
+        pool = neighbour_pool(np, xr, yr, np.array([s_]), K,
+                              get_backend("cpu").build_index(xr, yr))[0]
         zoom.scatter(x[pool], y[pool], s=110, facecolor="none", edgecolor="tab:orange",
                      lw=1.5, zorder=3, label=f"pool: seed + {K - 1} nearest")
     else:
