@@ -184,8 +184,8 @@ class PatchSource:
 
     ``y_positions="ptychopinn"`` (default) cuts channel c of a group at PtychoPINN's point
     ``coords_offsets + coords_relative`` = 2 * mean(pos) - pos_c (the member reflected
-    through the group centre; at gridsize 1 the position itself), as PtychoPINN's
-    ``get_image_patches`` does; ``"members"`` cuts each channel at its own position. The
+    through the group centre; at gridsize 1 the position itself), rounded to float32, as
+    PtychoPINN's ``get_image_patches`` does; ``"members"`` cuts each channel at its own position. The
     object is padded once here, so chunks and batches only copy their windows.
     """
 
@@ -233,7 +233,10 @@ class PatchSource:
         for pos in (self.xs, self.ys):
             members = pos[nn]
             offset = xp.mean(members, axis=1, keepdims=True)  # coords_offsets
-            points.append((offset + (-(members - offset))).reshape(-1))  # + coords_relative
+            point = offset + (-(members - offset))  # + coords_relative, in float64
+            # PtychoPINN casts the sum to float32 before cutting: the same centres, bit
+            # for bit (at 4000 px a float32 step is 2.4e-4 px)
+            points.append(point.astype(xp.float32).astype(xp.float64).reshape(-1))
         return _patches(xp, self.padded, points[0], points[1], self.N).reshape(
             b, C, self.N, self.N)
 

@@ -492,3 +492,23 @@ def test_runner_module_mode_and_usage(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path,
                          check=False)
     assert bad.returncode == 2 and "no such script" in bad.stderr
+
+
+@pytest.mark.parametrize("gridsize", [1, 2])
+def test_default_y_is_ptychopinns_cut_bit_for_bit_far_from_the_origin(gridsize):
+    """RawData's default Y equals get_image_patches (PtychoPINN's float32 centres) at the
+    grouped coordinates exactly, also where a float32 step is large (4000 px)."""
+    rng = np.random.default_rng(5)
+    n, N = 300, 8
+    row, col = np.divmod(np.arange(n), 20)
+    x = 4000.0 + col * 3.1 + rng.uniform(-0.7, 0.7, n)
+    y = 4000.0 + row * 2.9 + rng.uniform(-0.7, 0.7, n)
+    obj = (rng.random((4100, 4100)).astype(np.float32)
+           * np.exp(1j * rng.random((4100, 4100)).astype(np.float32))).astype(np.complex64)
+    raw = RawData.from_coords_without_pc(x, y, np.ones((n, N, N), np.float32),
+                                         np.ones((N, N), np.complex64), None,
+                                         objectGuess=obj, backend="cpu")
+    d = raw.generate_grouped_data(N, K=7, nsamples=40, seed=3, gridsize=gridsize)
+    want = gp.get_image_patches(obj, d["coords_offsets"], d["coords_relative"], N=N,
+                                gridsize=gridsize)
+    np.testing.assert_array_equal(d["Y"], want)
