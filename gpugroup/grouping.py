@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,8 +128,6 @@ def run_blocks(fn, starts, threads: int = 1):
         for start in starts:
             fn(start)
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(min(threads, len(starts))) as pool:
         for _ in pool.map(fn, starts):  # re-raises the first error
             pass

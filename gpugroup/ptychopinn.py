@@ -18,6 +18,7 @@ import runpy
 import sys
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from gpugroup import assembly
 from gpugroup.rawdata import RawData, resolve_gridsize
@@ -92,8 +93,6 @@ def get_neighbor_indices(xcoords, ycoords, K=3):
     >>> get_neighbor_indices(np.array([0.0, 1.0, 5.0]), np.zeros(3), K=1).tolist()
     [[0, 1], [1, 0], [2, 1]]
     """
-    from scipy.spatial import cKDTree
-
     points = np.column_stack((np.asarray(xcoords), np.asarray(ycoords)))
     return cKDTree(points).query(points, k=K + 1)[1]
 

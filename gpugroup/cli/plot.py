@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from gpugroup.backends import get_backend
 from gpugroup.grouping import exact_rescale, neighbour_pool, sample_seeds
 
@@ -17,8 +19,6 @@ def spread_rows(centres, count: int):
     Starts at the group nearest the scan's centre and only picks groups within 80 % of
     the scan's radius, so the drawn groups are typical ones, not edge cases.
     """
-    import numpy as np
-
     middle = (centres.min(axis=0) + centres.max(axis=0)) / 2
     r = np.hypot(*(centres - middle).T)
     inner = np.flatnonzero(r <= 0.8 * r.max())
@@ -57,7 +57,6 @@ def plot_demo(raw, grouped, path, *, seed=None, K=None, n_groups=8, title=None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Circle
 

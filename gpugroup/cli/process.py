@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
+import stat
 import sys
+import threading
+import traceback
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +84,6 @@ _MEMORY_HINTS = {
 def report(exc, args) -> int:
     """One ``gpugroup: error: ...`` line (and the traceback with -vv); exit status 2."""
     if args.verbose >= 2:
-        import traceback
-
         traceback.print_exc(file=sys.stderr)
     message = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, MemoryError):
@@ -113,9 +115,6 @@ def stdout_closed() -> bool:
 
 def _pipe_reader_gone(fd: int) -> bool:
     """Whether ``fd`` is a pipe that nobody reads any more (poll reports an error)."""
-    import select
-    import stat
-
     if not stat.S_ISFIFO(os.fstat(fd).st_mode) or not hasattr(select, "poll"):
         return False
     poller = select.poll()
@@ -141,8 +140,6 @@ def raise_on_signals():
     are ignored until then, so that the clean-up finishes), and record them for
     :func:`check_signals`. Returns a function that restores the previous handlers. A
     signal the parent set to be ignored stays ignored."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 

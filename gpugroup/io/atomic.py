@@ -6,12 +6,17 @@ names change, and write errors that name the output."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 
 from gpugroup.io.formats import format_of, looks_like_zarr
 
@@ -146,9 +151,6 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
 def signals_deferred():
     """Hold SIGINT and SIGTERM until the block ends, then deliver them (to the handlers in
     place before). Only in the main thread, where Python runs signal handlers."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -191,9 +193,6 @@ def _rename_noreplace(src, dst) -> bool:
     ``RENAME_NOREPLACE`` through ctypes). Returns False where that is not available (not
     Linux, an old kernel or C library, a filesystem without it); raises FileExistsError
     when ``dst`` exists."""
-    import ctypes
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -372,8 +371,6 @@ def _remove(tmp):
 def settle_removed(tmp, seconds: float = 5.0) -> None:
     """Remove the directory ``tmp`` until it stays gone (for up to ``seconds``): writers
     still running after a failure (zarr's I/O thread, other Dask tasks) may recreate it."""
-    import time
-
     deadline = time.monotonic() + seconds
     quiet = 0
     while time.monotonic() < deadline and quiet < 5:

@@ -9,6 +9,7 @@ header. :class:`NpzWriter` writes such archives member by member and slab by sla
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import pickle
@@ -279,8 +280,6 @@ def _dos_time(t=None):
 
 
 def _npy_header(shape, dtype) -> bytes:
-    import io
-
     buf = io.BytesIO()
     header = {"descr": npy_format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
               "shape": tuple(int(s) for s in shape)}

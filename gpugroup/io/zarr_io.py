@@ -16,14 +16,17 @@ import numpy as np
 
 from gpugroup._optional import require
 from gpugroup._xp import to_host
-from gpugroup.io.frames import check_unchanged, chunk_grid, missing_chunk_message, remember_opened
+from gpugroup.io.frames import (
+    check_unchanged,
+    chunk_grid,
+    missing_chunk_message,
+    remember_opened,
+)
 from gpugroup.schema import STACK_KEYS, ScanFileError
 
 
 def _open_group(path, mode):
     zarr = require("zarr", "zarr")
-    import os
-
     if mode == "r" and not os.path.exists(path):
         raise FileNotFoundError(f"no such scan store: {path!r}")
     try:
