@@ -34,7 +34,8 @@ import numpy as np
 
 from gpugroup import assembly
 from gpugroup._optional import require
-from gpugroup.io import atomic_path
+from gpugroup.io import zarr_io
+from gpugroup.io.atomic import array_bytes, atomic_path
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
 from gpugroup.io.grouped import (
     GROUPED_STACKS,
@@ -316,9 +317,7 @@ def to_zarr(grouped: dict, path, *, overwrite=True, check_space=True) -> dict:
     stacks = {k: grouped[k] for k in GROUPED_STACKS if grouped.get(k) is not None}
     X = stacks["X_full"]
     block = int(X.chunks[0][0]) if X.chunks[0] else 1
-    nbytes = sum(int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
-                 for v in grouped.values() if hasattr(v, "shape") and hasattr(v, "dtype"))
-    with atomic_path(path, overwrite, nbytes=nbytes,
+    with atomic_path(path, overwrite, nbytes=array_bytes(grouped.values()),
                      check_space=check_space) as tmp:  # a failed store is removed
         g = zarr.open_group(tmp, mode="w")
         guard = os.path.join(tmp, "zarr.json")
@@ -330,7 +329,7 @@ def to_zarr(grouped: dict, path, *, overwrite=True, check_space=True) -> dict:
             rows = _zarr_rows(block, group_bytes)
             targets.append(_Guarded(g.create_array(
                 key, shape=arr.shape, dtype=arr.dtype, chunks=(rows,) + tuple(arr.shape[1:]),
-                compressors=None, fill_value=0, config={"write_empty_chunks": True}), guard))
+                compressors=None, fill_value=0, config=zarr_io.WRITE_ALL_CHUNKS), guard))
             sources.append(arr)
         scale = grouped.get("norm_scale")
         if hasattr(scale, "__dask_graph__"):

@@ -18,6 +18,8 @@ import tempfile
 import threading
 import time
 
+import numpy as np
+
 from gpugroup.io.formats import format_of, looks_like_zarr
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,14 @@ def check_output(path, *, overwrite: bool = True, source=None, option: str = "ou
 #: Margin over an output's estimated bytes (headers, metadata, chunk indexes).
 _SPACE_MARGIN = 1.02
 _SPACE_SLACK = 1 << 20
+
+
+def array_bytes(values) -> int:
+    """Bytes of the arrays among ``values`` (anything with a shape and a dtype, on disk or
+    lazy included), as an uncompressed output stores them: the size to check free space
+    for."""
+    return sum(int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
+               for v in values if hasattr(v, "shape") and hasattr(v, "dtype"))
 
 
 def check_free_space(path, nbytes, *,

@@ -10,8 +10,14 @@ import numpy as np
 
 from gpugroup._xp import to_host
 from gpugroup.io import npz
-from gpugroup.io.atomic import atomic_path
-from gpugroup.io.formats import FORMATS, format_of, npz_fields, open_target, output_format
+from gpugroup.io.atomic import array_bytes, atomic_path
+from gpugroup.io.formats import (
+    FORMATS,
+    format_of,
+    npz_fields,
+    open_target,
+    output_format,
+)
 from gpugroup.io.frames import path_present, raw_view, remember_opened, stat_input
 from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS
 
@@ -121,10 +127,8 @@ def write_scan(path, arrays: dict, *, slab_bytes=DEFAULT_SLAB_BYTES, overwrite=T
     ``check_space``, an output larger than the free space at ``path`` is refused up front.
     """
     fmt = fmt or output_format(path)
-    nbytes = sum(int(np.prod(getattr(v, "shape", ()), dtype=np.int64))
-                 * np.dtype(getattr(v, "dtype", np.float64)).itemsize
-                 for v in arrays.values() if v is not None)
-    with atomic_path(path, overwrite, nbytes=nbytes, check_space=check_space) as tmp:
+    with atomic_path(path, overwrite, nbytes=array_bytes(arrays.values()),
+                     check_space=check_space) as tmp:
         target = open_target(tmp, fmt)
         try:
             for key, value in arrays.items():
