@@ -14,7 +14,13 @@ import logging
 import numpy as np
 
 from gpugroup import assembly
-from gpugroup.io import atomic_path, check_free_space, open_target, output_format, zarr_io
+from gpugroup.io import (
+    atomic_path,
+    check_free_space,
+    open_target,
+    output_format,
+    zarr_io,
+)
 from gpugroup.io.grouped import check_row_order, open_grouped, seed_array
 
 logger = logging.getLogger(__name__)
@@ -40,14 +46,23 @@ def _aligned_chunk_bytes(budget, group_bytes, rows):
     return groups * group_bytes
 
 
-def estimate_grouped_bytes(B, C, N, dtype, keep_diffraction=True, with_Y=False) -> int:
-    """Bytes of a grouped output of ``B`` groups of ``C`` frames ``N`` x ``N``: the stacks
-    (``diffraction`` in ``dtype``, ``X_full`` float32, ``Y`` complex64) and the index and
-    coordinate arrays."""
-    per_frame = N * N * ((np.dtype(dtype).itemsize if keep_diffraction else 0) + 4
-                         + (8 if with_Y else 0))
-    per_group = C * per_frame + C * 8 + 2 * (2 * C + 2 + 2 * C) * 8
-    return int(B) * int(per_group)
+def estimate_grouped_bytes(scan, *, B: int, C: int, N: int, keep_diffraction: bool = True,
+                           locality: bool = False) -> int:
+    """Bytes of the grouped arrays of B groups of C frames (N x N) of ``scan``, as written
+    uncompressed: ``diffraction`` (the scan's dtype), ``X_full`` (float32), ``Y``
+    (complex64, when the scan has ``Y`` or ``objectGuess``), indices, coordinates,
+    ``order`` (with ``locality``) and ``objectGuess``. File formats add little (headers,
+    chunk indices). The free-space check and ``gpugroup group``'s estimate use it."""
+    frame = N * N * C
+    per_group = frame * 4 + 4 * C + 64 * C + 32  # X_full, nn_indices, 4+2 coordinate arrays
+    if keep_diffraction:
+        per_group += frame * np.dtype(scan.diff3d.dtype).itemsize
+    if scan.Y is not None or scan.objectGuess is not None:
+        per_group += frame * 8
+    if locality:
+        per_group += 8  # order
+    extra = 0 if scan.objectGuess is None else scan.objectGuess.nbytes
+    return B * per_group + extra
 
 
 def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
@@ -109,8 +124,8 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
     B, C = int(nn.shape[0]), int(nn.shape[1])
     if check_space:  # before any reading: a 60 GB output on a 20 GB disk fails now
         check_free_space(path, estimate_grouped_bytes(
-            B, C, N, np.dtype(scan.diff3d.dtype), keep_diffraction,
-            scan.Y is not None or scan.objectGuess is not None))
+            scan, B=B, C=C, N=N, keep_diffraction=keep_diffraction,
+            locality=row_order == "locality"))
     # Out of core, file-backed stacks are read with pread: a memory map would keep every
     # page touched resident in this process.
     plan = assembly.AssemblyPlan(xp, scan, nn, N, keep_diffraction=keep_diffraction,

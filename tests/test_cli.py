@@ -288,14 +288,14 @@ def test_demo_no_plot_writes_nothing(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- group: size, plan
 def test_group_prints_the_estimated_size_first(scan_file, tmp_path, capsys):
-    from gpugroup.cli.commands import output_bytes
+    from gpugroup.streamed import estimate_grouped_bytes
 
     out = tmp_path / "g.npz"
     assert main(["group", str(scan_file), "-o", str(out)] + GROUP_ARGS) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("estimated output: ")
     assert "200 groups of C=4" in lines[0] and "diffraction + X_full + Y" in lines[0]
-    estimate = output_bytes(RawData.from_file(scan_file), B=200, C=4, N=N)
+    estimate = estimate_grouped_bytes(RawData.from_file(scan_file), B=200, C=4, N=N)
     written = out.stat().st_size
     assert estimate <= written <= estimate * 1.05, (estimate, written)  # NPZ headers only
 
@@ -313,9 +313,9 @@ def test_group_dry_run_prints_the_plan_and_writes_nothing(scan_file, tmp_path, c
     assert "seed 42" in text and "backend  cpu" in text
     assert {".npz": "(npz", ".h5": "(hdf5", ".zarr": "(zarr"}[suffix] in text
     assert "diffraction" not in text.splitlines()[0] and "rows locality" in text
-    from gpugroup.cli.commands import output_bytes
+    from gpugroup.streamed import estimate_grouped_bytes
 
-    size = output_bytes(RawData.from_file(scan_file), B=200, C=4, N=N,
+    size = estimate_grouped_bytes(RawData.from_file(scan_file), B=200, C=4, N=N,
                         keep_diffraction=False, locality=True)
     assert f"{size} bytes" in text
 

@@ -27,11 +27,18 @@ from gpugroup.backends import available_backends, get_backend
 from gpugroup.cli.plot import plot_demo
 from gpugroup.cli.process import EXIT_OK, CLIError, progress
 from gpugroup.dataset import GroupedDataset
-from gpugroup.io import check_free_space, check_output, format_of, output_format, stat_input
+from gpugroup.io import (
+    check_free_space,
+    check_output,
+    format_of,
+    output_format,
+    stat_input,
+)
 from gpugroup.io.grouped import open_grouped
 from gpugroup.io.npz import CompressedMemberError
 from gpugroup.rawdata import RawData, convert
 from gpugroup.simulate import simulate_rawdata
+from gpugroup.streamed import estimate_grouped_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -201,30 +208,12 @@ def cmd_group(args) -> int:
     return EXIT_OK
 
 
-def output_bytes(raw, *, B: int, C: int, N: int, keep_diffraction: bool = True,
-                 locality: bool = False) -> int:
-    """Bytes of the grouped arrays of B groups of C frames (N x N), as written
-    uncompressed: ``diffraction`` (the scan's dtype), ``X_full`` (float32), ``Y``
-    (complex64, when the scan has ``Y`` or ``objectGuess``), indices, coordinates and
-    ``objectGuess``. File formats add little (headers, chunk indices)."""
-    frame = N * N * C
-    per_group = frame * 4 + 4 * C + 64 * C + 32  # X_full, nn_indices, 4+2 coordinate arrays
-    if keep_diffraction:
-        per_group += frame * np.dtype(raw.diff3d.dtype).itemsize
-    if raw.Y is not None or raw.objectGuess is not None:
-        per_group += frame * 8
-    if locality:
-        per_group += 8  # order
-    extra = 0 if raw.objectGuess is None else raw.objectGuess.nbytes
-    return B * per_group + extra
-
-
 def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
     """Print the estimated size of ``gpugroup group``'s output (and with ``--dry-run`` the
     whole plan); returns whether this is a dry run (then nothing is written)."""
     C = args.gridsize ** 2
     B = _expected_groups(len(raw), args.nsamples, args.oversample, C)
-    size = output_bytes(raw, B=B, C=C, N=N, keep_diffraction=not args.no_diffraction,
+    size = estimate_grouped_bytes(raw, B=B, C=C, N=N, keep_diffraction=not args.no_diffraction,
                         locality=args.row_order == "locality")
     where = os.path.dirname(os.path.abspath(args.output))
     free = shutil.disk_usage(where).free
@@ -250,7 +239,7 @@ def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
         enable_oversampling=args.oversample, neighbor_pool_size=args.neighbor_pool_size,
         group_by_scan=args.group_by_scan, backend=args.backend)
     B = len(nn)
-    size = output_bytes(raw, B=B, C=C, N=N, keep_diffraction=not args.no_diffraction,
+    size = estimate_grouped_bytes(raw, B=B, C=C, N=N, keep_diffraction=not args.no_diffraction,
                         locality=args.row_order == "locality")
     pool = args.K if args.neighbor_pool_size is None else args.neighbor_pool_size
     shape = tuple(raw.diff3d.shape)
