@@ -29,6 +29,8 @@ DEFAULT_BATCH_ROWS = 1 << 16
 _MAX_BLOCK = 1 << 23
 #: Pool entries per member-selection block (its transients take ~40 bytes per entry).
 _SELECT_BLOCK = 1 << 20
+#: Rows per call of an engine's fused pool path (its output: 8 (K - 1) bytes a row).
+_FUSED_ROWS = 1 << 20
 #: Positions per block of seed keys when several threads compute them.
 _KEY_BLOCK = 1 << 20
 #: Largest coordinate span: squared differences must stay finite in float64.
@@ -160,6 +162,7 @@ def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BAT
     # (the engine says so, or the probe finds them): their rows settle before querying.
     if getattr(index, "stacked", False):
         rest = settle_stacked_rows(rest)
+    rest = _fused_rows(xp, index, seeds, rest, width, out)
     kq, stacked = _starting_kq(xp, x, y, seeds[rest], width, index)
     if stacked:
         rest = settle_stacked_rows(rest)
@@ -175,6 +178,23 @@ def neighbour_pool(xp, x, y, seeds, K: int, index, batch_rows: int = DEFAULT_BAT
 
     run_blocks(batch, range(0, int(rest.shape[0]), batch_rows), threads)
     return out
+
+
+def _fused_rows(xp, index, seeds, rest, width: int, out):
+    """Pools of the rows ``rest`` that the engine's fused path serves, written into
+    ``out``, in blocks of ``_FUSED_ROWS``; returns the rows left (all of them when the
+    engine has no fused path, or none for this width)."""
+    fused = getattr(index, "nearest_others", None)
+    left = []
+    for start in range(0, int(rest.shape[0]) if fused is not None else 0, _FUSED_ROWS):
+        part = rest[start : start + _FUSED_ROWS]
+        got = fused(seeds[part], width)
+        if got is None:  # decided by width alone: the first block
+            return rest
+        ranked, done = got
+        out[part[done], 1:] = ranked[done]
+        left.append(part[~done])
+    return xp.concatenate(left) if left else rest
 
 
 def _nearest_others(xp, x, y, rows, width: int, index, kq: int, stacks=None):

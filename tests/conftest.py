@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +98,26 @@ def square_grid(nx: int, ny: int | None = None, spacing: float = 1.0, offset=(0.
     x = col.astype(np.float64) * spacing + offset[0]
     y = row.astype(np.float64) * spacing + offset[1]
     return x, y
+
+
+# ----------------------------------------------------------------------------- host kernels
+_HOST_KERNEL_DIR: list[str] = []
+
+
+def host_fused_pool(xp, **kw):
+    """A :class:`~gpugroup.backends.fused_pool.FusedPool` on ``xp`` whose kernel runs as host
+    C++ (tests/hostcuda.py), compiled once per session and pool width; skips without a
+    host compiler."""
+    from hostcuda import HostModule, host_compiler
+
+    from gpugroup.backends.fused_pool import SOURCE, FusedPool
+
+    if host_compiler() is None:
+        pytest.skip("no host C++ compiler (g++ or clang++) to run the fused pool kernel")
+    if not _HOST_KERNEL_DIR:
+        _HOST_KERNEL_DIR.append(tempfile.mkdtemp(prefix="gpugroup-hostcuda-"))
+        atexit.register(shutil.rmtree, _HOST_KERNEL_DIR[0], True)
+    return FusedPool(xp, HostModule(SOURCE, _HOST_KERNEL_DIR[0]).get_function, **kw)
 
 
 # ----------------------------------------------------------------------------- devices

@@ -18,8 +18,8 @@ pytest.importorskip("hypothesis", reason="Hypothesis is not installed (pip insta
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import (CountingIndex, Expanded32Neighbors, RepeatingNeighbors, jittered_scan,
-                      square_grid)
+from conftest import (CountingIndex, Expanded32Neighbors, RepeatingNeighbors, host_fused_pool,
+                      jittered_scan, square_grid)
 from parity_cases import (CASES, duplicated, far_clusters, mixed_density, outlier, scans3,
                           sparse_halo)
 from gpugroup import sample_groups
@@ -59,6 +59,11 @@ ENGINES = {
     "grid": functools.partial(GridIndex, xp=np),
     "grid-chunked": functools.partial(GridIndex, xp=np, points_per_cell=0.7, max_slots=64),
     "grid-coarse": functools.partial(GridIndex, xp=np, points_per_cell=9.0),
+    # the GPU's fused pool kernel, run as host C++ (tests/hostcuda.py); "tight" leaves
+    # most rows to the generic path (blocks of at most 12 points, small cells)
+    "grid-fused": lambda x, y: GridIndex(x, y, xp=np, pool_kernel=host_fused_pool(np)),
+    "grid-fused-tight": lambda x, y: GridIndex(
+        x, y, xp=np, points_per_cell=0.7, pool_kernel=host_fused_pool(np, max_points=12)),
     "sklearn-brute": _adapter(algorithm="brute"),
     "sklearn-switch": _adapter(algorithm=_sklearn_algorithm, batch_rows=64),
     "sklearn-sqeuclidean": _adapter(algorithm="brute", metric="sqeuclidean"),

@@ -21,6 +21,7 @@ from conftest import (
     Expanded32Neighbors,
     RepeatingNeighbors,
     assert_same_grouped,
+    host_fused_pool,
     jittered_scan,
     square_grid,
 )
@@ -30,16 +31,22 @@ from gpugroup import sample_groups
 from gpugroup.backends import get_backend, gpu
 
 
+FUSED = "CuPy + CuPy-native grid kNN, fused pool kernel"
+
+
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(params=["cupy", "cuml"])
+@pytest.fixture(params=["cupy", "cuml", "fused"])
 def engine(request, cp, monkeypatch):
     """A GPU engine name. 'cuml' is real cuML on a GPU (skips where it does not import) and
-    scikit-learn in cuML's place on the devicelike stand-in."""
+    scikit-learn in cuML's place on the devicelike stand-in; 'fused' compiles its kernel
+    with NVRTC on a GPU and runs it as host C++ on the stand-in."""
     if request.param == "cuml":
         if cp.__name__ == "devicelike":
             _fake_cuml(monkeypatch)
         else:
             pytest.importorskip("cuml", reason="cuML is not installed")
+    if request.param == "fused" and cp.__name__ == "devicelike":
+        monkeypatch.setattr(gpu, "_fused_pool", host_fused_pool)
     return request.param
 
 
@@ -453,6 +460,29 @@ def test_auto_engine_is_the_grid_engine_until_cuml_is_verified(cp, monkeypatch, 
     assert gpu.make_backend().description == "CuPy + cuML NearestNeighbors"
 
 
+def test_auto_engine_takes_the_fused_pool_once_verified(cp, monkeypatch, caplog):
+    """``auto`` leaves the fused pool kernel out until a device run records it (and says
+    how to ask for it); once verified it takes it, unless cuML is verified and imports."""
+    monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "cuml", None)
+    monkeypatch.setitem(sys.modules, "cuml.neighbors", None)
+    if cp.__name__ == "devicelike":
+        monkeypatch.setattr(gpu, "_fused_pool", host_fused_pool)
+    assert gpu.FUSED_VERIFIED is False
+    with caplog.at_level("INFO", logger="gpugroup.backends.gpu"):
+        assert gpu.make_backend().description == "CuPy + CuPy-native grid kNN"
+    assert "'fused'" in caplog.text
+    monkeypatch.setattr(gpu, "FUSED_VERIFIED", True)
+    be = gpu.make_backend()
+    assert be.description == FUSED
+    x, y = jittered_scan(3000, seed=4)
+    np.testing.assert_array_equal(sample_groups(x, y, 1000, 16, 4, seed=6, backend=be),
+                                  sample_groups(x, y, 1000, 16, 4, seed=6, backend="cpu"))
+    monkeypatch.setattr(gpu, "CUML_VERIFIED", True)
+    _fake_cuml(monkeypatch)
+    assert gpu.make_backend().description == "CuPy + cuML NearestNeighbors"
+
+
 def test_cuml_engine_keeps_rbc_within_its_limits(cp, monkeypatch, caplog):
     """The stand-in returns INT64_MAX rows for rbc past its k limit (as cuVS does past
     1024); with the limit lowered to 8 in both, every widened query goes to brute, and no
@@ -514,11 +544,15 @@ def test_nvrtc_missing_makes_the_gpu_unavailable(cp, monkeypatch):
 
 def test_engine_is_chosen_by_argument_or_environment(cp, monkeypatch):
     _fake_cuml(monkeypatch)
+    if cp.__name__ == "devicelike":
+        monkeypatch.setattr(gpu, "_fused_pool", host_fused_pool)
     assert gpu.make_backend(engine="cupy").description == "CuPy + CuPy-native grid kNN"
     monkeypatch.setenv(gpu.ENGINE_ENV, "cupy")
     assert get_backend("gpu").description == "CuPy + CuPy-native grid kNN"
     monkeypatch.setenv(gpu.ENGINE_ENV, "CUML")
     assert get_backend("gpu").description == "CuPy + cuML NearestNeighbors"
+    monkeypatch.setenv(gpu.ENGINE_ENV, "fused")
+    assert get_backend("gpu").description == FUSED
     monkeypatch.setenv(gpu.ENGINE_ENV, "faiss")
     with pytest.raises(ValueError, match="GPUGROUP_GPU_ENGINE"):
         get_backend("gpu")

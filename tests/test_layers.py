@@ -22,7 +22,8 @@ FLOORS = {
     # L0: leaves, importing nothing of gpugroup
     "gpugroup.keys": 0, "gpugroup.schema": 0, "gpugroup._xp": 0, "gpugroup._optional": 0,
     # L1: backends (base < engines < cpu, gpu < the dispatch table)
-    "gpugroup.backends.base": 1.0, "gpugroup.backends.engines": 1.1,
+    "gpugroup.backends.base": 1.0, "gpugroup.backends.fused_pool": 1.0,
+    "gpugroup.backends.engines": 1.1,
     "gpugroup.backends.cpu": 1.2, "gpugroup.backends.gpu": 1.2, "gpugroup.backends": 1.3,
     # L1: io (frame stores < each format < the table of formats < atomic outputs, the
     # grouped-output layout < whole scans < the face)

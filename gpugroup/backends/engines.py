@@ -130,6 +130,9 @@ class GridIndex:
         Target occupancy of a cell.
     max_slots : int
         Bound on (rows x block size) per chunk.
+    pool_kernel : :class:`gpugroup.backends.fused_pool.FusedPool` or None
+        A compiled fused pool (the GPU's ``fused`` engine): :meth:`nearest_others` then
+        serves what rows it can in one kernel per level.
 
     Examples
     --------
@@ -141,8 +144,10 @@ class GridIndex:
     ([45, 54, 55, 56, 65], True)
     """
 
-    def __init__(self, x, y, *, xp, points_per_cell: float = 2.0, max_slots: int = 1 << 22):
+    def __init__(self, x, y, *, xp, points_per_cell: float = 2.0, max_slots: int = 1 << 22,
+                 pool_kernel=None):
         self.xp = xp
+        self.pool_kernel = pool_kernel
         self.x = xp.asarray(x, dtype=xp.float64)
         self.y = xp.asarray(y, dtype=xp.float64)
         self.n = n = int(self.x.shape[0])
@@ -259,6 +264,41 @@ class GridIndex:
             todo = todo[up]
             i += 1
         return cand, floor
+
+    def nearest_others(self, rows, width: int):
+        """``(ranked, done)`` from the fused pool kernel, or None without one (or for a
+        pool wider than it keeps): ranked (m, width - 1) int64, the exact ``(d2, p)``
+        ranking of the ``width - 1`` nearest other points where ``done``, undefined
+        elsewhere (those rows take :meth:`query` and the exact re-rank).
+
+        Each level serves the rows the finer ones left, rows sorted by cell so that
+        neighbouring threads read neighbouring cells; rows outside the box on one axis only
+        are left to :meth:`query` (their blocks would grow to the grid).
+        """
+        kernel, W = self.pool_kernel, width - 1
+        if kernel is None or not 1 <= W <= kernel.max_others:
+            return None
+        xp = self.xp
+        rows = xp.asarray(rows, dtype=xp.int64)
+        m = int(rows.shape[0])
+        ranked = xp.empty((m, W), dtype=xp.int64)
+        done = xp.zeros(m, dtype=bool)
+        qx, qy = self.x[rows], self.y[rows]
+        x0, x1, y0, y1 = self.box
+        todo = xp.nonzero(((qx < x0) | (qx > x1)) == ((qy < y0) | (qy > y1)))[0]
+        for level in self.levels:
+            if not int(todo.shape[0]):
+                break
+            _, _, cx, cy = level.locate(qx[todo], qy[todo])
+            todo = todo[xp.argsort(cy * level.gx + cx, kind="stable")]
+            R0 = min(level._initial_radius(W), level.gmax)
+            got, ok = kernel(level, qx[todo], qy[todo], rows[todo], W, R0,
+                             max(_LEVEL_RADIUS, 2 * R0 + 1))
+            served = todo[ok]
+            ranked[served] = got[ok]
+            done[served] = True
+            todo = todo[~ok]
+        return ranked, done
 
     def _serve(self, level, idx, rows, R, cnt, kq: int, cand, floor):
         """Candidates and floors of ``rows[idx]`` from ``level``, blocks of radius R holding

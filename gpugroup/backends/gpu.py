@@ -11,10 +11,14 @@ candidate engine (:mod:`gpugroup.backends.engines`):
   (:class:`~gpugroup.backends.engines.NeighborsIndex`).
 * ``"cupy"``: the CuPy-native exact uniform-grid engine
   (:class:`~gpugroup.backends.engines.GridIndex`).
+* ``"fused"``: the same grid, whose pools (K <= 33) come from one CUDA kernel per grid
+  level (:mod:`gpugroup.backends.fused_pool`); rows it cannot settle take the ``cupy``
+  path. Same groups; checked in CI by running the kernel as host C++.
 * ``"auto"`` (default): the CuPy-native grid engine, the one verified on a device (an
-  H200: groups identical to the CPU's up to n = 1e7). cuML becomes ``auto``'s choice only
-  once a run on a device records it identical and faster (:data:`CUML_VERIFIED`); until
-  then ask for it by name. The choice is logged.
+  H200: groups identical to the CPU's up to n = 1e7). cuML, or the fused pool, becomes
+  ``auto``'s choice only once a run on a device records it identical and faster
+  (:data:`CUML_VERIFIED`, :data:`FUSED_VERIFIED`); until then ask for it by name. The
+  choice is logged.
 
 Pick one with ``make_backend(engine=...)`` or the environment variable
 ``GPUGROUP_GPU_ENGINE`` (read by ``backend="gpu"`` / ``"auto"``).
@@ -53,6 +57,7 @@ import os
 import numpy as np
 
 from gpugroup.backends.base import Backend
+from gpugroup.backends import fused_pool
 from gpugroup.backends.engines import GridIndex, NeighborsIndex, cuml_algorithm
 
 logger = logging.getLogger(__name__)
@@ -61,13 +66,16 @@ INSTALL_HINT = (
     "pip install 'gpugroup[cu12]' (CUDA 12) or 'gpugroup[cu13]' (CUDA 13), "
     "or create the conda environment from environment.yml"
 )
-#: Environment variable that picks the GPU candidate engine: auto | cuml | cupy.
+#: Environment variable that picks the GPU candidate engine: auto | cuml | cupy | fused.
 ENGINE_ENV = "GPUGROUP_GPU_ENGINE"
-ENGINES = ("auto", "cuml", "cupy")
+ENGINES = ("auto", "cuml", "cupy", "fused")
 #: Whether a run on a device has recorded the cuML engine as giving groups identical to the
 #: CPU's and grouping faster than the grid engine (``benchmarks/gpu_check.sh``, results in
 #: ``benchmarks/results``). While False, ``engine="auto"`` takes the grid engine.
 CUML_VERIFIED = False
+#: The same for the fused pool kernel against the plain grid engine. While False,
+#: ``engine="auto"`` leaves it out.
+FUSED_VERIFIED = False
 NVRTC_HINT = (
     "install NVRTC, the CUDA runtime compiler CuPy builds its kernels with: "
     "pip install 'cupy-cuda12x[ctk]' (or 'gpugroup[cu12]'; [cu13] for CUDA 13), "
@@ -121,10 +129,10 @@ def make_backend(engine: str | None = None) -> Backend:
 
     Parameters
     ----------
-    engine : {"auto", "cuml", "cupy"} or None
+    engine : {"auto", "cuml", "cupy", "fused"} or None
         Candidate engine. None reads ``$GPUGROUP_GPU_ENGINE`` (default ``"auto"``: the
-        CuPy-native grid engine, until cuML is recorded identical and faster on a device;
-        see :data:`CUML_VERIFIED`).
+        CuPy-native grid engine, until cuML or the fused pool is recorded identical and
+        faster on a device; see :data:`CUML_VERIFIED`, :data:`FUSED_VERIFIED`).
 
     Raises
     ------
@@ -151,12 +159,8 @@ def make_backend(engine: str | None = None) -> Backend:
         raise RuntimeError(f"backend='gpu' is not available: {reason}. Install: {INSTALL_HINT}")
     import cupy
 
-    nn_class = None
-    if engine == "auto" and not CUML_VERIFIED:
-        logger.info("GPU engine 'auto': the CuPy-native grid engine (the one verified on a "
-                    "device; cuML has not been recorded identical and faster there yet: "
-                    "engine='cuml' or $%s=cuml asks for it)", ENGINE_ENV)
-    elif engine in ("auto", "cuml"):
+    nn_class, fused = None, engine == "fused"
+    if engine == "cuml" or (engine == "auto" and CUML_VERIFIED):
         nn_class, why = _cuml_neighbors()
         if nn_class is None and engine == "cuml":
             raise RuntimeError(f"GPU engine 'cuml' needs cuML, which did not import ({why}). "
@@ -164,11 +168,20 @@ def make_backend(engine: str | None = None) -> Backend:
         if nn_class is None:
             logger.info("GPU engine: cuML not importable (%s); using the CuPy-native grid engine",
                         why)
+    if engine == "auto":
+        fused = nn_class is None and FUSED_VERIFIED
+        if not (CUML_VERIFIED and FUSED_VERIFIED):
+            logger.info("GPU engine 'auto': the engine verified on a device (engines not yet "
+                        "recorded identical and faster there: engine='cuml' or 'fused', or "
+                        "$%s, asks for them)", ENGINE_ENV)
     if nn_class is not None:
         build = functools.partial(NeighborsIndex, xp=cupy, nn_class=nn_class,
                                   algorithm=cuml_algorithm,
                                   model_kwargs={"output_type": "cupy"})
         description = "CuPy + cuML NearestNeighbors"
+    elif fused:
+        build = functools.partial(GridIndex, xp=cupy, pool_kernel=_fused_pool(cupy))
+        description = "CuPy + CuPy-native grid kNN, fused pool kernel"
     else:
         build = functools.partial(GridIndex, xp=cupy)
         description = "CuPy + CuPy-native grid kNN"
@@ -176,6 +189,17 @@ def make_backend(engine: str | None = None) -> Backend:
     return Backend(name="gpu", xp=cupy, build_index=build, asnumpy=cupy.asnumpy,
                    description=description,
                    kernels=_assembly_kernels(cupy))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_pool(cupy):
+    """One :class:`~gpugroup.backends.fused_pool.FusedPool` per CuPy module, compiled by
+    NVRTC on first use per pool width (so compiled kernels outlive each backend)."""
+    def compile(name):
+        return cupy.RawModule(code=fused_pool.SOURCE, options=fused_pool.NVRTC_OPTIONS,
+                              name_expressions=[name]).get_function(name)
+
+    return fused_pool.FusedPool(cupy, compile)
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -292,7 +316,7 @@ class AssemblyKernels:
 
     def _function(self, name):
         if name not in self._functions:
-            module = self.cupy.RawModule(code=_KERNELS, options=("--std=c++17", "--fmad=false"),
+            module = self.cupy.RawModule(code=_KERNELS, options=fused_pool.NVRTC_OPTIONS,
                                          name_expressions=[name])
             self._functions[name] = module.get_function(name)
         return self._functions[name]
