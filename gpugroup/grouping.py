@@ -481,8 +481,8 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
     """:func:`sample_groups` with its options already made (``opts``)."""
     be = get_backend(backend)
     xp = be.xp
-    x_np, y_np = exact_rescale(*_check_coordinates(xcoords, ycoords))
-    n = int(x_np.shape[0])
+    x, y = _check_coordinates(xcoords, ycoords, xp=xp, rescale=True)
+    n = int(x.shape[0])
     nsamples, K, C, seed = opts.nsamples, opts.K, opts.C, opts.seed
     sequential, batch_rows = opts.sequential, opts.batch_rows
     if n < C:
@@ -510,10 +510,8 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
     if C == 1:
         groups = seeds[:, None]
     else:
-        x = xp.asarray(x_np)
-        y = xp.asarray(y_np)
         cache = index_cache if index_cache is not None else {}
-        digest = _coordinates_digest(x_np, y_np, scans) if index_cache is not None else None
+        digest = None if index_cache is None else _coordinates_digest(xcoords, ycoords, scans)
         pool, pool_len = _pools(be, x, y, seeds, K, scans, cache, batch_rows, digest)
         groups = xp.empty((B, C), dtype=index_dtype(n))
         step = max(1, _SELECT_BLOCK // int(pool.shape[1]))  # rows are independent
@@ -531,10 +529,10 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
     return be.asnumpy(groups) if output == "numpy" else groups
 
 
-def exact_rescale(x, y):
+def exact_rescale(x, y, spans=None, xp=np):
     """``x`` and ``y`` both multiplied by one power of two so that tiny coordinates (a
     span below :data:`_MIN_SPAN`, e.g. metres times 1e-200) span [0.5, 1); others as
-    they are.
+    they are. ``spans``: the axes' (max - min), when known; ``xp``: the arrays' namespace.
 
     Multiplying by 2**k is exact in float64, and so then is every difference, product
     and sum of DESIGN.md section 3 (each scales by a power of two and rounds the same),
@@ -543,8 +541,8 @@ def exact_rescale(x, y):
     coordinates becoming subnormal or 0, everything tying) are now exact. Scaled
     coordinates span less than 1: their squares cannot overflow.
     """
-    with np.errstate(over="ignore"):
-        spans = (float(x.max() - x.min()), float(y.max() - y.min()))
+    if spans is None:
+        spans = tuple(float(a.max()) - float(a.min()) for a in (x, y))
     span = max(spans)
     if span == 0.0 or span >= _MIN_SPAN:
         return x, y
@@ -553,13 +551,20 @@ def exact_rescale(x, y):
                 "are those of the unscaled positions, without underflow)", span, k)
     # A constant axis (a line scan) adds 0 to every d2 whatever its value: zeros, which
     # cannot overflow when scaled (its value may be far larger than the other's span).
-    return tuple(np.zeros_like(a) if s == 0.0 else np.ldexp(a, k)
+    return tuple(xp.zeros_like(a) if s == 0.0 else xp.ldexp(a, k)
                  for a, s in zip((x, y), spans))
 
 
-def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords")):
-    """float64, C-contiguous copies (or views) of one coordinate pair, checked; ``names``
-    are the fields that errors name."""
+def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords"), *, xp=np,
+                       rescale: bool = False):
+    """float64, C-contiguous ``xp`` copies (or views) of one coordinate pair, checked, and
+    with ``rescale`` scaled by :func:`exact_rescale`; ``names`` are the fields that errors
+    name.
+
+    The values are read twice per axis, by one min and one max (on the device for a
+    device ``xp``): NaN carries through both and inf shows in one, so finite extremes mean
+    finite values, and they give the span. Only a failed check looks further.
+    """
     x, y = np.asarray(xcoords), np.asarray(ycoords)
     for name, a in zip(names, (x, y)):
         if a.ndim != 1:
@@ -574,24 +579,25 @@ def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords")):
     if x.shape[0] == 0:
         raise ValueError(f"the scan is empty: {names[0]} has 0 entries; pass at least one "
                          f"position")
-    x = x.astype(np.float64, copy=False)
-    y = y.astype(np.float64, copy=False)
+    x, y = (xp.ascontiguousarray(xp.asarray(a).astype(xp.float64, copy=False)) for a in (x, y))
+    spans = []
     for name, a in zip(names, (x, y)):
-        bad = ~np.isfinite(a)
-        if bad.any():
-            i = int(np.argmax(bad))
+        lo, hi = float(a.min()), float(a.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = ~xp.isfinite(a)
+            i = int(xp.argmax(bad))
             raise ValueError(
-                f"{name} has {int(bad.sum())} non-finite value(s), first {name}[{i}]={a[i]}; "
-                f"drop or fix those positions"
+                f"{name} has {int(bad.sum())} non-finite value(s), first {name}[{i}]="
+                f"{float(a[i])}; drop or fix those positions"
             )
-        with np.errstate(over="ignore"):
-            span = float(a.max() - a.min())
+        span = hi - lo  # inf when it overflows
         if not span <= _MAX_SPAN:
             raise ValueError(
                 f"{name} spans {span:.3g}, beyond {_MAX_SPAN:.0e}: squared distances would "
                 f"overflow float64; rescale the coordinates (e.g. to pixels or metres)"
             )
-    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+        spans.append(span)
+    return exact_rescale(x, y, spans, xp) if rescale else (x, y)
 
 
 def _check_scan_index(scan_index, n: int, C: int):
@@ -642,11 +648,12 @@ def _group_count(n, nsamples, K, C, enable_oversampling, scans):
     return n, False
 
 
-def _coordinates_digest(x, y, scans) -> str:
-    """Fingerprint of the point sets an index cache entry was built on."""
+def _coordinates_digest(xcoords, ycoords, scans) -> str:
+    """Fingerprint of the point sets an index cache entry was built on (the coordinates as
+    given, in float64: the index is built on what grouping makes of them)."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(np.ascontiguousarray(x))
-    h.update(np.ascontiguousarray(y))
+    h.update(np.ascontiguousarray(xcoords, dtype=np.float64))
+    h.update(np.ascontiguousarray(ycoords, dtype=np.float64))
     for sid, mem in scans or ():
         h.update(str(int(sid)).encode() + b";")  # any integer id, uint64 included
         h.update(np.ascontiguousarray(mem))

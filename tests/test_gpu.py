@@ -226,6 +226,28 @@ def test_gpu_refuses_more_positions_than_its_kernels_index(cp, monkeypatch):
                                   sample_groups(x[:99], y[:99], 10, 7, 4, seed=1, backend="cpu"))
 
 
+def test_gpu_checks_coordinates_on_the_device_with_the_cpus_messages(cp):
+    """The GPU path checks and scales the coordinates on the device (one min and one max
+    per axis): the same errors as the CPU's, and tiny scans scaled to the same groups."""
+    x, y = jittered_scan(300, seed=2)
+    bad = [(np.r_[x[:-3], np.nan, np.inf, 1.0], y, r"xcoords has 2 non-finite value\(s\), "
+            r"first xcoords\[297\]=nan"),
+           (x, np.r_[y[:-1], -np.inf], r"ycoords has 1 non-finite value\(s\), first "
+            r"ycoords\[299\]=-inf"),
+           (np.r_[x[:-1], 1e200], y, r"xcoords spans 1e\+200, beyond 1e\+150")]
+    for bx, by, message in bad:
+        for backend in ("cpu", "gpu"):
+            with pytest.raises(ValueError, match=message):
+                sample_groups(bx, by, 10, 7, 4, seed=1, backend=backend)
+    want = sample_groups(x, y, 100, 9, 4, seed=3, backend="cpu")
+    for scale in (1e-200, 2.0**-600):  # scaled back by a power of two on either side
+        sx, sy = x * scale, y * scale
+        got = sample_groups(sx, sy, 100, 9, 4, seed=3, backend="gpu")
+        np.testing.assert_array_equal(got, sample_groups(sx, sy, 100, 9, 4, seed=3,
+                                                         backend="cpu"))
+    np.testing.assert_array_equal(got, want)  # 2**-600: exactly the unscaled geometry
+
+
 @pytest.mark.parametrize("device_frames", [False, True])
 def test_gpu_rawdata_grouped_data_matches_cpu(cp, engine, monkeypatch, device_frames):
     from gpugroup.simulate import simulate_rawdata

@@ -610,3 +610,18 @@ def _remove(path):
         shutil.rmtree(path)
     else:
         path.unlink()
+
+
+def test_a_zarr_stack_whose_metadata_is_gone_for_a_moment_has_changed(tmp_path):
+    """A reader that looks while a republished .zarr is being swapped in finds no
+    metadata document: that is a change (ScanFileError naming the store), or "replaced"
+    where replacing is fine; never a TypeError from os.stat(None), as it once was."""
+    zarr = pytest.importorskip("zarr")
+    path = tmp_path / "a.zarr"
+    zarr.open_array(str(path), mode="w", shape=(4, 2, 2), dtype="f4")[:] = 1.0
+    stack = zarr.open_array(str(path), mode="r")
+    assert frames.check_unchanged(stack) is not None  # remembered, and the same
+    (path / "zarr.json").rename(tmp_path / "elsewhere.json")
+    with pytest.raises(io.ScanFileError, match=r"a\.zarr.*changed on disk"):
+        frames.check_unchanged(stack)
+    assert frames.check_unchanged(stack, replaced_ok=True) == "replaced"

@@ -486,9 +486,10 @@ def _identity_file(stack):
         root = getattr(stack.store_path.store, "root", None)
         if root is not None:
             base = os.path.join(os.fspath(root), stack.path) if stack.path else os.fspath(root)
-            for name in ("zarr.json", ".zarray"):
-                if os.path.isfile(os.path.join(base, name)):
-                    return os.path.join(base, name)
+            # The document there now (Zarr 3, or 2), or Zarr 3's name for one that is gone
+            # (the store replaced under it: its identity is then None, a change).
+            docs = [os.path.join(base, name) for name in ("zarr.json", ".zarray")]
+            return next((doc for doc in docs if os.path.isfile(doc)), docs[0])
     return None
 
 
