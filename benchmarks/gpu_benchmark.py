@@ -17,12 +17,15 @@ copy of the frames; then (first group count only) ``generate_grouped_data`` end 
 
 Parity matrix: every case of ``tests/parity_cases.py`` (and a scan_index case), CPU against
 each GPU engine that loads. Engines: the largest grouping (n, K) timed with each GPU engine
-that loads (grid, cuML), with parity: the record that lets ``auto`` move to cuML
-(``gpu.CUML_VERIFIED``). The CPU runs use all host cores (``cpu_threads`` in the JSON).
+that loads (grid, fused pool kernel, cuML), with parity: the record that lets ``auto`` move
+to cuML or the fused pool (``gpu.CUML_VERIFIED``, ``gpu.FUSED_VERIFIED``). The profile
+times each step of one grouping at the largest n, with the default engine and with the
+fused pool. The CPU runs use all host cores (``cpu_threads`` in the JSON).
 
 The ``targets`` block holds issue 16's goals and whether this run met them: grouping n = 1e7,
-nsamples = 1e6, K = 16, C = 4 end to end <= 60 ms; assembly >= 75% of peak at 25 000 groups
-and >= 80% at 100 000; CPU grouping of the same scan <= 1.5 s; every parity check identical.
+nsamples = 1e6, K = 16, C = 4 end to end <= 60 ms (the default engine, and the fastest
+engine whose groups were identical, named); assembly >= 75% of peak at 25 000 groups and
+>= 80% at 100 000; CPU grouping of the same scan <= 1.5 s; every parity check identical.
 
 Results go to ``$OUT/gpu-<card>-<date>.json`` (``--out`` overrides ``$OUT``), rewritten after
 every step, so a run cut short still leaves what it measured. ``--cpu-only`` runs the same
@@ -133,12 +136,22 @@ def targets(data: dict) -> dict:
         out[f"{name}_goal"] = goal
         out[f"{name}_met"] = met
     out["cpu_threads"] = data.get("cpu_threads")
-    engines = data.get("engine_comparison") or []
-    grid = [r for r in engines if r.get("engine") == "cupy" and "gpu_best_s" in r]
-    cuml = [r for r in engines if r.get("engine") == "cuml" and "gpu_best_s" in r]
-    out["cuml_identical_and_faster"] = (
-        bool(cuml[0]["parity"] and grid and cuml[0]["gpu_best_s"] < grid[0]["gpu_best_s"])
-        if cuml else None)
+    engines = {r["engine"]: r for r in data.get("engine_comparison") or []
+               if "gpu_best_s" in r}
+    grid = engines.get("cupy")
+    for name in ("cuml", "fused"):  # what lets `auto` move to them (gpu.*_VERIFIED)
+        r = engines.get(name)
+        out[f"{name}_identical_and_faster"] = (
+            None if r is None or grid is None
+            else bool(r["parity"] and r["gpu_best_s"] < grid["gpu_best_s"]))
+    same = [r for r in engines.values() if r["parity"] and r["n"] == TARGET_N
+            and r["K"] == TARGET_K]
+    best = min(same, key=lambda r: r["gpu_best_s"], default=None)
+    goal = GOALS["grouping_n1e7_K16_s"]
+    out["grouping_n1e7_K16_best_engine"] = None if best is None else best["engine"]
+    out["grouping_n1e7_K16_best_engine_s"] = None if best is None else best["gpu_best_s"]
+    out["grouping_n1e7_K16_best_engine_met"] = (None if best is None
+                                                else best["gpu_best_s"] <= goal)
     return out
 
 
@@ -319,7 +332,7 @@ def gpu_engines(dev: Device, report: Report) -> dict:
     from gpugroup.backends import gpu
 
     out = {}
-    for name in ("cupy", "cuml"):
+    for name in ("cupy", "fused", "cuml"):
         try:
             out[name] = gpu.make_backend(name)
         except RuntimeError as exc:
@@ -396,9 +409,11 @@ def bench_engines(dev: Device, report: Report, args):
 # ----------------------------------------------------------------------------- profile
 def bench_profile(dev: Device, report: Report, args):
     """Where one GPU grouping at the largest n spends its time: each step of DESIGN.md 3
-    timed with the device synchronized around it, then a cProfile of one whole call
-    (``$OUT/profile.txt``; CuPy launches are asynchronous, so host-side cProfile charges
-    device time to the calls that wait for it: ``int()``, ``float()``, copies)."""
+    timed with the device synchronized around it, with the default engine and with the
+    fused pool kernel (when it is not the default and loads), then a cProfile of one whole
+    call with the default engine (``$OUT/profile.txt``; CuPy launches are asynchronous, so
+    host-side cProfile charges device time to the calls that wait for it: ``int()``,
+    ``float()``, copies)."""
     if dev.cpu_only or not args.sizes or time.perf_counter() > args.deadline:
         return
     import cProfile
@@ -406,29 +421,50 @@ def bench_profile(dev: Device, report: Report, args):
     import pstats
 
     from gpugroup import grouping
+    from gpugroup.backends import gpu
 
     xp, n, K, C = dev.xp, max(args.sizes), max(args.K), args.C
     m = max(1, n // 10)
     x_np, y_np = fermat_spiral(n, spacing=1.0, jitter=0.1, rng=np.random.default_rng(n))
-    steps = {}
 
-    def step(name, fn):
-        dev.sync()
-        t0 = time.perf_counter()
-        out = fn()
-        dev.sync()
-        steps[name] = time.perf_counter() - t0
-        return out
+    def steps_of(backend):
+        steps = {}
 
-    x = step("coordinates to device", lambda: xp.asarray(x_np))
-    y = xp.asarray(y_np)
-    seeds = step("3.1 sample_seeds", lambda: grouping.sample_seeds(xp, n, m, 7))
-    index = step("build_index", lambda: dev.backend.build_index(x, y))
-    pool = step("3.2 neighbour_pool", lambda: grouping.neighbour_pool(xp, x, y, seeds, K, index))
-    rows = xp.arange(m, dtype=xp.int64)
-    width = xp.full(m, pool.shape[1], dtype=xp.int64)
-    groups = step("3.3 select_members", lambda: grouping.select_members(xp, pool, width, rows, C, 7))
-    step("groups to host", lambda: dev.backend.asnumpy(groups.astype(xp.int32)))
+        def step(name, fn):
+            dev.sync()
+            t0 = time.perf_counter()
+            out = fn()
+            dev.sync()
+            steps[name] = time.perf_counter() - t0
+            return out
+
+        x, y = step("coordinates to device, checked",
+                    lambda: grouping._check_coordinates(x_np, y_np, xp=xp, rescale=True))
+        seeds = step("3.1 sample_seeds", lambda: grouping.sample_seeds(xp, n, m, 7))
+        index = step("build_index", lambda: backend.build_index(x, y))
+        pool = step("3.2 neighbour_pool",
+                    lambda: grouping.neighbour_pool(xp, x, y, seeds, K, index))
+        rows = xp.arange(m, dtype=xp.int64)
+        width = xp.full(m, pool.shape[1], dtype=xp.int64)
+        groups = step("3.3 select_members",
+                      lambda: grouping.select_members(xp, pool, width, rows, C, 7))
+        step("groups to host", lambda: backend.asnumpy(groups.astype(xp.int32)))
+        return steps
+
+    backends = {dev.backend.description: dev.backend}
+    try:
+        fused = gpu.make_backend("fused")
+        backends.setdefault(fused.description, fused)
+    except Exception as exc:  # noted; the default engine's profile stands
+        report.data["notes"].append(f"fused pool not profiled: {type(exc).__name__}: {exc}")
+    by_engine = {}
+    for description, backend in backends.items():
+        try:
+            steps_of(backend)  # warm: kernels compiled
+            by_engine[description] = steps_of(backend)
+        except Exception as exc:
+            report.error(f"profile {description}", exc)
+    steps = by_engine.get(dev.backend.description, {})
     prof = cProfile.Profile()
     dev.sync()
     prof.enable()
@@ -438,11 +474,13 @@ def bench_profile(dev: Device, report: Report, args):
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
     (Path(args.out) / "profile.txt").write_text(
-        f"n={n} nsamples={m} K={K} C={C}\nsteps (s): {json.dumps(steps, indent=1)}\n\n"
-        + text.getvalue())
-    report.data["profile"] = {"n": n, "nsamples": m, "K": K, "C": C, "steps_s": steps}
-    print(f"[bench] profile n={n:.0e} K={K}: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()),
-          flush=True)
+        f"n={n} nsamples={m} K={K} C={C}\nsteps (s) by engine: {json.dumps(by_engine, indent=1)}"
+        f"\n\n{dev.backend.description}, one whole call:\n" + text.getvalue())
+    report.data["profile"] = {"n": n, "nsamples": m, "K": K, "C": C, "steps_s": steps,
+                              "steps_s_by_engine": by_engine}
+    for description, st in by_engine.items():
+        print(f"[bench] profile n={n:.0e} K={K} {description}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in st.items()), flush=True)
     report.save()
 
 
@@ -639,7 +677,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-bytes", default="4Mi,256Mi",
                    help="assembly chunk sizes to time (default %(default)s)")
     p.add_argument("--skip-cpu-assembly", action="store_true")
-    p.add_argument("--engine", choices=["auto", "cuml", "cupy"], default=None,
+    p.add_argument("--engine", choices=["auto", "cuml", "cupy", "fused"], default=None,
                    help="GPU engine (default: $GPUGROUP_GPU_ENGINE or auto)")
     p.add_argument("--cpu-only", action="store_true",
                    help="no GPU: the grid engine on NumPy stands in (smoke test of this script)")

@@ -11,9 +11,12 @@
 #                                 assembly at 25 000 / 100 000 groups as a fraction of peak
 #                                 (>= 75% / >= 80%), the CPU/GPU parity matrix and large-scale
 #                                 parity (all identical), each GPU engine at n = 1e7
-#                                 (cuml_identical_and_faster: whether `auto` may move to cuML)
+#                                 (cuml_/fused_identical_and_faster: whether `auto` may move
+#                                 to cuML or the fused pool kernel; the fastest identical
+#                                 engine against the 60 ms goal)
 #   $OUT/benchmark.txt            the benchmark's log
-#   $OUT/profile.txt              one grouping at the largest n, step by step + cProfile
+#   $OUT/profile.txt              one grouping at the largest n, step by step (default engine
+#                                 and fused pool) + cProfile
 #   $OUT/cli.txt                  gpugroup info, gpugroup demo --backend gpu
 #   $OUT/summary.txt              exit codes of each step
 # Worst case: 10 s env + 30 s install + 170 s tests (first-use kernel compiles included)

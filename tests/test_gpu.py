@@ -602,6 +602,7 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
 
         devicelike.install(monkeypatch)
         monkeypatch.delenv(gpu.ENGINE_ENV, raising=False)
+        monkeypatch.setattr(gpu, "_fused_pool", host_fused_pool)  # its kernel as host C++
         rc = bench.main(args)
         (result,) = tmp_path.glob("gpu-devicelike-numpy-*.json")
         steps = [("assemble_groups", "gpu")] + [  # no fused kernels on the stand-in
@@ -609,7 +610,7 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
             ("bare copy of the frames (reference)", None),
             ("generate_grouped_data (grouping included)", "cpu"),
             ("assemble_groups", "gpu")]  # the second group count: the step alone
-        engines = ["cupy"]  # cuML does not load on the stand-in: noted
+        engines = ["cupy", "fused"]  # cuML does not load on the stand-in: noted
     else:
         rc = bench.main(["--cpu-only"] + args)
         (result,) = tmp_path.glob("cpu-smoke-*.json")
@@ -630,7 +631,8 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
     # the parity matrix: every case of tests/parity_cases.py (and a scan_index case)
     matrix = data["parity_matrix_summary"]
     assert matrix["all_identical"] and matrix["engines"] == engines
-    assert matrix["checked"] == len(PARITY_CASES) + 1 and matrix["mismatched"] == []
+    assert matrix["checked"] == len(engines) * (len(PARITY_CASES) + 1)
+    assert matrix["mismatched"] == []
     assert {r["case"] for r in data["parity_matrix"]} >= {"dup12", "outlier", "scan-index-3"}
     # each GPU engine at the largest (n, K), with parity: what auto's choice rests on
     assert [(r["engine"], r["parity"], r["n"]) for r in data["engine_comparison"]] == [
@@ -642,7 +644,10 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
     assert data["cpu_threads"] >= 1 and data["targets"]["cpu_threads"] == data["cpu_threads"]
     if mode == "devicelike":  # the step breakdown and cProfile of one device grouping
         assert set(data["profile"]["steps_s"]) >= {"3.1 sample_seeds", "3.2 neighbour_pool"}
+        assert list(data["profile"]["steps_s_by_engine"]) == [
+            "CuPy + CuPy-native grid kNN", FUSED]
         assert "function calls" in (tmp_path / "profile.txt").read_text()
+        assert isinstance(data["targets"]["fused_identical_and_faster"], bool)
     else:
         assert "profile" not in data
     assert data["targets"]["grouping_n1e7_K16_s"] is None  # not measured at these sizes
@@ -662,8 +667,11 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
                "parity_summary": {"all_identical": True},
                "parity_matrix_summary": {"all_identical": False},
                "cpu_threads": 16,
-               "engine_comparison": [{"engine": "cupy", "gpu_best_s": 0.05, "parity": True},
-                                     {"engine": "cuml", "gpu_best_s": 0.04, "parity": True}]}
+               "engine_comparison": [
+                   {"engine": "cupy", "gpu_best_s": 0.07, "parity": True, "n": 10**7, "K": 16},
+                   {"engine": "fused", "gpu_best_s": 0.04, "parity": True, "n": 10**7, "K": 16},
+                   {"engine": "cuml", "gpu_best_s": 0.03, "parity": False, "n": 10**7,
+                    "K": 16}]}
     assert bench.targets(made_up) == {
         "parity_all_identical": False,
         "grouping_n1e7_K16_s": 0.05, "grouping_n1e7_K16_s_goal": 0.06,
@@ -676,4 +684,6 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
         "assembly_100000_fraction_of_peak_met": False,
         "cpu_grouping_n1e7_K16_s": 1.9, "cpu_grouping_n1e7_K16_s_goal": 1.5,
         "cpu_grouping_n1e7_K16_s_met": False,
-        "cpu_threads": 16, "cuml_identical_and_faster": True}
+        "cpu_threads": 16, "cuml_identical_and_faster": False,
+        "fused_identical_and_faster": True, "grouping_n1e7_K16_best_engine": "fused",
+        "grouping_n1e7_K16_best_engine_s": 0.04, "grouping_n1e7_K16_best_engine_met": True}
