@@ -561,13 +561,17 @@ def assembly_for(dev: Device, report: Report, args, B: int, full: bool):
     if dev.backend.kernels is not None and time.perf_counter() < args.deadline:
         kern, chunk = dev.backend.kernels, max(args.chunk_bytes)
         outs = assembly.empty_outputs(xp, B, N, C, frames.dtype, True, False)
+        on_device = assembly.coordinates_on(xp, (x, y, x, y))
         parts = {
             "energies and scale": lambda: assembly.normalization_scale(
                 xp, assembly.group_energies(xp, frames, nn, chunk, kern), N),
             "gather (diffraction, X_full)": lambda: assembly.gather_channel_last(
                 xp, frames, nn, scale=0.5, out_diffraction=outs["diffraction"],
                 out_X=outs["X_full"], chunk_bytes=chunk, kernels=kern),
-            "coordinates": lambda: assembly.group_coordinates(xp, nn, x, y, x, y),
+            "coordinates (host positions)": lambda: assembly.group_coordinates(
+                xp, nn, x, y, x, y, kernels=kern),
+            "coordinates (positions on the device)": lambda: assembly.group_coordinates(
+                xp, nn, *on_device, kernels=kern),
         }
         steps = report.data["assembly_steps_s"] = {}
         for label, fn in parts.items():

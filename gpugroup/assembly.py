@@ -97,13 +97,14 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None):
+def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None,
+                   check: bool = True):
     """float64 ``sum_hw stack[i]**2`` for each ``i`` in ``idx`` (an ``xp`` array).
 
     ``kernels`` (a backend's fused kernels, or None) sums a device stack in one pass.
-    ``idx`` may repeat frames. Raises ValueError naming the lowest-numbered frame whose
-    energy is not finite (NaN or inf values, or values so large that their squares
-    overflow)."""
+    ``idx`` may repeat frames. With ``check``, :func:`check_energies` (one device sync);
+    without it, non-finite energies are the caller's to find (a non-finite mean shows
+    them: :func:`normalization_scale`)."""
     idx = np.asarray(idx) if not is_device_array(idx) else idx
     n_frames = int(idx.shape[0])
     out = None
@@ -117,23 +118,38 @@ def frame_energies(xp, stack, idx, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kerne
             f = f.reshape(f.shape[0], -1)
             with np.errstate(over="ignore", invalid="ignore"):
                 out[s] = xp.einsum("ij,ij->i", f, f)
-    bad = xp.nonzero(~xp.isfinite(out))[0]
-    if int(bad.shape[0]):
-        bad = to_host(bad)
-        frames, energy = to_host(idx)[bad], to_host(out)[bad]
-        j = int(np.argmin(frames))
-        raise ValueError(
-            f"diff3d[{int(frames[j])}] holds NaN or inf values (or values whose squares "
-            f"overflow float64): its energy is {float(energy[j])}, and "
-            f"{len(np.unique(frames))} of the {len(np.unique(to_host(idx)))} frames used are "
-            f"like it; such frames cannot be normalized: fix or drop them "
-            f"(np.isfinite(diff3d).all(axis=(1, 2)) finds them)")
+    if check:
+        check_energies(xp, idx, out)
     return out
 
 
-def normalization_scale(xp, energies, N: int) -> float:
-    """s = sqrt((N/2)**2 / mean(E)) in float64 (DESIGN.md section 2)."""
+def check_energies(xp, frames, energies) -> None:
+    """Raises ValueError naming the lowest-numbered frame whose energy is not finite (NaN
+    or inf values, or values so large that their squares overflow); ``frames`` are the
+    frame numbers of ``energies`` (same shape; repeats allowed)."""
+    bad = xp.nonzero(~xp.isfinite(energies.reshape(-1)))[0]
+    if int(bad.shape[0]):
+        frames = to_host(frames).reshape(-1)
+        bad = to_host(bad)
+        numbers, energy = frames[bad], to_host(energies).reshape(-1)[bad]
+        j = int(np.argmin(numbers))
+        raise ValueError(
+            f"diff3d[{int(numbers[j])}] holds NaN or inf values (or values whose squares "
+            f"overflow float64): its energy is {float(energy[j])}, and "
+            f"{len(np.unique(numbers))} of the {len(np.unique(frames))} frames used are "
+            f"like it; such frames cannot be normalized: fix or drop them "
+            f"(np.isfinite(diff3d).all(axis=(1, 2)) finds them)")
+
+
+def normalization_scale(xp, energies, N: int, frames=None) -> float:
+    """s = sqrt((N/2)**2 / mean(E)) in float64 (DESIGN.md section 2).
+
+    ``frames``: the frame number of each energy; when the mean is not finite, the frames
+    to blame are then named (:func:`check_energies`), so that energies computed without
+    ``check`` cost one device sync here and none more."""
     mean = float(xp.mean(energies))
+    if not np.isfinite(mean) and frames is not None:
+        check_energies(xp, frames, energies)
     if not (mean > 0 and np.isfinite(mean)):
         raise ValueError(
             f"the grouped diffraction frames have mean energy {mean}: all-zero (or NaN) frames "
@@ -142,16 +158,18 @@ def normalization_scale(xp, energies, N: int) -> float:
     return float(np.sqrt((N / 2.0) ** 2 / mean))
 
 
-def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None):
+def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None,
+                   check: bool = True):
     """Energies E[nn_indices] of the frames groups use, each frame read once (with
     ``kernels`` and a device stack: each group member's frame, in one kernel and no sort;
-    the same values)."""
+    the same values). ``check``: see :func:`frame_energies`."""
     nn = nn_indices if is_device_array(nn_indices) else np.asarray(nn_indices)
     if kernels is not None and is_device_array(stack):
         members = xp.ascontiguousarray(xp.asarray(nn)).reshape(-1)
-        return frame_energies(xp, stack, members, chunk_bytes, kernels).reshape(nn.shape)
+        return frame_energies(xp, stack, members, chunk_bytes, kernels,
+                              check).reshape(nn.shape)
     uniq, inverse = (xp if is_device_array(nn) else np).unique(nn, return_inverse=True)
-    energies = frame_energies(xp, stack, uniq, chunk_bytes, kernels)
+    energies = frame_energies(xp, stack, uniq, chunk_bytes, kernels, check)
     return energies[xp.asarray(inverse).reshape(nn.shape)]
 
 
@@ -289,21 +307,34 @@ def gather_channel_last(xp, stack, nn_indices, *, scale=None, out_diffraction=No
     _run_chunks(xp, one, chunk_groups(B, group_bytes, chunk_bytes), workers)
 
 
-def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_start):
-    """``{prefix}_nn`` (B,1,2,C), ``{prefix}_offsets`` (B,1,2,1) and ``{prefix}_relative``
-    (B,1,2,C), float64, for prefix ``coords`` (the positions) and ``coords_start``."""
-    nn = xp.asarray(nn_indices)
-    arrays = (xcoords, ycoords, xcoords_start, ycoords_start)
+def coordinates_on(xp, arrays):
+    """The coordinate arrays ``arrays`` on ``xp``: host arrays of one dtype go to a device in
+    one copy, each distinct array once (each copy from host memory waits for the device)."""
     if (xp is not np and all(isinstance(a, np.ndarray) for a in arrays)
             and len({a.dtype for a in arrays}) == 1):
-        # One copy to the device (each copy from host memory waits for the device), each
-        # distinct array once.
         distinct = list({id(a): a for a in arrays}.values())
         on_device = dict(zip([id(a) for a in distinct], xp.asarray(np.stack(distinct))))
-        arrays = [on_device[id(a)] for a in arrays]
+        return tuple(on_device[id(a)] for a in arrays)
+    return tuple(xp.asarray(a) for a in arrays)
+
+
+def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_start,
+                      kernels=None):
+    """``{prefix}_nn`` (B,1,2,C), ``{prefix}_offsets`` (B,1,2,1) and ``{prefix}_relative``
+    (B,1,2,C), float64, for prefix ``coords`` (the positions) and ``coords_start``.
+
+    ``kernels`` (a backend's fused kernels) computes all six in one kernel when the groups
+    and coordinates are on the device (the offsets, means of C values, may then differ
+    from NumPy's in the last bit: its sums run in another order)."""
+    nn = xp.asarray(nn_indices)
+    arrays = coordinates_on(xp, (xcoords, ycoords, xcoords_start, ycoords_start))
+    if kernels is not None and is_device_array(nn):
+        out = kernels.group_coordinates(nn, arrays)
+        if out is not None:
+            return out
     out = {}
     for prefix, x, y in (("coords", *arrays[:2]), ("coords_start", *arrays[2:])):
-        nn_xy = xp.stack([xp.asarray(x)[nn], xp.asarray(y)[nn]], axis=1)[:, None, :, :]
+        nn_xy = xp.stack([x[nn], y[nn]], axis=1)[:, None, :, :]
         offsets = xp.mean(nn_xy, axis=3, keepdims=True)
         out.update({f"{prefix}_nn": nn_xy, f"{prefix}_offsets": offsets,
                     f"{prefix}_relative": -(nn_xy - offsets)})
@@ -438,14 +469,16 @@ class AssemblyPlan:
             y_stack = None if y_stack is None else (raw_view(y_stack) or y_stack)
         if norm_scale is None:
             nn = nn_indices if is_device_array(nn_indices) else np.asarray(nn_indices)
-            energies = group_energies(xp, self.stack, nn, chunk_bytes, kernels)
-            norm_scale = normalization_scale(xp, energies, self.N)
+            energies = group_energies(xp, self.stack, nn, chunk_bytes, kernels, check=False)
+            norm_scale = normalization_scale(xp, energies, self.N, frames=nn)
         self.scale = float(norm_scale)
         xs, ys = patch_positions(y_positions, scan.xcoords, scan.ycoords, scan.xcoords_start,
                                  scan.ycoords_start)
         self.patches = PatchSource.optional(xp, self.N, y_stack, scan.objectGuess, xs, ys,
                                             warn, y_positions=y_positions)
-        self.coords = (scan.xcoords, scan.ycoords, scan.xcoords_start, scan.ycoords_start)
+        # On the device once, beside the frames (batches and chunks reuse them).
+        self.coords = coordinates_on(xp, (scan.xcoords, scan.ycoords, scan.xcoords_start,
+                                          scan.ycoords_start))
 
     @property
     def with_y(self) -> bool:
@@ -470,7 +503,7 @@ class AssemblyPlan:
 
     def coordinates(self, nn_indices) -> dict:
         """The coordinate entries of DESIGN.md section 2 for groups ``nn_indices``."""
-        return group_coordinates(self.xp, nn_indices, *self.coords)
+        return group_coordinates(self.xp, nn_indices, *self.coords, kernels=self.kernels)
 
     def assemble(self, nn_indices, *, chunk_bytes=DEFAULT_CHUNK_BYTES, workers=None,
                  progress=None) -> dict:

@@ -104,20 +104,25 @@ def square_grid(nx: int, ny: int | None = None, spacing: float = 1.0, offset=(0.
 _HOST_KERNEL_DIR: list[str] = []
 
 
-def host_fused_pool(xp, **kw):
-    """A :class:`~gpugroup.backends.fused_pool.FusedPool` on ``xp`` whose kernel runs as host
-    C++ (tests/hostcuda.py), compiled once per session and pool width; skips without a
-    host compiler."""
+def host_module(source: str):
+    """``source`` as a :class:`hostcuda.HostModule` (its kernels run as host C++), compiled
+    into one directory per session; skips without a host compiler."""
     from hostcuda import HostModule, host_compiler
 
-    from gpugroup.backends.fused_pool import SOURCE, FusedPool
-
     if host_compiler() is None:
-        pytest.skip("no host C++ compiler (g++ or clang++) to run the fused pool kernel")
+        pytest.skip("no host C++ compiler (g++ or clang++) to run the CUDA kernel on the host")
     if not _HOST_KERNEL_DIR:
         _HOST_KERNEL_DIR.append(tempfile.mkdtemp(prefix="gpugroup-hostcuda-"))
         atexit.register(shutil.rmtree, _HOST_KERNEL_DIR[0], True)
-    return FusedPool(xp, HostModule(SOURCE, _HOST_KERNEL_DIR[0]).get_function, **kw)
+    return HostModule(source, _HOST_KERNEL_DIR[0])
+
+
+def host_fused_pool(xp, **kw):
+    """A :class:`~gpugroup.backends.fused_pool.FusedPool` on ``xp`` whose kernel runs as host
+    C++ (tests/hostcuda.py)."""
+    from gpugroup.backends.fused_pool import SOURCE, FusedPool
+
+    return FusedPool(xp, host_module(SOURCE).get_function, **kw)
 
 
 # ----------------------------------------------------------------------------- devices

@@ -10,7 +10,7 @@ import pytest
 from gpugroup import assembly, sample_groups
 from gpugroup.schema import ScanArrays
 
-from conftest import assert_same_grouped, jittered_scan
+from conftest import assert_same_grouped, host_module, jittered_scan
 
 N = 8
 
@@ -131,3 +131,67 @@ def test_the_parity_rule_fails_where_it_should(scan, groups):
         assert_same_grouped(far, want)
     with pytest.raises(AssertionError, match="Y"):
         assert_same_grouped(dict(want, Y=None), want)
+
+
+@pytest.mark.parametrize("C", [1, 4, 9])
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_fused_coordinates_kernel_equals_the_xp_path(monkeypatch, C, index_dtype):
+    """The GPU's one-launch coordinates (gpu.COORDINATES_SOURCE, run here as host C++ on
+    the devicelike stand-in): positions exact, offsets and relative coordinates within the
+    last bits of NumPy's (whose means sum in another order); where it does not apply (not
+    float64, not contiguous) the plain path serves."""
+    import devicelike
+
+    from gpugroup.backends import gpu
+
+    devicelike.install(monkeypatch)
+    kernels = gpu.AssemblyKernels(devicelike)
+    monkeypatch.setattr(kernels, "_function", host_module(gpu.COORDINATES_SOURCE).get_function)
+    x, y = jittered_scan(300, seed=5)
+    x, y, xs, ys = 1e4 + 37 * x, -5e3 + 37 * y, 37 * x + 0.25, 37 * y - 0.75
+    nn = np.random.default_rng(C).integers(0, 300, (50, C)).astype(index_dtype)
+    want = assembly.group_coordinates(np, nn, x, y, xs, ys)
+    got = assembly.group_coordinates(devicelike, devicelike.asarray(nn), x, y, xs, ys,
+                                     kernels=kernels)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        g = devicelike.asnumpy(got[key])
+        assert g.shape == value.shape and g.dtype == np.float64, key
+        if key.endswith("_nn"):
+            np.testing.assert_array_equal(g, value)
+        else:
+            np.testing.assert_allclose(g, value, rtol=0, atol=4 * np.spacing(2e4), err_msg=key)
+    assert kernels.group_coordinates(devicelike.asarray(nn),
+                                     [devicelike.asarray(a, dtype=np.float32)
+                                      for a in (x, y, xs, ys)]) is None
+    assert kernels.group_coordinates(devicelike.asarray(nn)[::2],
+                                     [devicelike.asarray(a) for a in (x, y, xs, ys)]) is None
+    plain = assembly.group_coordinates(devicelike, devicelike.asarray(nn)[::2], x, y, xs,
+                                       ys, kernels=kernels)
+    np.testing.assert_array_equal(devicelike.asnumpy(plain["coords_nn"]),
+                                  want["coords_nn"][::2])
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None,
+                    reason="nvcc (the CUDA toolkit) is not installed")
+def test_assembly_kernels_compile_for_the_gpu(tmp_path):
+    """The source NVRTC gets for the assembly kernels (gather, energies, coordinates) is
+    valid CUDA for sm_90 with the options it gets."""
+    import subprocess
+
+    from gpugroup.backends import fused_pool, gpu
+
+    src = tmp_path / "assembly.cu"
+    src.write_text(gpu._KERNELS + gpu.COORDINATES_SOURCE + "".join(
+        f"template __global__ void group_coordinates<{t}>(const {t}*, const double*, "
+        "const double*, const double*, const double*, long long, int, double*, double*, "
+        "double*, double*, double*, double*);\n" for t in ("int", "long long"))
+        + "template __global__ void gather_channel_last<float, long long, float, 4, 4, true, "
+          "true, true>(const float*, const long long*, float*, float*, float, unsigned int, "
+          "unsigned int, unsigned int);\n"
+        + "template __global__ void frame_energies<float, long long, 4>(const float*, "
+          "const long long*, double*, unsigned int);\n")
+    done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", *fused_pool.NVRTC_OPTIONS,
+                           str(src), "-o", str(tmp_path / "a.cubin")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

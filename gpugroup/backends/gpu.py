@@ -287,6 +287,43 @@ __global__ void frame_energies(const T* __restrict__ stack, const I* __restrict_
 """
 
 
+#: The coordinate entries of DESIGN.md section 2 in one kernel. Plain C++ with CUDA words
+#: only (one thread per item, no shared memory), so that the tests can run it as host C++.
+COORDINATES_SOURCE = r"""
+// For group g and role r (0: x, 1: y, 2: x start, 3: y start) of B groups of C members:
+// nn_out[p][g, 0, a, c] = coord_r[nn[g, c]], off_out[p][g, 0, a, 0] = their mean (a sum in
+// member order, then / C) and rel_out[p][g, 0, a, c] = -(nn_out - off_out), with prefix
+// p = r / 2 (coords, coords_start) and axis a = r % 2. One thread per (g, r).
+template <typename I>
+__global__ void group_coordinates(const I* __restrict__ nn, const double* __restrict__ x,
+                                  const double* __restrict__ y, const double* __restrict__ xs,
+                                  const double* __restrict__ ys, long long B, int C,
+                                  double* __restrict__ nn0, double* __restrict__ off0,
+                                  double* __restrict__ rel0, double* __restrict__ nn1,
+                                  double* __restrict__ off1, double* __restrict__ rel1) {
+    const long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= 4 * B) return;
+    const long long g = t >> 2;
+    const int r = (int)(t & 3), a = r & 1;
+    const double* src = r == 0 ? x : r == 1 ? y : r == 2 ? xs : ys;
+    double* nn_out = r < 2 ? nn0 : nn1;
+    double* off_out = r < 2 ? off0 : off1;
+    double* rel_out = r < 2 ? rel0 : rel1;
+    const I* members = nn + g * C;
+    double sum = 0.0;
+    for (int c = 0; c < C; ++c) sum = sum + src[members[c]];
+    const double off = sum / (double)C;
+    off_out[2 * g + a] = off;
+    const long long o = (2 * g + a) * C;
+    for (int c = 0; c < C; ++c) {
+        const double v = src[members[c]];
+        nn_out[o + c] = v;
+        rel_out[o + c] = -(v - off);
+    }
+}
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def _assembly_kernels(cupy):
     """One :class:`AssemblyKernels` per CuPy module (None for a stand-in without
@@ -301,9 +338,11 @@ class AssemblyKernels:
     ``gather_channel_last`` reads each gathered frame once and writes ``diffraction``
     and ``X_full`` channel-last in the same pass (the plain CuPy path takes three: gather,
     transpose, scale); ``frame_energies`` sums squares in float64 straight from the
-    stack. Each returns False (None), touching nothing, when it does not apply (a frame
-    dtype without a C type, non-contiguous arrays); the caller then runs the plain ``xp``
-    operations, which give the same values. Outputs not aligned for vector stores take
+    stack; ``group_coordinates`` writes the six coordinate entries in one launch (the
+    plain path takes about twenty small ones). Each returns False (None), touching
+    nothing, when it does not apply (a frame dtype without a C type, non-contiguous
+    arrays); the caller then runs the plain ``xp`` operations, which give the same values
+    (the coordinate offsets to the last bit). Outputs not aligned for vector stores take
     element-wise stores.
     """
 
@@ -316,7 +355,8 @@ class AssemblyKernels:
 
     def _function(self, name):
         if name not in self._functions:
-            module = self.cupy.RawModule(code=_KERNELS, options=fused_pool.NVRTC_OPTIONS,
+            module = self.cupy.RawModule(code=_KERNELS + COORDINATES_SOURCE,
+                                         options=fused_pool.NVRTC_OPTIONS,
                                          name_expressions=[name])
             self._functions[name] = module.get_function(name)
         return self._functions[name]
@@ -359,6 +399,27 @@ class AssemblyKernels:
                (stack, nn[a:], d[a:], x[a:] if out_x is not None else x, s, np.uint32(npix),
                 np.uint32(tiles), np.uint32(units)))
         return True
+
+    def group_coordinates(self, nn, arrays):
+        """The six coordinate entries of :func:`gpugroup.assembly.group_coordinates` for
+        groups ``nn`` (B, C) from the four device coordinate arrays ``arrays`` (x, y,
+        x start, y start; float64), or None when the kernel does not apply."""
+        cp = self.cupy
+        I = _C_TYPES.get(nn.dtype.name)
+        if (nn.dtype.kind != "i" or I is None or nn.ndim != 2 or not self._usable(nn, *arrays)
+                or any(a.dtype != cp.float64 or a.ndim != 1 for a in arrays)):
+            return None
+        B, C = int(nn.shape[0]), int(nn.shape[1])
+        out = {}
+        for prefix in ("coords", "coords_start"):
+            out[f"{prefix}_nn"] = cp.empty((B, 1, 2, C), dtype=cp.float64)
+            out[f"{prefix}_offsets"] = cp.empty((B, 1, 2, 1), dtype=cp.float64)
+            out[f"{prefix}_relative"] = cp.empty((B, 1, 2, C), dtype=cp.float64)
+        if B and C:
+            fn = self._function(f"group_coordinates<{I}>")
+            fn(((4 * B + 255) // 256,), (256,), (nn, *arrays, np.int64(B), np.int32(C),
+                                                 *out.values()))
+        return out
 
     def frame_energies(self, stack, idx):
         """float64 ``sum(stack[i]**2)`` for each ``i`` in ``idx``, or None when the kernel
