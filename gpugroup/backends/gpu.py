@@ -27,9 +27,10 @@ Memory per batch: ``grouping`` queries at most ``batch_rows`` seeds at a time (d
 2**16) and bounds its (rows x kq) blocks at 2**23 entries. The grid engine's index takes
 32-48 bytes per position and grid level (one level for a uniform scan, a few where the
 density varies, at most 12); each query chunk needs about 100 bytes per (row, block
-member) slot, at most 2**22 slots (~420 MB). The cuML adapter keeps a float32 copy of the
-positions (8 bytes each) beside cuML's index and holds ``batch_rows * kq * 12`` bytes of
-cuML output per call plus cuML's own tiled workspace.
+member) slot, at most 2**22 slots (~420 MB). The fused pool takes 2**20 seeds per launch
+and about 8 K + 40 bytes per seed (its pools, the rows' cell order). The cuML adapter
+keeps a float32 copy of the positions (8 bytes each) beside cuML's index and holds
+``batch_rows * kq * 12`` bytes of cuML output per call plus cuML's own tiled workspace.
 
 Device output and PyTorch: ``sample_groups(..., backend="gpu", output="device")`` returns
 a ``cupy.ndarray`` that stays on the GPU; hand it to PyTorch without a copy through DLPack:
@@ -42,7 +43,8 @@ CuPy operations run, with the same values.
 Status: ``pytest -m gpu`` and ``benchmarks/gpu_check.sh`` ran on an NVIDIA H200 (CuPy
 14.2, CUDA 13; CuPy-native engine, since cuML was not installed there): all GPU tests
 passed, groups identical to the CPU's at n up to 1e7 (README, Performance). cuML itself
-has not run on a device. In CI the engines run with ``xp = numpy`` (the cuML adapter with
+has not run on a device, nor have the fused pool and coordinates kernels (their logic runs
+in CI as host C++, ``tests/hostcuda.py``). In CI the engines run with ``xp = numpy`` (the cuML adapter with
 scikit-learn's ``NearestNeighbors`` in cuML's place), and the GPU path on
 ``tests/devicelike.py``, a NumPy stand-in for CuPy that enforces CuPy's host/device rules
 (the compiled kernels need a real device).
