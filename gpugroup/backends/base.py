@@ -13,6 +13,9 @@ The candidate-index contract (shared by every engine)::
                                           # many points (queries of it would be as wide)
     index.locality_order(rows)            # optional hint: a permutation of rows that visits
                                           # them in a cache-friendly order (speed only)
+    index.nearest_others(rows, width)     # optional fused path: None, or (ranked, done) with
+                                          # ranked[done] the exact (d2, p) ranking of each
+                                          # row's width - 1 nearest others (other rows query)
 
 Engines only propose candidates; ``grouping.neighbour_pool`` re-ranks them exactly (and
 takes rows on stacks of duplicates from the stack, with the same result, when ``stacked``
