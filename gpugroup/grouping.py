@@ -31,6 +31,9 @@ _MAX_BLOCK = 1 << 23
 _SELECT_BLOCK = 1 << 20
 #: Rows per call of an engine's fused pool path (its output: 8 (K - 1) bytes a row).
 _FUSED_ROWS = 1 << 20
+#: Coordinate dtypes a device namespace holds (bool, integers, float16/32/64); others
+#: (long double, timedelta) are cast to float64 on the host first.
+_DEVICE_DTYPES = "?bhilqBHILQefd"
 #: Positions per block of seed keys when several threads compute them.
 _KEY_BLOCK = 1 << 20
 #: Largest coordinate span: squared differences must stay finite in float64.
@@ -579,7 +582,10 @@ def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords"), *, xp=np,
     if x.shape[0] == 0:
         raise ValueError(f"the scan is empty: {names[0]} has 0 entries; pass at least one "
                          f"position")
-    x, y = (xp.ascontiguousarray(xp.asarray(a).astype(xp.float64, copy=False)) for a in (x, y))
+    # Cast on the device when it holds the dtype (less to copy), else on the host first.
+    x, y = (xp.ascontiguousarray(xp.asarray(
+        a if xp is np or a.dtype.char in _DEVICE_DTYPES else a.astype(np.float64)
+    ).astype(xp.float64, copy=False)) for a in (x, y))
     spans = []
     for name, a in zip(names, (x, y)):
         lo, hi = float(a.min()), float(a.max())

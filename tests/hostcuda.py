@@ -59,6 +59,23 @@ static void gg_launch(void (*k)(A...), unsigned int grid, unsigned int block, vo
 template <typename... A>
 static constexpr int gg_count(void (*)(A...)) { return sizeof...(A); }
 extern "C" int gg_arity() { return gg_count(&KERNEL); }
+// Each parameter's type as a number: 10 * size + kind (1 integer, 2 floating, 3 bool),
+// plus 1000 for a pointer to such a type, so that the caller can check its arguments.
+template <typename T>
+static constexpr int gg_kind() {
+    return std::is_same<T, bool>::value ? 3 : std::is_floating_point<T>::value ? 2 : 1;
+}
+template <typename T>
+static constexpr int gg_code() {
+    using P = std::remove_cv_t<std::remove_pointer_t<T>>;
+    return (std::is_pointer<T>::value ? 1000 : 0) + 10 * (int)sizeof(P) + gg_kind<P>();
+}
+template <typename... A>
+static void gg_fill(void (*)(A...), int* out) {
+    int i = 0;
+    ((out[i++] = gg_code<std::remove_cv_t<A>>()), ...);
+}
+extern "C" void gg_codes(int* out) { gg_fill(&KERNEL, out); }
 extern "C" void gg_run(unsigned int grid, unsigned int block, void** argv) {
     gg_launch(&KERNEL, grid, block, argv);
 }
@@ -96,6 +113,8 @@ class HostModule:
                            text=True)
         so = ctypes.CDLL(str(lib))
         arity = so.gg_arity()
+        codes = (ctypes.c_int * arity)()
+        so.gg_codes(codes)
         run = so.gg_run
         run.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.POINTER(ctypes.c_void_p)]
         run.restype = None
@@ -104,14 +123,21 @@ class HostModule:
             if len(args) != arity:
                 raise TypeError(f"{name} takes {arity} arguments, got {len(args)}")
             keep = []
-            for a in args:
+            for i, a in enumerate(args):
                 a = getattr(a, "_a", a)  # a devicelike array: its NumPy data
-                if isinstance(a, np.ndarray):
+                array = isinstance(a, np.ndarray)
+                dtype = a.dtype if array else np.asarray(a).dtype
+                code = 1000 * array + 10 * dtype.itemsize + {"b": 3, "f": 2}.get(dtype.kind, 1)
+                if code != codes[i]:  # what would read garbage on a GPU
+                    raise TypeError(f"{name}: argument {i} is {'an array of ' * array}{dtype}, "
+                                    f"which does not match the kernel's parameter (code "
+                                    f"{codes[i]}, got {code})")
+                if array:
                     if not a.flags.c_contiguous:
                         raise ValueError(f"{name}: arguments must be C-contiguous")
                     keep.append(ctypes.c_void_p(a.ctypes.data))
                 else:
-                    keep.append(_SCALARS[np.asarray(a).dtype](a))  # KeyError: say the type
+                    keep.append(_SCALARS[dtype](a))
             argv = (ctypes.c_void_p * len(keep))(*[ctypes.addressof(k) for k in keep])
             run(int(grid[0]), int(block[0]), argv)
 

@@ -150,7 +150,31 @@ def test_kernel_rejects_a_width_it_was_not_built_for():
     index = GridIndex(x, y, xp=np)
     kernel = host_fused_pool(np)
     with pytest.raises(ValueError, match="W must be in"):
-        kernel(index.levels[0], x[:3], y[:3], np.arange(3), fused_pool.MAX_OTHERS + 1, 1, 4)
+        kernel(index.levels[0], x[:3], y[:3], np.arange(3), np.arange(3),
+               np.empty((3, fused_pool.MAX_OTHERS + 1), np.int64), np.zeros(3, bool), 1, 4)
+
+
+def test_host_harness_refuses_arguments_the_gpu_would_misread():
+    """An int32 where the kernel takes long long (or an int32 array for a long long*)
+    reads garbage on a GPU; the host harness refuses it, so the tests catch it."""
+    x, y = jittered_scan(100, seed=1)
+    index = GridIndex(x, y, xp=np)
+    kernel = host_fused_pool(np)
+    level = index.levels[0]
+    args = dict(qx=x[:3], qy=y[:3], rows=np.arange(3), dest=np.arange(3),
+                ranked=np.empty((3, 4), np.int64), ok=np.zeros(3, bool), R0=1, cap=4)
+    kernel(level, **args)
+    assert args["ok"].all()
+    fn = kernel._function(4, True)
+    good = [level.xs, level.ys, level.perm, level.cell_start, np.int64(level.n), x[:3], y[:3],
+            np.arange(3), np.arange(3), np.int64(3), np.float64(level.x0),
+            np.float64(level.y0), np.float64(level.inv_h), np.int64(level.gx),
+            np.int64(level.gy), np.int64(1), np.int64(4), np.int64(99), args["ranked"],
+            args["ok"]]
+    fn((1,), (4,), good)
+    for i, bad in [(9, np.int32(3)), (7, np.arange(3, dtype=np.int32)), (10, np.float32(0))]:
+        with pytest.raises(TypeError, match=f"argument {i} is"):
+            fn((1,), (4,), good[:i] + [bad] + good[i + 1:])
 
 
 def test_kernel_constants_are_the_grid_engines():
@@ -166,8 +190,9 @@ NVCC = shutil.which("nvcc")
 
 def _instantiations(widths):
     sig = ("const double*, const double*, const long long*, const long long*, long long, "
-           "const double*, const double*, const long long*, long long, double, double, "
-           "double, long long, long long, long long, long long, long long, long long*, bool*")
+           "const double*, const double*, const long long*, const long long*, long long, "
+           "double, double, double, long long, long long, long long, long long, long long, "
+           "long long*, bool*")
     return "".join(f"template __global__ void nearest_others<{w}, {d}>({sig});\n"
                    for w in widths for d in ("true", "false"))
 

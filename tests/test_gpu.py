@@ -240,6 +240,12 @@ def test_gpu_checks_coordinates_on_the_device_with_the_cpus_messages(cp):
             with pytest.raises(ValueError, match=message):
                 sample_groups(bx, by, 10, 7, 4, seed=1, backend=backend)
     want = sample_groups(x, y, 100, 9, 4, seed=3, backend="cpu")
+    # dtypes a device cannot hold are cast on the host first; the others on the device
+    for dtype in (np.longdouble, "m8[ns]", np.float16, np.int16):
+        cx, cy = (np.round(a * 50).astype(dtype) for a in (x, y))
+        np.testing.assert_array_equal(
+            sample_groups(cx, cy, 100, 9, 4, seed=3, backend="gpu"),
+            sample_groups(cx, cy, 100, 9, 4, seed=3, backend="cpu"))
     for scale in (1e-200, 2.0**-600):  # scaled back by a power of two on either side
         sx, sy = x * scale, y * scale
         got = sample_groups(sx, sy, 100, 9, 4, seed=3, backend="gpu")

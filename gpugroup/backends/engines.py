@@ -229,9 +229,8 @@ class GridIndex:
         cand = xp.empty((m, kq), dtype=xp.int64)
         floor = xp.empty(m, dtype=xp.float64)
         need = min(kq + 1, self.n)
-        x0, x1, y0, y1 = self.box
         qx, qy = self.x[rows], self.y[rows]
-        beside = ((qx < x0) | (qx > x1)) != ((qy < y0) | (qy > y1))
+        beside = self._beside(qx, qy)
         todo = xp.nonzero(~beside)[0]
         if int(todo.shape[0]) < m:
             # Outside the box on one axis only: block edges along the other axis bound
@@ -284,21 +283,22 @@ class GridIndex:
         ranked = xp.empty((m, W), dtype=xp.int64)
         done = xp.zeros(m, dtype=bool)
         qx, qy = self.x[rows], self.y[rows]
-        x0, x1, y0, y1 = self.box
-        todo = xp.nonzero(((qx < x0) | (qx > x1)) == ((qy < y0) | (qy > y1)))[0]
+        todo = xp.nonzero(~self._beside(qx, qy))[0]
         for level in self.levels:
             if not int(todo.shape[0]):
                 break
             _, _, cx, cy = level.locate(qx[todo], qy[todo])
             todo = todo[xp.argsort(cy * level.gx + cx, kind="stable")]
             R0 = min(level._initial_radius(W), level.gmax)
-            got, ok = kernel(level, qx[todo], qy[todo], rows[todo], W, R0,
-                             max(_LEVEL_RADIUS, 2 * R0 + 1))
-            served = todo[ok]
-            ranked[served] = got[ok]
-            done[served] = True
-            todo = todo[~ok]
+            kernel(level, qx[todo], qy[todo], rows[todo], todo, ranked, done, R0,
+                   max(_LEVEL_RADIUS, 2 * R0 + 1))
+            todo = todo[~done[todo]]
         return ranked, done
+
+    def _beside(self, qx, qy):
+        """Points outside the grid's box on one axis only."""
+        x0, x1, y0, y1 = self.box
+        return ((qx < x0) | (qx > x1)) != ((qy < y0) | (qy > y1))
 
     def _serve(self, level, idx, rows, R, cnt, kq: int, cand, floor):
         """Candidates and floors of ``rows[idx]`` from ``level``, blocks of radius R holding

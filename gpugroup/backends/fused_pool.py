@@ -76,8 +76,9 @@ __device__ __forceinline__ gg_i64 gg_first(const gg_i64* table, gg_i64 n, gg_i64
     return lo;
 }
 
-// out[r] = the W nearest others of point rows[r] at (qx[r], qy[r]), ranked by (d2, p),
-// and ok[r] = 1; or ok[r] = 0 (out[r] undefined) when no block of radius <= cap proves them.
+// Thread t: out[r] = the W nearest others of point rows[t] at (qx[t], qy[t]), ranked by
+// (d2, p), and ok[r] = 1, r = dest[t]; or ok[r] = 0 (out[r] as it was) when no block of
+// radius <= cap proves them.
 // The grid: n points sorted by cell (xs, ys, perm), cell c = cy * gx + cx; cells of side
 // 1 / inv_h from (x0, y0); table as gg_first reads it.
 template <int W, bool DENSE>
@@ -85,14 +86,15 @@ __global__ void nearest_others(const double* __restrict__ xs, const double* __re
                                const gg_i64* __restrict__ perm,
                                const gg_i64* __restrict__ table, gg_i64 n,
                                const double* __restrict__ qxs, const double* __restrict__ qys,
-                               const gg_i64* __restrict__ rows, gg_i64 m, double x0, double y0,
+                               const gg_i64* __restrict__ rows,
+                               const gg_i64* __restrict__ dest, gg_i64 m, double x0, double y0,
                                double inv_h, gg_i64 gx, gg_i64 gy, gg_i64 R0, gg_i64 cap,
                                gg_i64 max_points, gg_i64* __restrict__ out,
                                bool* __restrict__ ok) {
-    const gg_i64 r = (gg_i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= m) return;
-    const double qx = qxs[r], qy = qys[r];
-    const gg_i64 self = rows[r];
+    const gg_i64 t = (gg_i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= m) return;
+    const double qx = qxs[t], qy = qys[t];
+    const gg_i64 self = rows[t], r = dest[t];
     // The cell as _Level.locate finds it (u cut to +-2**62, then clipped into the grid).
     const double u_max = 4611686018427387904.0;  // 2**62
     const double ux = fmin(fmax((qx - x0) * inv_h, -u_max), u_max);
@@ -179,24 +181,22 @@ class FusedPool:
             self._functions[name] = self._compile(name)
         return self._functions[name]
 
-    def __call__(self, level, qx, qy, rows, W: int, R0: int, cap: int):
-        """``(ranked, ok)`` for rows ``rows`` at ``(qx, qy)`` on ``level`` (a ``_Level``):
-        ranked (m, W) int64 (rows not ok undefined), ok (m,) bool."""
+    def __call__(self, level, qx, qy, rows, dest, ranked, ok, R0: int, cap: int):
+        """Pools of the points ``rows`` at ``(qx, qy)`` on ``level`` (a ``_Level``), row t
+        written to ``ranked[dest[t]]`` (an (M, W) int64 array) with ``ok[dest[t]] = True``
+        where proven; rows not proven leave ``ranked`` and set ``ok`` False there."""
         xp = self.xp
+        W = int(ranked.shape[1])
         if not 1 <= W <= MAX_OTHERS:
             raise ValueError(f"W must be in [1, {MAX_OTHERS}], got W={W}")
         m = int(rows.shape[0])
-        ranked = xp.empty((m, W), dtype=xp.int64)
-        ok = xp.zeros(m, dtype=bool)
         if m:
             dense = level.cell_start is not None
             args = (level.xs, level.ys, level.perm,
                     level.cell_start if dense else level.cells, np.int64(level.n),
-                    xp.ascontiguousarray(qx, dtype=xp.float64),
-                    xp.ascontiguousarray(qy, dtype=xp.float64),
-                    xp.ascontiguousarray(rows, dtype=xp.int64), np.int64(m),
-                    np.float64(level.x0), np.float64(level.y0), np.float64(level.inv_h),
-                    np.int64(level.gx), np.int64(level.gy), np.int64(R0), np.int64(cap),
-                    np.int64(self.max_points), ranked, ok)
+                    *(xp.ascontiguousarray(a, dtype=t) for a, t in
+                      ((qx, xp.float64), (qy, xp.float64), (rows, xp.int64), (dest, xp.int64))),
+                    np.int64(m), np.float64(level.x0), np.float64(level.y0),
+                    np.float64(level.inv_h), np.int64(level.gx), np.int64(level.gy),
+                    np.int64(R0), np.int64(cap), np.int64(self.max_points), ranked, ok)
             self._function(W, dense)(((m + THREADS - 1) // THREADS,), (THREADS,), args)
-        return ranked, ok

@@ -27,8 +27,8 @@ Memory per batch: ``grouping`` queries at most ``batch_rows`` seeds at a time (d
 2**16) and bounds its (rows x kq) blocks at 2**23 entries. The grid engine's index takes
 32-48 bytes per position and grid level (one level for a uniform scan, a few where the
 density varies, at most 12); each query chunk needs about 100 bytes per (row, block
-member) slot, at most 2**22 slots (~420 MB). The fused pool takes 2**20 seeds per launch
-and about 8 K + 40 bytes per seed (its pools, the rows' cell order). The cuML adapter
+member) slot, at most 2**22 slots (~420 MB). The fused pool takes 2**20 seeds per call,
+about 16 K + 60 bytes each (its pools, their copy into the result, the rows' cell order). The cuML adapter
 keeps a float32 copy of the positions (8 bytes each) beside cuML's index and holds
 ``batch_rows * kq * 12`` bytes of cuML output per call plus cuML's own tiled workspace.
 
@@ -344,8 +344,8 @@ class AssemblyKernels:
     plain path takes about twenty small ones). Each returns False (None), touching
     nothing, when it does not apply (a frame dtype without a C type, non-contiguous
     arrays); the caller then runs the plain ``xp`` operations, which give the same values
-    (the coordinate offsets to the last bit). Outputs not aligned for vector stores take
-    element-wise stores.
+    (the coordinate offsets within the last bits: their means sum in another order).
+    Outputs not aligned for vector stores take element-wise stores.
     """
 
     #: Pixels each thread of the gather moves (256 apart); only speed depends on it.
