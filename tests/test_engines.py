@@ -633,19 +633,26 @@ def _raster_with_duplicates():
     return np.concatenate([x, x[::3]]), np.concatenate([y, y[::3]])
 
 
-@pytest.mark.parametrize("layout", ["jitter", "raster", "raster-dups", "line"])
+@pytest.mark.parametrize("layout", ["jitter", "raster", "raster-dups", "line", "column",
+                                    "two-columns"])
 def test_cpu_forest_groups_do_not_depend_on_slabs_or_workers(layout):
-    """Slabs cut along x (raster columns straddle the cuts: zero gaps), each row looking
-    into neighbouring slabs: the groups equal the single tree's whatever the slab count."""
+    """Slabs cut along x at sampled quantiles (whole raster columns), or by count where equal
+    x values crowd a cut (a scan along x = const: the slabs straddle equal x, zero gaps),
+    each row looking into neighbouring slabs: the groups equal the single tree's whatever
+    the slab count."""
     if layout == "jitter":
         x, y = jittered_scan(6000, seed=3)
     elif layout == "raster":
         x, y = square_grid(80)
     elif layout == "raster-dups":
         x, y = _raster_with_duplicates()
-    else:
+    elif layout == "line":
         x = np.random.default_rng(1).uniform(0, 100, 3000)
         y = np.zeros_like(x)
+    else:  # all x equal, or two values: the cuts by count
+        y = np.random.default_rng(2).uniform(0, 100, 3000)
+        x = np.full_like(y, 5.0) if layout == "column" else np.repeat([5.0, 6.0], 1500)
+        assert KDTreeIndex(x, y, slabs=7).slabs == 7
     want = sample_groups(x, y, len(x), 16, 4, seed=9, backend=_forest_backend(1))
     for slabs, workers in ((2, -1), (5, 1), (16, 2), (len(x) // 40, -1)):
         got = sample_groups(x, y, len(x), 16, 4, seed=9, backend=_forest_backend(slabs, workers))
@@ -663,6 +670,10 @@ def test_cpu_backend_builds_a_forest_on_several_cores(monkeypatch):
     index = cpu.BACKEND.build_index(x, y)
     assert index.slabs == 4
     assert sorted(index.locality_order(np.arange(2000))) == list(range(2000))
+    # slabs of about equal count (cut at sampled x quantiles), ordered along x
+    sizes = [len(m) for m in index._members]
+    assert sum(sizes) == 2000 and max(sizes) <= 1.25 * 500 and min(sizes) >= 0.75 * 500
+    assert all(x[a].max() < x[b].min() for a, b in zip(index._members, index._members[1:]))
     monkeypatch.setattr(cpu, "cpu_count", lambda: 1)
     assert cpu.BACKEND.build_index(x, y).slabs == 1
     monkeypatch.setattr(cpu, "cpu_count", lambda: 64)

@@ -1,8 +1,9 @@
 """CPU backend: NumPy arrays and SciPy ``cKDTree`` candidates, built and queried on all cores.
 
 A cKDTree is built by one thread. From 2**20 positions on a machine with several cores the
-index is a forest instead: the positions are cut into slabs of equal count along x, one tree
-per slab is built in a thread of its own (SciPy releases the GIL while building), and a query
+index is a forest instead: the positions are cut into slabs of about equal count along x,
+each slab is found, copied and built into a tree in a thread of its own (SciPy releases the
+GIL while building; nothing of O(n) runs serially), and a query
 of a row asks the trees of the neighbouring slabs too whenever they could hold a point nearer
 than its kq-th candidate. Rows are queried in the trees' leaf order (``locality_order``,
 also used by ``grouping`` to order its batches): at n = 1e7 that alone makes the queries
@@ -32,6 +33,8 @@ _PARALLEL_MIN = 1 << 15
 #: the fewest positions per slab.
 _FOREST_MIN = 1 << 20
 _SLAB_MIN = 1 << 17
+#: Sampled x values the slab cuts are quantiles of (only speed depends on them).
+_CUT_SAMPLE = 1 << 16
 
 
 def cpu_count() -> int:
@@ -73,7 +76,7 @@ class KDTreeIndex:
         self.n = n = int(x.shape[0])
         self.workers = workers
         self._x = np.asarray(x, dtype=np.float64)
-        self._points = np.column_stack([x, y]).astype(np.float64, copy=False)
+        self._y = np.asarray(y, dtype=np.float64)
         self._threads = threads = cpu_count() if workers == -1 else max(1, int(workers))
         # Queries running at once (grouping may query from several threads): they share
         # the cores rather than each starting one worker per core.
@@ -82,34 +85,31 @@ class KDTreeIndex:
         if slabs is None:
             slabs = min(threads, n // _SLAB_MIN) if n >= _FOREST_MIN else 1
         slabs = max(1, min(int(slabs), n))
-        # Slab s holds points order[bounds[s]:bounds[s+1]]: equal counts along x, so no x of
-        # slab s exceeds any x of slab s + 1.
-        self._bounds = bounds = [n * j // slabs for j in range(slabs + 1)]
-        if slabs == 1:
-            order, points = None, self._points
-        else:
-            order = np.argpartition(self._x, bounds[1:-1])
-            points = self._points[order]
-        # Leaf order of the forest, slab by slab: rows taken in this order query and
-        # re-rank memory that neighbouring rows have just touched.
-        self._rank = np.empty(n, dtype=np.int64)
+        pool = ThreadPoolExecutor(min(threads, slabs)) if slabs > 1 else None
+        try:
+            run = map if pool is None else pool.map
+            members = _slab_members(self._x, slabs, run)
+            # Slab s holds ranks bounds[s] .. bounds[s+1] - 1 of the forest's leaf order:
+            # rows taken in this order query and re-rank memory that neighbouring rows have
+            # just touched.
+            self._bounds = bounds = np.concatenate([[0], np.cumsum([len(m) for m in members])])
+            self._rank = np.empty(n, dtype=np.int64)
 
-        def build(s):
-            lo, hi = bounds[s], bounds[s + 1]
-            tree = _build_tree(points[lo:hi])
-            members = np.arange(lo, hi) if order is None else order[lo:hi]
-            self._rank[members[tree.indices]] = np.arange(lo, hi, dtype=np.int64)
-            return tree, members, points[lo:hi, 0].min(), points[lo:hi, 0].max()
+            def build(s):
+                mem = members[s]
+                xs = self._x[mem]
+                tree = _build_tree(np.column_stack([xs, self._y[mem]]))
+                self._rank[mem[tree.indices]] = np.arange(bounds[s], bounds[s + 1])
+                return tree, xs.min(), xs.max()
 
-        if slabs == 1:
-            built = [build(0)]
-        else:
-            with ThreadPoolExecutor(min(threads, slabs)) as pool:
-                built = list(pool.map(build, range(slabs)))
+            built = list(run(build, range(len(members))))
+        finally:
+            if pool is not None:
+                pool.shutdown()
         self._trees = [b[0] for b in built]
-        self._members = [b[1] for b in built]
-        self._xmin = np.array([b[2] for b in built])
-        self._xmax = np.array([b[3] for b in built])
+        self._members = members
+        self._xmin = np.array([b[1] for b in built])
+        self._xmax = np.array([b[2] for b in built])
 
     @property
     def slabs(self) -> int:
@@ -126,7 +126,8 @@ class KDTreeIndex:
         members, tree = self._members[s], self._trees[s]
         k = min(kq, len(members))
         workers = workers if len(rows) * k >= _PARALLEL_MIN else 1
-        dist, idx = tree.query(self._points[rows], k=k, workers=workers)
+        points = np.column_stack([self._x[rows], self._y[rows]])
+        dist, idx = tree.query(points, k=k, workers=workers)
         dist = dist.reshape(len(rows), k)
         cand = members[idx.reshape(len(rows), k)]
         if k < kq:
@@ -190,6 +191,33 @@ class KDTreeIndex:
                 cand[active] = np.take_along_axis(both_c, best, axis=1)
                 t += side
         return cand, dist
+
+
+def _slab_members(x, slabs: int, run=map) -> list:
+    """The point numbers of each slab: ``slabs`` sets of about equal count, ordered along x
+    (no x of a slab exceeds any x of the next), each found by ``run`` (a thread pool's
+    ``map``) in one pass of its own over x, so that nothing of O(n) runs serially.
+
+    The cuts are x quantiles of a sample; where equal x values crowd a cut (a slab over
+    twice its share: scans along a line of constant x), the slabs are cut by count instead
+    (an ``argpartition`` of x, serial).
+    """
+    n = int(x.shape[0])
+    if slabs == 1:
+        return [np.arange(n)]
+    sample = x[np.random.default_rng(0).integers(0, n, size=min(n, _CUT_SAMPLE))]
+    cuts = np.unique(np.quantile(sample, np.arange(1, slabs) / slabs))
+    edges = [-np.inf, *cuts.tolist(), np.inf]
+
+    def between(s):
+        return np.flatnonzero((x >= edges[s]) & (x < edges[s + 1]))
+
+    members = [m for m in run(between, range(len(edges) - 1)) if len(m)]
+    if max(len(m) for m in members) <= 2 * n // slabs:
+        return members
+    bounds = [n * j // slabs for j in range(slabs + 1)]
+    order = np.argpartition(x, bounds[1:-1])
+    return [order[bounds[s] : bounds[s + 1]] for s in range(slabs)]
 
 
 BACKEND = Backend(
