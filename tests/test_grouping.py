@@ -578,9 +578,11 @@ class LeafIndex(KDTreeIndex):
     """The CPU engine with another cKDTree layout (leaf size, balanced tree)."""
 
     def __init__(self, x, y, leafsize):
+        self.leafsize = leafsize
         super().__init__(x, y, workers=1)
-        self._tree = cKDTree(self._points, leafsize=leafsize, balanced_tree=True,
-                             compact_nodes=True)
+
+    def _new_tree(self, points):
+        return cKDTree(points, leafsize=self.leafsize, balanced_tree=True, compact_nodes=True)
 
 
 @pytest.mark.parametrize("leafsize", [1, 2, 64])
@@ -593,6 +595,7 @@ def test_tree_leafsize_does_not_change_groups(leafsize):
             base = groups_cpu(x, y, 80, K, C, 1)
             np.testing.assert_array_equal(groups_cpu(x, y, 80, K, C, 1, backend=backend), base)
     assert built, "the custom engine was not used"
+    assert all(t.leafsize == leafsize for index in built for t in index._trees)
 
 
 @pytest.mark.parametrize("tie", ["random", "high", "low"])

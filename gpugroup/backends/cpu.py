@@ -45,10 +45,6 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _build_tree(points):
-    return cKDTree(points, balanced_tree=False, compact_nodes=False)
-
-
 class KDTreeIndex:
     """Candidate index over one point set: a ``cKDTree``, or a forest of slab trees built in
     parallel (see the module docstring); built once and reused.
@@ -98,7 +94,7 @@ class KDTreeIndex:
             def build(s):
                 mem = members[s]
                 xs = self._x[mem]
-                tree = _build_tree(np.column_stack([xs, self._y[mem]]))
+                tree = self._new_tree(np.column_stack([xs, self._y[mem]]))
                 self._rank[mem[tree.indices]] = np.arange(bounds[s], bounds[s + 1])
                 return tree, xs.min(), xs.max()
 
@@ -110,6 +106,11 @@ class KDTreeIndex:
         self._members = members
         self._xmin = np.array([b[1] for b in built])
         self._xmax = np.array([b[2] for b in built])
+
+    @staticmethod
+    def _new_tree(points):
+        """One slab's tree (its layout changes speed only: the tests vary it)."""
+        return cKDTree(points, balanced_tree=False, compact_nodes=False)
 
     @property
     def slabs(self) -> int:
