@@ -633,6 +633,9 @@ def test_gpu_benchmark_script_smoke(tmp_path, monkeypatch, mode):
     assert [r["nsamples"] for r in data["assembly"] if r["step"] == "assemble_groups"] == [100, 60]
     for r in data["assembly"]:
         assert r.get("nn_indices_equal_gpu", True) and r.get("outputs_equal_first_variant", True)
+        if r["step"] == "assemble_groups":  # the normalization's reads, counted apart
+            assert 0 < r["energy_bytes_read"] <= r["bytes_read"]
+            assert r["effective_gbs_with_energies"] > r["effective_gbs"]
         assert r.get("nn_indices_equal_assembly_input", True)
     # the parity matrix: every case of tests/parity_cases.py (and a scan_index case)
     matrix = data["parity_matrix_summary"]
