@@ -54,7 +54,7 @@ def steps(be: Backend, x, y, m: int, K: int, C: int, seed: int) -> dict:
     """Seconds of each step of one grouping, and the whole call."""
     t = {}
     t0 = time.perf_counter()
-    seeds = grouping.sample_seeds(np, len(x), m, seed)
+    seeds = grouping.sample_seeds(np, len(x), m, seed, threads=getattr(be, "threads", 1))
     t["seeds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = be.build_index(x, y)

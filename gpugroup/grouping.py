@@ -86,12 +86,17 @@ def sample_seeds(xp, n: int, m: int, seed: int, sequential: bool = False, thread
     else:
         k = keys.key(xp, s, xp.arange(n, dtype=xp.int64))
     if m < n:
-        # Keep only keys <= the m-th smallest, then order those; indices stay ascending
-        # into the stable sort, so equal keys (never seen: key is injective) fall by index.
+        # Keep only keys <= the m-th smallest, then order those.
         kth = xp.partition(k, m - 1)[m - 1]
         small = xp.nonzero(k <= kth)[0]
-        return small[xp.argsort(k[small], kind="stable")[:m]].astype(xp.int64)
-    return xp.argsort(k, kind="stable").astype(xp.int64)
+        k = k[small]
+    else:
+        small = None
+    # The keys are distinct (key(s, .) is injective: i -> s + (i+1)*G is, G odd, and mix is
+    # a bijection), so every sort orders them alike and NumPy may take its faster unstable
+    # one (kind=None; CuPy's is stable): at n = 1e7 a third of the serial time.
+    order = xp.argsort(k)
+    return (order if small is None else small[order[:m]]).astype(xp.int64)
 
 
 # --------------------------------------------------------------------------- 3.2 pools

@@ -1058,3 +1058,20 @@ def test_seed_keys_in_threads_equal_one_thread():
     for m in (1000, n):
         np.testing.assert_array_equal(sample_seeds(np, n, m, 42, threads=3),
                                       sample_seeds(np, n, m, 42, threads=1))
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**64 - 1])
+def test_seeds_are_the_reference_seed_order(seed, monkeypatch):
+    """sample_seeds (unstable NumPy sort: the keys are distinct) gives the first m of the
+    pure-Python (key, i) order, for m < n and m = n, on one thread and on three (3.1)."""
+    from gpugroup import grouping
+    from gpugroup.grouping import sample_seeds
+
+    monkeypatch.setattr(grouping, "_KEY_BLOCK", 1024)  # several key blocks on 3 threads
+    n = 5000
+    order = ref.seed_order(n, seed)
+    for m in (1, 977, n - 1, n):
+        for threads in (1, 3):
+            got = sample_seeds(np, n, m, seed, threads=threads)
+            assert got.dtype == np.int64
+            assert got.tolist() == order[:m], (m, threads)

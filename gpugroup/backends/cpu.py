@@ -118,8 +118,9 @@ class KDTreeIndex:
 
     def locality_order(self, rows: np.ndarray) -> np.ndarray:
         """A permutation of ``rows`` that visits them in the index's leaf order (an optional
-        hint of the candidate-index contract: only speed depends on the order of rows)."""
-        return np.argsort(self._rank[rows], kind="stable")
+        hint of the candidate-index contract: only speed depends on the order of rows, so the
+        sort need not be stable, and NumPy's unstable one is about 3x faster)."""
+        return np.argsort(self._rank[rows])
 
     def _query_slab(self, s: int, rows: np.ndarray, kq: int, workers: int):
         """(cand, dist) of ``rows`` in slab ``s`` as global point numbers, padded with -1 and
