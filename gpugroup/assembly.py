@@ -10,6 +10,7 @@ outputs is one chunk.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -185,6 +186,31 @@ def check_y_positions(y_positions) -> str:
             f"'ptychopinn' cuts channel c at 2*coords_offsets - pos_c (PtychoPINN's "
             f"get_image_patches), 'members' at each member's own start position")
     return y_positions
+
+
+def check_progress(progress):
+    """``progress`` checked: None or a callable taking the count of work done."""
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable (called with the count finished in "
+                        f"each chunk, as tqdm's update takes) or None, got "
+                        f"progress={progress!r}")
+    return progress
+
+
+def check_norm_scale(norm_scale):
+    """``norm_scale`` checked: None (computed from the frames) or a finite number > 0 (a
+    0-d array too), returned as a float."""
+    if norm_scale is None:
+        return None
+    try:
+        s = None if isinstance(norm_scale, (bool, str)) else float(norm_scale)
+    except (TypeError, ValueError):
+        s = None
+    if s is None or not 0 < s < math.inf:
+        raise ValueError(f"norm_scale must be a finite number > 0 (the s of X_full = "
+                         f"diffraction * s) or None to compute it, got "
+                         f"norm_scale={norm_scale!r}")
+    return s
 
 
 def patch_positions(y_positions, xcoords, ycoords, xcoords_start, ycoords_start):

@@ -34,6 +34,7 @@ import numpy as np
 
 from gpugroup import assembly
 from gpugroup._optional import require
+from gpugroup.grouping import check_bytes
 from gpugroup.io import zarr_io
 from gpugroup.io.atomic import array_bytes, atomic_path
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
@@ -44,7 +45,7 @@ from gpugroup.io.grouped import (
     open_grouped,
     seed_array,
 )
-from gpugroup.schema import ScanArrays
+from gpugroup.schema import ScanArrays, check_position_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +201,11 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
                                                       backend=backend, **sampling)
     elif sampling:
         raise TypeError(f"sampling options {sorted(sampling)} need nn_indices=None")
-    nn = assembly.to_host(nn_indices)
+    nn = check_position_numbers("nn_indices", assembly.to_host(nn_indices), len(raw))
     B, C = int(nn.shape[0]), int(nn.shape[1])
-    block_bytes = DEFAULT_BLOCK_BYTES if block_bytes is None else int(block_bytes)
+    block_bytes = check_bytes("block_bytes", block_bytes) or DEFAULT_BLOCK_BYTES
+    read_bytes = check_bytes("read_bytes", read_bytes) or DEFAULT_READ_BYTES
+    assembly.check_norm_scale(norm_scale)
     src = _source(raw.diff3d, dask)
     y_src = _source(raw.Y, dask)
     obj = raw.objectGuess if (raw.Y is None and raw.objectGuess is not None) else None

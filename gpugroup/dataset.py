@@ -18,8 +18,9 @@ import numpy as np
 
 from gpugroup import assembly
 from gpugroup.backends import get_backend
+from gpugroup.grouping import check_bytes, check_count
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
-from gpugroup.schema import ScanArrays
+from gpugroup.schema import ScanArrays, check_position_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +87,7 @@ class GroupedDataset:
         self._be = get_backend(raw.backend if backend is None else backend)
         if output not in ("numpy", "device"):
             raise ValueError(f"output must be 'numpy' or 'device', got output={output!r}")
-        nn = assembly.to_host(nn_indices)
-        if nn.ndim != 2 or not np.issubdtype(nn.dtype, np.integer):
-            raise ValueError(f"nn_indices must be a (B, C) integer array, got shape {nn.shape} "
-                             f"dtype {nn.dtype}")
-        n = len(raw)
-        if nn.size and (nn.min() < 0 or nn.max() >= n):
-            raise ValueError(f"nn_indices must lie in [0, {n}) (the scan's positions), got "
-                             f"{nn.min()}..{nn.max()}")
+        nn = check_position_numbers("nn_indices", assembly.to_host(nn_indices), len(raw))
         N = assembly.frame_size(N, raw.diff3d)
         self.raw = raw
         self.N = int(N)
@@ -105,7 +99,8 @@ class GroupedDataset:
         xp = self._be.xp
         self._coords = tuple(xp.asarray(a) for a in (raw.xcoords, raw.ycoords,
                                                         raw.xcoords_start, raw.ycoords_start))
-        if norm_scale is None:
+        chunk_bytes = check_bytes("chunk_bytes", chunk_bytes) or assembly.DEFAULT_CHUNK_BYTES
+        if assembly.check_norm_scale(norm_scale) is None:
             # one pass over the frames used; a memory-mapped file is read with pread so
             # that this pass does not leave the whole file resident
             norm_scale = assembly.AssemblyPlan(
@@ -178,6 +173,7 @@ class GroupedDataset:
     def batches(self, batch_size, *, shuffle=False, seed=None, drop_last=False):
         """Iterate over batches of ``batch_size`` rows (shuffled with a NumPy generator
         seeded by ``seed`` when ``shuffle``)."""
+        batch_size = check_count("batch_size", batch_size, 1)
         order = np.arange(len(self))
         if shuffle:
             order = np.random.default_rng(seed).permutation(order)

@@ -64,6 +64,16 @@ def check_count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def check_bytes(name: str, value):
+    """A memory budget: None (the default) or an int >= 1 of bytes, else a ValueError
+    naming ``name`` and the value."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                              or value < 1):
+        raise ValueError(f"{name} must be a positive int (bytes) or None for the default, "
+                         f"got {name}={value!r}")
+    return None if value is None else int(value)
+
+
 # --------------------------------------------------------------------------- 3.1 seeds
 def sample_seeds(xp, n: int, m: int, seed: int, sequential: bool = False, threads: int = 1):
     """The first ``m`` positions in seed order (DESIGN.md 3.1).
@@ -573,6 +583,10 @@ def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords"), *, xp=np,
     device ``xp``): NaN carries through both and inf shows in one, so finite extremes mean
     finite values, and they give the span. Only a failed check looks further.
     """
+    for name, a in zip(names, (xcoords, ycoords)):
+        if np.ma.is_masked(a):  # np.asarray would drop the mask, grouping masked positions
+            raise ValueError(f"{name} is a masked array with {np.ma.count_masked(a)} masked "
+                             f"value(s); drop those positions from every field (or fill them)")
     x, y = np.asarray(xcoords), np.asarray(ycoords)
     for name, a in zip(names, (x, y)):
         if a.ndim != 1:

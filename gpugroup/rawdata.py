@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -18,11 +19,12 @@ from gpugroup import assembly, io, streamed
 from gpugroup import dask as gdask
 from gpugroup.backends import BACKEND_NAMES, get_backend
 from gpugroup.dataset import GroupedDataset
-from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_count,
+from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_bytes, check_count,
                                exact_rescale, index_dtype, neighbour_pool, sample_groups,
                                sample_with, select_members)
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
+from gpugroup.schema import check_position_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +86,28 @@ def _check_patches(Y, n):
     return Y
 
 
+#: What each array field holds, for the errors that name it.
+_HOLDS = {"diff3d": "real numbers (float32 amplitudes)",
+          "Y": "numbers (complex64 object patches)",
+          "probeGuess": "numbers (a complex64 (N, N) probe)",
+          "objectGuess": "numbers (a complex64 (H, W) object)"}
+
+
+def _check_numbers(name, a):
+    """``a`` (anything with a dtype) holds numbers: real ones for ``diff3d``."""
+    dtype = np.dtype(a.dtype)
+    if not np.issubdtype(dtype, np.number) or (name == "diff3d" and dtype.kind == "c"):
+        raise ValueError(f"{name} must hold {_HOLDS[name]}, got dtype {dtype}")
+    return a
+
+
 def _as_frame_store(name, a):
     """Keep memmaps, HDF5/Zarr datasets and device arrays as they are; make the rest NumPy."""
     if a is None:
         raise ValueError(f"{name} is required (an (n, N, N) diffraction amplitude stack)")
     if not (hasattr(a, "shape") and hasattr(a, "dtype")):
         a = np.asarray(a)
-    dtype = np.dtype(a.dtype)
-    if not (np.issubdtype(dtype, np.number)) or (name == "diff3d" and np.iscomplexobj(np.empty(0, dtype))):
-        raise ValueError(f"{name} must hold real numbers (float32 amplitudes), got dtype {dtype}")
-    return a
+    return _check_numbers(name, a)
 
 
 class RawData:
@@ -159,7 +173,8 @@ class RawData:
         # then says what is missing.
         self.diff3d = None if diff3d is None else _as_frame_store("diff3d", diff3d)
         shape = None if self.diff3d is None else _frames_shape("diff3d", self.diff3d, n)
-        self.probeGuess = None if probeGuess is None else np.asarray(probeGuess)
+        self.probeGuess = None if probeGuess is None else _check_numbers(
+            "probeGuess", np.asarray(probeGuess))
         if self.probeGuess is not None:
             if self.probeGuess.ndim != 2:
                 raise ValueError(f"probeGuess must be 2-D (N, N), got shape "
@@ -169,11 +184,20 @@ class RawData:
                                "PtychoPINN's model expects them equal", self.probeGuess.shape,
                                shape[1:])
         self.scan_index = _check_scan_index_field(scan_index, n)
-        self.objectGuess = None if objectGuess is None else np.asarray(objectGuess)
+        self.objectGuess = None if objectGuess is None else _check_numbers(
+            "objectGuess", np.asarray(objectGuess))
         if self.objectGuess is not None and self.objectGuess.ndim != 2:
             raise ValueError(f"objectGuess must be 2-D (H, W), got shape {self.objectGuess.shape}")
         self.Y = None if Y is None else _check_patches(_as_frame_store("Y", Y), n)
+        if self.Y is not None and shape is not None and tuple(self.Y.shape[1:3]) != shape[1:]:
+            logger.warning("Y holds %s patches but the diffraction frames are %s; "
+                           "PtychoPINN's model expects them equal", tuple(self.Y.shape[1:3]),
+                           shape[1:])
         self.norm_Y_I = norm_Y_I
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"metadata must be a dict (stored as JSON, e.g. "
+                            f"{{'physics_parameters': {{'N': 64}}}}) or None, got "
+                            f"{type(metadata).__name__} {metadata!r:.80}")
         self.metadata = dict(metadata) if metadata else {}
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got backend={backend!r}")
@@ -221,7 +245,7 @@ class RawData:
             ``physics_parameters`` and the config (as PtychoPINN's ``from_file``).
         current_config : object, optional
             A PtychoPINN ``TrainingConfig`` (or anything with ``nphotons`` and ``model.N``,
-            ``model.gridsize`` attributes).
+            ``model.gridsize`` attributes), or a dict with those entries.
         keys : dict, optional
             Field -> dataset path (HDF5/Zarr) or member name (NPZ), e.g.
             ``{"diff3d": "/entry/data/frames"}``.
@@ -261,6 +285,10 @@ class RawData:
                 metadata = json.loads(str(np.asarray(metadata).item()))
             except ValueError as exc:
                 logger.warning("%r: _metadata is not JSON (%s); ignoring it", source, exc)
+                metadata = None
+            if metadata is not None and not isinstance(metadata, dict):
+                logger.warning("%r: _metadata is JSON %s, not an object of named values; "
+                               "ignoring it", source, type(metadata).__name__)
                 metadata = None
         get = data.get
         raw = cls(get("xcoords"), get("ycoords"), get("xcoords_start"), get("ycoords_start"),
@@ -305,6 +333,13 @@ class RawData:
         far = np.fft.fftshift(np.fft.fft2(probe[None].astype(np.complex64) * Y),
                               axes=(-2, -1))
         diff3d = np.abs(far).astype(np.float32)
+        assembly.warn_patches_off_object(np, x, y, obj.shape, N)
+        if not diff3d.any():
+            raise ValueError(
+                f"every simulated frame is zero: the probe sees no object at any of the {len(x)} "
+                f"positions (x in [{x.min():.6g}, {x.max():.6g}], y in [{y.min():.6g}, "
+                f"{y.max():.6g}]; objectGuess is {obj.shape[0]}x{obj.shape[1]}), or the object "
+                f"or probe is zero; pass positions in object pixels, x the column and y the row")
         return cls(x, y, x, y, diff3d, probe, scan_index, objectGuess=obj, Y=Y,
                    backend=backend)
 
@@ -323,7 +358,7 @@ class RawData:
             "objectGuess": self.objectGuess, "Y": self.Y, "norm_Y_I": self.norm_Y_I,
         }
         if self.metadata:
-            out["_metadata"] = np.array(json.dumps(self.metadata))
+            out["_metadata"] = np.array(json.dumps(_plain_json(self.metadata, "metadata")))
         return {k: v for k, v in out.items() if v is not None}
 
     def to_file(self, path, *, overwrite=True, check_space=True) -> None:
@@ -333,6 +368,10 @@ class RawData:
         memory; any other name gets an NPZ, as ``numpy.savez`` to an open file would.
         ``overwrite=False`` refuses to replace an existing ``path``; ``check_space=False``
         skips the free-space check."""
+        if self.diff3d is None:
+            raise ValueError("diff3d is None: a scan file holds the (n, N, N) diffraction "
+                             "amplitudes (from_file requires them); set raw.diff3d before "
+                             "to_file")
         io.check_output(path, overwrite=overwrite, source=self._source, option="path")
         try:
             fmt = io.output_format(path)
@@ -414,7 +453,7 @@ class RawData:
         """Groups of DESIGN.md 3.2-3.3 for given seed positions, row g seeded by
         ``seeds[g]`` and members drawn with seed 0 (``seeds = 0..m-1`` is
         ``sequential_sampling=True``)."""
-        seeds = _position_numbers("seed_indices", seeds, len(self), "1-D")
+        seeds = check_position_numbers("seed_indices", seeds, len(self), ndim=1)
         n = len(self)
         be = get_backend(self.backend if backend is None else backend)
         xp = be.xp
@@ -489,7 +528,8 @@ class RawData:
             budget of the whole write (default 256 MiB); with ``lazy`` the bytes of one
             Dask block (default 64 MiB).
         progress : callable or None
-            Called with the number of groups finished after each chunk.
+            Called after each chunk with the number of groups it finished (an
+            increment, as ``tqdm``'s ``update`` takes).
         out : str or path-like or None
             Stream the result into ``*.h5``, ``*.zarr`` or ``*.npz`` (written under a
             temporary name, renamed when complete; nothing is left under ``out`` on an
@@ -540,10 +580,8 @@ class RawData:
         if output not in ("numpy", "device") or (output == "device" and (lazy or out)):
             raise ValueError(f"output={output!r}: use 'numpy' or 'device' (the backend's "
                              f"arrays, in memory only: not with out= or lazy=True)")
-        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(
-                chunk_bytes, (int, np.integer)) or chunk_bytes < 1):
-            raise ValueError(f"chunk_bytes must be a positive int (bytes) or None for the "
-                             f"default, got chunk_bytes={chunk_bytes!r}")
+        chunk_bytes = check_bytes("chunk_bytes", chunk_bytes)
+        assembly.check_progress(progress)
         check_row_order(row_order)  # the output's options, before any work
         if out is not None:
             io.check_output(out, overwrite=overwrite, source=self._source, option="out")
@@ -586,7 +624,7 @@ class RawData:
         private method; ``K`` and ``gridsize`` are accepted and unused: C is the groups'
         width)."""
         self._require_frames()
-        nn = _position_numbers("selected_groups", selected_groups, len(self), "(B, C)")
+        nn = check_position_numbers("selected_groups", selected_groups, len(self))
         be = get_backend(self.backend)
         return self._assemble(be, nn, self._patch_size(N, strict=False), None,
                               y_positions=y_positions)
@@ -660,9 +698,12 @@ class RawData:
                     f"(OVERSAMPLING-001); pass neighbor_pool_size >= {C}")
         else:
             if neighbor_pool_size is not None:
-                logger.info("neighbor_pool_size=%r has no effect without oversampling "
-                            "(nsamples=%d <= n=%d or gridsize 1): pools hold K=%d",
-                            neighbor_pool_size, nsamples, n, K)
+                # PtychoPINN passes its config's value (None unless set); one that differs
+                # from K was asked for and is not used: say so
+                log = logger.info if neighbor_pool_size == K else logger.warning
+                log("neighbor_pool_size=%r has no effect without oversampling (nsamples=%d "
+                    "<= n=%d or gridsize 1): pools hold K=%d; pass K=... for another pool",
+                    neighbor_pool_size, nsamples, n, K)
             pool = K
             _check_pool(K, C)
         be = get_backend(self.backend if backend is None else backend)
@@ -691,6 +732,10 @@ class RawData:
                              y_positions="ptychopinn"):
         """``generate_grouped_data`` with ``out`` (streamed file) or ``lazy`` (Dask)."""
         if lazy:
+            if progress is not None:
+                logger.warning("progress is not called with lazy=True (Dask computes the "
+                               "arrays later); wrap the compute in "
+                               "dask.diagnostics.ProgressBar() to see progress")
             grouped = gdask.grouped_arrays(self, nn_indices=be.asnumpy(nn), N=N,
                                            keep_diffraction=keep_diffraction,
                                            block_bytes=chunk_bytes, seed=seed,
@@ -745,9 +790,13 @@ def _draw_seed(seed) -> int:
 def _config_mismatches(metadata, config) -> list:
     """PtychoPINN's metadata checks: stored nphotons, N, gridsize vs ``config``."""
     stored = metadata.get("physics_parameters", {}) if isinstance(metadata, dict) else {}
-    model = getattr(config, "model", config)
-    current = {"nphotons": getattr(config, "nphotons", None),
-               "N": getattr(model, "N", None), "gridsize": getattr(model, "gridsize", None)}
+
+    def field(obj, name):  # a config object's attribute, or a dict's entry
+        return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+    model = field(config, "model") or config
+    current = {"nphotons": field(config, "nphotons"), "N": field(model, "N"),
+               "gridsize": field(model, "gridsize")}
     out = []
     for name, value in current.items():
         if name not in stored or value is None:
@@ -781,21 +830,35 @@ def convert(src, dst, *, keys=None, slab_bytes=io.DEFAULT_SLAB_BYTES, overwrite=
     """
     src = os.fspath(src)
     io.check_keys(keys)
+    slab_bytes = check_bytes("slab_bytes", slab_bytes) or io.DEFAULT_SLAB_BYTES
+    assembly.check_progress(progress)
     io.check_output(dst, overwrite=overwrite, source=src, option="dst")
     raw = RawData._from_mapping(io.read_scan_slabs(src, keys), src, "cpu")
     return io.write_scan(dst, raw.to_dict(), slab_bytes=slab_bytes, overwrite=overwrite,
                          progress=progress, check_space=check_space)
 
 
-def _position_numbers(name, a, n, shape):
-    """``a`` as an array of position numbers of a scan of ``n``, checked: ``shape`` is
-    ``"1-D"`` or ``"(B, C)"``."""
-    a = np.asarray(a)
-    if a.ndim != (1 if shape == "1-D" else 2) or not np.issubdtype(a.dtype, np.integer) or (
-            a.size and (a.min() < 0 or a.max() >= n)):
-        raise ValueError(f"{name} must be {shape} integers in [0, {n}), got shape {a.shape} "
-                         f"dtype {a.dtype}")
-    return a
+def _plain_json(value, where: str):
+    """``value`` with NumPy scalars and arrays made plain Python (``.tolist()``), checked
+    to be what JSON holds; a TypeError names the entry (``where``, e.g.
+    ``metadata['physics_parameters']['N']``) that is not."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            key = k.item() if isinstance(k, np.generic) else k
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise TypeError(f"{where} has key {k!r} ({type(k).__name__}): metadata is "
+                                f"stored as JSON, whose keys are strings or numbers")
+            out[key] = _plain_json(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"{where} is a {type(value).__name__} ({value!r:.60}), which JSON cannot "
+                    f"hold: metadata is stored as JSON; pass numbers, strings, lists or dicts")
 
 
 def _is_array(v) -> bool:

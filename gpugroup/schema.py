@@ -1,10 +1,12 @@
-"""The scan fields of DESIGN.md section 1 and the error for files that hold no scan: the
-names every reader, writer and driver agrees on."""
+"""The scan fields of DESIGN.md section 1, the error for files that hold no scan, and the
+check of position numbers (groups, seeds): what every reader, writer and driver agrees on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 #: Keys whose arrays are frame stacks: left on disk (memory-mapped / datasets) when lazy.
 STACK_KEYS = ("diff3d", "diffraction", "Y", "X_full")
@@ -36,3 +38,21 @@ class ScanArrays:
         for name, default in (("xcoords_start", self.xcoords), ("ycoords_start", self.ycoords)):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
+
+
+def check_position_numbers(name: str, a, n: int, ndim: int = 2):
+    """``a`` (host array-like) as position numbers of a scan of ``n``: ``ndim``-D integers in
+    [0, n) (``ndim`` 2: groups (B, C), one row a group; 1: seed positions). Returns the
+    NumPy array; a ValueError names ``name``, what is wrong and the fix."""
+    a = np.asarray(a)
+    want = "(B, C) groups" if ndim == 2 else "a 1-D array"
+    if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be {want} of integer position numbers in [0, {n}), got "
+                         f"shape {a.shape} dtype {a.dtype}; pass integers (e.g. "
+                         f"{name}.astype(int) of whole numbers)")
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= n):
+        bad = int(np.flatnonzero(((a < 0) | (a >= n)).ravel())[0])
+        raise ValueError(f"{name} must hold position numbers in [0, {n}) (the scan has {n} "
+                         f"positions), got {name}.flat[{bad}]={int(a.flat[bad])}; group "
+                         f"positions of this scan only")
+    return a

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from gpugroup import assembly
+from gpugroup.grouping import check_bytes
 from gpugroup.io import (
     atomic_path,
     check_free_space,
@@ -88,7 +89,7 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
         second thread only contends (1 GB into tmpfs: 2.6-3.5 s with one thread, 3.6-4.5 s
         with two).
     progress : callable or None
-        Called with the number of groups written after each chunk.
+        Called after each chunk with the number of groups it wrote (an increment).
     seed : int or None
         Stored as ``seed``.
     overwrite : bool
@@ -117,9 +118,8 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
     fmt = output_format(path)
     check_row_order(row_order)
     workers = 1 if workers is None else max(1, int(workers))
-    chunk_bytes = int(chunk_bytes)
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be positive, got chunk_bytes={chunk_bytes}")
+    chunk_bytes = check_bytes("chunk_bytes", chunk_bytes) or DEFAULT_OUT_CHUNK_BYTES
+    assembly.check_progress(progress)
     nn = xp.asarray(nn_indices)
     B, C = int(nn.shape[0]), int(nn.shape[1])
     if check_space:  # before any reading: a 60 GB output on a 20 GB disk fails now

@@ -286,6 +286,11 @@ def test_demo_no_plot_writes_nothing(tmp_path, capsys):
     assert "20 groups" in capsys.readouterr().out
 
 
+def test_demo_into_a_missing_directory_says_to_create_it(tmp_path, capsys):
+    rc = main(["demo", "--n", "100", "--outdir", str(tmp_path / "nope"), "--no-plot"])
+    assert "is not an existing directory; create it first" in _error_line(capsys, rc)
+
+
 # --------------------------------------------------------------------------- group: size, plan
 def test_group_prints_the_estimated_size_first(scan_file, tmp_path, capsys):
     from gpugroup.streamed import estimate_grouped_bytes
@@ -294,7 +299,9 @@ def test_group_prints_the_estimated_size_first(scan_file, tmp_path, capsys):
     assert main(["group", str(scan_file), "-o", str(out)] + GROUP_ARGS) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("estimated output: ")
-    assert "200 groups of C=4" in lines[0] and "diffraction + X_full + Y" in lines[0]
+    assert "200 groups of C=4" in lines[0]
+    # the simulated scan has an objectGuess: written too, and most of a small output
+    assert "diffraction + X_full + Y + objectGuess)" in lines[0]
     estimate = estimate_grouped_bytes(RawData.from_file(scan_file), B=200, C=4, N=N)
     written = out.stat().st_size
     assert estimate <= written <= estimate * 1.05, (estimate, written)  # NPZ headers only

@@ -99,6 +99,19 @@ def test_options_and_generate_grouped_data_lazy():
         gdask.grouped_arrays(raw, nn_indices=eager["nn_indices"], row_order="random")
     with pytest.raises(ValueError, match="N=9"):
         gdask.grouped_arrays(raw, 9, nn_indices=eager["nn_indices"])
+    # given groups and sizes are checked as GroupedDataset checks them, naming the option
+    for nn, match in ((eager["nn_indices"] * 1.0, r"nn_indices must be \(B, C\) groups"),
+                      (eager["nn_indices"] + 200, r"nn_indices must hold position numbers in "
+                                                  r"\[0, 200\)")):
+        with pytest.raises(ValueError, match=match):
+            gdask.grouped_arrays(raw, nn_indices=nn)
+    for name in ("block_bytes", "read_bytes"):
+        for bad in (0, -1, 2.5):
+            with pytest.raises(ValueError, match=rf"{name} must be a positive int.*"
+                                                 rf"{name}={bad}"):
+                gdask.grouped_arrays(raw, nn_indices=eager["nn_indices"], **{name: bad})
+    with pytest.raises(ValueError, match=r"norm_scale must be a finite number > 0.*nan"):
+        gdask.grouped_arrays(raw, nn_indices=eager["nn_indices"], norm_scale=np.nan)
 
 
 @needs("zarr")

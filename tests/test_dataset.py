@@ -103,6 +103,20 @@ def test_errors(case):
         GroupedDataset(raw, np.array([[0, 1]]), N=9)
     with pytest.raises(ValueError, match=r"\(B, C\)"):
         GroupedDataset(raw, np.arange(3))
+    with pytest.raises(ValueError, match=r"nn_indices must be \(B, C\) groups of integer.*"
+                                         r"float64"):
+        GroupedDataset(raw, np.array([[0.0, 1.0]]))
+    for bad in (0, -1, 2.5, "2", True):
+        with pytest.raises(ValueError, match=r"batch_size must be .*got batch_size="):
+            next(ds.batches(bad))
+    for bad in (np.nan, -1.0, 0, np.inf, "2", True):
+        with pytest.raises(ValueError, match=r"norm_scale must be a finite number > 0"):
+            GroupedDataset(raw, np.array([[0, 1]]), norm_scale=bad)
+    assert GroupedDataset(raw, np.array([[0, 1]]), norm_scale=np.array(2.0)).norm_scale == 2.0
+    for bad in (0, -5, 1.5):
+        with pytest.raises(ValueError, match=rf"chunk_bytes must be a positive int.*"
+                                             rf"chunk_bytes={bad}"):
+            GroupedDataset(raw, np.array([[0, 1]]), chunk_bytes=bad)
 
 
 class FakeLoader:

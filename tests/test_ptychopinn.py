@@ -275,7 +275,8 @@ def test_seed_indices_choose_the_seeds():
         assert np.all(d2[row] <= np.sort(d2)[6])
     np.testing.assert_array_equal(raw._generate_groups_efficiently(1, 7, 1, seed_indices=[9]),
                                   [[9]])
-    with pytest.raises(ValueError, match=r"seed_indices must be 1-D integers in \[0, 100\)"):
+    with pytest.raises(ValueError, match=r"seed_indices must hold position numbers in "
+                       r"\[0, 100\).*seed_indices.flat\[0\]=100"):
         raw._generate_groups_efficiently(1, 7, 4, seed_indices=[100])
 
 

@@ -241,6 +241,12 @@ def base_fields(n=10, N=4):
     (dict(xcoords_start=np.zeros(9), ycoords_start=np.zeros(9)), r"xcoords_start has 9"),
     (dict(xcoords=np.zeros(0), ycoords=np.zeros(0), diff3d=np.ones((0, 4, 4), np.float32)),
      r"scan is empty"),
+    (dict(probeGuess=np.ones((4, 4), object)), r"probeGuess must hold numbers.*probe.*object"),
+    (dict(probeGuess=np.full((4, 4), "a")), r"probeGuess must hold numbers.*<U1"),
+    (dict(objectGuess=np.full((9, 9), "1+1j")), r"objectGuess must hold numbers.*object\).*<U4"),
+    (dict(Y=np.full((10, 4, 4), "a")), r"Y must hold numbers \(complex64 object patches\)"),
+    (dict(xcoords=np.ma.masked_greater(np.arange(10.0), 7)),
+     r"xcoords is a masked array with 2 masked value\(s\); drop those positions"),
 ])
 def test_bad_input_names_field_value_and_fix(change, match):
     fields = base_fields()
@@ -323,6 +329,7 @@ def test_ptychopinn_positional_order_and_rng():
     ({"output": "device", "lazy": True}, r"output='device'"),
     ({"chunk_bytes": 0}, r"chunk_bytes must be a positive int.*chunk_bytes=0"),
     ({"chunk_bytes": -5, "lazy": True}, r"chunk_bytes=-5"),
+    ({"chunk_bytes": 2.5}, r"chunk_bytes must be a positive int.*chunk_bytes=2.5"),
     ({"neighbor_pool_size": 2, "nsamples": 50, "enable_oversampling": True},
      r"neighbor_pool_size >= C.*neighbor_pool_size=2 .*C=4.*OVERSAMPLING-001"),
 ])
@@ -438,3 +445,150 @@ def test_index_cache_follows_changed_coordinates():
     got = raw._generate_groups_efficiently(20, 7, 4, seed=1)
     fresh = sample_groups(raw.xcoords, raw.ycoords, 20, 7, 4, seed=1, backend="cpu")
     np.testing.assert_array_equal(got, fresh)
+
+
+# ---------------------------------------------------------------- found by the error audit
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_progress_that_cannot_be_called_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                     lazy):
+    """Checked up front (before the groups are sampled), naming progress and its value."""
+    import gpugroup.rawdata as rd
+
+    raw = make_raw(n=40)
+    monkeypatch.setattr(rd, "sample_with", lambda *a, **k: pytest.fail("sampled first"))
+    with pytest.raises(TypeError, match=r"progress must be a callable .*progress='abc'"):
+        raw.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2, progress="abc",
+                                  lazy=lazy, out=tmp_path / "g.zarr" if lazy else None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_with_lazy_is_said_not_dropped(caplog):
+    pytest.importorskip("dask")
+    raw = make_raw(n=40)
+    calls = []
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        raw.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2, lazy=True,
+                                  progress=calls.append)
+    assert "progress is not called with lazy=True" in caplog.text
+    assert "ProgressBar" in caplog.text
+
+
+@pytest.mark.parametrize("pool, level", [(12, logging.WARNING), (7, logging.INFO)])
+def test_an_unused_neighbor_pool_size_is_a_warning_when_it_differs_from_K(caplog, pool, level):
+    raw = make_raw(n=40)
+    with caplog.at_level(logging.INFO, logger="gpugroup"):
+        raw.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2,
+                                  neighbor_pool_size=pool)
+    [rec] = [r for r in caplog.records if "neighbor_pool_size" in r.getMessage()]
+    assert rec.levelno == level
+    assert f"neighbor_pool_size={pool} has no effect without oversampling" in rec.getMessage()
+
+
+@pytest.mark.parametrize("metadata, match", [
+    ("abc", r"metadata must be a dict .*got str 'abc'"),
+    ([1, 2], r"metadata must be a dict .*got list \[1, 2\]"),
+])
+def test_metadata_that_is_not_a_dict_is_refused(metadata, match):
+    with pytest.raises(TypeError, match=match):
+        RawData(**base_fields(), metadata=metadata)
+
+
+def test_numpy_values_in_metadata_are_written_as_plain_json(tmp_path):
+    meta = {"physics_parameters": {"N": np.int64(64), "nphotons": np.float32(1e9),
+                                   "shape": np.array([2, 3])}, np.int32(7): np.bool_(True)}
+    raw = RawData(**base_fields(), metadata=meta)
+    raw.to_file(tmp_path / "m.npz")
+    back = RawData.from_file(tmp_path / "m.npz", backend="cpu").metadata
+    assert back == {"physics_parameters": {"N": 64, "nphotons": 1e9, "shape": [2, 3]},
+                    "7": True}
+    assert type(back["physics_parameters"]["N"]) is int
+
+
+@pytest.mark.parametrize("meta, where", [
+    ({"physics_parameters": {"probe": object()}}, r"metadata\['physics_parameters'\]\['probe'\] "
+                                                 r"is a object"),
+    ({"runs": [1, {2}]}, r"metadata\['runs'\]\[1\] is a set"),
+    ({(1, 2): "pair"}, r"metadata has key \(1, 2\) \(tuple\)"),
+])
+def test_metadata_json_cannot_hold_names_its_entry_and_writes_nothing(tmp_path, meta, where):
+    raw = RawData(**base_fields(), metadata=meta)
+    with pytest.raises(TypeError, match=where):
+        raw.to_file(tmp_path / "m.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("stored", ["[1, 2]", '"text"', "3"])
+def test_metadata_json_that_is_not_an_object_is_ignored_with_a_warning(tmp_path, caplog,
+                                                                        stored):
+    f = base_fields()
+    np.savez(tmp_path / "s.npz", _metadata=np.array(stored),
+             **{k: v for k, v in f.items() if v is not None})
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        raw = RawData.from_file(tmp_path / "s.npz", backend="cpu")
+    assert raw.metadata == {}
+    assert "_metadata is JSON" in caplog.text and "ignoring it" in caplog.text
+
+
+def test_a_scan_without_frames_is_refused_by_to_file_before_writing(tmp_path):
+    raw = RawData(**{**base_fields(), "diff3d": None})
+    with pytest.raises(ValueError, match=r"diff3d is None: a scan file holds .*set raw.diff3d"):
+        raw.to_file(tmp_path / "s.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_Y_patches_of_another_size_than_the_frames_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        RawData(**base_fields(N=8), Y=np.ones((10, 4, 4), np.complex64))
+    assert "Y holds (4, 4) patches but the diffraction frames are (8, 8)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        RawData(**base_fields(N=4), Y=np.ones((10, 4, 4), np.complex64))
+    assert "Y holds" not in caplog.text
+
+
+def test_simulating_off_the_object_warns_and_all_zero_frames_are_refused(caplog):
+    probe = np.ones((8, 8), np.complex64)
+    obj = np.ones((64, 64), np.complex64)
+    yy, xx = np.divmod(np.arange(100.0), 10)
+    x, y = xx * 4 + 12, yy * 4 + 12
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        raw = RawData.from_simulation(np.r_[x[:-1], 1e4], y, probe, obj, backend="cpu")
+    assert "1 of 100 scan positions have their whole 8x8 patch outside objectGuess" in caplog.text
+    assert raw.diff3d[:-1].any(axis=(1, 2)).all() and not raw.diff3d[-1].any()
+    with pytest.raises(ValueError, match=r"every simulated frame is zero.*100 positions.*"
+                                         r"x in \[10012, 10048\].*objectGuess is 64x64"):
+        RawData.from_simulation(x + 1e4, y, probe, obj, backend="cpu")
+
+
+def test_validate_config_reads_a_dict_as_well_as_a_config_object(tmp_path, caplog):
+    raw = RawData(**base_fields(), metadata={"physics_parameters": {"N": 64, "gridsize": 2,
+                                                                     "nphotons": 1e9}})
+    raw.to_file(tmp_path / "s.npz")
+
+    class Model:
+        N, gridsize = 32, 2
+
+    class Config:
+        model, nphotons = Model, 1e9
+
+    for config in (Config, {"nphotons": 1e9, "model": {"N": 32, "gridsize": 2}},
+                   {"nphotons": 1e9, "N": 32, "gridsize": 2}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gpugroup"):
+            RawData.from_file(tmp_path / "s.npz", validate_config=True, current_config=config,
+                              backend="cpu")
+        assert caplog.text.count("Parameter mismatch") == 1, config
+        assert "N mismatch: dataset=64, config=32" in caplog.text
+
+
+def test_convert_checks_its_options_before_reading(tmp_path):
+    from gpugroup.rawdata import convert
+
+    make_raw(n=20).to_file(tmp_path / "s.npz")
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"slab_bytes must be a positive int.*"
+                                             rf"slab_bytes={bad}"):
+            convert(tmp_path / "s.npz", tmp_path / "o.npz", slab_bytes=bad)
+    with pytest.raises(TypeError, match=r"progress must be a callable"):
+        convert(tmp_path / "s.npz", tmp_path / "o.npz", progress=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]

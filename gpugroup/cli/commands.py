@@ -218,7 +218,8 @@ def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
     where = os.path.dirname(os.path.abspath(args.output))
     free = shutil.disk_usage(where).free
     arrays = (["diffraction"] * (not args.no_diffraction) + ["X_full"]
-              + ["Y"] * (raw.Y is not None or raw.objectGuess is not None))
+              + ["Y"] * (raw.Y is not None or raw.objectGuess is not None)
+              + ["objectGuess"] * (raw.objectGuess is not None))
     print(f"estimated output: {_human_bytes(size)} ({B} groups of C={C} {N}x{N} frames: "
           f"{' + '.join(arrays)}); {_human_bytes(free)} free in {where}", flush=True)
     if not args.dry_run:
@@ -291,7 +292,8 @@ def cmd_convert(args) -> int:
 def cmd_demo(args) -> int:
     """Simulate, group and (with matplotlib) draw a few groups to gpugroup-demo.png."""
     if not os.path.isdir(args.outdir):
-        raise CLIError(f"--outdir {args.outdir!r} is not an existing directory")
+        raise CLIError(f"--outdir {args.outdir!r} is not an existing directory; create it "
+                       f"first (or leave --outdir out: the current directory)")
     with tempfile.TemporaryDirectory(prefix="gpugroup-demo-") as tmp:
         scan_path = os.path.join(tmp, "scan.npz")
         simulate_rawdata(args.n, args.N, 0, backend="cpu").to_file(scan_path)
