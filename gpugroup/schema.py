@@ -20,6 +20,21 @@ class ScanFileError(OSError, ValueError):
     """A scan file that cannot be read as any supported format."""
 
 
+def check_storable(key, array) -> None:
+    """Raise ValueError naming ``key`` and its value unless ``array`` (a NumPy array) is
+    numbers, which every output format stores alike; text is stored (as an attribute in
+    HDF5 and Zarr) only under names that are no scan field, such as ``_metadata``."""
+    kind = array.dtype.kind
+    if kind in "biufc" or (kind == "U" and key not in SCAN_FIELDS):
+        return
+    value = repr(array.item()) if array.ndim == 0 else f"an array of shape {array.shape}"
+    if len(value) > 80:
+        value = value[:77] + "..."
+    raise ValueError(f"cannot store {key!r}: its value {value} (dtype {array.dtype}) is not "
+                     f"numbers; set {key} to a number or a numeric array (or None to leave it "
+                     f"out)")
+
+
 @dataclass(frozen=True)
 class ScanArrays:
     """A scan's arrays by their DESIGN.md section 1 names, for code that assembles groups

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -408,6 +409,17 @@ def test_show_errors(scan_file, tmp_path, capsys):
     line = _error_line(capsys, main(["show", str(grouped), "--groups", str(grouped)]))
     assert "already a grouped output" in line
     assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("name, fix", [
+    ("nodir/x.png", r"the directory '.*nodir' does not exist; create it first"),
+    ("x.txt", r"matplotlib cannot write \.txt; end the name with one of .*\.png")])
+def test_show_names_a_bad_output(scan_file, tmp_path, capsys, name, fix):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / name)
+    line = _error_line(capsys, main(["show", str(scan_file), "-o", out, "--backend", "cpu"]))
+    assert re.search(f"-o {re.escape(repr(out))}: {fix}", line), line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_show_without_matplotlib_says_what_to_install(scan_file, tmp_path, capsys,

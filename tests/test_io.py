@@ -422,6 +422,78 @@ def test_a_damaged_store_is_named_in_the_error(tmp_path):
         raw.generate_grouped_data(8, K=7, nsamples=20, seed=1, gridsize=2)
 
 
+def _write_h5_without_its_filter(path, raw):
+    """``raw`` as HDF5 with diff3d's chunks declared bitshuffle/LZ4-compressed (filter
+    32008), a filter h5py cannot load without hdf5plugin: reads fail as for Eiger files."""
+    with h5py.File(path, "w") as f:
+        for key, value in raw.to_dict().items():
+            if key != "diff3d" and key != "_metadata":
+                f[key] = value
+        ds = f.create_dataset("diff3d", shape=raw.diff3d.shape, dtype=raw.diff3d.dtype,
+                              chunks=(1,) + raw.diff3d.shape[1:], compression=32008,
+                              allow_unknown_filter=True)
+        for i, frame in enumerate(raw.diff3d):
+            ds.id.write_direct_chunk((i, 0, 0), frame.tobytes())
+
+
+def test_whole_reads_of_unreadable_frames_name_the_store(tmp_path):
+    """Read into memory (mmap_mode=None) or copied (convert), frames that cannot be
+    decoded give the same message as scattered reads: the file, the array, the fix."""
+    raw = make_raw()
+    h5 = tmp_path / "bs.h5"
+    _write_h5_without_its_filter(h5, raw)
+    hint = r"cannot read {}HDF5 dataset '/diff3d' in '.*bs\.h5'.*pip install hdf5plugin"
+    with pytest.raises(io.ScanFileError, match=hint.format("")):
+        RawData.from_file(h5, backend="cpu")
+    with pytest.raises(io.ScanFileError, match=hint.format(r"frames 0\.\.119 of ")):
+        convert(h5, tmp_path / "out.npz")
+    store = tmp_path / "bad.zarr"
+    raw.to_file(store)
+    chunk = min(p for p in (store / "diff3d").rglob("*")
+                if p.is_file() and p.name != "zarr.json")
+    with open(chunk, "r+b") as fh:
+        fh.truncate(10)
+    with pytest.raises(io.ScanFileError, match=r"cannot read Zarr array .*bad\.zarr/diff3d"
+                                               r".*truncated or damaged"):
+        RawData.from_file(store, backend="cpu")
+    assert sorted(os.listdir(tmp_path)) == ["bad.zarr", "bs.h5"]
+
+
+@pytest.mark.parametrize("value", [{"a": 1}, "abc"])
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+def test_scalar_fields_that_are_not_numbers_are_named(tmp_path, suffix, value):
+    base = make_raw()
+    raw = RawData(base.xcoords, base.ycoords, None, None, base.diff3d, base.probeGuess, None,
+                  norm_Y_I=value, backend="cpu")
+    with pytest.raises(ValueError, match=r"cannot store 'norm_Y_I': its value "
+                                         + re.escape(repr(value))
+                                         + r" .*set norm_Y_I to a number"):
+        raw.to_file(tmp_path / ("out" + suffix))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["nope.npz", "nope.h5", "nope.cxi", "nope.zarr", "nope"])
+def test_a_missing_scan_is_said_alike_for_every_format(tmp_path, name):
+    missing = re.escape(repr(str(tmp_path / name)))
+    for mmap_mode in (None, "r"):
+        with pytest.raises(FileNotFoundError,
+                           match=f"^scan file {missing} does not exist; check the path$"):
+            RawData.from_file(tmp_path / name, mmap_mode=mmap_mode)
+
+
+def test_keys_that_are_not_a_mapping_are_named(tmp_path):
+    path = tmp_path / "scan.h5"
+    make_raw().to_file(path)
+    with pytest.raises(TypeError, match=r"got keys='diff3d=/x'; pass e\.g\. "
+                                        r"keys=\{'diff3d': '/x'\}"):
+        RawData.from_file(path, keys="diff3d=/x")
+    with pytest.raises(TypeError, match=r"got keys=\['diff3d'\]; pass e\.g\. keys=\{"):
+        convert(path, tmp_path / "out.npz", keys=["diff3d"])
+    with pytest.raises(TypeError, match=r"got keys=\{'diff3d': 3\}"):
+        RawData.from_file(path, keys={"diff3d": 3})
+    assert os.listdir(tmp_path) == ["scan.h5"]
+
+
 def _constant_scan(value, dtype=np.float32):
     base = make_raw()
     return RawData(base.xcoords, base.ycoords, base.xcoords_start, base.ycoords_start,

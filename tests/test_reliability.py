@@ -425,6 +425,28 @@ def test_a_zarr_scan_with_a_missing_chunk_is_an_error(scan_file, tmp_path, capsy
     assert not (tmp_path / "m.npz").exists()
 
 
+def test_a_damaged_zarr_scan_is_one_error_line(tmp_path):
+    """A chunk zarr cannot decode fails the read while the read's other chunk tasks are
+    still pending on zarr's event loop: they are let finish, so that asyncio does not log
+    "Task was destroyed but it is pending!" for each at exit under the CLI's one line."""
+    zarr = pytest.importorskip("zarr")
+    raw = simulate_rawdata(300, 16, 1, backend="cpu")
+    store = tmp_path / "corrupt.zarr"
+    g = zarr.open_group(store, mode="w")
+    for key, value in raw.to_dict().items():
+        if key != "_metadata":  # zarr's default codecs: zstd-compressed chunks
+            chunks = (1,) + value.shape[1:] if key == "diff3d" else value.shape
+            g.create_array(key, shape=value.shape, dtype=value.dtype, chunks=chunks,
+                           config={"write_empty_chunks": True})[...] = value
+    (store / "diff3d" / "c" / "0" / "0" / "0").write_bytes(b"garbage" * 10)
+    for args in (["group", store, "-o", tmp_path / "g.h5", *GROUP_ARGS],
+                 ["convert", store, tmp_path / "c.h5"]):
+        rc, _, err = _cli(*args)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert err.startswith("gpugroup: error: cannot read frames ") and "corrupt.zarr" in err
+    assert sorted(os.listdir(tmp_path)) == ["corrupt.zarr"]
+
+
 def test_zarr_outputs_write_every_chunk(tmp_path):
     """All-zero chunks are written too, so that no chunk of gpugroup's is ever missing."""
     pytest.importorskip("zarr")

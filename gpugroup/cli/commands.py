@@ -24,7 +24,7 @@ from gpugroup import io
 from gpugroup._optional import require
 from gpugroup.assembly import frame_size, group_coordinates
 from gpugroup.backends import available_backends, get_backend
-from gpugroup.cli.plot import plot_demo
+from gpugroup.cli.plot import check_picture_path, plot_demo
 from gpugroup.cli.process import EXIT_OK, CLIError, progress
 from gpugroup.dataset import GroupedDataset
 from gpugroup.io import (
@@ -356,6 +356,7 @@ def cmd_show(args) -> int:
                        "pip install 'gpugroup[plot]'")
     source = _check_input_file(args.input)
     png = args.output or os.path.splitext(os.path.basename(source.rstrip("/\\")))[0] + ".png"
+    check_picture_path(png, "-o")
     groups_path = None if args.groups is None else _check_input_file(args.groups)
     if _is_grouped_output(source):
         if groups_path is not None:

@@ -4,6 +4,7 @@ imported here only, when a picture is asked for."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -11,6 +12,28 @@ from gpugroup.backends import get_backend
 from gpugroup.grouping import exact_rescale, neighbour_pool, sample_seeds
 
 logger = logging.getLogger(__name__)
+
+
+def check_picture_path(path, flag: str = "-o") -> None:
+    """Refuse, before any work, a picture ``path`` (given as ``flag``) that matplotlib
+    cannot write: a suffix it has no format for, or a directory that is missing or not
+    writable."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    if suffix not in kinds:
+        raise ValueError(f"{flag} {path!r}: matplotlib cannot write "
+                         f"{'.' + suffix if suffix else 'a file without a suffix'}; end the "
+                         f"name with one of {', '.join('.' + k for k in sorted(kinds))} "
+                         f"(e.g. .png)")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{flag} {path!r}: the directory {directory!r} does not "
+                                f"exist; create it first or choose another path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path!r}: cannot write in the directory "
+                              f"{directory!r}; choose a writable one")
 
 
 def spread_rows(centres, count: int):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import logging
 import mmap
 import os
 import stat
@@ -29,6 +30,8 @@ import numpy as np
 
 from gpugroup._optional import require
 from gpugroup.schema import ScanFileError
+
+logger = logging.getLogger(__name__)
 
 #: HDF5/Zarr: when the range spanned by the wanted frames is at most this many times their
 #: number, read the whole range in one call and pick from it.
@@ -135,19 +138,61 @@ def read_frames(stack, uniq):
             check_unchanged(stack)
             return frames
         return np.asarray(stack[uniq])
-    except MemoryError:
+    except (MemoryError, ScanFileError):
         raise
     except Exception as exc:  # a damaged store: say which store and which frames
+        raise read_error(stack, exc, f"frames {int(uniq[0])}..{int(uniq[-1])} of ") from exc
 
-        if isinstance(exc, ScanFileError):
-            raise
-        hint = "is the file truncated or damaged?"
-        if _is_h5py(stack):
-            hint += (" Or compressed with a filter this h5py lacks (Eiger/bitshuffle/LZ4): "
-                     "pip install hdf5plugin, then import hdf5plugin before reading")
-        raise ScanFileError(
-            f"cannot read frames {int(uniq[0])}..{int(uniq[-1])} of {_describe(stack)}: "
-            f"{type(exc).__name__}: {exc} ({hint})") from exc
+
+def read_stack(stack, key=()):
+    """``stack[key]`` (all of it by default) of an HDF5 dataset or Zarr array; a read that
+    fails (a damaged file, a missing compression filter) raises :func:`read_error`."""
+    try:
+        return stack[key]
+    except (MemoryError, ScanFileError):
+        raise
+    except Exception as exc:
+        rows = ""
+        if isinstance(key, slice) and stack.shape:
+            a, b, _ = key.indices(stack.shape[0])
+            rows = f"frames {a}..{b - 1} of "
+        raise read_error(stack, exc, rows) from exc
+
+
+def read_error(stack, exc, rows="") -> ScanFileError:
+    """The error for ``exc`` raised reading ``rows`` (e.g. ``"frames 0..9 of "``; all of
+    it by default) of ``stack``: which file and array, what failed, and what to do.
+
+    A failed Zarr read leaves the rest of its chunk tasks running on zarr's event loop;
+    they are let finish first (cut off at exit, asyncio would log each one as destroyed
+    while pending)."""
+    if _is_zarr(stack):
+        _settle_zarr_tasks()
+    hint = "is the file truncated or damaged?"
+    if _is_h5py(stack):
+        hint += (" Or compressed with a filter this h5py lacks (Eiger/bitshuffle/LZ4): "
+                 "pip install hdf5plugin, then import hdf5plugin before reading")
+    return ScanFileError(f"cannot read {rows}{_describe(stack)}: {type(exc).__name__}: {exc} "
+                         f"({hint})")
+
+
+def _settle_zarr_tasks(timeout: float = 30.0) -> None:
+    """Wait (at most ``timeout`` seconds) until the tasks on zarr's event loop are done:
+    after one chunk of a read fails, ``asyncio.gather`` returns while the read's other
+    chunk tasks are still pending."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def settle():
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(settle())
+    except Exception as exc:  # noqa: BLE001 - already reporting a failed read
+        logger.debug("waiting for zarr's pending reads: %s", exc)
 
 
 def _describe(stack) -> str:

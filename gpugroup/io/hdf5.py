@@ -16,7 +16,8 @@ import numpy as np
 
 from gpugroup._optional import require
 from gpugroup._xp import to_host
-from gpugroup.schema import STACK_KEYS
+from gpugroup.io.frames import read_stack, stat_input
+from gpugroup.schema import STACK_KEYS, check_storable
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ CXI_TRANSLATION = "entry_1/sample_1/geometry_1/translation"
 
 def _open(path, mode="r"):
     h5py = require("h5py", "hdf5")
+    if mode == "r":
+        stat_input(path, "scan file")  # a missing file said as for every format
     try:
         return h5py.File(path, mode)
     except FileNotFoundError:
@@ -72,10 +75,10 @@ def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
                 if mmap_mode is not None and field in STACK_KEYS:
                     out[field] = obj
                 else:
-                    out[field] = obj[()]
+                    out[field] = read_stack(obj)
                 break
         if cxi and ("xcoords" not in out or "ycoords" not in out) and CXI_TRANSLATION in f:
-            t = np.asarray(f[CXI_TRANSLATION][()], dtype=np.float64)
+            t = np.asarray(read_stack(f[CXI_TRANSLATION]), dtype=np.float64)
             logger.info("%s: positions from %s (columns x, y, units as stored)", path,
                         CXI_TRANSLATION)
             out.setdefault("xcoords", t[:, 0])
@@ -148,6 +151,7 @@ class Hdf5Target:
     def put(self, key, array):
 
         array = to_host(array)
+        check_storable(key, array)
         if array.dtype.kind == "U":
             self._f.attrs[key] = str(array)
         else:
@@ -197,7 +201,7 @@ def read_grouped(path, stack_keys) -> dict:
     for key, obj in f.items():
         if not isinstance(obj, h5py.Dataset):
             continue
-        out[key] = obj if key in stack_keys else obj[()]
+        out[key] = obj if key in stack_keys else read_stack(obj)
     for key, value in f.attrs.items():
         out[key] = value
     if not any(isinstance(v, h5py.Dataset) for v in out.values()):

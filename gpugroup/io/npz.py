@@ -25,7 +25,7 @@ from numpy.lib import format as npy_format
 
 from gpugroup._xp import to_host
 from gpugroup.io.frames import open_regular, remember_opened, stat_identity
-from gpugroup.schema import STACK_KEYS, ScanFileError
+from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
 logger = logging.getLogger(__name__)
 
@@ -415,8 +415,7 @@ class NpzWriter:
     def put(self, key: str, array) -> None:
         """Write a whole (small) array as member ``key``."""
         array = to_host(array)
-        if array.dtype.hasobject:
-            raise ValueError(f"cannot store {key!r}: dtype {array.dtype} holds Python objects")
+        check_storable(key, array)
         if array.ndim == 0:
             member = _Member(key + ".npy", self._end, _npy_header((), array.dtype), (),
                              array.dtype)

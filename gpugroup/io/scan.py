@@ -5,6 +5,7 @@ bounded memory) and :func:`write_scan` (atomically, stacks copied slab by slab).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -18,7 +19,13 @@ from gpugroup.io.formats import (
     open_target,
     output_format,
 )
-from gpugroup.io.frames import path_present, raw_view, remember_opened, stat_input
+from gpugroup.io.frames import (
+    path_present,
+    raw_view,
+    read_stack,
+    remember_opened,
+    stat_input,
+)
 from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS
 
 #: Default bytes per slab when copying stacks (memory bound of ``write_scan``/``convert``).
@@ -51,6 +58,8 @@ def read_scan(path, *, mmap_mode=None, keys=None) -> dict:
         the datasets there and the ``keys`` to pass).
     ImportError
         h5py or zarr missing (the message gives the pip line).
+    TypeError
+        ``keys`` is not a mapping of field names to strings.
     """
     path = os.fspath(path)
     keys = check_keys(keys)
@@ -92,7 +101,17 @@ def missing_fields_error(path, missing, found, keys=None) -> ValueError:
 
 def check_keys(keys) -> dict:
     """``keys`` (field -> where it is stored) as a dict, its fields checked."""
-    keys = dict(keys or {})
+    if keys is None:
+        return {}
+    if not isinstance(keys, Mapping) or not all(isinstance(v, str) for v in keys.values()):
+        example = "{'diff3d': '/entry_1/data_1/data'}"
+        if isinstance(keys, str) and "=" in keys:
+            field, _, where = keys.partition("=")
+            example = repr({field.strip(): where.strip()})
+        raise TypeError(f"keys must map a field to where it is stored (a dict of str), got "
+                        f"keys={keys!r}; pass e.g. keys={example} (on the command line "
+                        f"--key FIELD=PATH)")
+    keys = dict(keys)
     unknown = sorted(set(keys) - set(SCAN_FIELDS) - {"diffraction"})
     if unknown:
         raise ValueError(f"keys names unknown field(s) {unknown}; fields are "
@@ -111,7 +130,7 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
     step = max(1, int(slab_bytes) // max(1, row))
     for a in range(0, n, step):
         b = min(n, a + step)
-        sink[a:b] = to_host(src[a:b])
+        sink[a:b] = to_host(read_stack(src, slice(a, b)))
         if progress is not None:
             progress(b - a)
 

@@ -20,15 +20,17 @@ from gpugroup.io.frames import (
     check_unchanged,
     chunk_grid,
     missing_chunk_message,
+    read_stack,
     remember_opened,
+    stat_input,
 )
-from gpugroup.schema import STACK_KEYS, ScanFileError
+from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
 
 def _open_group(path, mode):
     zarr = require("zarr", "zarr")
-    if mode == "r" and not os.path.exists(path):
-        raise FileNotFoundError(f"no such scan store: {path!r}")
+    if mode == "r":
+        stat_input(path, "scan file")  # a missing store said as for every format
     try:
         return zarr.open_group(path, mode=mode)
     except FileNotFoundError:
@@ -104,7 +106,7 @@ def _read_once(path, keys, wanted, mmap_mode):
             if mmap_mode is not None and field in STACK_KEYS:
                 out[field] = checked(obj)
             else:
-                out[field] = obj[()]
+                out[field] = read_stack(obj)
             break
     if "_metadata" in g.attrs:
         out["_metadata"] = np.array(str(g.attrs["_metadata"]))
@@ -223,6 +225,7 @@ class ZarrTarget:
     def put(self, key, array):
 
         array = to_host(array)
+        check_storable(key, array)
         if array.dtype.kind == "U":
             self._g.attrs[key] = str(array)
         else:
@@ -258,7 +261,7 @@ def read_grouped(path, stack_keys) -> dict:
         for key in g.array_keys():
             arr = g[key]
             check_chunks(arr, path)
-            out[key] = checked(arr) if key in stack_keys else arr[()]
+            out[key] = checked(arr) if key in stack_keys else read_stack(arr)
         out.update(dict(g.attrs))
         return out
 
