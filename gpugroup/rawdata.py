@@ -260,6 +260,8 @@ class RawData:
             a compressed NPZ (the message says how to convert it: ``gpugroup convert``).
         ImportError
             h5py or zarr is needed and missing (``pip install "gpugroup[hdf5]"``/``[zarr]``).
+        TypeError
+            ``keys`` is not a mapping of field names to strings.
         """
         path = os.fspath(path)
         data = io.read_scan(path, mmap_mode=mmap_mode, keys=keys)

@@ -182,14 +182,14 @@ def _settle_zarr_tasks(timeout: float = 30.0) -> None:
     chunk tasks are still pending."""
     import asyncio
 
-    from zarr.core.sync import sync
-
     async def settle():
         others = asyncio.all_tasks() - {asyncio.current_task()}
         if others:
             await asyncio.wait(others, timeout=timeout)
 
-    try:
+    try:  # zarr's own runner (zarr 3); any failure here must not hide the read's error
+        from zarr.core.sync import sync
+
         sync(settle())
     except Exception as exc:  # noqa: BLE001 - already reporting a failed read
         logger.debug("waiting for zarr's pending reads: %s", exc)
