@@ -142,6 +142,10 @@ def check_energies(xp, frames, energies) -> None:
             f"(np.isfinite(diff3d).all(axis=(1, 2)) finds them)")
 
 
+#: X_full = diffraction * float32(s) (as PtychoPINN): s must be a normal float32.
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
 def normalization_scale(xp, energies, N: int, frames=None) -> float:
     """s = sqrt((N/2)**2 / mean(E)) in float64 (DESIGN.md section 2).
 
@@ -156,7 +160,14 @@ def normalization_scale(xp, energies, N: int, frames=None) -> float:
             f"the grouped diffraction frames have mean energy {mean}: all-zero (or NaN) frames "
             f"cannot be normalized; check diff3d"
         )
-    return float(np.sqrt((N / 2.0) ** 2 / mean))
+    s = float(np.sqrt((N / 2.0) ** 2 / mean))
+    if not _F32_TINY <= s <= _F32_MAX:  # float32(s) would be 0, subnormal or inf
+        raise ValueError(
+            f"the grouped diffraction frames have mean energy {mean:.3g}, so the scale s = "
+            f"{s:.3g} is beyond float32's normal numbers and X_full = diffraction * "
+            f"float32(s) would be 0, inexact or inf; rescale diff3d to amplitudes of an "
+            f"ordinary size (e.g. square roots of photon counts)")
+    return s
 
 
 def group_energies(xp, stack, nn_indices, chunk_bytes: int = DEFAULT_CHUNK_BYTES, kernels=None,
@@ -198,18 +209,18 @@ def check_progress(progress):
 
 
 def check_norm_scale(norm_scale):
-    """``norm_scale`` checked: None (computed from the frames) or a finite number > 0 (a
-    0-d array too), returned as a float."""
+    """``norm_scale`` checked: None (computed from the frames) or a number > 0 that float32
+    holds as a normal number (a 0-d array too), returned as a float."""
     if norm_scale is None:
         return None
     try:
-        s = None if isinstance(norm_scale, (bool, str)) else float(norm_scale)
+        s = None if isinstance(norm_scale, (bool, np.bool_, str)) else float(norm_scale)
     except (TypeError, ValueError):
         s = None
-    if s is None or not 0 < s < math.inf:
-        raise ValueError(f"norm_scale must be a finite number > 0 (the s of X_full = "
-                         f"diffraction * s) or None to compute it, got "
-                         f"norm_scale={norm_scale!r}")
+    if s is None or not _F32_TINY <= s <= _F32_MAX:
+        raise ValueError(f"norm_scale must be a number in [{_F32_TINY:.3g}, {_F32_MAX:.3g}] "
+                         f"(the s of X_full = diffraction * float32(s)) or None to compute "
+                         f"it, got norm_scale={norm_scale!r}")
     return s
 
 

@@ -205,7 +205,7 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
     B, C = int(nn.shape[0]), int(nn.shape[1])
     block_bytes = check_bytes("block_bytes", block_bytes) or DEFAULT_BLOCK_BYTES
     read_bytes = check_bytes("read_bytes", read_bytes) or DEFAULT_READ_BYTES
-    assembly.check_norm_scale(norm_scale)
+    norm_scale = assembly.check_norm_scale(norm_scale)
     src = _source(raw.diff3d, dask)
     y_src = _source(raw.Y, dask)
     obj = raw.objectGuess if (raw.Y is None and raw.objectGuess is not None) else None

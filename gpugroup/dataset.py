@@ -100,7 +100,8 @@ class GroupedDataset:
         self._coords = tuple(xp.asarray(a) for a in (raw.xcoords, raw.ycoords,
                                                         raw.xcoords_start, raw.ycoords_start))
         chunk_bytes = check_bytes("chunk_bytes", chunk_bytes) or assembly.DEFAULT_CHUNK_BYTES
-        if assembly.check_norm_scale(norm_scale) is None:
+        norm_scale = assembly.check_norm_scale(norm_scale)
+        if norm_scale is None:
             # one pass over the frames used; a memory-mapped file is read with pread so
             # that this pass does not leave the whole file resident
             norm_scale = assembly.AssemblyPlan(
@@ -172,14 +173,13 @@ class GroupedDataset:
 
     def batches(self, batch_size, *, shuffle=False, seed=None, drop_last=False):
         """Iterate over batches of ``batch_size`` rows (shuffled with a NumPy generator
-        seeded by ``seed`` when ``shuffle``)."""
+        seeded by ``seed`` when ``shuffle``); ``batch_size`` is checked at this call."""
         batch_size = check_count("batch_size", batch_size, 1)
         order = np.arange(len(self))
         if shuffle:
             order = np.random.default_rng(seed).permutation(order)
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for a in range(0, stop, batch_size):
-            yield self[order[a:a + batch_size]]
+        return (self[order[a:a + batch_size]] for a in range(0, stop, batch_size))
 
     def __getstate__(self):
         # Pickled for worker processes (spawn): on-disk stacks travel as references that

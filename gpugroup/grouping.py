@@ -20,6 +20,7 @@ import numpy as np
 from gpugroup import keys
 from gpugroup.backends import get_backend
 from gpugroup.backends.base import position_runs
+from gpugroup.schema import index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,6 @@ _COMB_CAP = (1 << 31) - 1
 _DEVICE_MAX_N = 1 << 31
 
 
-def index_dtype(n: int):
-    """int32 for group indices, int64 when n >= 2**31 (DESIGN.md section 2)."""
-    return np.int32 if n < 2**31 else np.int64
-
-
 def check_count(name: str, value, minimum: int) -> int:
     """``value`` as an int >= ``minimum``, else a ValueError naming ``name`` and the value."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -65,10 +61,11 @@ def check_count(name: str, value, minimum: int) -> int:
 
 
 def check_bytes(name: str, value):
-    """A memory budget: None (the default) or an int >= 1 of bytes, else a ValueError
-    naming ``name`` and the value."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-                              or value < 1):
+    """A memory budget: None (the default) or a whole number >= 1 of bytes (``64e6`` too),
+    as an int, else a ValueError naming ``name`` and the value."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real)
+                                                    and float(value).is_integer())
+    if value is not None and (isinstance(value, (bool, np.bool_)) or not whole or value < 1):
         raise ValueError(f"{name} must be a positive int (bytes) or None for the default, "
                          f"got {name}={value!r}")
     return None if value is None else int(value)

@@ -20,11 +20,11 @@ from gpugroup import dask as gdask
 from gpugroup.backends import BACKEND_NAMES, get_backend
 from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_bytes, check_count,
-                               exact_rescale, index_dtype, neighbour_pool, sample_groups,
+                               exact_rescale, neighbour_pool, sample_groups,
                                sample_with, select_members)
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
-from gpugroup.schema import check_position_numbers
+from gpugroup.schema import check_position_numbers, index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +86,21 @@ def _check_patches(Y, n):
     return Y
 
 
-#: What each array field holds, for the errors that name it.
-_HOLDS = {"diff3d": "real numbers (float32 amplitudes)",
-          "Y": "numbers (complex64 object patches)",
-          "probeGuess": "numbers (a complex64 (N, N) probe)",
-          "objectGuess": "numbers (a complex64 (H, W) object)"}
+#: What each array field holds, and its usual dtype, for the errors that name it.
+_HOLDS = {"diff3d": ("real numbers (float32 amplitudes)", "float32"),
+          "Y": ("numbers (complex64 object patches)", "complex64"),
+          "probeGuess": ("numbers (a complex64 (N, N) probe)", "complex64"),
+          "objectGuess": ("numbers (a complex64 (H, W) object)", "complex64")}
 
 
 def _check_numbers(name, a):
     """``a`` (anything with a dtype) holds numbers: real ones for ``diff3d``."""
     dtype = np.dtype(a.dtype)
     if not np.issubdtype(dtype, np.number) or (name == "diff3d" and dtype.kind == "c"):
-        raise ValueError(f"{name} must hold {_HOLDS[name]}, got dtype {dtype}")
+        what, usual = _HOLDS[name]
+        raise ValueError(f"{name} must hold {what}, got dtype {dtype}; pass a numeric array "
+                         f"(e.g. np.asarray({name}, dtype=np.{usual}) of numbers stored as "
+                         f"text)")
     return a
 
 
@@ -194,7 +197,7 @@ class RawData:
                            "PtychoPINN's model expects them equal", tuple(self.Y.shape[1:3]),
                            shape[1:])
         self.norm_Y_I = norm_Y_I
-        if metadata is not None and not isinstance(metadata, Mapping):
+        if metadata and not isinstance(metadata, Mapping):  # None, {} or [] hold nothing
             raise TypeError(f"metadata must be a dict (stored as JSON, e.g. "
                             f"{{'physics_parameters': {{'N': 64}}}}) or None, got "
                             f"{type(metadata).__name__} {metadata!r:.80}")
@@ -336,12 +339,12 @@ class RawData:
                               axes=(-2, -1))
         diff3d = np.abs(far).astype(np.float32)
         assembly.warn_patches_off_object(np, x, y, obj.shape, N)
-        if not diff3d.any():
-            raise ValueError(
-                f"every simulated frame is zero: the probe sees no object at any of the {len(x)} "
-                f"positions (x in [{x.min():.6g}, {x.max():.6g}], y in [{y.min():.6g}, "
-                f"{y.max():.6g}]; objectGuess is {obj.shape[0]}x{obj.shape[1]}), or the object "
-                f"or probe is zero; pass positions in object pixels, x the column and y the row")
+        if not diff3d.any():  # PtychoPINN returns such a scan too: say so now, not at grouping
+            logger.warning(
+                "every simulated frame is zero: the probe sees no object at any of the %d "
+                "positions (x in [%.6g, %.6g], y in [%.6g, %.6g]; objectGuess is %dx%d), or the "
+                "object or probe is zero; pass positions in object pixels, x the column and y "
+                "the row", len(x), x.min(), x.max(), y.min(), y.max(), *obj.shape)
         return cls(x, y, x, y, diff3d, probe, scan_index, objectGuess=obj, Y=Y,
                    backend=backend)
 

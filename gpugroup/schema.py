@@ -55,10 +55,16 @@ class ScanArrays:
                 object.__setattr__(self, name, default)
 
 
+def index_dtype(n: int):
+    """int32 for group indices, int64 when n >= 2**31 (DESIGN.md section 2)."""
+    return np.int32 if n < 2**31 else np.int64
+
+
 def check_position_numbers(name: str, a, n: int, ndim: int = 2):
     """``a`` (host array-like) as position numbers of a scan of ``n``: ``ndim``-D integers in
-    [0, n) (``ndim`` 2: groups (B, C), one row a group; 1: seed positions). Returns the
-    NumPy array; a ValueError names ``name``, what is wrong and the fix."""
+    [0, n) (``ndim`` 2: groups (B, C), one row a group; 1: seed positions). Returns them as
+    a NumPy array of :func:`index_dtype`; a ValueError names ``name``, what is wrong and the
+    fix."""
     a = np.asarray(a)
     want = "(B, C) groups" if ndim == 2 else "a 1-D array"
     if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
@@ -70,4 +76,4 @@ def check_position_numbers(name: str, a, n: int, ndim: int = 2):
         raise ValueError(f"{name} must hold position numbers in [0, {n}) (the scan has {n} "
                          f"positions), got {name}.flat[{bad}]={int(a.flat[bad])}; group "
                          f"positions of this scan only")
-    return a
+    return a.astype(index_dtype(n), copy=False)

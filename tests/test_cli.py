@@ -364,6 +364,11 @@ def test_show_a_scan(scan_file, tmp_path, capsys, monkeypatch):
     png = tmp_path / "scan.png"  # default: IN's name with .png, in the current directory
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert "wrote scan.png" in capsys.readouterr().out
+    # -o without a suffix: a PNG, as matplotlib writes one, named as written
+    assert main(["show", str(scan_file), "--nsamples", "50", "--backend", "cpu",
+                 "-o", "pic"]) == 0
+    assert (tmp_path / "pic.png").read_bytes()[:8] == PNG_MAGIC
+    assert "wrote pic.png" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("suffix", [suffix_param(s) for s in (".npz", ".h5", ".zarr")])

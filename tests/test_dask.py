@@ -110,7 +110,9 @@ def test_options_and_generate_grouped_data_lazy():
             with pytest.raises(ValueError, match=rf"{name} must be a positive int.*"
                                                  rf"{name}={bad}"):
                 gdask.grouped_arrays(raw, nn_indices=eager["nn_indices"], **{name: bad})
-    with pytest.raises(ValueError, match=r"norm_scale must be a finite number > 0.*nan"):
+        # a whole number written as a float (64e6) is a budget, as before
+        assert gdask.grouped_arrays(raw, nn_indices=eager["nn_indices"], **{name: 1e4})
+    with pytest.raises(ValueError, match=r"norm_scale must be a number in .*norm_scale=nan"):
         gdask.grouped_arrays(raw, nn_indices=eager["nn_indices"], norm_scale=np.nan)
 
 

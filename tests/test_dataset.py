@@ -108,9 +108,10 @@ def test_errors(case):
         GroupedDataset(raw, np.array([[0.0, 1.0]]))
     for bad in (0, -1, 2.5, "2", True):
         with pytest.raises(ValueError, match=r"batch_size must be .*got batch_size="):
-            next(ds.batches(bad))
-    for bad in (np.nan, -1.0, 0, np.inf, "2", True):
-        with pytest.raises(ValueError, match=r"norm_scale must be a finite number > 0"):
+            ds.batches(bad)  # at the call, not at the first batch
+    for bad in (np.nan, -1.0, 0, np.inf, "2", True, np.True_, 1e-50, 1e39):
+        with pytest.raises(ValueError, match=r"norm_scale must be a number in \[1.18e-38, "
+                                             r"3.4e\+38\] .*float32"):
             GroupedDataset(raw, np.array([[0, 1]]), norm_scale=bad)
     assert GroupedDataset(raw, np.array([[0, 1]]), norm_scale=np.array(2.0)).norm_scale == 2.0
     for bad in (0, -5, 1.5):

@@ -1015,7 +1015,7 @@ def test_auto_backend_without_gpu_matches_cpu(xy, caplog):
 
 
 def test_index_dtype_switches_at_2_to_the_31():
-    from gpugroup.grouping import index_dtype
+    from gpugroup.schema import index_dtype
 
     assert index_dtype(1) == np.int32
     assert index_dtype(2**31 - 1) == np.int32

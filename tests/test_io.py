@@ -497,6 +497,9 @@ def test_keys_that_are_not_a_mapping_are_named(tmp_path):
     with pytest.raises(TypeError, match=r"got keys=\{'diff3d': 3\}"):
         RawData.from_file(path, keys={"diff3d": 3})
     assert os.listdir(tmp_path) == ["scan.h5"]
+    # what dict() takes, and HDF5 names as bytes, still name where a field is
+    for keys in ([("diff3d", "diff3d")], {"diff3d": b"diff3d"}):
+        assert_same_scan(make_raw(), RawData.from_file(path, keys=keys, backend="cpu"))
 
 
 def _constant_scan(value, dtype=np.float32):
@@ -594,3 +597,19 @@ def test_a_scan_file_shrunk_in_place_is_an_error_not_a_crash(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert (done.returncode, done.stdout) == (0, "refused: True\nrefused: True\n"), done.stderr
+
+
+@pytest.mark.parametrize("mode", ["memory", "mmap", "convert"])
+def test_a_stack_field_stored_as_none_counts_as_absent_on_every_path(tmp_path, mode):
+    """PtychoPINN-style NPZ with Y=None and objectGuess=None (object members holding None):
+    absent for from_file in memory, with mmap_mode="r" (Y is a frame stack, opened on
+    disk otherwise) and for convert's streaming reader."""
+    raw = make_raw()
+    path = tmp_path / "pp.npz"
+    np.savez(path, Y=None, objectGuess=None,
+             **{k: v for k, v in raw.to_dict().items() if k not in ("Y", "objectGuess")})
+    if mode == "convert":
+        path = convert(path, tmp_path / "out.npz")
+    back = RawData.from_file(path, mmap_mode="r" if mode == "mmap" else None, backend="cpu")
+    assert back.Y is None and back.objectGuess is None
+    np.testing.assert_array_equal(np.asarray(back.diff3d), raw.diff3d)

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -491,6 +492,8 @@ def test_an_unused_neighbor_pool_size_is_a_warning_when_it_differs_from_K(caplog
 def test_metadata_that_is_not_a_dict_is_refused(metadata, match):
     with pytest.raises(TypeError, match=match):
         RawData(**base_fields(), metadata=metadata)
+    for empty in (None, {}, []):  # nothing to keep, as before
+        assert RawData(**base_fields(), metadata=empty).metadata == {}
 
 
 def test_numpy_values_in_metadata_are_written_as_plain_json(tmp_path):
@@ -546,7 +549,7 @@ def test_Y_patches_of_another_size_than_the_frames_are_warned_about(caplog):
     assert "Y holds" not in caplog.text
 
 
-def test_simulating_off_the_object_warns_and_all_zero_frames_are_refused(caplog):
+def test_simulating_off_the_object_warns(caplog):
     probe = np.ones((8, 8), np.complex64)
     obj = np.ones((64, 64), np.complex64)
     yy, xx = np.divmod(np.arange(100.0), 10)
@@ -555,9 +558,13 @@ def test_simulating_off_the_object_warns_and_all_zero_frames_are_refused(caplog)
         raw = RawData.from_simulation(np.r_[x[:-1], 1e4], y, probe, obj, backend="cpu")
     assert "1 of 100 scan positions have their whole 8x8 patch outside objectGuess" in caplog.text
     assert raw.diff3d[:-1].any(axis=(1, 2)).all() and not raw.diff3d[-1].any()
-    with pytest.raises(ValueError, match=r"every simulated frame is zero.*100 positions.*"
-                                         r"x in \[10012, 10048\].*objectGuess is 64x64"):
-        RawData.from_simulation(x + 1e4, y, probe, obj, backend="cpu")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        raw = RawData.from_simulation(x + 1e4, y, probe, obj, backend="cpu")
+    assert re.search(r"every simulated frame is zero.*100 positions.*x in \[10012, 10048\].*"
+                     r"objectGuess is 64x64", caplog.text)
+    with pytest.raises(ValueError, match=r"mean energy 0\.0"):  # grouping refuses them
+        raw.generate_grouped_data(8, K=4, nsamples=5, seed=1, gridsize=1)
 
 
 def test_validate_config_reads_a_dict_as_well_as_a_config_object(tmp_path, caplog):
@@ -592,3 +599,57 @@ def test_convert_checks_its_options_before_reading(tmp_path):
     with pytest.raises(TypeError, match=r"progress must be a callable"):
         convert(tmp_path / "s.npz", tmp_path / "o.npz", progress=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_a_scale_float32_cannot_hold_is_refused_not_turned_into_zeros():
+    """X_full = diffraction * float32(s), as PtychoPINN: s outside float32's normal numbers
+    would make X_full 0, inexact or inf; it is an error naming the fix. Large but ordinary
+    amplitudes still normalize exactly."""
+    base = make_raw(n=40, dtype=np.float64)
+    args = dict(N=8, K=7, nsamples=10, seed=3, gridsize=2)
+    for factor in (1e46, 1e41, 1e-42):
+        raw = RawData(base.xcoords, base.ycoords, None, None, base.diff3d * factor,
+                      base.probeGuess, None, backend="cpu")
+        with pytest.raises(ValueError, match=r"scale s = .* beyond float32's normal numbers.*"
+                                             r"rescale diff3d"):
+            raw.generate_grouped_data(**args)
+    raw = RawData(base.xcoords, base.ycoords, None, None, base.diff3d * 1e30,
+                  base.probeGuess, None, backend="cpu")
+    d = raw.generate_grouped_data(**args)
+    expect = (d["diffraction"] * np.float32(d["norm_scale"])).astype(np.float32)
+    np.testing.assert_array_equal(d["X_full"], expect)
+    assert 0.5 < float(d["X_full"].max()) < 10
+
+
+def test_a_given_norm_scale_is_read_once():
+    """A lazy norm_scale (a 0-d Dask array) costs a pass over the frames each time it is
+    read: the checks read it once."""
+    from gpugroup.dataset import GroupedDataset
+
+    class Counting:
+        reads = 0
+
+        def __float__(self):
+            Counting.reads += 1
+            return 2.0
+
+    raw = make_raw(n=40)
+    ds = GroupedDataset(raw, np.array([[0, 1], [2, 3]]), norm_scale=Counting())
+    assert ds.norm_scale == 2.0 and Counting.reads == 1
+
+
+@pytest.mark.parametrize("groups", [
+    [[0, 1, 2, 3], [4, 5, 6, 7]],
+    np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.uint64),
+    np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int16),
+])
+def test_given_groups_come_back_as_int32_nn_indices(groups):
+    """DESIGN.md section 2: nn_indices is int32 (n < 2**31) whatever type the groups had."""
+    from gpugroup.dataset import GroupedDataset
+
+    raw = make_raw(n=40)
+    d = raw._generate_dataset_from_groups(groups, 8)
+    assert d["nn_indices"].dtype == np.int32
+    np.testing.assert_array_equal(d["nn_indices"], np.asarray(groups, np.int64))
+    ds = GroupedDataset(raw, groups)
+    assert ds.nn_indices.dtype == np.int32 and ds[0:2]["nn_indices"].dtype == np.int32

@@ -155,6 +155,8 @@ class KDTreeIndex:
         dist = np.empty((m, kq), dtype=np.float64)
         # Slab by slab, in leaf order within each (cache-friendly: see locality_order).
         rank = self._rank[rows]
+        # (only speed depends on this order; rows mostly arrive in leaf order already,
+        # which the stable sort takes in one pass)
         order = np.argsort(rank, kind="stable")
         # ranks are slab-major: slab s holds ranks bounds[s] .. bounds[s+1] - 1
         bounds = np.searchsorted(rank[order], self._bounds)

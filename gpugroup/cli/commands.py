@@ -356,7 +356,7 @@ def cmd_show(args) -> int:
                        "pip install 'gpugroup[plot]'")
     source = _check_input_file(args.input)
     png = args.output or os.path.splitext(os.path.basename(source.rstrip("/\\")))[0] + ".png"
-    check_picture_path(png, "-o")
+    png = check_picture_path(png, "-o")
     groups_path = None if args.groups is None else _check_input_file(args.groups)
     if _is_grouped_output(source):
         if groups_path is not None:

@@ -14,17 +14,18 @@ from gpugroup.grouping import exact_rescale, neighbour_pool, sample_seeds
 logger = logging.getLogger(__name__)
 
 
-def check_picture_path(path, flag: str = "-o") -> None:
-    """Refuse, before any work, a picture ``path`` (given as ``flag``) that matplotlib
-    cannot write: a suffix it has no format for, or a directory that is missing or not
-    writable."""
+def check_picture_path(path, flag: str = "-o") -> str:
+    """The picture ``path`` (given as ``flag``) matplotlib will write: ``.png`` added to a
+    name without a suffix (as matplotlib does); refused, before any work, when it has a
+    suffix matplotlib has no format for, or its directory is missing or not writable."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     kinds = FigureCanvasBase.get_supported_filetypes()
+    if not os.path.splitext(path)[1]:
+        path += ".png"
     suffix = os.path.splitext(path)[1].lower().lstrip(".")
     if suffix not in kinds:
-        raise ValueError(f"{flag} {path!r}: matplotlib cannot write "
-                         f"{'.' + suffix if suffix else 'a file without a suffix'}; end the "
+        raise ValueError(f"{flag} {path!r}: matplotlib cannot write .{suffix}; end the "
                          f"name with one of {', '.join('.' + k for k in sorted(kinds))} "
                          f"(e.g. .png)")
     directory = os.path.dirname(os.path.abspath(path))
@@ -34,6 +35,7 @@ def check_picture_path(path, flag: str = "-o") -> None:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {path!r}: cannot write in the directory "
                               f"{directory!r}; choose a writable one")
+    return path
 
 
 def spread_rows(centres, count: int):

@@ -29,10 +29,10 @@ CXI_DEFAULTS = {
 CXI_TRANSLATION = "entry_1/sample_1/geometry_1/translation"
 
 
-def _open(path, mode="r"):
+def _open(path, mode="r", what="scan file"):
     h5py = require("h5py", "hdf5")
     if mode == "r":
-        stat_input(path, "scan file")  # a missing file said as for every format
+        stat_input(path, what)  # a missing file said as for every format
     try:
         return h5py.File(path, mode)
     except FileNotFoundError:
@@ -196,7 +196,7 @@ def read_grouped(path, stack_keys) -> dict:
     """A written grouped output: stacks as ``h5py.Dataset`` (of one read-only file),
     the rest as arrays."""
     h5py = require("h5py", "hdf5")
-    f = _open(path)
+    f = _open(path, what="grouped output")
     out = {}
     for key, obj in f.items():
         if not isinstance(obj, h5py.Dataset):

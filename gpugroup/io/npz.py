@@ -199,6 +199,16 @@ def _object_member_error(path, key) -> ValueError:
         f"string), e.g. np.savez(..., {key}=np.asarray(value, dtype=float))")
 
 
+def _holds_objects(zf, info) -> bool:
+    """Whether member ``info`` is an object array (a stored None, as PtychoPINN writes an
+    absent field): read as a small member then, not opened as a stack."""
+    try:
+        with zf.open(info) as member:
+            return _read_npy_header(member)[2].hasobject
+    except ValueError:  # not an .npy header: opening it as a stack says what is wrong
+        return False
+
+
 def _read_members(path, fh, stack_keys, open_stack) -> dict:
     """``.npy`` members of zip ``path`` (open as ``fh``) by key: ``open_stack(info)`` for
     the frame stacks in ``stack_keys``, small members read whole."""
@@ -209,7 +219,7 @@ def _read_members(path, fh, stack_keys, open_stack) -> dict:
                 if not info.filename.endswith(".npy"):
                     continue
                 key = info.filename[:-4]
-                if key in stack_keys:
+                if key in stack_keys and not _holds_objects(zf, info):
                     out[key] = open_stack(info)
                     continue
                 with zf.open(info) as member:

@@ -5,7 +5,6 @@ bounded memory) and :func:`write_scan` (atomically, stacks copied slab by slab).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -100,18 +99,25 @@ def missing_fields_error(path, missing, found, keys=None) -> ValueError:
 
 
 def check_keys(keys) -> dict:
-    """``keys`` (field -> where it is stored) as a dict, its fields checked."""
+    """``keys`` (field -> where it is stored: a dict, or pairs) as a dict of str, its fields
+    checked."""
     if keys is None:
         return {}
-    if not isinstance(keys, Mapping) or not all(isinstance(v, str) for v in keys.values()):
+    given = keys
+    try:
+        keys = None if isinstance(keys, (str, bytes)) else dict(keys)
+    except (TypeError, ValueError):
+        keys = None
+    if keys is not None:  # HDF5 names may come as bytes
+        keys = {k: v.decode() if isinstance(v, bytes) else v for k, v in keys.items()}
+    if keys is None or not all(isinstance(v, str) for v in keys.values()):
         example = "{'diff3d': '/entry_1/data_1/data'}"
-        if isinstance(keys, str) and "=" in keys:
-            field, _, where = keys.partition("=")
+        if isinstance(given, str) and "=" in given:
+            field, _, where = given.partition("=")
             example = repr({field.strip(): where.strip()})
         raise TypeError(f"keys must map a field to where it is stored (a dict of str), got "
-                        f"keys={keys!r}; pass e.g. keys={example} (on the command line "
+                        f"keys={given!r}; pass e.g. keys={example} (on the command line "
                         f"--key FIELD=PATH)")
-    keys = dict(keys)
     unknown = sorted(set(keys) - set(SCAN_FIELDS) - {"diffraction"})
     if unknown:
         raise ValueError(f"keys names unknown field(s) {unknown}; fields are "

@@ -27,10 +27,10 @@ from gpugroup.io.frames import (
 from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
 
-def _open_group(path, mode):
+def _open_group(path, mode, what="scan file"):
     zarr = require("zarr", "zarr")
     if mode == "r":
-        stat_input(path, "scan file")  # a missing store said as for every format
+        stat_input(path, what)  # a missing store said as for every format
     try:
         return zarr.open_group(path, mode=mode)
     except FileNotFoundError:
@@ -256,7 +256,7 @@ def read_grouped(path, stack_keys) -> dict:
     path = os.fspath(path)
 
     def read_once():
-        g = _open_group(path, "r")
+        g = _open_group(path, "r", "grouped output")
         out = {}
         for key in g.array_keys():
             arr = g[key]
