@@ -197,7 +197,9 @@ class RawData:
                            "PtychoPINN's model expects them equal", tuple(self.Y.shape[1:3]),
                            shape[1:])
         self.norm_Y_I = norm_Y_I
-        if metadata and not isinstance(metadata, Mapping):  # None, {} or [] hold nothing
+        if isinstance(metadata, (list, tuple, str)) and not len(metadata):
+            metadata = None  # holds nothing, as {} (PtychoPINN's default is None)
+        if metadata is not None and not isinstance(metadata, Mapping):
             raise TypeError(f"metadata must be a dict (stored as JSON, e.g. "
                             f"{{'physics_parameters': {{'N': 64}}}}) or None, got "
                             f"{type(metadata).__name__} {metadata!r:.80}")

@@ -369,6 +369,9 @@ def test_show_a_scan(scan_file, tmp_path, capsys, monkeypatch):
                  "-o", "pic"]) == 0
     assert (tmp_path / "pic.png").read_bytes()[:8] == PNG_MAGIC
     assert "wrote pic.png" in capsys.readouterr().out
+    assert main(["show", str(scan_file), "--nsamples", "50", "--backend", "cpu",
+                 "-o", "dot."]) == 0  # as matplotlib: "dot." is written as dot.png
+    assert (tmp_path / "dot.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.parametrize("suffix", [suffix_param(s) for s in (".npz", ".h5", ".zarr")])
@@ -418,10 +421,11 @@ def test_show_errors(scan_file, tmp_path, capsys):
 
 @pytest.mark.parametrize("name, fix", [
     ("nodir/x.png", r"the directory '.*nodir' does not exist; create it first"),
-    ("x.txt", r"matplotlib cannot write \.txt; end the name with one of .*\.png")])
+    ("x.txt", r"matplotlib cannot write \.txt; end the name with one of .*\.png"),
+    ("sub/", r"a directory; give a file name, e.g. '.*picture\.png'")])
 def test_show_names_a_bad_output(scan_file, tmp_path, capsys, name, fix):
     pytest.importorskip("matplotlib")
-    out = str(tmp_path / name)
+    out = os.path.join(str(tmp_path), name)
     line = _error_line(capsys, main(["show", str(scan_file), "-o", out, "--backend", "cpu"]))
     assert re.search(f"-o {re.escape(repr(out))}: {fix}", line), line
     assert list(tmp_path.iterdir()) == []

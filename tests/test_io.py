@@ -613,3 +613,50 @@ def test_a_stack_field_stored_as_none_counts_as_absent_on_every_path(tmp_path, m
     back = RawData.from_file(path, mmap_mode="r" if mode == "mmap" else None, backend="cpu")
     assert back.Y is None and back.objectGuess is None
     np.testing.assert_array_equal(np.asarray(back.diff3d), raw.diff3d)
+
+
+def _patched_member(src, dst, member, *, flag=None, method=None):
+    """A copy of zip ``src`` whose ``member`` claims general-purpose ``flag`` bits or a
+    compression ``method`` (in both its local and its central header)."""
+    import struct
+
+    data = bytearray(open(src, "rb").read())
+    with zipfile.ZipFile(src) as zf:
+        local = zf.getinfo(member).header_offset
+    spots = [(local + 6, local + 8)]
+    i = data.find(b"PK\x01\x02")
+    while i != -1:
+        size = struct.unpack_from("<H", data, i + 28)[0]
+        if bytes(data[i + 46:i + 46 + size]).decode() == member:
+            spots.append((i + 8, i + 10))
+        i = data.find(b"PK\x01\x02", i + 4)
+    for flag_at, method_at in spots:
+        if flag is not None:
+            struct.pack_into("<H", data, flag_at, flag)
+        if method is not None:
+            struct.pack_into("<H", data, method_at, method)
+    open(dst, "wb").write(data)
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"flag": 1}, r"member 'diff3d' is encrypted; it cannot be memory-mapped"),
+    ({"method": 93}, r"member 'diff3d' is compressed \(93\) .*gpugroup convert"),
+])
+def test_unreadable_stack_members_keep_their_own_message_with_mmap(tmp_path, patch, match):
+    """The check for stored-None stacks must not open such members first (zipfile raises
+    RuntimeError / NotImplementedError there, naming nothing)."""
+    base = tmp_path / "base.npz"
+    np.savez(base, **{k: np.asarray(v) for k, v in make_raw().to_dict().items()})
+    _patched_member(base, tmp_path / "odd.npz", "diff3d.npy", **patch)
+    with pytest.raises(ValueError, match=match):
+        RawData.from_file(tmp_path / "odd.npz", mmap_mode="r")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+def test_a_missing_grouped_output_is_called_one(tmp_path, suffix):
+    from gpugroup.io.grouped import open_grouped
+
+    if suffix != ".npz":
+        pytest.importorskip({".h5": "h5py", ".zarr": "zarr"}[suffix])
+    with pytest.raises(FileNotFoundError, match=r"grouped output '.*nope.*' does not exist"):
+        open_grouped(str(tmp_path / f"nope{suffix}"))

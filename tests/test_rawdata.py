@@ -488,6 +488,9 @@ def test_an_unused_neighbor_pool_size_is_a_warning_when_it_differs_from_K(caplog
 @pytest.mark.parametrize("metadata, match", [
     ("abc", r"metadata must be a dict .*got str 'abc'"),
     ([1, 2], r"metadata must be a dict .*got list \[1, 2\]"),
+    (np.array([1, 2]), r"metadata must be a dict .*got ndarray array\(\[1, 2\]\)"),
+    (np.array([]), r"metadata must be a dict .*got ndarray"),
+    (0, r"metadata must be a dict .*got int 0"),
 ])
 def test_metadata_that_is_not_a_dict_is_refused(metadata, match):
     with pytest.raises(TypeError, match=match):

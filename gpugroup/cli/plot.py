@@ -21,6 +21,10 @@ def check_picture_path(path, flag: str = "-o") -> str:
     from matplotlib.backend_bases import FigureCanvasBase
 
     kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path!r}: a directory; give a file name, e.g. "
+                                f"{os.path.join(path, 'picture.png')!r}")
+    path = path.rstrip(".")
     if not os.path.splitext(path)[1]:
         path += ".png"
     suffix = os.path.splitext(path)[1].lower().lstrip(".")

@@ -36,10 +36,10 @@ CONVERT_HINT = ("convert it once to an uncompressed file: `gpugroup convert {pat
                 "(or OUT.h5 / OUT.zarr), or in Python gpugroup.rawdata.convert({path!r}, 'OUT.npz')")
 
 
-def _open_error(path, exc, member=None):
+def _open_error(path, exc, member=None, what="scan file"):
     where = f" (member {member!r})" if member else ""
     return OSError(
-        f"cannot read scan file {path!r}{where}: {type(exc).__name__}: {exc}. It must be an "
+        f"cannot read {what} {path!r}{where}: {type(exc).__name__}: {exc}. It must be an "
         f"NPZ archive written by numpy.savez (is it truncated or another format?)"
     )
 
@@ -150,7 +150,7 @@ def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r"):
                      order="F" if fortran else "C")
 
 
-def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS) -> dict:
+def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS, what="scan file") -> dict:
     """All members of an NPZ archive by key; with ``mmap_mode`` the frame stacks
     (``stack_keys``) are memory-mapped and the small members are read.
 
@@ -168,17 +168,17 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS) -> dict:
     path = os.fspath(path)
     if mmap_mode not in (None, "r", "r+", "c"):
         raise ValueError(f"mmap_mode must be None, 'r', 'r+' or 'c', got {mmap_mode!r}")
-    with open_regular(path) as fh:
+    with open_regular(path, what) as fh:
         if not zipfile.is_zipfile(fh):
             # np.load would guess "pickled data" for any bytes that are not npy/npz
-            raise OSError(f"cannot read scan file {path!r}: it is not a zip archive. It must "
+            raise OSError(f"cannot read {what} {path!r}: it is not a zip archive. It must "
                           f"be an NPZ archive written by numpy.savez (is it truncated or "
                           f"another format?)")
         fh.seek(0)
         if mmap_mode is None:
-            return _read_members(path, fh, (), None)
+            return _read_members(path, fh, (), None, what)
         return _remembered(fh, _read_members(
-            path, fh, stack_keys, lambda info: memmap_member(path, fh, info, mmap_mode)))
+            path, fh, stack_keys, lambda info: memmap_member(path, fh, info, mmap_mode), what))
 
 
 def _remembered(fh, members: dict) -> dict:
@@ -202,16 +202,18 @@ def _object_member_error(path, key) -> ValueError:
 def _holds_objects(zf, info) -> bool:
     """Whether member ``info`` is an object array (a stored None, as PtychoPINN writes an
     absent field): read as a small member then, not opened as a stack."""
+    if info.flag_bits & 1:  # encrypted: opening it as a stack says so
+        return False
     try:
         with zf.open(info) as member:
             return _read_npy_header(member)[2].hasobject
-    except ValueError:  # not an .npy header: opening it as a stack says what is wrong
-        return False
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False  # no .npy header or no readable member: the stack's opener says why
 
 
-def _read_members(path, fh, stack_keys, open_stack) -> dict:
-    """``.npy`` members of zip ``path`` (open as ``fh``) by key: ``open_stack(info)`` for
-    the frame stacks in ``stack_keys``, small members read whole."""
+def _read_members(path, fh, stack_keys, open_stack, what="scan file") -> dict:
+    """``.npy`` members of zip ``path`` (open as ``fh``; a ``what``, for errors) by key:
+    ``open_stack(info)`` for the frame stacks in ``stack_keys``, small members read whole."""
     out = {}
     try:
         with zipfile.ZipFile(fh) as zf:
@@ -233,11 +235,11 @@ def _read_members(path, fh, stack_keys, open_stack) -> dict:
                             if value is not None:
                                 out[key] = value
                             continue
-                        raise _open_error(path, exc, key) from exc
+                        raise _open_error(path, exc, key, what) from exc
     except FileNotFoundError:
         raise
     except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise _open_error(path, exc) from exc
+        raise _open_error(path, exc, what=what) from exc
     return out
 
 
@@ -581,4 +583,4 @@ class NpzTarget:
 
 def read_grouped(path, stack_keys) -> dict:
     """A written grouped output: stacks as ``np.memmap`` (read-only), the rest read."""
-    return read_npz(path, "r", stack_keys)
+    return read_npz(path, "r", stack_keys, "grouped output")

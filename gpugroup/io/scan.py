@@ -5,6 +5,7 @@ bounded memory) and :func:`write_scan` (atomically, stacks copied slab by slab).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -105,11 +106,18 @@ def check_keys(keys) -> dict:
         return {}
     given = keys
     try:
-        keys = None if isinstance(keys, (str, bytes)) else dict(keys)
+        pairs = keys if isinstance(keys, Mapping) else list(keys)
+        if isinstance(keys, (str, bytes)) or (pairs is not keys and any(
+                isinstance(p, (str, bytes)) for p in pairs)):
+            pairs = None  # (dict() would take the string "xy" as the pair ("x", "y"))
+        keys = None if pairs is None else dict(pairs)
     except (TypeError, ValueError):
         keys = None
     if keys is not None:  # HDF5 names may come as bytes
-        keys = {k: v.decode() if isinstance(v, bytes) else v for k, v in keys.items()}
+        try:
+            keys = {k: v.decode() if isinstance(v, bytes) else v for k, v in keys.items()}
+        except UnicodeDecodeError:
+            keys = None
     if keys is None or not all(isinstance(v, str) for v in keys.values()):
         example = "{'diff3d': '/entry_1/data_1/data'}"
         if isinstance(given, str) and "=" in given:
