@@ -10,7 +10,6 @@ outputs is one chunk.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 

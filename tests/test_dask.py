@@ -101,8 +101,8 @@ def test_options_and_generate_grouped_data_lazy():
         gdask.grouped_arrays(raw, 9, nn_indices=eager["nn_indices"])
     # given groups and sizes are checked as GroupedDataset checks them, naming the option
     for nn, match in ((eager["nn_indices"] * 1.0, r"nn_indices must be \(B, C\) groups"),
-                      (eager["nn_indices"] + 200, r"nn_indices must hold position numbers in "
-                                                  r"\[0, 200\)")):
+                      (eager["nn_indices"] + 200, (r"nn_indices must hold position numbers "
+                                                   r"in \[0, 200\)"))):
         with pytest.raises(ValueError, match=match):
             gdask.grouped_arrays(raw, nn_indices=nn)
     for name in ("block_bytes", "read_bytes"):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -620,7 +621,7 @@ def _patched_member(src, dst, member, *, flag=None, method=None):
     compression ``method`` (in both its local and its central header)."""
     import struct
 
-    data = bytearray(open(src, "rb").read())
+    data = bytearray(Path(src).read_bytes())
     with zipfile.ZipFile(src) as zf:
         local = zf.getinfo(member).header_offset
     spots = [(local + 6, local + 8)]
@@ -635,7 +636,7 @@ def _patched_member(src, dst, member, *, flag=None, method=None):
             struct.pack_into("<H", data, flag_at, flag)
         if method is not None:
             struct.pack_into("<H", data, method_at, method)
-    open(dst, "wb").write(data)
+    Path(dst).write_bytes(data)
 
 
 @pytest.mark.parametrize("patch, match", [

@@ -511,8 +511,8 @@ def test_numpy_values_in_metadata_are_written_as_plain_json(tmp_path):
 
 
 @pytest.mark.parametrize("meta, where", [
-    ({"physics_parameters": {"probe": object()}}, r"metadata\['physics_parameters'\]\['probe'\] "
-                                                 r"is a object"),
+    ({"physics_parameters": {"probe": object()}},
+     r"metadata\['physics_parameters'\]\['probe'\] is a object"),
     ({"runs": [1, {2}]}, r"metadata\['runs'\]\[1\] is a set"),
     ({(1, 2): "pair"}, r"metadata has key \(1, 2\) \(tuple\)"),
 ])

@@ -95,7 +95,8 @@ def check_free_space(path, nbytes, *,
     if need > free:
         raise _with_errno(OSError(
             f"not enough free space for {os.fspath(path)!r}: the output needs about "
-            f"{need:,} bytes ({need / 1e9:.2f} GB, with 2% and 1 MiB of headroom) but {directory!r} has {free:,} bytes "
+            f"{need:,} bytes ({need / 1e9:.2f} GB, with 2% and 1 MiB of headroom) but "
+            f"{directory!r} has {free:,} bytes "
             f"({free / 1e9:.2f} GB) free; free space, write elsewhere or make a smaller "
             f"output (fewer groups, no diffraction copy); skip this check with {skip} if "
             f"the filesystem reports free space wrongly"), errno.ENOSPC)

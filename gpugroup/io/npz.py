@@ -33,7 +33,8 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the zip local file header, 30 b
 _LOCAL_MAGIC = b"PK\x03\x04"
 
 CONVERT_HINT = ("convert it once to an uncompressed file: `gpugroup convert {path} OUT.npz` "
-                "(or OUT.h5 / OUT.zarr), or in Python gpugroup.rawdata.convert({path!r}, 'OUT.npz')")
+                "(or OUT.h5 / OUT.zarr), or in Python "
+                "gpugroup.rawdata.convert({path!r}, 'OUT.npz')")
 
 
 def _open_error(path, exc, member=None, what="scan file"):
