@@ -1,5 +1,6 @@
 """The scan fields of DESIGN.md section 1, the error for files that hold no scan, and the
-check of position numbers (groups, seeds): what every reader, writer and driver agrees on."""
+checks of what is stored and of position numbers (groups, seeds, their dtype): what every
+reader, writer and driver agrees on."""
 
 from __future__ import annotations
 
