@@ -26,6 +26,7 @@ prefer on-disk stacks (``RawData.from_file(path, mmap_mode="r")``: NPZ, HDF5, Za
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -42,7 +43,8 @@ from gpugroup.io.grouped import (
     GROUPED_STACKS,
     check_lazy_output,
     check_row_order,
-    open_grouped,
+    open_published,
+    pinned_output,
     seed_array,
 )
 from gpugroup.schema import ScanArrays, check_position_numbers
@@ -320,34 +322,37 @@ def to_zarr(grouped: dict, path, *, overwrite=True, check_space=True) -> dict:
     stacks = {k: grouped[k] for k in GROUPED_STACKS if grouped.get(k) is not None}
     X = stacks["X_full"]
     block = int(X.chunks[0][0]) if X.chunks[0] else 1
-    with atomic_path(path, overwrite, nbytes=array_bytes(grouped.values()),
-                     check_space=check_space) as tmp:  # a failed store is removed
-        g = zarr.open_group(tmp, mode="w")
-        guard = os.path.join(tmp, "zarr.json")
-        targets, sources = [], []
-        for key, arr in stacks.items():
-            arr = arr.map_blocks(assembly.to_host, dtype=arr.dtype,
-                                 meta=np.empty((0,) * arr.ndim, arr.dtype))
-            group_bytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
-            rows = _zarr_rows(block, group_bytes)
-            targets.append(_Guarded(g.create_array(
-                key, shape=arr.shape, dtype=arr.dtype, chunks=(rows,) + tuple(arr.shape[1:]),
-                compressors=None, fill_value=0, config=zarr_io.WRITE_ALL_CHUNKS), guard))
-            sources.append(arr)
-        scale = grouped.get("norm_scale")
-        if hasattr(scale, "__dask_graph__"):
-            targets.append(_Guarded(g.create_array("norm_scale", shape=(),
-                                                   dtype=np.float64), guard))
-            sources.append(scale)
-        else:
-            g.create_array("norm_scale", data=np.asarray(float(scale), np.float64))
-        da.store(sources, targets, lock=False, compute=True)
-        for key, value in grouped.items():
-            if key in GROUPED_STACKS or key == "norm_scale" or value is None:
-                continue
-            data = seed_array(value) if key == "seed" else np.asarray(value)
-            g.create_array(key, data=data, compressors=None)
-    return open_grouped(path)
+    with contextlib.ExitStack() as held:  # the published store held until read back
+        with atomic_path(path, overwrite, nbytes=array_bytes(grouped.values()),
+                         check_space=check_space) as tmp:  # a failed store is removed
+            g = zarr.open_group(tmp, mode="w")
+            guard = os.path.join(tmp, "zarr.json")
+            targets, sources = [], []
+            for key, arr in stacks.items():
+                arr = arr.map_blocks(assembly.to_host, dtype=arr.dtype,
+                                     meta=np.empty((0,) * arr.ndim, arr.dtype))
+                group_bytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
+                rows = _zarr_rows(block, group_bytes)
+                targets.append(_Guarded(g.create_array(
+                    key, shape=arr.shape, dtype=arr.dtype,
+                    chunks=(rows,) + tuple(arr.shape[1:]), compressors=None, fill_value=0,
+                    config=zarr_io.WRITE_ALL_CHUNKS), guard))
+                sources.append(arr)
+            scale = grouped.get("norm_scale")
+            if hasattr(scale, "__dask_graph__"):
+                targets.append(_Guarded(g.create_array("norm_scale", shape=(),
+                                                       dtype=np.float64), guard))
+                sources.append(scale)
+            else:
+                g.create_array("norm_scale", data=np.asarray(float(scale), np.float64))
+            da.store(sources, targets, lock=False, compute=True)
+            for key, value in grouped.items():
+                if key in GROUPED_STACKS or key == "norm_scale" or value is None:
+                    continue
+                data = seed_array(value) if key == "seed" else np.asarray(value)
+                g.create_array(key, data=data, compressors=None)
+            inode = held.enter_context(pinned_output(path, tmp))
+        return open_published(path, inode)
 
 
 class _Guarded:

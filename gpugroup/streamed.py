@@ -9,6 +9,7 @@ written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -22,7 +23,12 @@ from gpugroup.io import (
     output_format,
     zarr_io,
 )
-from gpugroup.io.grouped import check_row_order, open_grouped, seed_array
+from gpugroup.io.grouped import (
+    check_row_order,
+    open_published,
+    pinned_output,
+    seed_array,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,21 +152,23 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
         small["seed"] = seed_array(seed)
     per_chunk = max(1, min(MAX_WORK_BYTES, chunk_bytes // (5 * workers)))
     out_shape = (B, N, N, C)
-    with atomic_path(path, overwrite) as tmp:
-        target = open_target(tmp, fmt)
-        try:
-            for key, value in small.items():
-                target.put(key, value)
-            rows = _chunk_rows(fmt, out_shape, np.float32)
-            # the plan's outputs, made empty, name the entries and their dtypes
-            sinks = {key: target.create(key, out_shape, empty.dtype, rows)
-                     for key, empty in plan.outputs(0, C).items() if empty is not None}
-            group_bytes = C * N * N * (np.dtype(plan.stack.dtype).itemsize
-                                       + (16 if plan.with_y else 0))
-            plan.fill(nn, sinks, chunk_bytes=_aligned_chunk_bytes(per_chunk, group_bytes, rows),
-                      workers=workers, progress=progress)
-            target.close()
-        except BaseException:
-            target.discard()
-            raise
-    return open_grouped(path)
+    with contextlib.ExitStack() as held:  # the published file held until read back
+        with atomic_path(path, overwrite) as tmp:
+            target = open_target(tmp, fmt)
+            try:
+                for key, value in small.items():
+                    target.put(key, value)
+                rows = _chunk_rows(fmt, out_shape, np.float32)
+                # the plan's outputs, made empty, name the entries and their dtypes
+                sinks = {key: target.create(key, out_shape, empty.dtype, rows)
+                         for key, empty in plan.outputs(0, C).items() if empty is not None}
+                group_bytes = C * N * N * (np.dtype(plan.stack.dtype).itemsize
+                                           + (16 if plan.with_y else 0))
+                plan.fill(nn, sinks, workers=workers, progress=progress,
+                          chunk_bytes=_aligned_chunk_bytes(per_chunk, group_bytes, rows))
+                target.close()
+            except BaseException:
+                target.discard()
+                raise
+            inode = held.enter_context(pinned_output(path, tmp))
+        return open_published(path, inode)

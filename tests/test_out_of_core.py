@@ -148,10 +148,13 @@ def _store(path, value):
     ("just after renaming the new store in", "new"), ("removing the old store", "new")])
 def test_replacing_a_store_interrupted_leaves_one_whole_store(tmp_path, monkeypatch,
                                                                interrupt, kept):
-    """Replacing an existing .zarr output moves it aside, renames the new one in and
-    removes the old: a Ctrl-C at any step leaves one whole store under the name (the old
-    one put back, or the new one) and no hidden copy."""
+    """Where the names cannot be swapped in one step, replacing an existing .zarr output
+    moves it aside, renames the new one in and removes the old: a Ctrl-C at any step leaves
+    one whole store under the name (the old one put back, or the new one) and no hidden
+    copy."""
     import gpugroup.io.atomic as gio
+
+    monkeypatch.setattr(gio, "_exchange", lambda a, b: False)  # no renameat2 swap here
 
     out = str(tmp_path / "g.zarr")
     _store(out, "old")
@@ -181,6 +184,53 @@ def test_replacing_a_store_interrupted_leaves_one_whole_store(tmp_path, monkeypa
     with open(os.path.join(out, "zarr.json")) as fh:
         assert fh.read() == kept
     assert os.listdir(tmp_path) == ["g.zarr"]
+
+
+def test_replacing_a_store_swaps_the_names_in_one_step(tmp_path, monkeypatch):
+    """With renameat2(RENAME_EXCHANGE) (Linux) the name never goes missing while a .zarr
+    output is replaced: a reader sees the old store or the new one. The old one is removed
+    after; a Ctrl-C while removing it leaves the new store and no copy; a directory that is
+    no Zarr store, found at the name, is swapped back and refused."""
+    import gpugroup.io.atomic as gio
+
+    out = str(tmp_path / "g.zarr")
+    _store(out, "old")
+    probe = tmp_path / "probe"
+    _store(str(probe), "x")
+    if not gio._exchange(str(probe), out):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    gio._exchange(str(probe), out)  # (swapped back)
+    seen = []
+    real_remove = gio._remove
+
+    def remove(p):  # the old store goes only once the new one holds the name
+        with open(os.path.join(out, "zarr.json")) as fh:
+            seen.append(fh.read())
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # (the clean-up then removes it)
+        real_remove(p)
+
+    monkeypatch.setattr(gio, "_remove", remove)
+    monkeypatch.setattr(gio.os, "rename", lambda *a: pytest.fail("moved aside"))
+    with pytest.raises(KeyboardInterrupt), gio.atomic_path(out) as tmp:
+        with open(os.path.join(tmp, "zarr.json"), "w") as fh:
+            fh.write("new")
+    monkeypatch.setattr(gio, "_remove", real_remove)
+    assert seen[0] == "new"
+    with open(os.path.join(out, "zarr.json")) as fh:
+        assert fh.read() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["g.zarr", "probe"]
+    # someone's plain directory at the name: theirs stays, ours is discarded
+    import shutil
+
+    with pytest.raises(FileExistsError, match=r"not a Zarr store.*refusing to remove it"), \
+            gio.atomic_path(out) as tmp:
+        with open(os.path.join(tmp, "zarr.json"), "w") as fh:
+            fh.write("new")
+        shutil.rmtree(out)  # made while the output was written
+        os.makedirs(os.path.join(out, "notes"))
+    assert os.listdir(out) == ["notes"]
+    assert sorted(os.listdir(tmp_path)) == ["g.zarr", "probe"]
 
 
 def test_signals_are_held_until_a_critical_step_ends():
@@ -354,3 +404,47 @@ def test_peak_memory_is_bounded_by_the_chunk_budget(tmp_path, src_name, out_name
                                   np.moveaxis(diff[ds.nn_indices[r0]], 0, -1) * s32)
     if out_name.endswith(".h5"):
         got["X_full"].file.close()
+
+
+@pytest.mark.parametrize("suffix, lazy", [(".npz", False), (".h5", False), (".zarr", False),
+                                          (".zarr", True)])
+def test_an_output_replaced_by_another_run_as_it_is_published_is_an_error(
+        tmp_path, monkeypatch, suffix, lazy):
+    """Two runs writing one out= path at once: the one whose file was replaced between its
+    rename and its read-back must not return the other run's rows under its own seed."""
+    import shutil
+
+    from gpugroup.io import grouped
+    from gpugroup.schema import ScanFileError
+
+    pytest.importorskip({".npz": "numpy", ".h5": "h5py", ".zarr": "zarr"}[suffix])
+    if lazy:
+        pytest.importorskip("dask")
+    raw = make_raw()
+    kw = dict(N=8, K=7, nsamples=40, gridsize=2, lazy=lazy)
+    out, other = tmp_path / f"out{suffix}", tmp_path / f"other{suffix}"
+    theirs = raw.generate_grouped_data(seed=2, out=other, **kw)
+    if suffix == ".h5":
+        theirs["X_full"].file.close()
+    real = grouped.open_grouped
+
+    def replaced_first(path):  # the other run publishes right after this one
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(other, out)
+        return real(path)
+
+    monkeypatch.setattr(grouped, "open_grouped", replaced_first)
+    with pytest.raises(ScanFileError, match=r"was replaced by another run's output as this "
+                                            r"run published its own"):
+        raw.generate_grouped_data(seed=1, out=out, **kw)
+    monkeypatch.setattr(grouped, "open_grouped", real)
+    got = open_grouped(out)  # the other run's output stays, whole
+    assert got["seed"] == 2
+    if suffix == ".h5":
+        got["X_full"].file.close()
+    # unraced, the run gets its own output back
+    mine = raw.generate_grouped_data(seed=1, out=out, **kw)
+    assert mine["seed"] == 1
+    if suffix == ".h5":
+        mine["X_full"].file.close()

@@ -194,16 +194,18 @@ def _umask() -> int:
     return mask
 
 
-#: ``renameat2`` flag: fail with EEXIST when the target exists (Linux >= 3.15).
+#: ``renameat2`` flags (Linux >= 3.15): fail with EEXIST when the target exists; swap the
+#: two names.
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _rename_noreplace(src, dst) -> bool:
-    """Rename ``src`` to ``dst`` unless ``dst`` exists, atomically (``renameat2`` with
-    ``RENAME_NOREPLACE`` through ctypes). Returns False where that is not available (not
-    Linux, an old kernel or C library, a filesystem without it); raises FileExistsError
-    when ``dst`` exists."""
+def _renameat2(src, dst, flags: int) -> bool:
+    """``renameat2(src, dst, flags)`` through ctypes. Returns False where that is not
+    available (not Linux, an old kernel or C library, a filesystem without the flag);
+    raises FileExistsError when ``dst`` exists (``RENAME_NOREPLACE``), FileNotFoundError
+    when a name is missing, OSError otherwise."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -214,15 +216,28 @@ def _rename_noreplace(src, dst) -> bool:
     renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                           ctypes.c_uint)
     renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
-                 _RENAME_NOREPLACE) == 0:
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EEXIST, errno.ENOTEMPTY):
         raise FileExistsError(err, os.strerror(err), os.fspath(dst))
+    if err == errno.ENOENT:
+        raise FileNotFoundError(err, os.strerror(err), os.fspath(dst))
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), os.fspath(dst))
+
+
+def _rename_noreplace(src, dst) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists, atomically; False where that is not
+    available, FileExistsError when ``dst`` exists."""
+    return _renameat2(src, dst, _RENAME_NOREPLACE)
+
+
+def _exchange(a, b) -> bool:
+    """Swap the names ``a`` and ``b`` atomically; False where that is not available,
+    FileNotFoundError when one is missing."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
 def _exists_error(path) -> FileExistsError:
@@ -258,11 +273,13 @@ def _publish_new(tmp, path, is_dir) -> None:
 
 
 def _replace(tmp, path, is_dir):
-    """Rename ``tmp`` to ``path``. An existing store at ``path`` is moved aside first and
-    removed after, if it is a Zarr store at that moment (anything else is put back and
-    refused: gpugroup removes nothing it did not create); interrupted anywhere, one
-    complete store stays under ``path`` (the new one once it got there, else the old one,
-    put back) and no moved-aside copy is left."""
+    """Rename ``tmp`` to ``path``. An existing store at ``path`` is swapped with the new one
+    in one step (``renameat2(RENAME_EXCHANGE)``: readers never find the name missing) and
+    removed after, if it is a Zarr store (anything else is swapped back and refused:
+    gpugroup removes nothing it did not create). Where swapping is not available it is
+    moved aside first. Interrupted anywhere, one complete store stays under ``path`` (the
+    new one once it got there, else the old one, put back) and no moved-aside copy is
+    left."""
     if not is_dir:
         os.replace(tmp, path)
         return
@@ -273,6 +290,19 @@ def _replace(tmp, path, is_dir):
             except FileExistsError:
                 continue  # created meanwhile: check what it is
             return
+        try:
+            swapped = _exchange(tmp, path)
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        if swapped:  # the new store is at path, the old contents at tmp
+            if _replaceable(tmp):
+                _remove(tmp)
+                return
+            try:
+                _exchange(tmp, path)  # theirs back; atomic_path then removes ours
+            except FileNotFoundError:
+                _put_back(tmp, path)
+            raise _not_a_store_error(path)
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
                                dir=os.path.dirname(path))
         os.rmdir(old)
@@ -282,10 +312,7 @@ def _replace(tmp, path, is_dir):
             except FileNotFoundError:
                 continue  # gone meanwhile
             if not _replaceable(old):
-                raise FileExistsError(
-                    f"{path!r} was replaced by something that is not a Zarr store while the "
-                    f"output was written; refusing to remove it (it was left as it is and "
-                    f"the new output discarded): remove it or choose another name")
+                raise _not_a_store_error(path)
             _rename_dir_new(tmp, path, noreplace=False)  # (nor a name created meanwhile)
         finally:
             if os.path.lexists(old):
@@ -300,6 +327,13 @@ def _replace(tmp, path, is_dir):
         return
     raise FileExistsError(f"{path!r} keeps changing while the output is published; "
                           f"choose another name")
+
+
+def _not_a_store_error(path) -> FileExistsError:
+    return FileExistsError(
+        f"{path!r} was replaced by something that is not a Zarr store while the output was "
+        f"written; refusing to remove it (it was left as it is and the new output "
+        f"discarded): remove it or choose another name")
 
 
 def _rename_dir_new(tmp, path, noreplace: bool = True) -> None:

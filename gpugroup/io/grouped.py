@@ -4,11 +4,14 @@ they go, and :func:`open_grouped` to read one back (large entries lazily). Writi
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 
 from gpugroup.io.formats import FORMATS, output_format
+from gpugroup.io.frames import opened_identity
+from gpugroup.schema import ScanFileError
 
 #: Grouped entries stored as on-disk arrays; the rest are small and read back whole.
 GROUPED_STACKS = ("diffraction", "X_full", "Y")
@@ -33,6 +36,39 @@ def check_lazy_output(path) -> None:
 def seed_array(seed: int) -> np.ndarray:
     """The seed as a 0-d array every format stores: int64, or uint64 from 2**63 on."""
     return np.array(seed, dtype=np.uint64 if int(seed) >= 2**63 else np.int64)
+
+
+@contextlib.contextmanager
+def pinned_output(path, tmp):
+    """While the block runs, hold open the file that stands for ``X_full`` of the output
+    being written at ``tmp`` (to be published as ``path``): the output file, or X_full's
+    metadata document in a Zarr store. Yields its inode, which nothing else can take while
+    it is held (see :func:`open_published`)."""
+    doc = os.path.join(tmp, "X_full", "zarr.json") if output_format(path) == "zarr" else tmp
+    fd = os.open(doc, os.O_RDONLY)
+    try:
+        yield os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+
+
+def open_published(path, inode) -> dict:
+    """:func:`open_grouped` of the output this run just published at ``path`` (its X_full
+    file's ``inode``, from :func:`pinned_output`). Another run writing the same ``path`` at
+    once may replace it between the rename and this open: its rows are never returned under
+    this run's seed; that is an error instead."""
+    try:
+        out = open_grouped(path)
+    except FileNotFoundError:
+        out = None
+    if out is not None and (opened_identity(out["X_full"]) or (None,))[0] == inode:
+        return out
+    if out is not None and hasattr(out["X_full"], "file"):  # an HDF5 file held open
+        out["X_full"].file.close()
+    raise ScanFileError(
+        f"{os.fspath(path)!r} was replaced by another run's output as this run published its "
+        f"own (two runs writing one output at once): this run's output is gone; run it "
+        f"again, or give each run its own output path")
 
 
 def open_grouped(path) -> dict:
