@@ -22,6 +22,7 @@ from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_bytes, check_count,
                                exact_rescale, neighbour_pool, sample_groups,
                                sample_with, select_members)
+from gpugroup.io.frames import StackRef, open_stack, stack_ref
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
 from gpugroup.schema import check_position_numbers, index_dtype
@@ -29,6 +30,8 @@ from gpugroup.schema import check_position_numbers, index_dtype
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("xcoords", "ycoords", "probeGuess")
+#: Fields that may be frame stacks left on disk (pickled as references).
+_STACK_FIELDS = ("diff3d", "Y")
 OPTIONAL_KEYS = ("xcoords_start", "ycoords_start", "scan_index", "objectGuess", "Y", "norm_Y_I")
 
 
@@ -386,6 +389,24 @@ class RawData:
             fmt = "npz"
         io.write_scan(path, self.to_dict(), overwrite=overwrite, fmt=fmt,
                       check_space=check_space)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        # For worker processes (multiprocessing, joblib): on-disk frame stacks travel as
+        # references each process reopens, as GroupedDataset's do; the kNN indexes (with
+        # their locks) are rebuilt there when needed.
+        state = self.__dict__.copy()
+        state["_index_cache"] = {}
+        for key in _STACK_FIELDS:
+            if state[key] is not None:
+                state[key] = stack_ref(state[key]) or state[key]
+        return state
+
+    def __setstate__(self, state):
+        for key in _STACK_FIELDS:
+            if isinstance(state[key], StackRef):
+                state[key] = open_stack(state[key])
+        self.__dict__.update(state)
 
     # ------------------------------------------------------------------ description
     def __len__(self) -> int:

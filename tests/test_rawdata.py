@@ -656,3 +656,26 @@ def test_given_groups_come_back_as_int32_nn_indices(groups):
     np.testing.assert_array_equal(d["nn_indices"], np.asarray(groups, np.int64))
     ds = GroupedDataset(raw, groups)
     assert ds.nn_indices.dtype == np.int32 and ds[0:2]["nn_indices"].dtype == np.int32
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5", ".zarr"])
+def test_a_scan_pickles_for_worker_processes(tmp_path, suffix):
+    """A RawData (frames left on disk, and after grouping, with its kNN index cached and
+    its lock) pickles: the frames travel as a reference, the index is rebuilt; the copy
+    groups and assembles the same."""
+    import pickle
+
+    pytest.importorskip({".npz": "numpy", ".h5": "h5py", ".zarr": "zarr"}[suffix])
+    make_raw(n=60, with_object=True).to_file(tmp_path / f"s{suffix}")
+    raw = RawData.from_file(tmp_path / f"s{suffix}", mmap_mode="r", backend="cpu")
+    kw = dict(N=8, K=7, nsamples=20, seed=3, gridsize=2)
+    first = raw.generate_grouped_data(**kw)
+    from gpugroup.io.frames import StackRef
+
+    assert isinstance(raw.__getstate__()["diff3d"], StackRef)  # the frames stay on disk
+    blob = pickle.dumps(raw)
+    copy = pickle.loads(blob)
+    again = copy.generate_grouped_data(**kw)
+    for key in ("nn_indices", "X_full", "diffraction", "Y", "coords_relative"):
+        np.testing.assert_array_equal(again[key], first[key])
+    assert raw._index_cache and not pickle.loads(blob)._index_cache
