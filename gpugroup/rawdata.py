@@ -206,7 +206,9 @@ class RawData:
             raise TypeError(f"metadata must be a dict (stored as JSON, e.g. "
                             f"{{'physics_parameters': {{'N': 64}}}}) or None, got "
                             f"{type(metadata).__name__} {metadata!r:.80}")
-        self.metadata = dict(metadata) if metadata else {}
+        # the caller's mapping itself, as PtychoPINN keeps it (its torch bridge checks
+        # ``raw.metadata is metadata``); None becomes {}
+        self.metadata = {} if metadata is None else metadata
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got backend={backend!r}")
         self.backend = backend

@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import types
 
 import numpy as np
 import pytest
@@ -497,6 +498,27 @@ def test_metadata_that_is_not_a_dict_is_refused(metadata, match):
         RawData(**base_fields(), metadata=metadata)
     for empty in (None, {}, []):  # nothing to keep, as before
         assert RawData(**base_fields(), metadata=empty).metadata == {}
+
+
+def test_metadata_is_the_callers_mapping_as_ptychopinn_keeps_it(tmp_path):
+    """PtychoPINN stores ``metadata`` as given, and its torch bridge (upstream 99efda1,
+    tests/test_acquisition_record.py) checks ``raw.metadata is metadata`` after a round
+    trip through a second RawData built from the first one's fields."""
+    meta = {"source": "slice-4a", "physics_parameters": {"N": 8}}
+    raw = RawData(**base_fields(), metadata=meta)
+    assert raw.metadata is meta
+    again = RawData(raw.xcoords, raw.ycoords, raw.xcoords_start, raw.ycoords_start,
+                    raw.diff3d, raw.probeGuess, raw.scan_index, metadata=raw.metadata)
+    assert again.metadata is meta
+    empty = {}
+    assert RawData(**base_fields(), metadata=empty).metadata is empty
+    # a read-only mapping is kept too, and written as JSON that reads back as a dict
+    frozen = types.MappingProxyType({"physics_parameters": {"N": 9}})
+    raw = RawData(**base_fields(), metadata=frozen)
+    assert raw.metadata is frozen
+    raw.to_file(tmp_path / "frozen.npz")
+    back = RawData.from_file(tmp_path / "frozen.npz", backend="cpu")
+    assert back.metadata == {"physics_parameters": {"N": 9}}
 
 
 def test_numpy_values_in_metadata_are_written_as_plain_json(tmp_path):
