@@ -312,15 +312,27 @@ class RawData:
 
     @classmethod
     def from_simulation(cls, xcoords, ycoords, probeGuess, objectGuess, scan_index=None, *,
-                        backend="auto"):
-        """A scan simulated from ``objectGuess`` and ``probeGuess`` at the given positions
-        (PtychoPINN's ``RawData.from_simulation`` at gridsize 1).
+                        nphotons=None, seed=None, backend="auto"):
+        """A scan simulated from ``objectGuess`` and ``probeGuess`` at the given positions,
+        with PtychoPINN's physics (its ``RawData.from_simulation`` at gridsize 1, which its
+        ``nongrid_simulation`` and dose studies call).
 
-        ``Y`` holds the (N, N) object patches at the positions and ``diff3d`` the far-field
-        amplitudes ``|fftshift(fft2(probe * patch))|`` (float32). PtychoPINN's own version
-        also rescales to its ``nphotons`` and sets ``norm_Y_I``; this one leaves the
-        amplitudes unscaled (``norm_Y_I`` None): the grouped ``X_full`` is normalized
-        anyway.
+        ``Y`` holds the (N, N) object patches at the positions. The illuminated patches
+        ``Y * probe`` are scaled by ``s = sqrt(nphotons / mean photons per frame)``; each
+        frame's photon counts are Poisson draws around ``|fftshift(fft2(s Y probe))|**2 /
+        N**2``, and ``diff3d`` = sqrt(counts) / s (float32): the amplitudes keep the
+        photon noise of ``nphotons`` per frame. ``norm_Y_I`` = sqrt(nphotons / mean of
+        sum(diff3d**2) per frame) (float32), as PtychoPINN's ``scale_nphotons``.
+
+        Parameters
+        ----------
+        nphotons : float or None
+            Expected photons per frame; None: PtychoPINN's ``params.get('nphotons')`` when
+            ``ptycho.params`` is imported, else its default 1e9.
+        seed : int or None
+            Seed of the photon noise; None draws one from NumPy's legacy global RNG (so
+            ``np.random.seed(s)`` before the call repeats the scan). PtychoPINN draws from
+            TensorFlow's RNG, so the counts differ from its run, not their distribution.
 
         Raises
         ------
@@ -339,21 +351,35 @@ class RawData:
         if objectGuess is None or np.ndim(objectGuess) != 2:
             raise ValueError("objectGuess must be a 2-D (H, W) object to simulate from, got "
                              f"{None if objectGuess is None else np.shape(objectGuess)}")
+        nphotons = resolve_nphotons(nphotons)
+        rng = np.random.default_rng(_draw_seed(seed))
         obj = np.asarray(objectGuess)
         N = int(probe.shape[0])
         Y = assembly.extract_patches(np, obj, x, y, N)
-        far = np.fft.fftshift(np.fft.fft2(probe[None].astype(np.complex64) * Y),
-                              axes=(-2, -1))
-        diff3d = np.abs(far).astype(np.float32)
         assembly.warn_patches_off_object(np, x, y, obj.shape, N)
-        if not diff3d.any():  # PtychoPINN returns such a scan too: say so now, not at grouping
+        lit = Y * probe.astype(np.complex64)
+        photons = np.mean(np.sum(np.abs(lit) ** 2, axis=(1, 2)), dtype=np.float32)
+        if not photons > 0:  # PtychoPINN returns such a scan too: say so now, not at grouping
             logger.warning(
                 "every simulated frame is zero: the probe sees no object at any of the %d "
                 "positions (x in [%.6g, %.6g], y in [%.6g, %.6g]; objectGuess is %dx%d), or the "
                 "object or probe is zero; pass positions in object pixels, x the column and y "
                 "the row", len(x), x.min(), x.max(), y.min(), y.max(), *obj.shape)
+            diff3d, norm_Y_I = np.zeros(Y.shape, np.float32), None
+        else:
+            s = np.float32(np.sqrt(np.float32(nphotons) / photons))
+            if not 0 < s < np.inf:
+                raise ValueError(
+                    f"the illuminated patches hold {photons:.3g} photons per frame on average, "
+                    f"so the scale to nphotons={nphotons:g} is {s}, beyond float32; pass an "
+                    f"nphotons nearer that, or rescale objectGuess or probeGuess")
+            far = np.fft.fftshift(np.fft.fft2(lit * s), axes=(-2, -1))
+            counts = rng.poisson(np.abs(far) ** 2 / (N * N))
+            diff3d = (np.sqrt(counts) / s).astype(np.float32)
+            norm_Y_I = np.sqrt(np.float32(nphotons) / np.mean(
+                np.sum(diff3d ** 2, axis=(1, 2)), dtype=np.float32))
         return cls(x, y, x, y, diff3d, probe, scan_index, objectGuess=obj, Y=Y,
-                   backend=backend)
+                   norm_Y_I=norm_Y_I, backend=backend)
 
     @classmethod
     def from_files(cls, train_data_file_path, test_data_file_path, *, backend="auto"):
@@ -781,14 +807,19 @@ class RawData:
             check_space=check_space, y_positions=y_positions)
 
 
+def _ptychopinn_params_get():
+    """PtychoPINN's ``ptycho.params.get`` when that module is imported (looked up in
+    ``sys.modules``; PtychoPINN is never imported), else None."""
+    getter = getattr(sys.modules.get("ptycho.params"), "get", None)
+    return getter if callable(getter) else None
+
+
 def resolve_gridsize(gridsize) -> int:
     """``gridsize``, or for None PtychoPINN's ``params.get('gridsize', 1)`` when
-    ``ptycho.params`` is imported (looked up in ``sys.modules``; PtychoPINN is never
-    imported), else 1. The choice is logged."""
+    ``ptycho.params`` is imported, else 1. The choice is logged."""
     if gridsize is None:
-        params = sys.modules.get("ptycho.params")
-        getter = getattr(params, "get", None)
-        if callable(getter):
+        getter = _ptychopinn_params_get()
+        if getter is not None:
             gridsize = getter("gridsize", 1)
             gridsize = 1 if gridsize is None else gridsize
             logger.info("gridsize=None: gridsize=%r from PtychoPINN's ptycho.params", gridsize)
@@ -798,6 +829,31 @@ def resolve_gridsize(gridsize) -> int:
     if isinstance(gridsize, bool) or not isinstance(gridsize, (int, np.integer)) or gridsize < 1:
         raise ValueError(f"gridsize must be a positive int, got gridsize={gridsize!r}")
     return int(gridsize)
+
+
+#: PtychoPINN's default expected photons per frame (its ``params.cfg['nphotons']``).
+DEFAULT_NPHOTONS = 1e9
+#: Most expected photons per frame ``from_simulation`` draws (NumPy's Poisson is int64).
+MAX_NPHOTONS = 1e18
+
+
+def resolve_nphotons(nphotons) -> float:
+    """``nphotons`` checked, or for None PtychoPINN's ``params.get('nphotons')`` when
+    ``ptycho.params`` is imported, else its default 1e9. The choice is logged."""
+    if nphotons is None:
+        getter = _ptychopinn_params_get()
+        nphotons = None if getter is None else getter("nphotons", None)
+        where = "PtychoPINN's ptycho.params"
+        if nphotons is None:
+            nphotons, where = DEFAULT_NPHOTONS, "PtychoPINN's default"
+        logger.info("nphotons=None: nphotons=%r from %s", nphotons, where)
+    value = float(nphotons) if isinstance(nphotons, (int, float, np.integer, np.floating)) \
+        and not isinstance(nphotons, bool) else None
+    if value is None or not 0 < value <= MAX_NPHOTONS:
+        raise ValueError(f"nphotons must be a number of expected photons per frame in "
+                         f"(0, {MAX_NPHOTONS:g}] (Poisson counts are int64), got "
+                         f"nphotons={nphotons!r}; pass e.g. nphotons=1e9")
+    return value
 
 
 def _check_pool(K, C):

@@ -48,7 +48,10 @@ def fake_params(monkeypatch):
 
 
 def test_fixtures_name_their_upstream_commit():
-    assert FACTS["commit"].startswith("712c23f")
+    # regenerated at 99efda1 (July 2026), 8 commits after 712c23f, which DESIGN.md names:
+    # every fact recorded at 712c23f came out the same there (ptycho/raw_data.py is
+    # unchanged between them); the from_simulation facts were added at 99efda1
+    assert FACTS["commit"].startswith("99efda1")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -392,20 +395,71 @@ def test_loader_shapes_from_our_dict():
     assert FACTS["loader_X_equals_X_full"] and d["X_full"].dtype == np.float32
 
 
-def test_from_simulation(fake_params):
+SIM = FACTS["from_simulation"]
+
+
+def simulate_fixture_scan(**kw):
+    return RawData.from_simulation(KAT["sim_x"], KAT["sim_y"], KAT["sim_probe"],
+                                   KAT["sim_object"], backend="cpu", **kw)
+
+
+def test_from_simulation_is_ptychopinns_physics(fake_params):
+    """PtychoPINN's from_simulation (fixture): X = sqrt(Poisson counts) / s, the counts
+    drawn around |F(s Y probe)|^2 / N^2 with s scaling the illuminated patches to nphotons
+    per frame; norm_Y_I = sqrt(nphotons / mean sum X^2)."""
+    fake_params.cfg.update(gridsize=1, nphotons=SIM["nphotons"])
+    s = KAT["sim_scale"]  # PtychoPINN's intensity scale for these patches
+    upstream = (KAT["sim_diff3d"].astype(np.float64) * s) ** 2
+    np.testing.assert_allclose(upstream, np.round(upstream), rtol=1e-5, atol=1e-3)  # counts
+    raw = simulate_fixture_scan(seed=3)
+    assert raw.diff3d.dtype == np.dtype(SIM["dtypes"]["diff3d"]) == np.float32
+    assert raw.diff3d.shape == tuple(SIM["shapes"]["diff3d"])
+    assert raw.Y.dtype == np.complex64 and raw.Y.shape == tuple(SIM["shapes"]["Y"][:3])
+    np.testing.assert_allclose(raw.Y, KAT["sim_Y"][..., 0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(raw.xcoords_start, raw.xcoords)
+    counts = (raw.diff3d.astype(np.float64) * s) ** 2  # whole photon counts, at its scale
+    np.testing.assert_allclose(counts, np.round(counts), rtol=1e-5, atol=1e-3)
+    # the counts' means are its noise-free intensities: totals within 5 sigma of Poisson
+    expected = ((KAT["sim_amplitude"][..., 0].astype(np.float64) * s) ** 2).sum(axis=(1, 2))
+    assert np.all(np.abs(counts.sum(axis=(1, 2)) - expected) < 5 * np.sqrt(expected))
+    assert np.abs(np.round(upstream).sum(axis=(1, 2)) - expected).max() < 5 * np.sqrt(
+        expected.max())  # the same holds for PtychoPINN's own draw
+    assert raw.norm_Y_I.dtype == np.float32
+    np.testing.assert_allclose(raw.norm_Y_I, np.sqrt(SIM["nphotons"] / np.mean(
+        np.sum(raw.diff3d.astype(np.float64) ** 2, axis=(1, 2)))), rtol=1e-6)
+    assert abs(raw.norm_Y_I / SIM["norm_Y_I"] - 1) < 0.05  # 6 frames of 1e4 photons
+    # with photons enough, the amplitudes are PtychoPINN's noise-free ones
+    bright = simulate_fixture_scan(nphotons=1e16, seed=3)
+    np.testing.assert_allclose(bright.diff3d, KAT["sim_amplitude"][..., 0], rtol=0,
+                               atol=1e-5 * KAT["sim_amplitude"].max())
+
+
+def test_from_simulation_nphotons_and_seed(fake_params, monkeypatch):
     fake_params.cfg["gridsize"] = 1
-    rng = np.random.default_rng(2)
-    obj = (rng.random((48, 48)) + 1j).astype(np.complex64)
-    probe = np.ones((8, 8), np.complex64)
-    x, y = rng.uniform(12, 36, 20), rng.uniform(12, 36, 20)
-    raw = RawData.from_simulation(x, y, probe, obj)
-    assert raw.diff3d.shape == (20, 8, 8) and raw.diff3d.dtype == np.float32
-    np.testing.assert_allclose(raw.diff3d[3], np.abs(np.fft.fftshift(np.fft.fft2(
-        probe * extract_patches(np, obj, x[3:4], y[3:4], 8)[0]))), rtol=1e-5)
-    assert raw.Y.shape == (20, 8, 8)
+    fake_params.cfg["nphotons"] = 100.0  # ptycho.params' value when it is imported
+    low = simulate_fixture_scan(seed=5)
+    np.testing.assert_array_equal(low.diff3d, simulate_fixture_scan(nphotons=100, seed=5).diff3d)
+    assert not np.array_equal(low.diff3d, simulate_fixture_scan(seed=6).diff3d)
+    np.random.seed(11)  # seed=None: from NumPy's legacy global RNG, as the grouping's seed
+    a = simulate_fixture_scan()
+    np.random.seed(11)
+    np.testing.assert_array_equal(a.diff3d, simulate_fixture_scan().diff3d)
+    monkeypatch.delitem(sys.modules, "ptycho.params")  # PtychoPINN's default, 1e9
+    np.testing.assert_array_equal(simulate_fixture_scan(seed=5).diff3d,
+                                  simulate_fixture_scan(nphotons=1e9, seed=5).diff3d)
+    for bad in (0, -1.0, float("nan"), float("inf"), 1e19, "1e9", True):
+        with pytest.raises(ValueError, match=r"nphotons must be .*got nphotons=.*pass e\.g\."):
+            simulate_fixture_scan(nphotons=bad)
+    with pytest.raises(ValueError, match=r"scale to nphotons=1e-50 is 0\.0.*pass an nphotons"):
+        simulate_fixture_scan(nphotons=1e-50)
+    with pytest.raises(ValueError, match=r"seed must be"):
+        simulate_fixture_scan(seed=-1)
+
+
+def test_from_simulation_is_gridsize_1_only(fake_params):
     fake_params.cfg["gridsize"] = 2
     with pytest.raises(NotImplementedError, match="gridsize=1"):
-        RawData.from_simulation(x, y, probe, obj)
+        simulate_fixture_scan()
 
 
 # ----------------------------------------------------------------------------- patch()

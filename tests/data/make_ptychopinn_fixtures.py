@@ -7,9 +7,10 @@ environment with PtychoPINN's CPU dependencies and PtychoPINN's sources on PYTHO
 
 It records what PtychoPINN (unpatched) computes for small inputs, as facts:
 ``ptychopinn_kat.npz`` (inputs and outputs of its ``ptycho.raw_data`` helpers and of
-``RawData._generate_dataset_from_groups`` for fixed groups), ``ptychopinn_kat.json``
-(its constants, the commit, the shapes and dtypes its ``loader.load`` produces from a
-grouped dict), ``ptychopinn_metadata.npz`` (written by its ``MetadataManager``) and
+``RawData._generate_dataset_from_groups`` for fixed groups, and of
+``RawData.from_simulation`` with its intensity scale and noise-free amplitudes),
+``ptychopinn_kat.json`` (its constants, the commit, the shapes and dtypes its
+``loader.load`` produces from a grouped dict), ``ptychopinn_metadata.npz`` (written by its ``MetadataManager``) and
 ``ptychopinn_to_file.npz`` (written by its ``RawData.to_file`` with objectGuess=None).
 """
 
@@ -108,6 +109,43 @@ def main(commit):
         os.path.join(HERE, "ptychopinn_to_file.npz"))
     facts["to_file_members"] = sorted(np.load(os.path.join(HERE, "ptychopinn_to_file.npz"),
                                               allow_pickle=True).files)
+
+    # RawData.from_simulation at gridsize 1 (as ptycho.nongrid_simulation sets params: N =
+    # the probe's size, nphotons): one noisy draw (TensorFlow's Poisson sampler, seeded),
+    # and its deterministic parts computed with PtychoPINN's own functions the way its
+    # diffsim.illuminate_and_diffract chains them: the intensity scale and the noise-free
+    # amplitudes (both divided by that scale, as its X is)
+    import tensorflow as tf
+    from ptycho import diffsim
+    from ptycho import tf_helper as hh
+
+    sim_obj = (0.5 + rng.random((40, 40)) * np.exp(1j * rng.random((40, 40)))).astype(
+        np.complex64)
+    py, px = np.mgrid[-4:4, -4:4] + 0.5
+    sim_probe = (np.exp(-(px ** 2 + py ** 2) / 18) * np.exp(0.3j * px)).astype(np.complex64)
+    sim_x, sim_y = rng.uniform(10, 30, 6), rng.uniform(10, 30, 6)
+    sim_nphotons = 1e4
+    params.cfg.update(N=8, gridsize=1, nphotons=sim_nphotons)
+    tf.random.set_seed(7)
+    sim = prd.RawData.from_simulation(sim_x, sim_y, sim_probe, sim_obj)
+    Y_I, Y_phi = tf.math.abs(sim.Y), tf.math.angle(sim.Y)
+    probe3 = tf.convert_to_tensor(sim_probe[..., None])
+    scale = diffsim.scale_nphotons(Y_I * tf.cast(tf.abs(probe3), Y_I.dtype)[None]).numpy()
+    lit = scale * hh.combine_complex(Y_I, Y_phi) * tf.cast(probe3[None], tf.complex64)
+    amplitude = diffsim.diffract_obj(lit, draw_poisson=False).numpy() / scale
+    out.update(sim_object=sim_obj, sim_probe=sim_probe, sim_x=sim_x, sim_y=sim_y,
+               sim_diff3d=np.asarray(sim.diff3d), sim_Y=np.asarray(sim.Y),
+               sim_scale=np.asarray(scale), sim_amplitude=amplitude)
+    facts["from_simulation"] = {
+        "nphotons": sim_nphotons, "tf_seed": 7,
+        "norm_Y_I": float(np.asarray(sim.norm_Y_I)),
+        "norm_Y_I_type": type(sim.norm_Y_I).__name__,
+        "dtypes": {k: str(np.asarray(getattr(sim, k)).dtype)
+                   for k in ("diff3d", "Y", "xcoords", "xcoords_start")},
+        "shapes": {k: list(np.shape(getattr(sim, k))) for k in ("diff3d", "Y")},
+        "xcoords_start_is_xcoords": bool(np.array_equal(sim.xcoords_start, sim.xcoords)),
+        "scan_index": None if sim.scan_index is None else list(np.shape(sim.scan_index)),
+    }
 
     np.savez_compressed(os.path.join(HERE, "ptychopinn_kat.npz"), **out)
     with open(os.path.join(HERE, "ptychopinn_kat.json"), "w") as fh:
