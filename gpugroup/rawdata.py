@@ -357,8 +357,11 @@ class RawData:
         N = int(probe.shape[0])
         Y = assembly.extract_patches(np, obj, x, y, N)
         assembly.warn_patches_off_object(np, x, y, obj.shape, N)
-        lit = Y * probe.astype(np.complex64)
-        photons = np.mean(np.sum(np.abs(lit) ** 2, axis=(1, 2)), dtype=np.float32)
+        lit = probe.astype(np.complex64)  # Y * lit: the illuminated patches
+        # frames a few MiB at a time (the counts are int64): the same draws for any chunking
+        chunks = assembly.chunk_groups(len(Y), N * N * 8)
+        photons = np.mean(np.concatenate([np.sum(np.abs(Y[c] * lit) ** 2, axis=(1, 2))
+                                          for c in chunks]), dtype=np.float32)
         if not photons > 0:  # PtychoPINN returns such a scan too: say so now, not at grouping
             logger.warning(
                 "every simulated frame is zero: the probe sees no object at any of the %d "
@@ -373,9 +376,10 @@ class RawData:
                     f"the illuminated patches hold {photons:.3g} photons per frame on average, "
                     f"so the scale to nphotons={nphotons:g} is {s}, beyond float32; pass an "
                     f"nphotons nearer that, or rescale objectGuess or probeGuess")
-            far = np.fft.fftshift(np.fft.fft2(lit * s), axes=(-2, -1))
-            counts = rng.poisson(np.abs(far) ** 2 / (N * N))
-            diff3d = (np.sqrt(counts) / s).astype(np.float32)
+            diff3d = np.empty(Y.shape, np.float32)
+            for c in chunks:
+                far = np.fft.fftshift(np.fft.fft2(Y[c] * lit * s), axes=(-2, -1))
+                diff3d[c] = np.sqrt(rng.poisson(np.abs(far) ** 2 / (N * N))) / s
             norm_Y_I = np.sqrt(np.float32(nphotons) / np.mean(
                 np.sum(diff3d ** 2, axis=(1, 2)), dtype=np.float32))
         return cls(x, y, x, y, diff3d, probe, scan_index, objectGuess=obj, Y=Y,

@@ -440,6 +440,12 @@ def test_from_simulation_nphotons_and_seed(fake_params, monkeypatch):
     low = simulate_fixture_scan(seed=5)
     np.testing.assert_array_equal(low.diff3d, simulate_fixture_scan(nphotons=100, seed=5).diff3d)
     assert not np.array_equal(low.diff3d, simulate_fixture_scan(seed=6).diff3d)
+    from gpugroup import assembly
+    chunk_groups = assembly.chunk_groups  # frames two at a time: the same draws
+    monkeypatch.setattr(assembly, "chunk_groups",
+                        lambda B, b: chunk_groups(B, b, chunk_bytes=2 * b))
+    np.testing.assert_array_equal(low.diff3d, simulate_fixture_scan(seed=5).diff3d)
+    monkeypatch.setattr(assembly, "chunk_groups", chunk_groups)
     np.random.seed(11)  # seed=None: from NumPy's legacy global RNG, as the grouping's seed
     a = simulate_fixture_scan()
     np.random.seed(11)
