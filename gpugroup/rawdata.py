@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("xcoords", "ycoords", "probeGuess")
 #: Fields that may be frame stacks left on disk (pickled as references).
-_STACK_FIELDS = ("diff3d", "Y")
+_STACK_FIELDS = ("diff3d", "_Y")  # Y is a property over _Y
 OPTIONAL_KEYS = ("xcoords_start", "ycoords_start", "scan_index", "objectGuess", "Y", "norm_Y_I")
 
 
@@ -194,7 +194,7 @@ class RawData:
             "objectGuess", np.asarray(objectGuess))
         if self.objectGuess is not None and self.objectGuess.ndim != 2:
             raise ValueError(f"objectGuess must be 2-D (H, W), got shape {self.objectGuess.shape}")
-        self.Y = None if Y is None else _check_patches(_as_frame_store("Y", Y), n)
+        self.Y = Y
         if self.Y is not None and shape is not None and tuple(self.Y.shape[1:3]) != shape[1:]:
             logger.warning("Y holds %s patches but the diffraction frames are %s; "
                            "PtychoPINN's model expects them equal", tuple(self.Y.shape[1:3]),
@@ -303,9 +303,16 @@ class RawData:
                                "ignoring it", source, type(metadata).__name__)
                 metadata = None
         get = data.get
+        Y, n = get("Y"), np.shape(data["xcoords"])
+        if Y is not None and len(n) == 1 and np.ndim(Y) and Y.shape[0] != n[0]:
+            # e.g. the single patch PtychoPINN's generate_patches_tool writes by default
+            logger.warning("%r: Y holds %d patches for %d positions; ignoring it, as "
+                           "PtychoPINN's load_data does (Y is then cut from objectGuess)",
+                           source, Y.shape[0], n[0])
+            Y = None
         raw = cls(get("xcoords"), get("ycoords"), get("xcoords_start"), get("ycoords_start"),
                   get("diff3d"), get("probeGuess"), get("scan_index"),
-                  objectGuess=get("objectGuess"), Y=get("Y"), norm_Y_I=get("norm_Y_I"),
+                  objectGuess=get("objectGuess"), Y=Y, norm_Y_I=get("norm_Y_I"),
                   metadata=metadata, backend=backend)
         raw._source = source
         return raw
@@ -407,20 +414,30 @@ class RawData:
         """Write the scan atomically (under a temporary name, renamed when complete) as an
         uncompressed, memory-mappable ``.npz``, an ``.h5``/``.hdf5`` file or a ``.zarr``
         store, by the suffix. Frame stacks are copied in slabs, so they need not fit in
-        memory; any other name gets an NPZ, as ``numpy.savez`` to an open file would.
-        ``overwrite=False`` refuses to replace an existing ``path``; ``check_space=False``
-        skips the free-space check."""
+        memory; any other name gets ``.npz`` appended, as ``numpy.savez`` (PtychoPINN's
+        ``to_file``) appends it. ``overwrite=False`` refuses to replace an existing file;
+        ``check_space=False`` skips the free-space check."""
         if self.diff3d is None:
             raise ValueError("diff3d is None: a scan file holds the (n, N, N) diffraction "
                              "amplitudes (from_file requires them); set raw.diff3d before "
                              "to_file")
-        io.check_output(path, overwrite=overwrite, source=self._source, option="path")
         try:
             fmt = io.output_format(path)
         except ValueError:
-            fmt = "npz"
+            fmt, path = "npz", os.fspath(path) + ".npz"
+        io.check_output(path, overwrite=overwrite, source=self._source, option="path")
         io.write_scan(path, self.to_dict(), overwrite=overwrite, fmt=fmt,
                       check_space=check_space)
+
+    @property
+    def Y(self):
+        """Ground-truth patches (n, N, N), or None; set to PtychoPINN's (n, N, N, 1) too."""
+        return self._Y
+
+    @Y.setter
+    def Y(self, value):
+        self._Y = None if value is None else _check_patches(_as_frame_store("Y", value),
+                                                            len(self))
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -435,6 +452,15 @@ class RawData:
         return state
 
     def __setstate__(self, state):
+        if "backend" not in state:  # PtychoPINN's RawData, pickled before patch(): rebuilt
+            self.__init__(*(state.get(k) for k in ("xcoords", "ycoords", "xcoords_start",
+                                                    "ycoords_start", "diff3d", "probeGuess",
+                                                    "scan_index")),
+                          **{k: state.get(k) for k in ("objectGuess", "Y", "norm_Y_I",
+                                                         "metadata")})
+            self.sample_indices = state.get("sample_indices")
+            self.subsample_seed = state.get("subsample_seed")
+            return
         for key in _STACK_FIELDS:
             if isinstance(state[key], StackRef):
                 state[key] = open_stack(state[key])
@@ -483,10 +509,13 @@ class RawData:
                              f"requested (C = gridsize**2); use a smaller gridsize")
         backend = kwargs.pop("backend", self.backend)
         if seed_indices is not None:
-            return self._groups_for_seeds(np.asarray(seed_indices)[:n], K, C, backend)
-        return sample_groups(self.xcoords, self.ycoords, nsamples, K, C,
-                             seed=_draw_seed(seed), backend=backend,
-                             index_cache=self._index_cache, **kwargs)
+            nn = self._groups_for_seeds(np.asarray(seed_indices)[:n], K, C, backend)
+        else:
+            nn = sample_groups(self.xcoords, self.ycoords, nsamples, K, C,
+                               seed=_draw_seed(seed), backend=backend,
+                               index_cache=self._index_cache, **kwargs)
+        _seed_numpy_as_ptychopinn(seed, seed_indices is not None)
+        return nn
 
     def _generate_groups_with_oversampling(self, nsamples, K, C, seed=None,
                                            seed_indices=None):
@@ -504,10 +533,12 @@ class RawData:
             raise ValueError(f"Dataset has only {n} points but {C} coordinates per group "
                              f"requested (C = gridsize**2); use a smaller gridsize")
         sequential = seed_indices is not None
-        return sample_groups(self.xcoords, self.ycoords, nsamples, K, C,
-                             seed=0 if sequential else _draw_seed(seed),
-                             backend=self.backend, sequential=sequential,
-                             enable_oversampling=True, index_cache=self._index_cache)
+        nn = sample_groups(self.xcoords, self.ycoords, nsamples, K, C,
+                           seed=0 if sequential else _draw_seed(seed),
+                           backend=self.backend, sequential=sequential,
+                           enable_oversampling=True, index_cache=self._index_cache)
+        _seed_numpy_as_ptychopinn(seed, sequential)
+        return nn
 
     def _groups_for_seeds(self, seeds, K, C, backend=None):
         """Groups of DESIGN.md 3.2-3.3 for given seed positions, row g seeded by
@@ -652,13 +683,19 @@ class RawData:
         elif row_order != "canonical" and not lazy:
             raise ValueError(f"row_order={row_order!r} needs out=... or lazy=True; in memory "
                              f"the rows are in canonical order")
+        flags = []
         for position, name, flag in ((6, "sequential_sampling", sequential_sampling),
                                      (8, "enable_oversampling", enable_oversampling)):
-            if not isinstance(flag, (bool, np.bool_)):
+            # PtychoPINN tests their truth: None, 0 and 1 (from a config) are taken too
+            if flag is not None and not isinstance(flag, (bool, np.bool_)) and not (
+                    isinstance(flag, (int, np.integer)) and flag in (0, 1)):
                 raise TypeError(
                     f"{name} must be True or False, got {flag!r}: it is positional argument "
                     f"{position} (PtychoPINN's order: N, K, nsamples, dataset_path, seed, "
                     f"sequential_sampling, gridsize, ...); pass gridsize= by keyword")
+            flags.append(bool(flag))
+        sequential_sampling, enable_oversampling = flags
+        given_seed = seed
         if seed is None and rng is not None and not sequential_sampling:
             if not hasattr(rng, "integers"):
                 raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}"
@@ -668,6 +705,7 @@ class RawData:
             K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,
             enable_oversampling=enable_oversampling, neighbor_pool_size=neighbor_pool_size,
             group_by_scan=group_by_scan, backend=backend, output="device")
+        _seed_numpy_as_ptychopinn(given_seed, sequential_sampling)
         if lazy or out is not None:
             return self._grouped_out_of_core(
                 be, nn, N, seed, out=out, lazy=lazy, keep_diffraction=keep_diffraction,
@@ -865,6 +903,18 @@ def _check_pool(K, C):
     if K < C:
         raise ValueError(f"K={K} must be >= C={C} (need at least C neighbors to form a "
                          f"group; C = gridsize**2): pass K >= {C}")
+
+
+def _seed_numpy_as_ptychopinn(seed, sequential) -> None:
+    """Leave NumPy's global RNG seeded as PtychoPINN's grouping leaves it, so that code
+    after the call draws the same numbers every run: ``np.random.seed(0)`` after
+    sequential sampling, ``np.random.seed(seed)`` after a given seed (a seed of 2**32 or
+    more as its two 32-bit words); untouched for ``seed=None``."""
+    if sequential:
+        np.random.seed(0)
+    elif seed is not None:
+        seed = int(seed)
+        np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
 
 
 def _draw_seed(seed) -> int:

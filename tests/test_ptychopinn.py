@@ -8,6 +8,7 @@ them). Neither TensorFlow nor PtychoPINN is needed here: patch() is tested on a 
 
 import json
 import logging
+import pickle
 import subprocess
 import sys
 import types
@@ -292,6 +293,57 @@ def test_generate_groups_with_oversampling():
         raw._generate_groups_with_oversampling(50, 3, 4, seed=3)
 
 
+def test_grouping_leaves_numpys_global_rng_seeded_as_ptychopinn():
+    """PtychoPINN's grouping calls np.random.seed(seed) for a given seed and
+    np.random.seed(0) on its sequential path (ptycho/raw_data.py:632-633, 654 and 749 at
+    99efda1), so what code draws from np.random after the call is the same every run."""
+    raw = grid_raw()
+
+    def next_draw(prior, call):
+        np.random.seed(prior)
+        call()
+        return np.random.random()
+
+    def seeded(seed):
+        np.random.seed(seed)
+        return np.random.random()
+
+    calls = [  # (the seed NumPy is left with, the call)
+        (42, lambda: raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2, seed=42)),
+        (0, lambda: raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2, seed=42,
+                                              sequential_sampling=True)),
+        (7, lambda: raw._generate_groups_efficiently(5, 7, 4, seed=7)),
+        (3, lambda: raw._generate_groups_with_oversampling(500, 7, 4, seed=3)),
+        (0, lambda: raw._generate_groups_efficiently(3, 7, 4, seed=7, seed_indices=[1, 2])),
+        ([5, 256], lambda: raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2,
+                                                     seed=2**40 + 5)),  # as 32-bit words
+    ]
+    for want, call in calls:
+        assert next_draw(1, call) == next_draw(2, call) == seeded(want)
+    # seed=None: untouched, apart from the one draw the seed came from
+    np.random.seed(5)
+    np.random.randint(0, 2**63 - 1, dtype=np.int64)
+    want = np.random.random()
+    assert next_draw(5, lambda: raw.generate_grouped_data(8, K=7, nsamples=5,
+                                                          gridsize=2)) == want
+
+
+def test_flags_are_taken_by_truth_as_ptychopinn_tests_them():
+    raw = grid_raw()
+    plain = raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2, seed=1)
+    for flags in ({"sequential_sampling": None, "enable_oversampling": None},
+                  {"sequential_sampling": 0, "enable_oversampling": np.int64(0)}):
+        np.testing.assert_array_equal(raw.generate_grouped_data(
+            8, K=7, nsamples=5, gridsize=2, seed=1, **flags)["nn_indices"], plain["nn_indices"])
+    np.testing.assert_array_equal(
+        raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2, sequential_sampling=1)[
+            "nn_indices"],
+        raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2, sequential_sampling=True)[
+            "nn_indices"])
+    with pytest.raises(TypeError, match=r"enable_oversampling must be True or False, got 2"):
+        raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2, enable_oversampling=2)
+
+
 # ----------------------------------------------------------------------------- inputs
 def test_ptychopinns_inputs_are_accepted(caplog):
     n, N = 30, 8
@@ -309,6 +361,15 @@ def test_ptychopinns_inputs_are_accepted(caplog):
     assert raw.scan_index.dtype == np.int64 and raw.Y.shape == (n, N, N)
     d = raw.generate_grouped_data(N, K=4, nsamples=5, seed=0, gridsize=1)
     np.testing.assert_array_equal(d["Y"][..., 0], Y4[d["nn_indices"][:, 0], ..., 0])
+    # Y set afterwards, in PtychoPINN's layout too, is taken as at construction
+    raw.Y = None
+    assert raw.generate_grouped_data(N, K=4, nsamples=5, seed=0, gridsize=1)["Y"] is None
+    raw.Y = Y4
+    assert raw.Y.shape == (n, N, N)
+    np.testing.assert_array_equal(
+        raw.generate_grouped_data(N, K=4, nsamples=5, seed=0, gridsize=1)["Y"], d["Y"])
+    with pytest.raises(ValueError, match=r"xcoords has 30 entries but Y has 2 patches"):
+        raw.Y = Y4[:2]
     # N different from the frames: a warning, X_full keeps the frames, Y is N x N
     with caplog.at_level(logging.WARNING):
         d = raw.generate_grouped_data(4, K=4, nsamples=5, seed=0, gridsize=1)
@@ -349,6 +410,54 @@ def test_reads_ptychopinns_to_file_npz_with_none_members():
     assert "objectGuess" in FACTS["to_file_members"]  # stored as None by PtychoPINN
     raw = RawData.from_file(DATA / "ptychopinn_to_file.npz")
     assert raw.objectGuess is None and len(raw) == 6 and raw.diff3d.shape == (6, 4, 4)
+
+
+def test_a_y_member_for_other_positions_is_ignored_as_ptychopinns_load_data(tmp_path,
+                                                                           caplog):
+    """PtychoPINN's generate_patches_tool writes a single patch as Y by default; its
+    load_data ignores a Y whose first axis is not n (ptycho/workflows/components.py:411
+    at 99efda1), and its from_file reads no Y at all."""
+    raw = grid_raw(with_object=True)
+    fields = raw.to_dict()
+    fields["Y"] = np.ones((1, 8, 8, 1), np.complex64)
+    np.savez(tmp_path / "patches.npz", **fields)
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        back = RawData.from_file(tmp_path / "patches.npz", backend="cpu")
+    assert "Y holds 1 patches for 100 positions; ignoring it" in caplog.text
+    assert back.Y is None
+    np.testing.assert_array_equal(
+        back.generate_grouped_data(8, K=7, nsamples=4, seed=0, gridsize=2)["Y"],
+        raw.generate_grouped_data(8, K=7, nsamples=4, seed=0, gridsize=2)["Y"])
+
+
+def test_a_ptychopinn_rawdata_pickled_before_patch_loads_as_ours(monkeypatch):
+    """A pickle of PtychoPINN's RawData names ptycho.raw_data.RawData, which patch() makes
+    gpugroup's class: it is rebuilt from the pickled fields (PtychoPINN's __dict__)."""
+    module = types.ModuleType("ptycho_pickled_raw_data")
+
+    class Upstream:  # PtychoPINN's RawData.__init__ stores its arguments as they are
+        def __init__(self, *fields, **optional):
+            names = ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d",
+                     "probeGuess", "scan_index")
+            self.__dict__.update(zip(names, fields), **optional)
+            self.sample_indices, self.subsample_seed = np.arange(3), 17
+
+    Upstream.__module__, Upstream.__qualname__ = module.__name__, "RawData"
+    module.RawData = Upstream
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    ours = grid_raw(with_object=True)
+    blob = pickle.dumps(Upstream(ours.xcoords, ours.ycoords, ours.xcoords, ours.ycoords,
+                                 ours.diff3d, ours.probeGuess, None,
+                                 objectGuess=ours.objectGuess, Y=None, norm_Y_I=None,
+                                 metadata=None))
+    module.RawData = RawData  # what patch() does to ptycho.raw_data
+    back = pickle.loads(blob)
+    assert type(back) is RawData and back.subsample_seed == 17 and back.backend == "auto"
+    np.testing.assert_array_equal(back.sample_indices, np.arange(3))
+    want = ours.generate_grouped_data(8, K=7, nsamples=4, seed=0, gridsize=2)
+    got = back.generate_grouped_data(8, K=7, nsamples=4, seed=0, gridsize=2, backend="cpu")
+    for key in ("nn_indices", "X_full", "Y"):
+        np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_object_members_are_not_unpickled(tmp_path):

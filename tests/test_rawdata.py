@@ -436,8 +436,12 @@ def test_to_file_permissions_overwrite_and_own_source(tmp_path):
         with pytest.raises(ValueError, match="is the input scan"):
             back.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2, out=target)
     np.testing.assert_array_equal(RawData.from_file(path, backend="cpu").diff3d, raw.diff3d)
-    raw.to_file(tmp_path / "no_suffix")  # any other name: an NPZ, as before
-    np.testing.assert_array_equal(RawData.from_file(tmp_path / "no_suffix").diff3d, raw.diff3d)
+    raw.to_file(tmp_path / "no_suffix")  # any other name: .npz appended, as numpy.savez
+    assert not (tmp_path / "no_suffix").exists()  # (PtychoPINN's to_file) appends it
+    np.testing.assert_array_equal(RawData.from_file(tmp_path / "no_suffix.npz").diff3d,
+                                  raw.diff3d)
+    raw.to_file(str(tmp_path / "scan.v2"))
+    assert (tmp_path / "scan.v2.npz").is_file() and not (tmp_path / "scan.v2").exists()
 
 
 def test_index_cache_follows_changed_coordinates():
