@@ -345,6 +345,9 @@ class RawData:
         ------
         NotImplementedError
             When PtychoPINN's ``ptycho.params`` holds gridsize > 1 (as PtychoPINN).
+        ValueError
+            NaN or inf under the probe, or an ``nphotons`` whose scale or counts float32 and
+            int64 cannot hold.
         """
         if resolve_gridsize(None) != 1:
             raise NotImplementedError(
@@ -369,6 +372,10 @@ class RawData:
         chunks = assembly.chunk_groups(len(Y), N * N * 8)
         photons = np.mean(np.concatenate([np.sum(np.abs(Y[c] * lit) ** 2, axis=(1, 2))
                                           for c in chunks]), dtype=np.float32)
+        if not np.isfinite(photons):
+            field = "probeGuess" if not np.isfinite(probe).all() else "objectGuess"
+            raise ValueError(f"{field} holds NaN or inf where the probe lights the object, so "
+                             f"no frame can be simulated; replace them (e.g. np.nan_to_num)")
         if not photons > 0:  # PtychoPINN returns such a scan too: say so now, not at grouping
             logger.warning(
                 "every simulated frame is zero: the probe sees no object at any of the %d "
@@ -386,9 +393,18 @@ class RawData:
             diff3d = np.empty(Y.shape, np.float32)
             for c in chunks:
                 far = np.fft.fftshift(np.fft.fft2(Y[c] * lit * s), axes=(-2, -1))
-                diff3d[c] = np.sqrt(rng.poisson(np.abs(far) ** 2 / (N * N))) / s
-            norm_Y_I = np.sqrt(np.float32(nphotons) / np.mean(
-                np.sum(diff3d ** 2, axis=(1, 2)), dtype=np.float32))
+                mean = np.abs(far) ** 2 / (N * N)
+                if mean.max() > _POISSON_LAM_MAX:
+                    raise ValueError(
+                        f"nphotons={nphotons:g} puts {mean.max():.3g} expected photons in one "
+                        f"pixel, more than NumPy's Poisson draws hold (int64); pass a smaller "
+                        f"nphotons")
+                diff3d[c] = np.sqrt(rng.poisson(mean)) / s
+            energy = np.mean(np.sum(diff3d ** 2, axis=(1, 2)), dtype=np.float32)
+            norm_Y_I = np.sqrt(np.float32(nphotons) / energy) if energy > 0 else None
+            if norm_Y_I is None:
+                logger.warning("no photon was drawn at nphotons=%g: every simulated frame is "
+                               "zero; pass a larger nphotons", nphotons)
         return cls(x, y, x, y, diff3d, probe, scan_index, objectGuess=obj, Y=Y,
                    norm_Y_I=norm_Y_I, backend=backend)
 
@@ -461,6 +477,8 @@ class RawData:
             self.sample_indices = state.get("sample_indices")
             self.subsample_seed = state.get("subsample_seed")
             return
+        if "_Y" not in state:  # pickled before Y became a property
+            state["_Y"] = state.pop("Y", None)
         for key in _STACK_FIELDS:
             if isinstance(state[key], StackRef):
                 state[key] = open_stack(state[key])
@@ -537,7 +555,7 @@ class RawData:
                            seed=0 if sequential else _draw_seed(seed),
                            backend=self.backend, sequential=sequential,
                            enable_oversampling=True, index_cache=self._index_cache)
-        _seed_numpy_as_ptychopinn(seed, sequential)
+        _seed_numpy_as_ptychopinn(seed, False)  # PtychoPINN seeds here even when sequential
         return nn
 
     def _groups_for_seeds(self, seeds, K, C, backend=None):
@@ -705,7 +723,8 @@ class RawData:
             K, nsamples, seed, gridsize, sequential_sampling=sequential_sampling,
             enable_oversampling=enable_oversampling, neighbor_pool_size=neighbor_pool_size,
             group_by_scan=group_by_scan, backend=backend, output="device")
-        _seed_numpy_as_ptychopinn(given_seed, sequential_sampling)
+        oversampled = int(nn.shape[0]) > len(self)  # then PtychoPINN seeds seed, not 0
+        _seed_numpy_as_ptychopinn(given_seed, sequential_sampling and not oversampled)
         if lazy or out is not None:
             return self._grouped_out_of_core(
                 be, nn, N, seed, out=out, lazy=lazy, keep_diffraction=keep_diffraction,
@@ -875,8 +894,8 @@ def resolve_gridsize(gridsize) -> int:
 
 #: PtychoPINN's default expected photons per frame (its ``params.cfg['nphotons']``).
 DEFAULT_NPHOTONS = 1e9
-#: Most expected photons per frame ``from_simulation`` draws (NumPy's Poisson is int64).
-MAX_NPHOTONS = 1e18
+#: The largest mean NumPy's Poisson sampler draws from (its counts are int64).
+_POISSON_LAM_MAX = float(np.iinfo(np.int64).max) - 10 * np.sqrt(np.iinfo(np.int64).max)
 
 
 def resolve_nphotons(nphotons) -> float:
@@ -891,10 +910,9 @@ def resolve_nphotons(nphotons) -> float:
         logger.info("nphotons=None: nphotons=%r from %s", nphotons, where)
     value = float(nphotons) if isinstance(nphotons, (int, float, np.integer, np.floating)) \
         and not isinstance(nphotons, bool) else None
-    if value is None or not 0 < value <= MAX_NPHOTONS:
-        raise ValueError(f"nphotons must be a number of expected photons per frame in "
-                         f"(0, {MAX_NPHOTONS:g}] (Poisson counts are int64), got "
-                         f"nphotons={nphotons!r}; pass e.g. nphotons=1e9")
+    if value is None or not 0 < value < np.inf:
+        raise ValueError(f"nphotons must be a positive number of expected photons per "
+                         f"frame, got nphotons={nphotons!r}; pass e.g. nphotons=1e9")
     return value
 
 
@@ -906,10 +924,11 @@ def _check_pool(K, C):
 
 
 def _seed_numpy_as_ptychopinn(seed, sequential) -> None:
-    """Leave NumPy's global RNG seeded as PtychoPINN's grouping leaves it, so that code
-    after the call draws the same numbers every run: ``np.random.seed(0)`` after
-    sequential sampling, ``np.random.seed(seed)`` after a given seed (a seed of 2**32 or
-    more as its two 32-bit words); untouched for ``seed=None``."""
+    """Seed NumPy's global RNG as PtychoPINN's grouping seeds it, so that code after the
+    call draws the same numbers every run: ``np.random.seed(0)`` after sequential
+    sampling, ``np.random.seed(seed)`` after a given seed (a seed of 2**32 or more as its
+    two 32-bit words); untouched for ``seed=None``. (PtychoPINN then draws from it, so
+    the numbers that follow are not the ones its run gives.)"""
     if sequential:
         np.random.seed(0)
     elif seed is not None:

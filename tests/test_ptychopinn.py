@@ -315,6 +315,11 @@ def test_grouping_leaves_numpys_global_rng_seeded_as_ptychopinn():
         (7, lambda: raw._generate_groups_efficiently(5, 7, 4, seed=7)),
         (3, lambda: raw._generate_groups_with_oversampling(500, 7, 4, seed=3)),
         (0, lambda: raw._generate_groups_efficiently(3, 7, 4, seed=7, seed_indices=[1, 2])),
+        (9, lambda: raw.generate_grouped_data(8, K=7, nsamples=500, gridsize=2, seed=9,
+                                              sequential_sampling=True,
+                                              enable_oversampling=True)),  # seed, not 0
+        (9, lambda: raw._generate_groups_with_oversampling(500, 7, 4, seed=9,
+                                                           seed_indices=np.arange(500))),
         ([5, 256], lambda: raw.generate_grouped_data(8, K=7, nsamples=5, gridsize=2,
                                                      seed=2**40 + 5)),  # as 32-bit words
     ]
@@ -562,13 +567,33 @@ def test_from_simulation_nphotons_and_seed(fake_params, monkeypatch):
     monkeypatch.delitem(sys.modules, "ptycho.params")  # PtychoPINN's default, 1e9
     np.testing.assert_array_equal(simulate_fixture_scan(seed=5).diff3d,
                                   simulate_fixture_scan(nphotons=1e9, seed=5).diff3d)
-    for bad in (0, -1.0, float("nan"), float("inf"), 1e19, "1e9", True):
+    for bad in (0, -1.0, float("nan"), float("inf"), "1e9", True):
         with pytest.raises(ValueError, match=r"nphotons must be .*got nphotons=.*pass e\.g\."):
             simulate_fixture_scan(nphotons=bad)
     with pytest.raises(ValueError, match=r"scale to nphotons=1e-50 is 0\.0.*pass an nphotons"):
         simulate_fixture_scan(nphotons=1e-50)
+    with pytest.raises(ValueError, match=r"nphotons=1e\+20 puts .* expected photons in one "
+                                         r"pixel.*pass a smaller nphotons"):
+        simulate_fixture_scan(nphotons=1e20)
     with pytest.raises(ValueError, match=r"seed must be"):
         simulate_fixture_scan(seed=-1)
+
+
+def test_from_simulation_says_what_spoils_it(fake_params, caplog):
+    fake_params.cfg["gridsize"] = 1
+    obj, probe = KAT["sim_object"].copy(), KAT["sim_probe"].copy()
+    x, y = KAT["sim_x"], KAT["sim_y"]
+    obj[round(y[0]), round(x[0])] = np.nan  # under the first position
+    with pytest.raises(ValueError, match=r"objectGuess holds NaN or inf where the probe "
+                                         r"lights the object.*np\.nan_to_num"):
+        RawData.from_simulation(x, y, probe, obj, seed=1)
+    probe[0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"probeGuess holds NaN or inf"):
+        RawData.from_simulation(x, y, probe, KAT["sim_object"], seed=1)
+    with caplog.at_level(logging.WARNING, logger="gpugroup"):
+        dark = simulate_fixture_scan(nphotons=1e-6, seed=1)
+    assert "no photon was drawn at nphotons=1e-06: every simulated frame is zero" in caplog.text
+    assert not dark.diff3d.any() and dark.norm_Y_I is None
 
 
 def test_from_simulation_is_gridsize_1_only(fake_params):

@@ -705,3 +705,16 @@ def test_a_scan_pickles_for_worker_processes(tmp_path, suffix):
     for key in ("nn_indices", "X_full", "diffraction", "Y", "coords_relative"):
         np.testing.assert_array_equal(again[key], first[key])
     assert raw._index_cache and not pickle.loads(blob)._index_cache
+
+
+def test_a_scan_pickled_before_y_was_a_property_loads():
+    """gpugroup before 2026-12-07 pickled Y under "Y" (now "_Y", behind the property)."""
+    import pickle
+
+    raw = make_raw(n=30, with_Y=True)
+    state = raw.__getstate__()
+    state["Y"] = state.pop("_Y")  # the old layout
+    old = RawData.__new__(RawData)
+    old.__setstate__(state)
+    np.testing.assert_array_equal(old.Y, raw.Y)
+    assert pickle.loads(pickle.dumps(old)).Y.shape == raw.Y.shape
