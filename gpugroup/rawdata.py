@@ -932,7 +932,7 @@ def _seed_numpy_as_ptychopinn(seed, sequential) -> None:
     if sequential:
         np.random.seed(0)
     elif seed is not None:
-        seed = int(seed)
+        seed = resolve_seed(seed)
         np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
 
 
