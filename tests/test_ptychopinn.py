@@ -325,6 +325,9 @@ def test_grouping_leaves_numpys_global_rng_seeded_as_ptychopinn():
     ]
     for want, call in calls:
         assert next_draw(1, call) == next_draw(2, call) == seeded(want)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got seed=-1"):
+        raw.generate_grouped_data(8, K=7, nsamples=500, gridsize=2, seed=-1,
+                                  sequential_sampling=True, enable_oversampling=True)
     # seed=None: untouched, apart from the one draw the seed came from
     np.random.seed(5)
     np.random.randint(0, 2**63 - 1, dtype=np.int64)
