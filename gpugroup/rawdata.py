@@ -25,7 +25,7 @@ from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_bytes,
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
-from gpugroup.schema import check_position_numbers, index_dtype
+from gpugroup.schema import SCAN_FIELDS, check_position_numbers, index_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -469,11 +469,7 @@ class RawData:
 
     def __setstate__(self, state):
         if "backend" not in state:  # PtychoPINN's RawData, pickled before patch(): rebuilt
-            self.__init__(*(state.get(k) for k in ("xcoords", "ycoords", "xcoords_start",
-                                                    "ycoords_start", "diff3d", "probeGuess",
-                                                    "scan_index")),
-                          **{k: state.get(k) for k in ("objectGuess", "Y", "norm_Y_I",
-                                                         "metadata")})
+            self.__init__(**{k: state.get(k) for k in SCAN_FIELDS + ("metadata",)})
             self.sample_indices = state.get("sample_indices")
             self.subsample_seed = state.get("subsample_seed")
             return
