@@ -513,6 +513,9 @@ def sample_with(opts: SamplingOptions, xcoords, ycoords, *, backend="auto", scan
             f"take 32-bit sizes, so a device handles n < 2**31; pass backend='cpu'"
         )
     scans = _check_scan_index(scan_index, n, C)
+    if K > n and C > 1:
+        logger.warning("K=%d is more than the scan's n=%d positions: each pool is the whole "
+                       "scan (K=%d)", K, n, n)
 
     B, oversample = _group_count(n, nsamples, K, C, opts.enable_oversampling, scans)
     m = min(B, n)
@@ -587,7 +590,13 @@ def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords"), *, xp=np,
     x, y = np.asarray(xcoords), np.asarray(ycoords)
     for name, a in zip(names, (x, y)):
         if a.ndim != 1:
-            raise ValueError(f"{name} must be 1-D (one value per scan position), got shape {a.shape}")
+            hint = ""
+            if a.ndim == 2 and a.shape[1] in (2, 3):
+                hint = (f"; positions stored together as (n, {a.shape[1]})? pass one column "
+                        f"each, e.g. xcoords=pos[:, 0], ycoords=pos[:, 1] (rewrite the file "
+                        f"so, for the command line)")
+            raise ValueError(f"{name} must be 1-D (one value per scan position), got shape "
+                             f"{a.shape}{hint}")
         if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
             raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
     if x.shape[0] != y.shape[0]:

@@ -22,6 +22,7 @@ from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_bytes, check_count,
                                exact_rescale, neighbour_pool, sample_groups,
                                sample_with, select_members)
+from gpugroup.io.formats import HDF5_SUFFIXES
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
@@ -43,7 +44,11 @@ def _frames_shape(name, a, n=None):
             f"axis 0"
         )
     if shape[1] != shape[2]:
-        raise ValueError(f"{name} frames must be square N x N, got shape {shape}")
+        hint = ""
+        if shape[0] == shape[1] or (n is not None and shape[2] == n):
+            hint = (f"; frames stored last, (N, N, n), as in PtychoPINN's older files? "
+                    f"pass np.moveaxis({name}, -1, 0)")
+        raise ValueError(f"{name} frames must be square N x N, got shape {shape}{hint}")
     if n is not None and shape[0] != n:
         raise ValueError(
             f"xcoords has {n} entries but {name} has {shape[0]} frames; pass one frame per "
@@ -99,7 +104,11 @@ _HOLDS = {"diff3d": ("real numbers (float32 amplitudes)", "float32"),
 def _check_numbers(name, a):
     """``a`` (anything with a dtype) holds numbers: real ones for ``diff3d``."""
     dtype = np.dtype(a.dtype)
-    if not np.issubdtype(dtype, np.number) or (name == "diff3d" and dtype.kind == "c"):
+    if name == "diff3d" and dtype.kind == "c":
+        raise ValueError(f"diff3d must hold real amplitudes (float32), got dtype {dtype}; "
+                         f"measured frames are real: for complex exit waves pass their "
+                         f"amplitudes, np.abs(diff3d).astype(np.float32)")
+    if not np.issubdtype(dtype, np.number):
         what, usual = _HOLDS[name]
         raise ValueError(f"{name} must hold {what}, got dtype {dtype}; pass a numeric array "
                          f"(e.g. np.asarray({name}, dtype=np.{usual}) of numbers stored as "
@@ -283,6 +292,7 @@ class RawData:
 
     @classmethod
     def _from_mapping(cls, data, source, backend):
+        found = sorted(data)
         if "diff3d" not in data and "diffraction" in data:
             data["diff3d"] = data.pop("diffraction")
         elif "diffraction" in data:
@@ -290,7 +300,7 @@ class RawData:
                            "diffraction", source)
         missing = [k for k in REQUIRED_KEYS + ("diff3d",) if k not in data]
         if missing:
-            raise io.missing_fields_error(source, missing, sorted(data))
+            raise io.missing_fields_error(source, missing, found)
         metadata = data.get("_metadata")
         if metadata is not None:
             try:
@@ -437,10 +447,9 @@ class RawData:
             raise ValueError("diff3d is None: a scan file holds the (n, N, N) diffraction "
                              "amplitudes (from_file requires them); set raw.diff3d before "
                              "to_file")
-        try:
-            fmt = io.output_format(path)
-        except ValueError:
-            fmt, path = "npz", os.fspath(path) + ".npz"
+        if not os.fspath(path).lower().endswith(io.OUTPUT_SUFFIXES + HDF5_SUFFIXES):
+            path = os.fspath(path) + ".npz"  # as numpy.savez (PtychoPINN's to_file) names it
+        fmt = io.output_format(path)  # (refuses .cxi and other layouts it only reads)
         io.check_output(path, overwrite=overwrite, source=self._source, option="path")
         io.write_scan(path, self.to_dict(), overwrite=overwrite, fmt=fmt,
                       check_space=check_space)
@@ -802,13 +811,15 @@ class RawData:
                     f"Requesting {nsamples} groups but only {n} points available (gridsize="
                     f"{gridsize}, C={C}): K choose C oversampling is required but not "
                     f"enabled (OVERSAMPLING-001). Pass enable_oversampling=True with "
-                    f"neighbor_pool_size >= {C}, or nsamples <= {n}")
+                    f"neighbor_pool_size >= {C}, or nsamples <= {n} (on the command line "
+                    f"--oversample, --neighbor-pool-size, --nsamples)")
             pool = K if neighbor_pool_size is None else neighbor_pool_size
             if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < C:
                 raise ValueError(
                     f"K choose C oversampling requires neighbor_pool_size >= C (gridsize**2)"
                     f": got neighbor_pool_size={pool!r} (K when None), C={C} "
-                    f"(OVERSAMPLING-001); pass neighbor_pool_size >= {C}")
+                    f"(OVERSAMPLING-001); pass neighbor_pool_size >= {C} "
+                    f"(--neighbor-pool-size on the command line)")
         else:
             if neighbor_pool_size is not None:
                 # PtychoPINN passes its config's value (None unless set); one that differs
@@ -821,9 +832,10 @@ class RawData:
             _check_pool(K, C)
         be = get_backend(self.backend if backend is None else backend)
         if sequential_sampling:
-            if seed is not None:
-                logger.info("sequential_sampling=True: members are drawn with seed 0 "
-                            "(seed=%r ignored, as PtychoPINN)", seed)
+            if seed is not None and seed != 0:
+                logger.warning("seed=%r has no effect with sequential_sampling=True: the "
+                               "members are drawn with seed 0, as PtychoPINN draws them; "
+                               "drop the seed, or sample at random to vary the groups", seed)
             seed = 0
         else:
             seed = _draw_seed(seed)

@@ -99,6 +99,29 @@ def test_group_without_seed_reports_the_seed_it_used(scan_file, tmp_path, capsys
         nn, sample_groups(raw.xcoords, raw.ycoords, 50, 7, 4, seed=seed, backend="cpu"))
 
 
+def test_sequential_says_that_a_seed_has_no_effect(scan_file, tmp_path, caplog, capsys):
+    # PtychoPINN draws sequential members with seed 0: another --seed gives the same groups,
+    # and the run says so at the default log level (not only under -v)
+    got = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"s{seed}.npz"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main(["group", str(scan_file), "-o", str(out), "--sequential", "--seed",
+                         seed, "--nsamples", "50", "--backend", "cpu"]) == 0
+        assert [r.getMessage() for r in caplog.records
+                if f"seed={seed} has no effect with sequential_sampling" in r.getMessage()]
+        with np.load(out) as z:
+            got.append(z["nn_indices"])
+            assert int(z["seed"]) == 0
+    np.testing.assert_array_equal(got[0], got[1])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # seed 0 (or none) is what it uses: nothing said
+        assert main(["group", str(scan_file), "-o", str(tmp_path / "s0.npz"), "--sequential",
+                     "--seed", "0", "--nsamples", "50", "--backend", "cpu"]) == 0
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+
+
 def test_group_options_oversample_and_pool(scan_file, tmp_path, capsys):
     out = tmp_path / "over.npz"
     assert main(["group", str(scan_file), "-o", str(out), "--N", str(N), "--nsamples",
@@ -353,6 +376,50 @@ def test_group_dry_run_caps_nsamples_like_the_real_run(scan_file, tmp_path, caps
     assert f"{n} groups of C=4" in capsys.readouterr().out
 
 
+def test_a_pool_larger_than_the_scan_is_said(scan_file, tmp_path, capsys, caplog):
+    """K beyond the number of positions: every pool is the whole scan; the plan prints the
+    pool used and a warning says so (the groups are those of K = n)."""
+    out = tmp_path / "g.npz"
+    with caplog.at_level(logging.WARNING):
+        assert main(["group", str(scan_file), "-o", str(out), "--dry-run", "--seed", "1",
+                     "--K", "100000", "--nsamples", "20", "--backend", "cpu"]) == 0
+    assert f"pool {n}: the whole scan, 100000 asked" in capsys.readouterr().out
+    assert [r for r in caplog.records
+            if f"K=100000 is more than the scan's n={n} positions" in r.getMessage()]
+    raw = RawData.from_file(scan_file)
+    np.testing.assert_array_equal(
+        sample_groups(raw.xcoords, raw.ycoords, 20, 100000, 4, seed=1, backend="cpu"),
+        sample_groups(raw.xcoords, raw.ycoords, 20, n, 4, seed=1, backend="cpu"))
+
+
+@pytest.mark.parametrize("suffix", [".npz", suffix_param(".h5"), suffix_param(".zarr")])
+def test_a_grouped_output_given_as_the_scan_is_named(scan_file, tmp_path, capsys, suffix):
+    grouped = tmp_path / f"grouped{suffix}"
+    assert main(["group", str(scan_file), "-o", str(grouped), *GROUP_ARGS]) == 0
+    capsys.readouterr()
+    line = _error_line(capsys, main(["group", str(grouped), "-o", str(tmp_path / "again.npz"),
+                                     *GROUP_ARGS]))
+    assert f"{str(grouped)!r} is a grouped output (it holds nn_indices and X_full), not a " \
+           f"scan; give the scan it was grouped from" in line
+    with pytest.raises(ValueError, match="is a grouped output"):
+        RawData.from_file(grouped)
+    # the fields found are those the file holds ('diffraction', not the name it maps to)
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, xcoords=np.zeros(4), ycoords=np.zeros(4),
+             diffraction=np.ones((4, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"lacks required field\(s\) \['probeGuess'\] "
+                                         r"\(found: \['diffraction', 'xcoords', 'ycoords'\]"):
+        RawData.from_file(partial)
+
+
+def test_oversampling_errors_name_the_command_line_options(scan_file, tmp_path, capsys):
+    out = str(tmp_path / "g.npz")  # (without --oversample the CLI makes n groups, warning)
+    line = _error_line(capsys, main(["group", str(scan_file), "-o", out, "--nsamples",
+                                     str(2 * n), "--oversample", "--neighbor-pool-size", "3",
+                                     "--seed", "1", "--backend", "cpu"]))
+    assert "neighbor_pool_size=3" in line and "--neighbor-pool-size on the command line" in line
+
+
 # --------------------------------------------------------------------------- show
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -484,6 +551,13 @@ def test_help_and_argparse_errors_exit_codes(capsys):
     assert main(["group", "x.npz"]) == 2  # -o missing
     assert main(["simulate", "x.npz", "--nn", "3"]) == 2  # no abbreviations either
     assert main(["demo", "--nsample", "3"]) == 2
+    # said by the command, with the option likely meant
+    err = capsys.readouterr().err
+    assert "usage: gpugroup demo" in err and err.strip().splitlines()[-1] == (
+        "gpugroup demo: error: unrecognized arguments: --nsample 3 (did you mean --nsamples?)")
+    assert main(["group", "x.npz", "-o", "y.npz", "stray"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "gpugroup group: error: unrecognized arguments: stray")
     assert main(["group", "x.npz", "-o", "y.npz", "--row-order", "random"]) == 2
     assert main(["group", "x.npz", "-o", "y.npz", "--chunk-mib", "0"]) == 2
     assert main(["convert", "x.npz"]) == 2  # OUT missing
@@ -566,6 +640,11 @@ def test_error_frame_size_and_output_format(scan_file, tmp_path, capsys):
     assert ".txt" in line and "-o" in line and ".zarr" in line
     line = _error_line(capsys, main(["group", str(scan_file), "-o", str(tmp_path / "o.cxi")]))
     assert ".cxi" in line and "-o" in line
+    outdir = tmp_path / "outd"
+    outdir.mkdir()
+    for cmd in (["group", str(scan_file), "-o"], ["simulate"], ["convert", str(scan_file)]):
+        line = _error_line(capsys, main([*cmd, f"{outdir}/"]))
+        assert f"is a directory; name the output file in it, e.g. '{outdir}/NAME.npz'" in line
     line = _error_line(capsys, main(["simulate", str(tmp_path / "no" / "dir" / "s.npz")]))
     assert "does not exist" in line
 

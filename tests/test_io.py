@@ -222,6 +222,38 @@ def test_cxi_layout_and_keys_mapping(tmp_path):
         RawData.from_file(other, keys={"frames": "exp/frames"})
 
 
+@pytest.mark.parametrize("fmt", ["npz", "npy", "h5", "zarr"])
+def test_keys_may_name_the_frames_diffraction_in_every_format(tmp_path, fmt):
+    # PtychoPINN's other name for diff3d: accepted by keys for every format, not NPZ alone
+    raw = make_raw()
+    fields = {"frames": raw.diff3d, "xcoords": raw.xcoords, "ycoords": raw.ycoords,
+              "probeGuess": raw.probeGuess}
+    path = tmp_path / f"scan.{fmt}"
+    if fmt == "npz":
+        np.savez(path, **fields)
+    elif fmt == "npy":
+        path.mkdir()
+        for k, v in fields.items():
+            np.save(path / f"{k}.npy", v)
+    elif fmt == "h5":
+        with h5py.File(path, "w") as f:
+            for k, v in fields.items():
+                f[k] = v
+    else:
+        g = zarr.open_group(path, mode="w")
+        for k, v in fields.items():
+            g.create_array(k, data=v)
+    for mmap_mode in (None, "r"):
+        back = RawData.from_file(path, mmap_mode=mmap_mode, keys={"diffraction": "frames"},
+                                 backend="cpu")
+        np.testing.assert_array_equal(np.asarray(back.diff3d[...]), raw.diff3d)
+    with pytest.raises(ValueError, match=r"frames twice, diff3d='a' and diffraction='frames'"):
+        RawData.from_file(path, keys={"diff3d": "a", "diffraction": "frames"})
+    back = RawData.from_file(path, keys={"diff3d": "frames", "diffraction": "frames"},
+                             backend="cpu")
+    np.testing.assert_array_equal(back.diff3d, raw.diff3d)
+
+
 def test_npy_directory(tmp_path):
     raw = make_raw()
     d = tmp_path / "scan_dir"

@@ -231,11 +231,16 @@ def base_fields(n=10, N=4):
     (dict(ycoords=np.zeros(9)), r"xcoords has 10 entries but ycoords has 9"),
     (dict(xcoords=np.r_[np.arange(9.0), np.nan]), r"xcoords.*non-finite.*xcoords\[9\]=nan"),
     (dict(ycoords=np.r_[np.inf, np.zeros(9)]), r"ycoords.*ycoords\[0\]=inf"),
-    (dict(xcoords=np.zeros((10, 1))), r"xcoords must be 1-D.*\(10, 1\)"),
+    (dict(xcoords=np.zeros((10, 1))), r"xcoords must be 1-D.*\(10, 1\)$"),
+    (dict(xcoords=np.zeros((10, 2))),
+     r"xcoords must be 1-D.*\(10, 2\); positions stored together.*xcoords=pos\[:, 0\]"),
     (dict(diff3d=np.ones((9, 4, 4), np.float32)), r"xcoords has 10 entries but diff3d has 9 frames"),
     (dict(diff3d=np.ones((10, 16), np.float32)), r"diff3d must be 3-D.*\(10, 16\)"),
     (dict(diff3d=np.ones((10, 4, 5), np.float32)), r"diff3d frames must be square.*\(10, 4, 5\)"),
-    (dict(diff3d=np.ones((10, 4, 4), np.complex64)), r"diff3d must hold real numbers.*complex64"),
+    (dict(diff3d=np.ones((10, 4, 4), np.complex64)),
+     r"diff3d must hold real amplitudes.*complex64.*np\.abs\(diff3d\)"),
+    (dict(diff3d=np.ones((4, 4, 10), np.float32)),
+     r"must be square.*\(4, 4, 10\); frames stored last.*np\.moveaxis\(diff3d, -1, 0\)"),
     (dict(probeGuess=np.ones((8, 8, 2), np.complex64)), r"probeGuess must be 2-D.*\(8, 8, 2\)"),
     (dict(scan_index=np.zeros(3, int)), r"scan_index must be \(10,\) numbers"),
     (dict(scan_index=np.full(10, 0.5)), r"scan_index holds non-integer values.*0\.5"),
@@ -442,6 +447,16 @@ def test_to_file_permissions_overwrite_and_own_source(tmp_path):
                                   raw.diff3d)
     raw.to_file(str(tmp_path / "scan.v2"))
     assert (tmp_path / "scan.v2.npz").is_file() and not (tmp_path / "scan.v2").exists()
+    # layouts gpugroup reads but does not write: refused, not written as plain HDF5
+    before = sorted(os.listdir(tmp_path))
+    for name in ("scan.cxi", "scan.nxs", "scan.hdf"):
+        with pytest.raises(ValueError, match=rf"cannot write '.*{name}': gpugroup reads "
+                                             rf"\.{name[-3:]} files .*name the output \*\.h5"):
+            raw.to_file(tmp_path / name)
+        with pytest.raises(ValueError, match=r"reads .* files but writes plain HDF5"):
+            raw.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2,
+                                      out=tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_index_cache_follows_changed_coordinates():

@@ -370,6 +370,12 @@ def test_too_little_free_space_is_refused_up_front(scan_file, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
     line = _one_error(capsys, main(["group", str(scan_file), "-o", str(out), *GROUP_ARGS]))
     assert "free" in line and "--no-space-check" in line and str(out) in line
+    # a dry run makes the same check (it says what the real run would do)
+    line = _one_error(capsys, main(["group", str(scan_file), "-o", str(out), "--dry-run",
+                                    *GROUP_ARGS]))
+    assert "free" in line and "--no-space-check" in line and str(out) in line
+    assert main(["group", str(scan_file), "-o", str(out), "--dry-run", "--no-space-check",
+                 *GROUP_ARGS]) == 0
     line = _one_error(capsys, main(["convert", str(scan_file), str(tmp_path / "c.npz")]))
     assert "free" in line
     # the check can be skipped (filesystems that report free space wrongly)
@@ -605,6 +611,72 @@ def test_sigterm_during_an_hdf5_write_prints_no_traceback(scan_file, tmp_path):
     assert "Exception ignored" not in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "gpugroup: terminated", err
     assert list(tmp_path.iterdir()) == []
+
+
+# -------------------- 8b: killed runs
+_WRITER = """
+import os, signal, sys
+from gpugroup.io.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    if sys.argv[1].endswith(".zarr"):
+        open(os.path.join(tmp, "chunk"), "wb").write(bytes(4096))
+    else:
+        open(tmp, "wb").write(bytes(4096))
+    print(tmp, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+    sys.stdin.read()  # a run still writing, until stdin closes
+"""
+
+
+@pytest.mark.parametrize("name", ["g.npz", "g.zarr"])
+def test_what_a_killed_run_left_is_removed_by_the_next_run(tmp_path, name, caplog):
+    """A SIGKILLed run cannot clean up: its temporary output stays, hidden. The next run
+    writing the same name removes it (it is no longer locked), but never the temporary
+    output of a run that is still writing."""
+    out = tmp_path / name
+    live = subprocess.Popen([sys.executable, "-c", _WRITER, str(out), "wait"], env=ENV,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        writing = Path(live.stdout.readline().strip())
+        assert writing.exists()
+        killed = subprocess.run([sys.executable, "-c", _WRITER, str(out), "kill"], env=ENV,
+                                capture_output=True, text=True, timeout=60)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        left = Path(killed.stdout.strip())
+        assert left.exists() and left.name.startswith(f".{name}.") and left != writing
+        assert len(list(tmp_path.iterdir())) == 4  # two temporary outputs, two lock files
+        with caplog.at_level("WARNING"):
+            simulate_rawdata(64, 8, 1, backend="cpu").to_file(out)
+        assert not left.exists()
+        assert [r for r in caplog.records if "was killed before it could clean up" in
+                r.getMessage() and str(left) in r.getMessage()], caplog.text
+        assert writing.exists()  # the live run's is left alone
+    finally:
+        live.stdin.close()
+        assert live.wait(timeout=60) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_run_never_sweeps_its_own_temporary_output(tmp_path, monkeypatch):
+    """Where flock is emulated by per-process locks (NFS), a lock this process holds does
+    not stop this process: it must still not remove its own writes in progress."""
+    from gpugroup.io import atomic
+
+    class PerProcessLocks:
+        LOCK_EX, LOCK_NB = 2, 4
+
+        @staticmethod
+        def flock(fd, op):  # this process always gets its own locks
+            pass
+
+    monkeypatch.setattr(atomic, "fcntl", PerProcessLocks)
+    with atomic.atomic_path(tmp_path / "g.npz") as first:
+        with atomic.atomic_path(tmp_path / "g.npz") as second:  # sweeps before it writes
+            assert os.path.exists(first)
+            atomic.sweep_leftovers(str(tmp_path), "g.npz")
+            assert os.path.exists(first) and os.path.exists(second)
+    assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]
 
 
 # -------------------- 9: cleanup-cache

@@ -11,6 +11,7 @@ traceback only with ``-vv``).
 from __future__ import annotations
 
 import argparse
+import difflib
 import inspect
 import sys
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                            parents=[verbosity],
                            allow_abbrev=False, epilog="example:\n  " + epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, parser=p)
         return p
 
     p = add("simulate", commands.cmd_simulate, "write a synthetic scan (.npz, .h5 or .zarr)",
@@ -156,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame size (default: the scan's frame size)")
     _add_grouping_options(p, nsamples=10000, seed=None)
     p.add_argument("--sequential", action="store_true",
-                   help="seeds are positions 0..nsamples-1 instead of a random sample")
+                   help="seeds are positions 0..nsamples-1 instead of a random sample; the "
+                        "members are drawn with seed 0 (--seed has no effect, as in "
+                        "PtychoPINN)")
     p.add_argument("--oversample", action="store_true",
                    help="allow nsamples > n (distinct member sets per repeated seed)")
     p.add_argument("--neighbor-pool-size", type=_positive_int, default=None, metavar="P",
@@ -230,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser, extra) -> None:
+    """Exit through ``parser.error`` naming the arguments it does not take, and the option
+    that was likely meant (``--nsample``: ``--nsamples``)."""
+    options = [o for action in parser._actions for o in action.option_strings]
+    meant = [close[0] for a in extra if a.startswith("-")
+             for close in [difflib.get_close_matches(a.split("=")[0], options, n=1)] if close]
+    hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def _version() -> str:
     return gpugroup.__version__
 
@@ -251,7 +264,9 @@ def main(argv=None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # said by the command's parser (its usage), with the option meant
+            _unrecognized(args.parser, extra)
     except SystemExit as exc:  # --help, --version, or an argparse error (status 2)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     args.verbose += getattr(args, "sub_verbose", 0)  # -v before and after the command add up

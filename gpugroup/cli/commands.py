@@ -28,6 +28,7 @@ from gpugroup.cli.plot import check_picture_path, plot_demo
 from gpugroup.cli.process import EXIT_OK, CLIError, progress
 from gpugroup.dataset import GroupedDataset
 from gpugroup.io import (
+    OUTPUT_SUFFIXES,
     check_free_space,
     check_output,
     format_of,
@@ -46,8 +47,6 @@ CACHE_SUFFIX = ".groups_cache.npz"
 DEMO_PNG = "gpugroup-demo.png"
 OPTIONAL_PACKAGES = ("cupy", "cuml", "dask", "distributed", "h5py", "zarr", "sklearn",
                      "matplotlib", "tqdm", "psutil")
-#: Output suffixes of ``simulate``, ``group -o`` and ``convert`` (see ``io.output_format``).
-OUTPUT_SUFFIXES = (".npz", ".h5", ".hdf5", ".zarr")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -75,10 +74,11 @@ def _check_output_path(path: str, flag: str, *, overwrite: bool = True,
     only of a kind the output replaces."""
     ext = os.path.splitext(path.rstrip("/\\"))[1].lower()
     try:
-        if ext not in OUTPUT_SUFFIXES:
-            raise ValueError
         fmt = output_format(path)
     except ValueError:
+        if os.path.isdir(path):
+            raise CLIError(f"{flag} {path!r} is a directory; name the output file in it, "
+                           f"e.g. {os.path.join(path, 'NAME.npz')!r}") from None
         raise CLIError(
             f"{flag} {path!r}: unsupported output format {ext or '(no extension)'!r}; "
             f"use one of {', '.join(OUTPUT_SUFFIXES)}"
@@ -222,16 +222,13 @@ def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
               + ["objectGuess"] * (raw.objectGuess is not None))
     print(f"estimated output: {_human_bytes(size)} ({B} groups of C={C} {N}x{N} frames: "
           f"{' + '.join(arrays)}); {_human_bytes(free)} free in {where}", flush=True)
-    if not args.dry_run:
-        if args.space_check:  # the output's size is known now: refuse before grouping
-            check_free_space(args.output, size, skip="--no-space-check")
-        elif size > free:
-            logger.warning("the output (about %s) may not fit in %s (%s free)",
-                           _human_bytes(size), where, _human_bytes(free))
-        return False
-    if size > free:
+    if args.space_check:  # the output's size is known now: refuse before grouping
+        check_free_space(args.output, size, skip="--no-space-check")
+    elif size > free:
         logger.warning("the output (about %s) may not fit in %s (%s free)",
                        _human_bytes(size), where, _human_bytes(free))
+    if not args.dry_run:
+        return False
     # The groups themselves (coordinates only, no frames read): every check of the real
     # run, and the exact count.
     nn, seed, be = raw.sample_for_grouping(
@@ -243,6 +240,8 @@ def _print_plan(raw, args, *, N: int, fmt: str) -> bool:
     size = estimate_grouped_bytes(raw, B=B, C=C, N=N, keep_diffraction=not args.no_diffraction,
                         locality=args.row_order == "locality")
     pool = args.K if args.neighbor_pool_size is None else args.neighbor_pool_size
+    if pool > len(raw):
+        pool = f"{len(raw)}: the whole scan, {pool} asked"
     shape = tuple(raw.diff3d.shape)
     print(f"dry run: nothing written\n"
           f"  input    {args.input}: {len(raw)} positions, frames {shape[1]}x{shape[2]} "

@@ -16,7 +16,14 @@ from gpugroup.io.atomic import (
     signals_deferred,
     write_error,
 )
-from gpugroup.io.formats import FORMATS, Format, format_of, open_target, output_format
+from gpugroup.io.formats import (
+    FORMATS,
+    OUTPUT_SUFFIXES,
+    Format,
+    format_of,
+    open_target,
+    output_format,
+)
 from gpugroup.io.frames import open_regular, stat_input
 from gpugroup.io.scan import (
     DEFAULT_SLAB_BYTES,
@@ -29,8 +36,8 @@ from gpugroup.io.scan import (
 )
 from gpugroup.schema import SCAN_FIELDS, STACK_KEYS, ScanFileError
 
-__all__ = ["DEFAULT_SLAB_BYTES", "FORMATS", "Format", "SCAN_FIELDS", "STACK_KEYS",
-           "ScanFileError", "atomic_path", "check_free_space", "check_keys", "check_output",
+__all__ = ["DEFAULT_SLAB_BYTES", "FORMATS", "Format", "OUTPUT_SUFFIXES", "SCAN_FIELDS",
+           "STACK_KEYS", "ScanFileError", "atomic_path", "check_free_space", "check_keys", "check_output",
            "copy_stack", "format_of", "missing_fields_error", "open_regular", "open_target",
            "output_format", "read_scan", "read_scan_slabs", "same_path", "signals_deferred",
            "stat_input", "write_error", "write_scan"]

@@ -20,6 +20,11 @@ import time
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks, so leftovers are never swept
+    fcntl = None
+
 from gpugroup.io.formats import format_of, looks_like_zarr
 
 logger = logging.getLogger(__name__)
@@ -124,15 +129,18 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
     path = os.path.abspath(os.fspath(path))
     directory, base = os.path.split(path)
     is_dir = format_of(path) == "zarr"
-    prefix = f".{base}."
+    sweep_leftovers(directory, base)
+    lock_fd, lock = _claim(directory, base)
+    tmp = lock[:-len(_LOCK)] + _PART
     umask = _umask()
-    if is_dir:
-        tmp = tempfile.mkdtemp(prefix=prefix, suffix=".gpugroup-part", dir=directory)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".gpugroup-part", dir=directory)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~umask)
+    try:
+        if is_dir:
+            os.mkdir(tmp, 0o777 & ~umask)
+        else:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask))
+    except BaseException:
+        _release(lock_fd, lock)
+        raise
     try:
         yield tmp
         if not is_dir:  # data on disk before the name points at it (crash safety)
@@ -156,6 +164,95 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
         if named is not exc:
             raise named from exc
         raise
+    finally:
+        _release(lock_fd, lock)
+
+
+# A run that is killed (SIGKILL, the out-of-memory killer) cannot remove its temporary
+# output. Each temporary output ``.NAME.XXXX.gpugroup-part`` therefore has a lock file
+# ``.NAME.XXXX.gpugroup-lock`` beside it, created first and held (``flock``) until the
+# temporary output is renamed or removed; the lock dies with its process. The next run
+# writing NAME removes the temporary outputs whose lock nobody holds.
+_PART = ".gpugroup-part"
+_LOCK = ".gpugroup-lock"
+_held = set()  # this process's lock files (where flock emulates POSIX locks, as on NFS,
+_held_guard = threading.Lock()  # one process does not conflict with itself)
+
+
+def _try_lock(fd) -> bool:
+    """Whether an exclusive ``flock`` on ``fd`` was taken (False: another holds it, or the
+    filesystem has no locks)."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _names_open_file(path, fd) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not removed or replaced)."""
+    try:
+        a, b = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _claim(directory, base):
+    """``(fd, path)`` of a new lock file ``.BASE.XXXX.gpugroup-lock`` in ``directory``, held
+    where the filesystem has locks (a sweeping run may take and remove a lock file in the
+    moment before it is held: then another is made)."""
+    while True:
+        fd, lock = tempfile.mkstemp(prefix=f".{base}.", suffix=_LOCK, dir=directory)
+        if not _try_lock(fd) or _names_open_file(lock, fd):
+            with _held_guard:
+                _held.add(lock)
+            return fd, lock
+        os.close(fd)
+
+
+def _release(fd, lock) -> None:
+    with _held_guard:
+        _held.discard(lock)
+    with contextlib.suppress(OSError):
+        os.unlink(lock)
+    os.close(fd)
+
+
+def sweep_leftovers(directory, base) -> None:
+    """Remove the temporary outputs of ``base`` in ``directory`` (and their lock files)
+    that runs killed before they could clean up left behind: those whose lock no running
+    process holds. Where the filesystem has no locks nothing is removed."""
+    prefix = f".{base}."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(_LOCK)):
+            continue
+        lock = os.path.join(directory, name)
+        with _held_guard:
+            if lock in _held:
+                continue
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd) or not _names_open_file(lock, fd):
+                continue  # a running writer's, or removed meanwhile
+            part = lock[:-len(_LOCK)] + _PART
+            if os.path.lexists(part):
+                logger.warning("removing %s, the temporary output of an earlier run writing "
+                               "%r that was killed before it could clean up", part, base)
+                _remove(part)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,9 @@ from gpugroup.schema import SCAN_FIELDS, STACK_KEYS, ScanFileError
 logger = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs")
+#: What an output may be named. CXI and NeXus files (and ``.hdf``) are read, not written:
+#: gpugroup writes plain HDF5, the fields at the root, not those layouts.
+OUTPUT_SUFFIXES = (".npz", ".h5", ".hdf5", ".zarr")
 
 
 @dataclass(frozen=True)
@@ -189,9 +192,15 @@ def output_format(path) -> str:
     """The format to write ``path`` in, from its suffix (``.npz``, ``.h5``/``.hdf5``/
     ``.cxi``, ``.zarr``)."""
     lower = os.fspath(path).rstrip("/\\").lower()
-    for fmt in FORMATS.values():
-        if fmt.target is not None and lower.endswith(fmt.suffixes):
-            return fmt.name
+    if lower.endswith(OUTPUT_SUFFIXES):
+        for fmt in FORMATS.values():
+            if fmt.target is not None and lower.endswith(fmt.suffixes):
+                return fmt.name
+    layout = next((s for s in HDF5_SUFFIXES if lower.endswith(s)), None)
+    if layout is not None:
+        raise ValueError(f"cannot write {os.fspath(path)!r}: gpugroup reads {layout} files "
+                         f"but writes plain HDF5 (the fields at the root), not that layout; "
+                         f"name the output *.h5 (or *.npz, *.zarr)")
     raise ValueError(f"cannot tell the output format of {os.fspath(path)!r}: name it "
                      f"*.npz, *.h5 (or .hdf5) or *.zarr")
 

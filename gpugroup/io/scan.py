@@ -91,6 +91,11 @@ def missing_fields_error(path, missing, found, keys=None) -> ValueError:
     how to name where the fields are (saying so when ``keys`` named a place that is not
     there)."""
     named = {k: keys[k] for k in missing if keys and k in keys}
+    if not named and {"nn_indices", "X_full"} <= {str(f).strip("/") for f in found}:
+        return ValueError(
+            f"{path!r} is a grouped output (it holds nn_indices and X_full), not a scan; "
+            f"give the scan it was grouped from, or read it with "
+            f"gpugroup.io.grouped.open_grouped({path!r})")
     example = ", ".join(f"{k!r}: '/path/to/{k}'" for k in missing)
     where = f"; keys names {named}, which it does not have" if named else ""
     return ValueError(
@@ -130,6 +135,11 @@ def check_keys(keys) -> dict:
     if unknown:
         raise ValueError(f"keys names unknown field(s) {unknown}; fields are "
                          f"{', '.join(SCAN_FIELDS)}")
+    if "diffraction" in keys:  # PtychoPINN's other name for diff3d, for every format
+        where = keys.pop("diffraction")
+        if keys.setdefault("diff3d", where) != where:
+            raise ValueError(f"keys names the frames twice, diff3d={keys['diff3d']!r} and "
+                             f"diffraction={where!r} (the same field); keep one")
     return keys
 
 
