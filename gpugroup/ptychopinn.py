@@ -287,23 +287,32 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", dest="module", metavar="MODULE",
                         help="run a module (as python -m MODULE) instead of a script")
-    parser.add_argument("target", nargs="?", metavar="SCRIPT",
-                        help="the script to run (with -m: the module's first argument)")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
-    ns = parser.parse_args(argv)
-    if ns.module is None and ns.target is None:
-        parser.error("give a SCRIPT to run, or -m MODULE")
-    patch()
-    if ns.module is not None:
-        rest = ([] if ns.target is None else [ns.target]) + list(ns.args)
-        sys.argv = [ns.module] + rest
-        sys.path.insert(0, os.getcwd())
-        runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+    parser.add_argument("target", nargs="?", metavar="SCRIPT", help="the script to run")
+    parser.add_argument("args", nargs="*", metavar="ARGS",
+                        help="its arguments, options included, passed on as they are")
+    # As python's own command line: what follows SCRIPT or -m MODULE is the target's,
+    # options included (argparse would claim a leading --option of the target's).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        parser.print_help()
         return 0
-    script = ns.target
+    if argv[:1] == ["-m"] or (argv and argv[0].startswith("-m") and len(argv[0]) > 2):
+        module = argv[0][2:] or (argv[1] if len(argv) > 1 else None)
+        if module is None:
+            parser.error("-m needs a MODULE to run")
+        patch()
+        sys.argv = [module] + argv[2 if argv[0] == "-m" else 1:]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return 0
+    if not argv or argv[0].startswith("-"):
+        parser.error("give a SCRIPT to run, or -m MODULE, before any of its arguments"
+                     + (f" (got {argv[0]!r} first)" if argv else ""))
+    script = argv[0]
     if not os.path.isfile(script):
         parser.error(f"no such script: {script!r}")
-    sys.argv = [script] + list(ns.args)
+    patch()
+    sys.argv = [script] + argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
     return 0

@@ -7,9 +7,12 @@ built on :func:`gpugroup.sample_groups` (sample-then-group, no cache files).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import os
+import pickle
 import sys
 from collections.abc import Mapping
 
@@ -347,9 +350,11 @@ class RawData:
             Expected photons per frame; None: PtychoPINN's ``params.get('nphotons')`` when
             ``ptycho.params`` is imported, else its default 1e9.
         seed : int or None
-            Seed of the photon noise; None draws one from NumPy's legacy global RNG (so
-            ``np.random.seed(s)`` before the call repeats the scan). PtychoPINN draws from
-            TensorFlow's RNG, so the counts differ from its run, not their distribution.
+            Seed of the photon noise (the same seed, the same counts). None behaves as
+            PtychoPINN's TensorFlow draws: every call in a run draws new noise, and a run
+            seeded the same way (``np.random.seed``, ``tf.keras.utils.set_random_seed``)
+            repeats (see :func:`_noise_seed`). The counts differ from PtychoPINN's, not
+            their distribution.
 
         Raises
         ------
@@ -372,7 +377,7 @@ class RawData:
             raise ValueError("objectGuess must be a 2-D (H, W) object to simulate from, got "
                              f"{None if objectGuess is None else np.shape(objectGuess)}")
         nphotons = resolve_nphotons(nphotons)
-        rng = np.random.default_rng(_draw_seed(seed))
+        rng = np.random.default_rng(_noise_seed(seed))
         obj = np.asarray(objectGuess)
         N = int(probe.shape[0])
         Y = assembly.extract_patches(np, obj, x, y, N)
@@ -952,6 +957,28 @@ def _draw_seed(seed) -> int:
         logger.info("seed=None: drew seed=%d from NumPy's global RNG (np.random.seed "
                     "repeats it; pass seed=%d to repeat this run)", seed, seed)
     return resolve_seed(seed)
+
+
+_simulations = itertools.count()  # from_simulation calls so far in this process
+
+
+def _noise_seed(seed) -> int:
+    """The photon-noise seed of ``from_simulation``: ``seed`` checked, or for None one made
+    from the state of NumPy's global RNG, which it reads without advancing, and the number
+    of simulations so far in this process, logged.
+
+    PtychoPINN draws the noise from TensorFlow: new noise at each call, repeated by a run
+    seeded the same way. Its ``nongrid_simulation`` calls ``np.random.seed(42)`` before
+    each simulation, so a seed drawn from NumPy alone would give every call the same
+    noise; and drawing would move NumPy's state, which PtychoPINN's simulation leaves as
+    it is."""
+    if seed is not None:
+        return resolve_seed(seed)
+    state = pickle.dumps((np.random.get_state(), next(_simulations)))
+    seed = int.from_bytes(hashlib.sha256(state).digest()[:8], "little")
+    logger.info("seed=None: photon-noise seed=%d (from NumPy's global RNG state and this "
+                "run's simulation count; pass seed=%d to repeat this simulation)", seed, seed)
+    return seed
 
 
 def _config_mismatches(metadata, config) -> list:

@@ -9,6 +9,7 @@ them). Neither TensorFlow nor PtychoPINN is needed here: patch() is tested on a 
 import json
 import logging
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -551,7 +552,7 @@ def test_from_simulation_is_ptychopinns_physics(fake_params):
                                atol=1e-5 * KAT["sim_amplitude"].max())
 
 
-def test_from_simulation_nphotons_and_seed(fake_params, monkeypatch):
+def test_from_simulation_nphotons_and_seed(fake_params, monkeypatch, caplog):
     fake_params.cfg["gridsize"] = 1
     fake_params.cfg["nphotons"] = 100.0  # ptycho.params' value when it is imported
     low = simulate_fixture_scan(seed=5)
@@ -563,10 +564,29 @@ def test_from_simulation_nphotons_and_seed(fake_params, monkeypatch):
                         lambda B, b: chunk_groups(B, b, chunk_bytes=2 * b))
     np.testing.assert_array_equal(low.diff3d, simulate_fixture_scan(seed=5).diff3d)
     monkeypatch.setattr(assembly, "chunk_groups", chunk_groups)
-    np.random.seed(11)  # seed=None: from NumPy's legacy global RNG, as the grouping's seed
-    a = simulate_fixture_scan()
-    np.random.seed(11)
-    np.testing.assert_array_equal(a.diff3d, simulate_fixture_scan().diff3d)
+    # seed=None, as PtychoPINN's TensorFlow draws: new noise at each call of a run, even
+    # after the same np.random.seed (its nongrid_simulation seeds 42 before each), and the
+    # same noise in a run seeded the same way; NumPy's global state is read, not moved
+    import itertools
+
+    from gpugroup import rawdata
+
+    runs = []
+    for _ in range(2):
+        monkeypatch.setattr(rawdata, "_simulations", itertools.count())  # a new run
+        calls = []
+        for _ in range(2):
+            np.random.seed(11)
+            calls.append(simulate_fixture_scan().diff3d)
+            assert np.random.rand() == np.random.RandomState(11).rand()
+        runs.append(calls)
+    assert not np.array_equal(runs[0][0], runs[0][1])
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    with caplog.at_level(logging.INFO, logger="gpugroup.rawdata"):
+        drawn = simulate_fixture_scan()
+    logged = int(re.search(r"photon-noise seed=(\d+)", caplog.text).group(1))
+    np.testing.assert_array_equal(drawn.diff3d, simulate_fixture_scan(seed=logged).diff3d)
     monkeypatch.delitem(sys.modules, "ptycho.params")  # PtychoPINN's default, 1e9
     np.testing.assert_array_equal(simulate_fixture_scan(seed=5).diff3d,
                                   simulate_fixture_scan(nphotons=1e9, seed=5).diff3d)
@@ -686,10 +706,26 @@ def test_runner_module_mode_and_usage(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path,
                          check=False)
     assert out.returncode == 0 and "ok ['a']" in out.stdout, out.stderr
-    bad = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", "missing.py"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path,
-                         check=False)
-    assert bad.returncode == 2 and "no such script" in bad.stderr
+    # the target's options are its own, first argument included (as python -m passes them)
+    for runner_args, want in ((["-m", "hello_mod", "--model_path", "m", "-q"],
+                               "ok ['--model_path', 'm', '-q']"),
+                              (["-mhello_mod", "--x"], "ok ['--x']"),
+                              (["hello_mod.py", "--help"], "ok ['--help']")):
+        out = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", *runner_args],
+                             capture_output=True, text=True, env=env, cwd=tmp_path,
+                             check=False)
+        assert out.returncode == 0 and want in out.stdout, (runner_args, out.stderr)
+    for runner_args, said in ((["missing.py"], "no such script"),
+                              ([], "give a SCRIPT to run, or -m MODULE"),
+                              (["--x", "hello_mod.py"], "(got '--x' first)"),
+                              (["-m"], "-m needs a MODULE")):
+        bad = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", *runner_args],
+                             capture_output=True, text=True, env=env, cwd=tmp_path,
+                             check=False)
+        assert bad.returncode == 2 and said in bad.stderr, (runner_args, bad.stderr)
+    usage = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", "--help"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert usage.returncode == 0 and "-m MODULE" in usage.stdout
 
 
 @pytest.mark.parametrize("gridsize", [1, 2])
