@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import os
-import pickle
 import sys
 from collections.abc import Mapping
 
@@ -974,8 +973,11 @@ def _noise_seed(seed) -> int:
     it is."""
     if seed is not None:
         return resolve_seed(seed)
-    state = pickle.dumps((np.random.get_state(), next(_simulations)))
-    seed = int.from_bytes(hashlib.sha256(state).digest()[:8], "little")
+    state = np.random.get_state(legacy=False)  # {"bit_generator", "state": {...}, ...}
+    inner = {k: v.tobytes() if isinstance(v, np.ndarray) else v  # (whole, not summarized)
+             for k, v in state["state"].items()}
+    text = repr((sorted({**state, "state": inner}.items()), next(_simulations))).encode()
+    seed = int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
     logger.info("seed=None: photon-noise seed=%d (from NumPy's global RNG state and this "
                 "run's simulation count; pass seed=%d to repeat this simulation)", seed, seed)
     return seed

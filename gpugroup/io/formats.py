@@ -189,8 +189,7 @@ def format_of(path) -> str:
 
 
 def output_format(path) -> str:
-    """The format to write ``path`` in, from its suffix (``.npz``, ``.h5``/``.hdf5``/
-    ``.cxi``, ``.zarr``)."""
+    """The format to write ``path`` in, from its suffix (:data:`OUTPUT_SUFFIXES`)."""
     lower = os.fspath(path).rstrip("/\\").lower()
     if lower.endswith(OUTPUT_SUFFIXES):
         for fmt in FORMATS.values():
