@@ -296,7 +296,9 @@ def main(argv=None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         parser.print_help()
         return 0
-    if argv[:1] == ["-m"] or (argv and argv[0].startswith("-m") and len(argv[0]) > 2):
+    dashes = argv[:1] == ["--"]  # (as python -- SCRIPT: what follows is the script)
+    argv = argv[dashes:]
+    if not dashes and argv and argv[0].startswith("-m"):
         module = argv[0][2:] or (argv[1] if len(argv) > 1 else None)
         if module is None:
             parser.error("-m needs a MODULE to run")
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.getcwd())
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0
-    if not argv or argv[0].startswith("-"):
+    if not argv or (argv[0].startswith("-") and not dashes):
         parser.error("give a SCRIPT to run, or -m MODULE, before any of its arguments"
                      + (f" (got {argv[0]!r} first)" if argv else ""))
     script = argv[0]

@@ -350,10 +350,10 @@ class RawData:
             ``ptycho.params`` is imported, else its default 1e9.
         seed : int or None
             Seed of the photon noise (the same seed, the same counts). None behaves as
-            PtychoPINN's TensorFlow draws: every call in a run draws new noise, and a run
-            seeded the same way (``np.random.seed``, ``tf.keras.utils.set_random_seed``)
-            repeats (see :func:`_noise_seed`). The counts differ from PtychoPINN's, not
-            their distribution.
+            PtychoPINN's TensorFlow draws: every call in a process draws new noise, and a
+            process seeded the same way (``np.random.seed``,
+            ``tf.keras.utils.set_random_seed``) repeats (see :func:`_noise_seed`). The
+            counts differ from PtychoPINN's, not their distribution.
 
         Raises
         ------
@@ -451,7 +451,8 @@ class RawData:
             raise ValueError("diff3d is None: a scan file holds the (n, N, N) diffraction "
                              "amplitudes (from_file requires them); set raw.diff3d before "
                              "to_file")
-        if not os.fspath(path).lower().endswith(io.OUTPUT_SUFFIXES + HDF5_SUFFIXES):
+        if not os.fspath(path).rstrip("/\\").lower().endswith(io.OUTPUT_SUFFIXES
+                                                               + HDF5_SUFFIXES):
             path = os.fspath(path) + ".npz"  # as numpy.savez (PtychoPINN's to_file) names it
         fmt = io.output_format(path)  # (refuses .cxi and other layouts it only reads)
         io.check_output(path, overwrite=overwrite, source=self._source, option="path")
@@ -836,10 +837,9 @@ class RawData:
             _check_pool(K, C)
         be = get_backend(self.backend if backend is None else backend)
         if sequential_sampling:
-            if seed is not None and seed != 0:
-                logger.warning("seed=%r has no effect with sequential_sampling=True: the "
-                               "members are drawn with seed 0, as PtychoPINN draws them; "
-                               "drop the seed, or sample at random to vary the groups", seed)
+            if seed is not None:  # (PtychoPINN's torch workflow passes its subsample seed)
+                logger.info("sequential_sampling=True: members are drawn with seed 0 "
+                            "(seed=%r ignored, as PtychoPINN)", seed)
             seed = 0
         else:
             seed = _draw_seed(seed)
@@ -964,7 +964,7 @@ _simulations = itertools.count()  # from_simulation calls so far in this process
 def _noise_seed(seed) -> int:
     """The photon-noise seed of ``from_simulation``: ``seed`` checked, or for None one made
     from the state of NumPy's global RNG, which it reads without advancing, and the number
-    of simulations so far in this process, logged.
+    of such draws so far in this process, logged.
 
     PtychoPINN draws the noise from TensorFlow: new noise at each call, repeated by a run
     seeded the same way. Its ``nongrid_simulation`` calls ``np.random.seed(42)`` before
@@ -974,7 +974,8 @@ def _noise_seed(seed) -> int:
     if seed is not None:
         return resolve_seed(seed)
     state = np.random.get_state(legacy=False)  # {"bit_generator", "state": {...}, ...}
-    inner = {k: v.tobytes() if isinstance(v, np.ndarray) else v  # (whole, not summarized)
+    inner = {k: v.astype(v.dtype.newbyteorder("<")).tobytes()  # whole, not summarized,
+             if isinstance(v, np.ndarray) else v  # and the same on any machine
              for k, v in state["state"].items()}
     text = repr((sorted({**state, "state": inner}.items()), next(_simulations))).encode()
     seed = int.from_bytes(hashlib.sha256(text).digest()[:8], "little")

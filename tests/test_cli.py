@@ -110,7 +110,7 @@ def test_sequential_says_that_a_seed_has_no_effect(scan_file, tmp_path, caplog, 
             assert main(["group", str(scan_file), "-o", str(out), "--sequential", "--seed",
                          seed, "--nsamples", "50", "--backend", "cpu"]) == 0
         assert [r.getMessage() for r in caplog.records
-                if f"seed={seed} has no effect with sequential_sampling" in r.getMessage()]
+                if f"--seed {seed} has no effect with --sequential" in r.getMessage()]
         with np.load(out) as z:
             got.append(z["nn_indices"])
             assert int(z["seed"]) == 0

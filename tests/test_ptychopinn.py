@@ -710,7 +710,8 @@ def test_runner_module_mode_and_usage(tmp_path):
     for runner_args, want in ((["-m", "hello_mod", "--model_path", "m", "-q"],
                                "ok ['--model_path', 'm', '-q']"),
                               (["-mhello_mod", "--x"], "ok ['--x']"),
-                              (["hello_mod.py", "--help"], "ok ['--help']")):
+                              (["hello_mod.py", "--help"], "ok ['--help']"),
+                              (["--", "hello_mod.py", "a", "-b"], "ok ['a', '-b']")):
         out = subprocess.run([sys.executable, "-m", "gpugroup.ptychopinn", *runner_args],
                              capture_output=True, text=True, env=env, cwd=tmp_path,
                              check=False)

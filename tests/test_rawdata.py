@@ -11,6 +11,8 @@ import pytest
 from gpugroup import RawData, sample_groups
 from gpugroup.assembly import extract_patches
 
+from conftest import needs
+
 
 def make_raw(n=120, N=8, seed=0, with_object=False, with_Y=False, dtype=np.float32, **kw):
     rng = np.random.default_rng(seed)
@@ -457,6 +459,17 @@ def test_to_file_permissions_overwrite_and_own_source(tmp_path):
             raw.generate_grouped_data(8, K=7, nsamples=5, seed=1, gridsize=2,
                                       out=tmp_path / name)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+@needs("zarr")
+def test_to_file_takes_a_zarr_store_named_with_a_trailing_slash(tmp_path):
+    raw = make_raw()
+    for _ in range(2):  # new, then replacing the store
+        raw.to_file(str(tmp_path / "store.zarr") + "/")
+        assert (tmp_path / "store.zarr" / "zarr.json").is_file()
+        assert not (tmp_path / "store.zarr" / ".npz").exists()
+    np.testing.assert_array_equal(RawData.from_file(tmp_path / "store.zarr").diff3d,
+                                  raw.diff3d)
 
 
 def test_index_cache_follows_changed_coordinates():

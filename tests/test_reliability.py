@@ -25,6 +25,8 @@ from gpugroup.io.grouped import open_grouped
 from gpugroup.rawdata import convert
 from gpugroup.simulate import simulate_rawdata
 
+from conftest import suffix_param
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 GROUP_ARGS = ["--gridsize", "2", "--K", "7", "--nsamples", "200", "--seed", "42",
@@ -629,11 +631,12 @@ with atomic_path(sys.argv[1]) as tmp:
 """
 
 
-@pytest.mark.parametrize("name", ["g.npz", "g.zarr"])
-def test_what_a_killed_run_left_is_removed_by_the_next_run(tmp_path, name, caplog):
+@pytest.mark.parametrize("suffix", [".npz", suffix_param(".zarr")])
+def test_what_a_killed_run_left_is_removed_by_the_next_run(tmp_path, suffix, caplog):
     """A SIGKILLed run cannot clean up: its temporary output stays, hidden. The next run
     writing the same name removes it (it is no longer locked), but never the temporary
     output of a run that is still writing."""
+    name = f"g{suffix}"
     out = tmp_path / name
     live = subprocess.Popen([sys.executable, "-c", _WRITER, str(out), "wait"], env=ENV,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -656,6 +659,127 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(tmp_path, name, caplo
         live.stdin.close()
         assert live.wait(timeout=60) == 0
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def _dead_leftover(directory, base, tag="abcd1234", size=4096, host=None):
+    """What a SIGKILLed run leaves: an unlocked lock file (naming its host) and its
+    temporary output."""
+    from gpugroup.io import atomic
+
+    lock = directory / f".{base}.{tag}{atomic._LOCK}"
+    part = directory / f".{base}.{tag}{atomic._PART}"
+    lock.write_bytes(atomic._HOST if host is None else host)
+    part.write_bytes(bytes(size))
+    return lock, part
+
+
+def test_a_sweep_removes_only_this_hosts_leftovers_of_this_name(tmp_path):
+    """Another output's leftovers (a longer name with the same start) and another host's
+    (whose lock may not show here: NFS with local locks) are left alone."""
+    from gpugroup.io import atomic
+
+    mine = _dead_leftover(tmp_path, "g.npz")
+    other_name = _dead_leftover(tmp_path, "g.npz.v2.npz")
+    other_host = _dead_leftover(tmp_path, "g.npz", tag="zzzz9999", host=b"elsewhere")
+    with atomic.atomic_path(tmp_path / "g.npz") as tmp:
+        open(tmp, "wb").close()
+    assert not any(p.exists() for p in mine)
+    assert all(p.exists() for p in other_name + other_host)
+
+
+def test_leftovers_are_swept_before_the_free_space_check(tmp_path, monkeypatch):
+    """The leftovers may be what filled the disk: they go before the check, in Python and
+    on the command line (whose check comes before any work)."""
+    real = shutil.disk_usage
+    scan = tmp_path / "s.npz"
+    simulate_rawdata(300, 16, 1, backend="cpu").to_file(scan)
+    for write in (lambda out: io.write_scan(out, {"xcoords": np.zeros(3)}),
+                  lambda out: main(["group", str(scan), "-o", str(out), *GROUP_ARGS]) == 0):
+        _, part = _dead_leftover(tmp_path, "g.npz", size=1 << 20)
+        monkeypatch.setattr(shutil, "disk_usage",
+                            lambda p, part=part: real(p)._replace(
+                                free=0 if part.exists() else 1 << 40))
+        write(tmp_path / "g.npz")
+        assert not part.exists()
+
+
+def test_a_sweep_that_locks_a_new_lock_file_first_loses_no_live_output(tmp_path,
+                                                                         monkeypatch):
+    """Another run's sweep may lock a new lock file before its writer does: the writer
+    then waits for the lock, and never writes beside a lock file that is gone."""
+    from gpugroup.io import atomic
+
+    real_try_lock = atomic._try_lock
+    sweeper_locked = threading.Event()
+    sweeper = threading.Thread(target=atomic.sweep_leftovers, args=(str(tmp_path), "g.npz"))
+    first = [True]
+
+    def try_lock(fd, **kw):
+        if threading.current_thread() is not sweeper and first:
+            first.clear()  # the writer, right after its mkstemp: a sweep locks it first
+            sweeper.start()
+            assert sweeper_locked.wait(5)
+        got = real_try_lock(fd, **kw)
+        if threading.current_thread() is sweeper:
+            sweeper_locked.set()
+        return got
+
+    class OtherProcess(set):  # the sweeper stands for another process
+        def __contains__(self, item):
+            return threading.current_thread() is not sweeper and set.__contains__(self, item)
+
+    monkeypatch.setattr(atomic, "_held", OtherProcess())
+    monkeypatch.setattr(atomic, "_try_lock", try_lock)
+    with atomic.atomic_path(tmp_path / "g.npz") as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(b"data")
+        sweeper.join(10)
+        assert os.path.exists(tmp) and os.path.exists(tmp[:-len(atomic._PART)] + atomic._LOCK)
+    assert (tmp_path / "g.npz").read_bytes() == b"data"
+
+
+def test_sweeps_work_where_an_exclusive_lock_needs_a_writable_file(tmp_path, monkeypatch):
+    """NFS places an exclusive flock only on a file open for writing (flock(2))."""
+    import fcntl
+
+    from gpugroup.io import atomic
+
+    class NFSLocks:
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        @staticmethod
+        def flock(fd, op):
+            if op & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == 0:
+                raise OSError(errno.EBADF, "Bad file descriptor")
+            return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(atomic, "fcntl", NFSLocks)
+    lock, part = _dead_leftover(tmp_path, "g.npz")
+    with atomic.atomic_path(tmp_path / "g.npz") as tmp:
+        open(tmp, "wb").close()
+    assert not part.exists() and not lock.exists()
+
+
+def test_without_locks_no_lock_file_is_left(tmp_path, monkeypatch):
+    """Without fcntl (Windows), where an open file cannot be unlinked: the lock file is
+    closed before it is removed, so none is left behind."""
+    from gpugroup.io import atomic
+
+    monkeypatch.setattr(atomic, "fcntl", None)
+    real_unlink = os.unlink
+
+    def unlink(p, *a, **k):  # Windows refuses to unlink a file open in this process
+        target = os.path.abspath(os.fspath(p))
+        if any(os.path.realpath(f"/proc/self/fd/{fd}") == target
+               for fd in os.listdir("/proc/self/fd")):
+            raise PermissionError(errno.EACCES, "in use by another process", p)
+        return real_unlink(p, *a, **k)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    for _ in range(2):
+        with atomic.atomic_path(tmp_path / "g.npz") as tmp:
+            open(tmp, "wb").close()
+    assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]
 
 
 def test_a_run_never_sweeps_its_own_temporary_output(tmp_path, monkeypatch):

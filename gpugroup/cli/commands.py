@@ -191,6 +191,10 @@ def cmd_group(args) -> int:
                        f"got -o {out!r}; drop --lazy for .npz/.h5 (streamed) output")
     raw = _open_scan(source, args.key)
     N = frame_size(args.N, raw.diff3d)  # before the plan: a wrong --N fails first
+    if args.sequential and args.seed not in (None, 0):
+        logger.warning("--seed %d has no effect with --sequential: the members are drawn "
+                       "with seed 0, as PtychoPINN draws them; drop --seed, or drop "
+                       "--sequential to vary the groups", args.seed)
     if _print_plan(raw, args, N=N, fmt=fmt):
         return EXIT_OK  # --dry-run
     grouped, be, seconds = run_grouping(

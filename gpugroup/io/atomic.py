@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -89,8 +90,10 @@ def check_free_space(path, nbytes, *,
     """Refuse, before writing, an output of about ``nbytes`` bytes that does not fit in the
     free space at ``path``'s directory (``shutil.disk_usage``); the message gives both
     numbers and the path. ``skip`` says how to skip the check (for filesystems that
-    report no or wrong free space)."""
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    report no or wrong free space). What killed runs writing ``path`` left is removed
+    first (:func:`sweep_leftovers`): it may be what filled the disk."""
+    directory, base = os.path.split(os.path.abspath(os.fspath(path)))
+    sweep_leftovers(directory, base)
     try:
         free = shutil.disk_usage(directory).free
     except OSError as exc:
@@ -124,24 +127,21 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
     (:func:`check_free_space`). A write error (full disk, file-size limit) names ``path``.
     """
     check_output(path, overwrite=overwrite)
-    if nbytes is not None and check_space:
-        check_free_space(path, nbytes)
     path = os.path.abspath(os.fspath(path))
     directory, base = os.path.split(path)
+    if nbytes is not None and check_space:
+        check_free_space(path, nbytes)  # (which sweeps leftovers first)
+    else:
+        sweep_leftovers(directory, base)
     is_dir = format_of(path) == "zarr"
-    sweep_leftovers(directory, base)
+    umask = _umask()
     lock_fd, lock = _claim(directory, base)
     tmp = lock[:-len(_LOCK)] + _PART
-    umask = _umask()
     try:
         if is_dir:
             os.mkdir(tmp, 0o777 & ~umask)
         else:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask))
-    except BaseException:
-        _release(lock_fd, lock)
-        raise
-    try:
         yield tmp
         if not is_dir:  # data on disk before the name points at it (crash safety)
             fd = os.open(tmp, os.O_RDONLY)
@@ -169,23 +169,26 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
 
 
 # A run that is killed (SIGKILL, the out-of-memory killer) cannot remove its temporary
-# output. Each temporary output ``.NAME.XXXX.gpugroup-part`` therefore has a lock file
-# ``.NAME.XXXX.gpugroup-lock`` beside it, created first and held (``flock``) until the
-# temporary output is renamed or removed; the lock dies with its process. The next run
-# writing NAME removes the temporary outputs whose lock nobody holds.
+# output. Each temporary output ``.NAME.XXXXXXXX.gpugroup-part`` therefore has a lock file
+# ``.NAME.XXXXXXXX.gpugroup-lock`` beside it, created first, holding the writer's host name
+# and locked (``flock``) until the temporary output is renamed or removed; the lock dies
+# with its process. A later run writing NAME on the same host removes the temporary
+# outputs whose lock nobody holds (on another host a lock may not show: NFS mounted with
+# local locks).
 _PART = ".gpugroup-part"
 _LOCK = ".gpugroup-lock"
-_held = set()  # this process's lock files (where flock emulates POSIX locks, as on NFS,
-_held_guard = threading.Lock()  # one process does not conflict with itself)
+_HOST = socket.gethostname().encode()
+_held = set()  # this process's lock files: where locks belong to the process (NFS), its
+_held_guard = threading.Lock()  # own do not stop it, so it must know them
 
 
-def _try_lock(fd) -> bool:
+def _try_lock(fd, wait: bool = False) -> bool:
     """Whether an exclusive ``flock`` on ``fd`` was taken (False: another holds it, or the
-    filesystem has no locks)."""
+    filesystem has no locks); ``wait`` waits for another holder to let go."""
     if fcntl is None:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError:
         return False
     return True
@@ -201,49 +204,55 @@ def _names_open_file(path, fd) -> bool:
 
 
 def _claim(directory, base):
-    """``(fd, path)`` of a new lock file ``.BASE.XXXX.gpugroup-lock`` in ``directory``, held
-    where the filesystem has locks (a sweeping run may take and remove a lock file in the
-    moment before it is held: then another is made)."""
+    """``(fd, path)`` of a new lock file ``.BASE.XXXXXXXX.gpugroup-lock`` in ``directory``,
+    held where the filesystem has locks. A sweep of another run may have opened it first:
+    its lock is then waited out, and as that sweep removes the file, another is made."""
     while True:
-        fd, lock = tempfile.mkstemp(prefix=f".{base}.", suffix=_LOCK, dir=directory)
-        if not _try_lock(fd) or _names_open_file(lock, fd):
-            with _held_guard:
-                _held.add(lock)
-            return fd, lock
-        os.close(fd)
+        with _held_guard:  # known as this process's before any sweep here can open it
+            fd, lock = tempfile.mkstemp(prefix=f".{base}.", suffix=_LOCK, dir=directory)
+            _held.add(lock)
+        try:
+            if not _try_lock(fd, wait=True) or _names_open_file(lock, fd):
+                os.write(fd, _HOST)
+                return fd, lock
+        except BaseException:
+            _release(fd, lock)
+            raise
+        _release(fd, lock)
 
 
 def _release(fd, lock) -> None:
     with _held_guard:
         _held.discard(lock)
+    os.close(fd)  # (before the unlink, which Windows refuses for an open file)
     with contextlib.suppress(OSError):
         os.unlink(lock)
-    os.close(fd)
 
 
 def sweep_leftovers(directory, base) -> None:
     """Remove the temporary outputs of ``base`` in ``directory`` (and their lock files)
-    that runs killed before they could clean up left behind: those whose lock no running
-    process holds. Where the filesystem has no locks nothing is removed."""
-    prefix = f".{base}."
+    that runs killed on this host left behind: those whose lock no running process holds.
+    Where the filesystem has no locks nothing is removed."""
+    own = re.compile(re.escape(f".{base}.") + r"[a-z0-9_]{8}" + re.escape(_LOCK))
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        if not (name.startswith(prefix) and name.endswith(_LOCK)):
+        if not own.fullmatch(name):
             continue
         lock = os.path.join(directory, name)
         with _held_guard:
             if lock in _held:
                 continue
+            try:  # for writing: NFS locks only a file open for writing
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue
         try:
-            fd = os.open(lock, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            if not _try_lock(fd) or not _names_open_file(lock, fd):
-                continue  # a running writer's, or removed meanwhile
+            if (not _try_lock(fd) or not _names_open_file(lock, fd)
+                    or os.pread(fd, len(_HOST) + 1, 0) != _HOST):
+                continue  # a running writer's, removed meanwhile, or another host's
             part = lock[:-len(_LOCK)] + _PART
             if os.path.lexists(part):
                 logger.warning("removing %s, the temporary output of an earlier run writing "

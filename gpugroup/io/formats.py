@@ -25,9 +25,6 @@ from gpugroup.schema import SCAN_FIELDS, STACK_KEYS, ScanFileError
 logger = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".cxi", ".nxs")
-#: What an output may be named. CXI and NeXus files (and ``.hdf``) are read, not written:
-#: gpugroup writes plain HDF5, the fields at the root, not those layouts.
-OUTPUT_SUFFIXES = (".npz", ".h5", ".hdf5", ".zarr")
 
 
 @dataclass(frozen=True)
@@ -38,8 +35,9 @@ class Format:
     -> where it is stored); a reader that can list what the file holds adds it as
     ``"_datasets"``, and the required fields are then checked against it.
     ``target(path)`` opens a new file for writing (``create``/``put``/``close``/
-    ``discard``); ``read_grouped(path, stack_keys)`` opens a grouped output (large entries
-    lazily). Formats that cannot be written have neither.
+    ``discard``), named with one of the suffixes ``written``; ``read_grouped(path,
+    stack_keys)`` opens a grouped output (large entries lazily). Formats that cannot be
+    written have neither.
     """
 
     name: str
@@ -49,6 +47,7 @@ class Format:
     read_grouped: Callable | None = None
     magic: bytes = b""
     directory: bool = False
+    written: tuple = ()
 
 
 def npz_fields(path, data, keys):
@@ -151,14 +150,19 @@ def _refuse_single_npy(path, keys, mmap_mode):
 
 #: Every format gpugroup reads, by name; the ones with a ``target`` are also written.
 FORMATS = {f.name: f for f in (
-    Format("npz", (".npz",), _read_npz, npz.NpzTarget, npz.read_grouped),
+    Format("npz", (".npz",), _read_npz, npz.NpzTarget, npz.read_grouped,
+           written=(".npz",)),
+    # CXI and NeXus files (and .hdf) are read, not written: gpugroup writes plain HDF5,
+    # the fields at the root, not those layouts
     Format("hdf5", HDF5_SUFFIXES, _read_hdf5, hdf5.Hdf5Target, hdf5.read_grouped,
-           magic=b"\x89HDF\r\n\x1a\n"),
+           magic=b"\x89HDF\r\n\x1a\n", written=(".h5", ".hdf5")),
     Format("zarr", (".zarr",), _read_zarr, zarr_io.ZarrTarget, zarr_io.read_grouped,
-           directory=True),
+           directory=True, written=(".zarr",)),
     Format("npy-dir", (), read_npy_dir, directory=True),
     Format("npy", (".npy",), _refuse_single_npy, magic=b"\x93NUMPY"),
 )}
+#: What an output may be named.
+OUTPUT_SUFFIXES = tuple(s for f in FORMATS.values() for s in f.written)
 
 
 def looks_like_zarr(path) -> bool:
@@ -191,10 +195,9 @@ def format_of(path) -> str:
 def output_format(path) -> str:
     """The format to write ``path`` in, from its suffix (:data:`OUTPUT_SUFFIXES`)."""
     lower = os.fspath(path).rstrip("/\\").lower()
-    if lower.endswith(OUTPUT_SUFFIXES):
-        for fmt in FORMATS.values():
-            if fmt.target is not None and lower.endswith(fmt.suffixes):
-                return fmt.name
+    for fmt in FORMATS.values():
+        if lower.endswith(fmt.written):
+            return fmt.name
     layout = next((s for s in HDF5_SUFFIXES if lower.endswith(s)), None)
     if layout is not None:
         raise ValueError(f"cannot write {os.fspath(path)!r}: gpugroup reads {layout} files "
