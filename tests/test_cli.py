@@ -558,6 +558,10 @@ def test_help_and_argparse_errors_exit_codes(capsys):
     assert main(["group", "x.npz", "-o", "y.npz", "stray"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "gpugroup group: error: unrecognized arguments: stray")
+    assert main(["--dry-run", "group", "x.npz", "-o", "y.npz"]) == 2  # before COMMAND
+    err = capsys.readouterr().err
+    assert err.startswith("usage: gpugroup [-h]") and err.strip().splitlines()[-1] == (
+        "gpugroup: error: unrecognized arguments: --dry-run")
     assert main(["group", "x.npz", "-o", "y.npz", "--row-order", "random"]) == 2
     assert main(["group", "x.npz", "-o", "y.npz", "--chunk-mib", "0"]) == 2
     assert main(["convert", "x.npz"]) == 2  # OUT missing

@@ -263,10 +263,12 @@ def main(argv=None) -> int:
         (a broken pipe), 143 on SIGTERM. Ctrl-C and SIGTERM remove partial outputs.
     """
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra:  # said by the command's parser (its usage), with the option meant
-            _unrecognized(args.parser, extra)
+        if extra:  # said by the parser of where it stands (its usage), with the option meant
+            before = extra[0] in argv[:argv.index(args.command)]
+            _unrecognized(parser if before else args.parser, extra)
     except SystemExit as exc:  # --help, --version, or an argparse error (status 2)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     args.verbose += getattr(args, "sub_verbose", 0)  # -v before and after the command add up
