@@ -379,12 +379,14 @@ def group_coordinates(xp, nn_indices, xcoords, ycoords, xcoords_start, ycoords_s
 
 def empty_outputs(xp, B: int, N: int, C: int, dtype, keep_diffraction: bool, with_y: bool,
                   frame: int | None = None, patch: int | None = None):
-    """Uninitialized (B, F, F, C) ``diffraction`` (``dtype``; None unless
-    ``keep_diffraction``), float32 ``X_full`` and (B, P, P, C) complex64 ``Y`` (None unless
-    ``with_y``); F, the frame size, and P, the patches' side, are N unless given."""
+    """Uninitialized (B, F, F, C) ``diffraction`` (``dtype`` in native byte order, as
+    PyTorch and CuPy take it; None unless ``keep_diffraction``), float32 ``X_full`` and
+    (B, P, P, C) complex64 ``Y`` (None unless ``with_y``); F, the frame size, and P, the
+    patches' side, are N unless given."""
     F = N if frame is None else int(frame)
     P = N if patch is None else int(patch)
     shape = (B, F, F, C)
+    dtype = np.dtype(dtype).newbyteorder("=")  # (a big-endian HDF5 scan's frames: '>f4')
     return {"diffraction": xp.empty(shape, dtype=dtype) if keep_diffraction else None,
             "X_full": xp.empty(shape, dtype=xp.float32),
             "Y": xp.empty((B, P, P, C), dtype=xp.complex64) if with_y else None}

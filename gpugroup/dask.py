@@ -244,7 +244,7 @@ def grouped_arrays(raw, N=None, K=4, nsamples=1, seed=None, gridsize=None, *,
                   for name, a in zip(("xs", "ys"), pos))
     group_bytes = C * N * N * 4
     sizes = block_sizes(B, group_bytes, block_bytes)
-    itemsize_dtype = np.dtype(raw.diff3d.dtype)
+    itemsize_dtype = np.dtype(raw.diff3d.dtype).newbyteorder("=")  # (as the blocks hold it)
     meta_lib = np
     if chunk_type == "cupy":
         meta_lib = require("cupy", "cu12")

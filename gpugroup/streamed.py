@@ -19,6 +19,7 @@ from gpugroup.grouping import check_bytes
 from gpugroup.io import (
     atomic_path,
     check_free_space,
+    check_interrupted,
     open_target,
     output_format,
     zarr_io,
@@ -70,6 +71,16 @@ def estimate_grouped_bytes(scan, *, B: int, C: int, N: int, keep_diffraction: bo
         per_group += 8  # order
     extra = 0 if scan.objectGuess is None else scan.objectGuess.nbytes
     return B * per_group + extra
+
+
+def _stopping(progress):
+    """``progress``, after a check that stops the write at a Ctrl-C that Python dropped
+    (:func:`gpugroup.io.atomic.check_interrupted`)."""
+    def step(done):
+        check_interrupted()
+        if progress is not None:
+            progress(done)
+    return step
 
 
 def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
@@ -164,7 +175,7 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
                          for key, empty in plan.outputs(0, C).items() if empty is not None}
                 group_bytes = C * N * N * (np.dtype(plan.stack.dtype).itemsize
                                            + (16 if plan.with_y else 0))
-                plan.fill(nn, sinks, workers=workers, progress=progress,
+                plan.fill(nn, sinks, workers=workers, progress=_stopping(progress),
                           chunk_bytes=_aligned_chunk_bytes(per_chunk, group_bytes, rows))
                 target.close()
             except BaseException:

@@ -403,6 +403,14 @@ def test_a_grouped_output_given_as_the_scan_is_named(scan_file, tmp_path, capsys
            f"scan; give the scan it was grouped from" in line
     with pytest.raises(ValueError, match="is a grouped output"):
         RawData.from_file(grouped)
+    # and the other way round: a scan opened as a grouped output
+    from gpugroup.io.grouped import open_grouped
+
+    scan_copy = tmp_path / f"scan{suffix}"
+    RawData.from_file(scan_file).to_file(scan_copy)
+    with pytest.raises(ValueError, match=r"is not a grouped output: it has no nn_indices or "
+                                         r"X_full \(a scan\? read a scan with RawData"):
+        open_grouped(scan_copy)
     # the fields found are those the file holds ('diffraction', not the name it maps to)
     partial = tmp_path / "partial.npz"
     np.savez(partial, xcoords=np.zeros(4), ycoords=np.zeros(4),

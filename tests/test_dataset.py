@@ -3,6 +3,7 @@ protocol (a plain loop and a DataLoader-like batch sampler), pickling and forked
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing as mp
 import pickle
 
@@ -84,6 +85,32 @@ def test_sources_and_options(tmp_path):
     ds2 = GroupedDataset(raw, eager["nn_indices"], norm_scale=2.0)
     np.testing.assert_array_equal(ds2[0]["X_full"],
                                   np.moveaxis(raw.diff3d[eager["nn_indices"][0]], 0, -1) * 2)
+
+
+def test_big_endian_frames_come_out_in_native_byte_order(tmp_path):
+    """A scan whose frames are stored big-endian (an HDF5 file written so: '>f4'): every
+    path gives `diffraction` in native order, which PyTorch's collate and CuPy need."""
+    raw = make_raw(y=None)
+    big = RawData(raw.xcoords, raw.ycoords, raw.xcoords_start, raw.ycoords_start,
+                  raw.diff3d.astype(">f4"), raw.probeGuess, None, backend="cpu")
+    want = raw.generate_grouped_data(8, K=5, nsamples=60, seed=3, gridsize=2)
+    got = {
+        "eager": big.generate_grouped_data(8, K=5, nsamples=60, seed=3, gridsize=2),
+        "dataset": big.grouped_dataset(8, K=5, nsamples=60, seed=3, gridsize=2)[0:60],
+        "npz": big.generate_grouped_data(8, K=5, nsamples=60, seed=3, gridsize=2,
+                                         out=tmp_path / "g.npz"),
+    }
+    if importlib.util.find_spec("dask") is not None:
+        from gpugroup import dask as gdask
+
+        lazy = gdask.grouped_arrays(big, 8, K=5, nsamples=60, seed=3, gridsize=2)
+        assert lazy["diffraction"].dtype == np.float32
+        got["dask"] = gdask.compute(lazy)
+    for name, d in got.items():
+        assert d["diffraction"].dtype == np.dtype("=f4"), name
+        assert d["diffraction"].dtype.isnative, name
+        np.testing.assert_array_equal(d["diffraction"], want["diffraction"], err_msg=name)
+        np.testing.assert_array_equal(d["X_full"], want["X_full"], err_msg=name)
 
 
 def test_errors(case):

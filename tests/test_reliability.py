@@ -661,6 +661,44 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(tmp_path, suffix, cap
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
+class _DropsItsInterrupt:
+    """An object whose finalizer receives a Ctrl-C: Python drops the KeyboardInterrupt
+    raised there ("Exception ignored in ..."), as it does in h5py's weakref callbacks."""
+
+    received = []
+
+    def __del__(self):
+        self.received.append(True)
+        signal.raise_signal(signal.SIGINT)  # its handler's KeyboardInterrupt goes nowhere
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["convert", "generate_grouped_data"])
+def test_a_ctrl_c_that_python_drops_still_stops_the_write(scan_file, tmp_path, how):
+    """Such a dropped Ctrl-C stops the write at the next chunk; the output is never
+    published (an existing file stays as it was) and nothing is left."""
+    out = tmp_path / "out.npz"
+    out.write_bytes(b"the earlier output")
+    _DropsItsInterrupt.received.clear()
+    steps = []
+
+    def progress(done):
+        steps.append(done)
+        if len(steps) == 1:
+            _DropsItsInterrupt()  # made and finalized at once, in the main thread
+
+    raw = RawData.from_file(scan_file, mmap_mode="r", backend="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        if how == "convert":
+            convert(scan_file, out, slab_bytes=16 * 16 * 4 * 30, progress=progress)
+        else:
+            raw.generate_grouped_data(16, K=7, nsamples=200, seed=1, gridsize=2, out=out,
+                                      chunk_bytes=1 << 16, progress=progress)
+    assert _DropsItsInterrupt.received and len(steps) == 1  # stopped at the next chunk
+    assert out.read_bytes() == b"the earlier output"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]
+
+
 def _dead_leftover(directory, base, tag="abcd1234", size=4096, host=None):
     """What a SIGKILLed run leaves: an unlocked lock file (naming its host) and its
     temporary output."""

@@ -11,6 +11,7 @@ when such a file is used.
 from gpugroup.io.atomic import (
     atomic_path,
     check_free_space,
+    check_interrupted,
     check_output,
     same_path,
     signals_deferred,
@@ -37,7 +38,7 @@ from gpugroup.io.scan import (
 from gpugroup.schema import SCAN_FIELDS, STACK_KEYS, ScanFileError
 
 __all__ = ["DEFAULT_SLAB_BYTES", "FORMATS", "Format", "OUTPUT_SUFFIXES", "SCAN_FIELDS",
-           "STACK_KEYS", "ScanFileError", "atomic_path", "check_free_space", "check_keys",
-           "check_output", "copy_stack", "format_of", "missing_fields_error", "open_regular", "open_target",
-           "output_format", "read_scan", "read_scan_slabs", "same_path", "signals_deferred",
-           "stat_input", "write_error", "write_scan"]
+           "STACK_KEYS", "ScanFileError", "atomic_path", "check_free_space", "check_interrupted",
+           "check_keys", "check_output", "copy_stack", "format_of", "missing_fields_error",
+           "open_regular", "open_target", "output_format", "read_scan", "read_scan_slabs",
+           "same_path", "signals_deferred", "stat_input", "write_error", "write_scan"]

@@ -137,35 +137,71 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
     umask = _umask()
     lock_fd, lock = _claim(directory, base)
     tmp = lock[:-len(_LOCK)] + _PART
+    with _interrupts_noted():  # (so that a Ctrl-C dropped in a finalizer still stops it)
+        try:
+            if is_dir:
+                os.mkdir(tmp, 0o777 & ~umask)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask))
+            yield tmp
+            if not is_dir:  # data on disk before the name points at it (crash safety)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            check_interrupted()  # a Ctrl-C whose KeyboardInterrupt Python dropped
+            with signals_deferred():  # a Ctrl-C must not stop the renames half-way
+                if overwrite:
+                    _replace(tmp, path, is_dir)
+                else:
+                    _publish_new(tmp, path, is_dir)
+        except BaseException as exc:
+            with signals_deferred():  # nor a second Ctrl-C the clean-up
+                if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
+                    settle_removed(tmp)
+                else:
+                    _remove(tmp)
+            named = write_error(exc, path)
+            if named is not exc:
+                raise named from exc
+            raise
+        finally:
+            _release(lock_fd, lock)
+
+
+_interrupted: list = []  # SIGINTs received while an output was written (main thread)
+
+
+@contextlib.contextmanager
+def _interrupts_noted():
+    """While an output is written in the main thread, note each SIGINT before its handler
+    runs. Python drops an exception raised in a finalizer (h5py closes objects in weakref
+    callbacks: "Exception ignored in ..."), so a Ctrl-C's KeyboardInterrupt may not stop
+    the write; :func:`check_interrupted` raises it again."""
+    before = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(before):
+        yield  # (another thread cannot set handlers; an ignored SIGINT raises nothing)
+        return
+    mark = len(_interrupted)
+
+    def noted(signum, frame):
+        _interrupted.append(signum)
+        before(signum, frame)
+
+    signal.signal(signal.SIGINT, noted)
     try:
-        if is_dir:
-            os.mkdir(tmp, 0o777 & ~umask)
-        else:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask))
-        yield tmp
-        if not is_dir:  # data on disk before the name points at it (crash safety)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        with signals_deferred():  # a Ctrl-C must not stop the renames half-way
-            if overwrite:
-                _replace(tmp, path, is_dir)
-            else:
-                _publish_new(tmp, path, is_dir)
-    except BaseException as exc:
-        with signals_deferred():  # nor a second Ctrl-C the clean-up
-            if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
-                settle_removed(tmp)
-            else:
-                _remove(tmp)
-        named = write_error(exc, path)
-        if named is not exc:
-            raise named from exc
-        raise
+        yield
     finally:
-        _release(lock_fd, lock)
+        signal.signal(signal.SIGINT, before)
+        del _interrupted[mark:]
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed while an output was being written
+    (called between the chunks of a write, and before an output is published)."""
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 # A run that is killed (SIGKILL, the out-of-memory killer) cannot remove its temporary

@@ -74,6 +74,13 @@ def open_published(path, inode) -> dict:
 def open_grouped(path) -> dict:
     """Open a grouped output written by :func:`write_grouped` (large entries lazily)."""
     data = FORMATS[output_format(path)].read_grouped(os.fspath(path), GROUPED_STACKS)
+    missing = [key for key in ("nn_indices", "X_full") if data.get(key) is None]
+    if missing:
+        for value in data.values():  # an HDF5 file's datasets keep it open: close it
+            getattr(getattr(value, "file", None), "close", lambda: None)()
+        raise ValueError(f"{os.fspath(path)!r} is not a grouped output: it has no "
+                         f"{' or '.join(missing)} (a scan? read a scan with "
+                         f"RawData.from_file)")
     out = {}
     for key in _ORDER:
         value = data.pop(key, None)

@@ -11,7 +11,7 @@ import numpy as np
 
 from gpugroup._xp import to_host
 from gpugroup.io import npz
-from gpugroup.io.atomic import array_bytes, atomic_path
+from gpugroup.io.atomic import array_bytes, atomic_path, check_interrupted
 from gpugroup.io.formats import (
     FORMATS,
     format_of,
@@ -153,6 +153,7 @@ def copy_stack(sink, stack, slab_bytes=DEFAULT_SLAB_BYTES, progress=None):
     row = int(np.prod(stack.shape[1:], dtype=np.int64)) * np.dtype(stack.dtype).itemsize
     step = max(1, int(slab_bytes) // max(1, row))
     for a in range(0, n, step):
+        check_interrupted()  # (a Ctrl-C that a finalizer dropped stops the copy)
         b = min(n, a + step)
         sink[a:b] = to_host(read_stack(src, slice(a, b)))
         if progress is not None:
