@@ -699,6 +699,24 @@ def test_a_ctrl_c_that_python_drops_still_stops_the_write(scan_file, tmp_path, h
     assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]
 
 
+def test_a_programs_own_sigint_handler_is_left_to_decide(scan_file, tmp_path):
+    """A training script's handler that only notes Ctrl-C (to stop after this step) is
+    called, and the write it did not stop goes on and is published."""
+    caught = []
+    before = signal.signal(signal.SIGINT, lambda s, f: caught.append(s))
+    try:
+        def progress(done):
+            if not caught:
+                signal.raise_signal(signal.SIGINT)
+
+        out = tmp_path / "c.npz"
+        convert(scan_file, out, slab_bytes=16 * 16 * 4 * 30, progress=progress)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert caught == [signal.SIGINT]
+    assert RawData.from_file(out).diff3d.shape[0] == 300
+
+
 def _dead_leftover(directory, base, tag="abcd1234", size=4096, host=None):
     """What a SIGKILLed run leaves: an unlocked lock file (naming its host) and its
     temporary output."""

@@ -175,10 +175,10 @@ _interrupted: list = []  # SIGINTs received while an output was written (main th
 
 @contextlib.contextmanager
 def _interrupts_noted():
-    """While an output is written in the main thread, note each SIGINT before its handler
-    runs. Python drops an exception raised in a finalizer (h5py closes objects in weakref
-    callbacks: "Exception ignored in ..."), so a Ctrl-C's KeyboardInterrupt may not stop
-    the write; :func:`check_interrupted` raises it again."""
+    """While an output is written in the main thread, note each SIGINT whose handler
+    raises KeyboardInterrupt. Python drops an exception raised in a finalizer (h5py closes
+    objects in weakref callbacks: "Exception ignored in ..."), so that KeyboardInterrupt
+    may not stop the write; :func:`check_interrupted` raises it again."""
     before = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or not callable(before):
         yield  # (another thread cannot set handlers; an ignored SIGINT raises nothing)
@@ -186,8 +186,11 @@ def _interrupts_noted():
     mark = len(_interrupted)
 
     def noted(signum, frame):
-        _interrupted.append(signum)
-        before(signum, frame)
+        try:
+            before(signum, frame)
+        except KeyboardInterrupt:  # (a handler of the program's that does not raise is
+            _interrupted.append(signum)  # left to do what it does)
+            raise
 
     signal.signal(signal.SIGINT, noted)
     try:
