@@ -137,6 +137,8 @@ class GroupedDataset:
     def __getitem__(self, key):
         if assembly.is_device_array(key):
             key = key.get()
+        if not isinstance(key, (slice, numbers.Integral)):
+            key = np.asarray(key)  # (lists, PyTorch tensors)
         if isinstance(key, np.ndarray) and key.ndim == 0 and key.dtype.kind in "iu":
             key = int(key)  # a 0-d index is one group, as in NumPy
         if isinstance(key, numbers.Integral) and not isinstance(key, bool):

@@ -122,8 +122,18 @@ def test_errors(case):
         ds[np.ones(3, bool)]
     with pytest.raises(IndexError, match=r"1-D array of group numbers.*shape \(2, 2\)"):
         ds[[[0, 1], [2, 3]]]
-    one = ds[np.array(3)]  # a 0-d index is one group, as ds[3]
-    assert all(np.array_equal(one[k], v) for k, v in ds[3].items())
+    class Tensor:  # what PyTorch's 0-d and 1-d tensors give NumPy
+        def __init__(self, value):
+            self.value = value
+
+        def __array__(self, dtype=None, copy=None):
+            return np.asarray(self.value, dtype=dtype)
+
+    for zero_d in (np.array(3), np.int32(3), Tensor(3)):  # one group, as ds[3]
+        one = ds[zero_d]
+        assert all(np.array_equal(one[k], v) for k, v in ds[3].items())
+    many = ds[Tensor([3, 5])]
+    assert all(np.array_equal(many[k], v) for k, v in ds[[3, 5]].items())
     with pytest.raises(ValueError, match=r"\[0, 400\)"):
         GroupedDataset(raw, np.array([[0, 400]]))
     with pytest.raises(ValueError, match="N=9"):
