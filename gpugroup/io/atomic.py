@@ -236,10 +236,9 @@ def _try_lock(fd, wait: bool = False) -> bool:
 def _names_open_file(path, fd) -> bool:
     """Whether ``path`` is still the file open as ``fd`` (not removed or replaced)."""
     try:
-        a, b = os.stat(path), os.fstat(fd)
+        return os.path.samestat(os.stat(path), os.fstat(fd))
     except OSError:
         return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _claim(directory, base):

@@ -15,6 +15,8 @@ from gpugroup.schema import ScanFileError
 
 #: Grouped entries stored as on-disk arrays; the rest are small and read back whole.
 GROUPED_STACKS = ("diffraction", "X_full", "Y")
+#: What every grouped output holds, and no scan does: how the two are told apart.
+GROUPED_MARKS = ("nn_indices", "X_full")
 _ORDER = ("nn_indices", "diffraction", "X_full", "norm_scale", "coords_nn", "coords_offsets",
           "coords_relative", "coords_start_nn", "coords_start_offsets",
           "coords_start_relative", "Y", "objectGuess", "seed")
@@ -74,7 +76,7 @@ def open_published(path, inode) -> dict:
 def open_grouped(path) -> dict:
     """Open a grouped output written by :func:`write_grouped` (large entries lazily)."""
     data = FORMATS[output_format(path)].read_grouped(os.fspath(path), GROUPED_STACKS)
-    missing = [key for key in ("nn_indices", "X_full") if data.get(key) is None]
+    missing = [key for key in GROUPED_MARKS if data.get(key) is None]
     if missing:
         for value in data.values():  # an HDF5 file's datasets keep it open: close it
             getattr(getattr(value, "file", None), "close", lambda: None)()

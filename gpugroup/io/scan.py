@@ -26,6 +26,7 @@ from gpugroup.io.frames import (
     remember_opened,
     stat_input,
 )
+from gpugroup.io.grouped import GROUPED_MARKS
 from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS
 
 #: Default bytes per slab when copying stacks (memory bound of ``write_scan``/``convert``).
@@ -91,9 +92,10 @@ def missing_fields_error(path, missing, found, keys=None) -> ValueError:
     how to name where the fields are (saying so when ``keys`` named a place that is not
     there)."""
     named = {k: keys[k] for k in missing if keys and k in keys}
-    if not named and {"nn_indices", "X_full"} <= {str(f).strip("/") for f in found}:
+    if not named and set(GROUPED_MARKS) <= {str(f).strip("/") for f in found}:
         return ValueError(
-            f"{path!r} is a grouped output (it holds nn_indices and X_full), not a scan; "
+            f"{path!r} is a grouped output (it holds {' and '.join(GROUPED_MARKS)}), not a "
+            f"scan; "
             f"give the scan it was grouped from, or read it with "
             f"gpugroup.io.grouped.open_grouped({path!r})")
     example = ", ".join(f"{k!r}: '/path/to/{k}'" for k in missing)
