@@ -859,6 +859,74 @@ def test_a_run_never_sweeps_its_own_temporary_output(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]
 
 
+def test_a_lock_file_left_without_a_host_name_is_swept(tmp_path):
+    """A run killed between creating its lock file and writing its host name leaves an
+    empty lock file (and no temporary output yet): the next run removes it."""
+    from gpugroup.io import atomic
+
+    lock, part = _dead_leftover(tmp_path, "g.npz", host=b"")
+    part.unlink()
+    with atomic.atomic_path(tmp_path / "g.npz") as tmp:
+        open(tmp, "wb").close()
+    assert [p.name for p in tmp_path.iterdir()] == ["g.npz"]
+
+
+_KILLED_REPLACING = """
+import os, sys
+from gpugroup.io import atomic
+atomic._exchange = lambda a, b: False  # no RENAME_EXCHANGE (NFS): the old store moves aside
+if sys.argv[2] == "before-publish":
+    atomic._rename_dir_new = lambda *a, **k: os._exit(9)
+else:
+    remove = atomic._remove
+    atomic._remove = lambda p: os._exit(9) if p.endswith(atomic._OLD) else remove(p)
+with atomic.atomic_path(sys.argv[1]) as tmp:
+    with open(os.path.join(tmp, "zarr.json"), "w") as fh:
+        fh.write("new")
+"""
+
+
+@pytest.mark.parametrize("when, expected", [("before-publish", "old"),
+                                            ("removing-the-old", "new")])
+def test_a_store_moved_aside_by_a_killed_run_is_put_back_or_removed(tmp_path, when,
+                                                                     expected):
+    """Without RENAME_EXCHANGE a ``.zarr`` output being replaced is moved aside first. A
+    run killed before the new store took its name leaves no store under the name: the
+    next run puts the old one back. Killed while removing the old one, the next run
+    removes it. Either way the name holds one whole store and nothing else is left."""
+    from gpugroup.io import atomic
+
+    out = tmp_path / "g.zarr"
+    out.mkdir()
+    (out / "zarr.json").write_text("old")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_REPLACING, str(out), when],
+                          env=ENV, capture_output=True,
+                          text=True)
+    assert proc.returncode == 9, proc.stderr
+    left = {p.name.rsplit(".", 1)[-1] for p in tmp_path.iterdir() if p.name != "g.zarr"}
+    assert left == {"gpugroup-lock", "gpugroup-part", "gpugroup-old"} - (
+        {"gpugroup-part"} if expected == "new" else set())
+    atomic.sweep_leftovers(str(tmp_path), "g.zarr")
+    assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
+    assert (out / "zarr.json").read_text() == expected
+
+
+def test_an_old_store_that_cannot_go_back_is_kept_where_no_sweep_removes_it(tmp_path):
+    """If the name was taken meanwhile, the moved-aside store is kept (and said so) under
+    a name that the next run's sweep leaves alone."""
+    from gpugroup.io import atomic
+
+    stem = tmp_path / ".g.zarr.abcd1234"
+    old = tmp_path / (stem.name + atomic._OLD)
+    old.mkdir()
+    (tmp_path / "g.zarr").mkdir()
+    atomic._put_back(str(old), str(tmp_path / "g.zarr"))
+    kept = tmp_path / (stem.name + atomic._KEPT)
+    assert kept.is_dir() and not old.exists()
+    atomic.sweep_leftovers(str(tmp_path), "g.zarr")
+    assert kept.is_dir()
+
+
 # -------------------- 9: cleanup-cache
 def test_cleanup_cache_without_yes_off_a_terminal_refuses(tmp_path):
     cache = tmp_path / "a.groups_cache.npz"

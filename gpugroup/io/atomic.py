@@ -213,9 +213,11 @@ def check_interrupted() -> None:
 # and locked (``flock``) until the temporary output is renamed or removed; the lock dies
 # with its process. A later run writing NAME on the same host removes the temporary
 # outputs whose lock nobody holds (on another host a lock may not show: NFS mounted with
-# local locks).
+# local locks), and puts back a store a killed run had moved aside (``.gpugroup-old``).
 _PART = ".gpugroup-part"
 _LOCK = ".gpugroup-lock"
+_OLD = ".gpugroup-old"
+_KEPT = ".gpugroup-kept"
 _HOST = socket.gethostname().encode()
 _held = set()  # this process's lock files: where locks belong to the process (NFS), its
 _held_guard = threading.Lock()  # own do not stop it, so it must know them
@@ -268,9 +270,11 @@ def _release(fd, lock) -> None:
 
 
 def sweep_leftovers(directory, base) -> None:
-    """Remove the temporary outputs of ``base`` in ``directory`` (and their lock files)
-    that runs killed on this host left behind: those whose lock no running process holds.
-    Where the filesystem has no locks nothing is removed."""
+    """Clear what runs writing ``base`` in ``directory`` and killed on this host left
+    behind: those whose lock no running process holds. Their temporary outputs are
+    removed; a store moved aside to be replaced goes back to ``base`` if nothing took its
+    place, else it is removed. A lock file without a host name (its run was killed before
+    writing one) is removed alone. Where the filesystem has no locks nothing is removed."""
     own = re.compile(re.escape(f".{base}.") + r"[a-z0-9_]{8}" + re.escape(_LOCK))
     try:
         names = os.listdir(directory)
@@ -288,18 +292,38 @@ def sweep_leftovers(directory, base) -> None:
             except OSError:
                 continue
         try:
-            if (not _try_lock(fd) or not _names_open_file(lock, fd)
-                    or os.pread(fd, len(_HOST) + 1, 0) != _HOST):
-                continue  # a running writer's, removed meanwhile, or another host's
-            part = lock[:-len(_LOCK)] + _PART
-            if os.path.lexists(part):
-                logger.warning("removing %s, the temporary output of an earlier run writing "
-                               "%r that was killed before it could clean up", part, base)
-                _remove(part)
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
+            if not _try_lock(fd) or not _names_open_file(lock, fd):
+                continue  # a running writer's, or removed meanwhile
+            host = os.pread(fd, len(_HOST) + 1, 0)
+            if host == _HOST:
+                _recover(lock[:-len(_LOCK)], os.path.join(directory, base))
+            elif host:
+                continue  # another host's
+            with contextlib.suppress(OSError):  # (while locked: a writer that waited for
+                os.unlink(lock)  # this lock finds it gone and makes another)
         finally:
             os.close(fd)
+
+
+def _recover(stem, path) -> None:
+    """Clear the leftovers ``stem + _OLD`` and ``stem + _PART`` of a killed run writing
+    ``path``."""
+    old = stem + _OLD
+    if os.path.lexists(old):
+        if os.path.lexists(path):
+            logger.warning("removing %s, the earlier %r that a run killed while replacing "
+                           "it had moved aside", old, path)
+            _remove(old)
+        else:
+            logger.warning("putting back %r, moved aside as %s by a run killed while "
+                           "replacing it", path, old)
+            _put_back(old, path)
+    part = stem + _PART
+    if os.path.lexists(part):
+        logger.warning("removing %s, the temporary output of an earlier run writing %r "
+                       "that was killed before it could clean up", part,
+                       os.path.basename(path))
+        _remove(part)
 
 
 @contextlib.contextmanager
@@ -423,7 +447,7 @@ def _replace(tmp, path, is_dir):
     gpugroup removes nothing it did not create). Where swapping is not available it is
     moved aside first. Interrupted anywhere, one complete store stays under ``path`` (the
     new one once it got there, else the old one, put back) and no moved-aside copy is
-    left."""
+    left; killed, the next run writing ``path`` finishes that (:func:`sweep_leftovers`)."""
     if not is_dir:
         os.replace(tmp, path)
         return
@@ -447,9 +471,7 @@ def _replace(tmp, path, is_dir):
             except FileNotFoundError:
                 _put_back(tmp, path)
             raise _not_a_store_error(path)
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".gpugroup-old",
-                               dir=os.path.dirname(path))
-        os.rmdir(old)
+        old = tmp[:-len(_PART)] + _OLD  # (a name only this run uses, swept if it is killed)
         try:
             try:
                 os.rename(path, old)  # now under a name only this run uses
@@ -508,15 +530,18 @@ def _replaceable(old) -> bool:
 
 def _put_back(old, path) -> None:
     """Rename the moved-aside ``old`` back to ``path``, unless a new ``path`` appeared
-    meanwhile (then ``old`` stays, logged, rather than replacing someone's)."""
+    meanwhile: then, rather than replacing someone's, ``old`` is kept (logged) under a
+    name that no sweep removes, ``.NAME.XXXXXXXX.gpugroup-kept``."""
     try:
         if not _rename_noreplace(old, path):
             if os.path.lexists(path):
                 raise FileExistsError(path)
             os.rename(old, path)
     except FileExistsError:
+        kept = os.path.splitext(old)[0] + _KEPT
+        os.rename(old, kept)
         logger.warning("%r appeared meanwhile; the earlier contents of that name are kept "
-                       "as %r", path, old)
+                       "as %r", path, kept)
 
 
 def write_error(exc, path):

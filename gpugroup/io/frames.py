@@ -612,8 +612,8 @@ def check_unchanged(stack, replaced_ok: bool = False):
 
 def changed_error(path):
     return _scan_file_error(f"{path!r} changed on disk after the scan was opened (rewritten "
-                            f"or replaced): open the scan again (RawData.from_file) to use the "
-                            f"new file")
+                            f"or replaced): open it again to use the new file "
+                            f"(RawData.from_file for a scan, open_grouped for a grouped output)")
 
 
 # ----------------------------------------------------------------------------- references
