@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import numpy as np
 
@@ -132,6 +133,7 @@ def write_grouped(path, xp, scan, nn_indices, N: int, *, keep_diffraction=True,
         file open read-only: close it with ``d["X_full"].file.close()`` or drop them).
         Also ``path``: the absolute path written.
     """
+    path = os.path.abspath(os.fspath(path))  # ("g.npz/" too: the name it is published at)
     fmt = output_format(path)
     check_row_order(row_order)
     workers = 1 if workers is None else max(1, int(workers))

@@ -354,6 +354,55 @@ def test_hdf5_output_at_a_file_size_limit_is_a_clean_error(scan_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kib", [8, 32, 96])
+def test_hdf5_output_failing_at_any_point_is_a_clean_error(scan_file, tmp_path, kib):
+    """Below about 128 KiB the write fails inside h5py's clean-up of a dataset (an
+    exception Python drops), before the final flush: the process then crashed (SIGSEGV)
+    while closing the abandoned file, leaving its temporary output behind."""
+    pytest.importorskip("h5py")
+    out = tmp_path / "g.h5"
+    rc, _, err = _cli("group", scan_file, "-o", out, *GROUP_ARGS,
+                      preexec_fn=_file_size_limit(kib << 10))
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(out) in lines[0] and "File too large" in lines[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_too_full_for_the_lock_file_names_the_output(tmp_path, monkeypatch):
+    from gpugroup.io import atomic
+
+    real_write = os.write
+
+    def write(fd, data):
+        if data == atomic._HOST:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError, match="No space left on device while writing") as info:
+        with atomic.atomic_path(tmp_path / "g.npz"):
+            pass
+    assert info.value.errno == errno.ENOSPC and str(tmp_path / "g.npz") in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_named_with_a_trailing_slash_is_written_and_reported(scan_file, tmp_path):
+    """``-o g.npz/`` (as shell completion may leave it) writes g.npz; the run read its
+    output back at "g.npz/" and called it lost to another run."""
+    rc, out, err = _cli("group", scan_file, "-o", f"{tmp_path / 'g.npz'}/", *GROUP_ARGS)
+    assert rc == 0 and "wrote" in out, err
+    raw = RawData.from_file(scan_file, mmap_mode="r", backend="cpu")
+    for name in ["a.npz/"] + (["b.h5/"] if _has("h5py") else []):
+        d = raw.generate_grouped_data(16, K=7, nsamples=20, seed=1, gridsize=2,
+                                      out=f"{tmp_path / name}")
+        assert d["path"] == str(tmp_path / name.rstrip("/"))
+        getattr(getattr(d["X_full"], "file", None), "close", lambda: None)()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["g.npz", "a.npz"] + (["b.h5"] if _has("h5py") else []))
+
+
 # -------------------- 5: free space
 def test_too_little_free_space_is_refused_up_front(scan_file, tmp_path, monkeypatch, capsys):
     import shutil

@@ -60,6 +60,7 @@ def _human_bytes(n: float) -> str:
 
 def _path_bytes(path: str) -> int:
     """Size of a file, or of every file under a directory (a ``.zarr`` store)."""
+    path = path.rstrip("/\\") or path  # ("g.npz/" was written as g.npz)
     if not os.path.isdir(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(d, f))

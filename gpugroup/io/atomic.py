@@ -135,9 +135,10 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
         sweep_leftovers(directory, base)
     is_dir = format_of(path) == "zarr"
     umask = _umask()
-    lock_fd, lock = _claim(directory, base)
+    with _named(path):  # (a full disk may refuse the lock file already)
+        lock_fd, lock = _claim(directory, base)
     tmp = lock[:-len(_LOCK)] + _PART
-    with _interrupts_noted():  # (so that a Ctrl-C dropped in a finalizer still stops it)
+    with _interrupts_noted(), _named(path):  # (a Ctrl-C dropped in a finalizer stops it)
         try:
             if is_dir:
                 os.mkdir(tmp, 0o777 & ~umask)
@@ -156,18 +157,27 @@ def atomic_path(path, overwrite: bool = True, *, nbytes=None, check_space: bool 
                     _replace(tmp, path, is_dir)
                 else:
                     _publish_new(tmp, path, is_dir)
-        except BaseException as exc:
+        except BaseException:
             with signals_deferred():  # nor a second Ctrl-C the clean-up
                 if is_dir:  # its writers (zarr's I/O thread, Dask tasks) may still be writing
                     settle_removed(tmp)
                 else:
                     _remove(tmp)
-            named = write_error(exc, path)
-            if named is not exc:
-                raise named from exc
             raise
         finally:
             _release(lock_fd, lock)
+
+
+@contextlib.contextmanager
+def _named(path):
+    """Raise a write error that does not name ``path`` as :func:`write_error` names it."""
+    try:
+        yield
+    except BaseException as exc:
+        named = write_error(exc, path)
+        if named is not exc:
+            raise named from exc
+        raise
 
 
 _interrupted: list = []  # SIGINTs received while an output was written (main thread)

@@ -140,12 +140,15 @@ class Hdf5Target:
         self.path = path
         self._f = _open(path, "w")
         self._lock = threading.Lock()
+        self._held = []  # every dataset, open until the file closes: h5py closing one that
+        # goes out of scope flushes it, and a failed write there is an exception Python drops
 
     def create(self, key, shape, dtype, chunk_rows=None):
         chunks = None
         if chunk_rows is not None and int(shape[0]) > 0:
             chunks = (max(1, min(int(chunk_rows), int(shape[0]))),) + tuple(shape[1:])
         ds = self._f.create_dataset(key, shape=tuple(shape), dtype=dtype, chunks=chunks)
+        self._held.append(ds)
         return _Hdf5Sink(ds, self._lock)
 
     def put(self, key, array):
@@ -155,29 +158,31 @@ class Hdf5Target:
         if array.dtype.kind == "U":
             self._f.attrs[key] = str(array)
         else:
-            self._f.create_dataset(key, data=array)
+            self._held.append(self._f.create_dataset(key, data=array))
 
     def close(self):
         try:  # everything written while the file is still open: a failure is reported
             self._f.flush()  # here, and the file can still be abandoned cleanly
         except BaseException:
-            self._abandon()
+            self.discard()
             raise
         self._f.close()
 
     def discard(self):
-        self._abandon()
-
-    def _abandon(self):
-        """Close the file without writing anything more to it (it is removed next).
+        """Close the file without writing anything more to it (it is removed next); a
+        second call does nothing.
 
         After a failed write (a full disk, ``ulimit -f``) libhdf5 keeps the file open with
-        unwritable dirty metadata: closing fails, and the library's own clean-up at exit
-        then crashes the process (SIGSEGV; a bare h5py script does the same). So the
-        file's descriptor is first pointed at ``/dev/null``: the last flush then succeeds
-        into nothing and the file closes for good."""
+        unwritable dirty metadata: closing fails, and closing again or the library's own
+        clean-up at exit then crashes the process (SIGSEGV; a bare h5py script does the
+        same). So the file's descriptor is first pointed at ``/dev/null``; a flush there
+        clears what a failed flush left half-done (it may itself report that), and the
+        file then closes for good."""
+        if self._f is None:
+            return
+        f, self._f = self._f, None
         try:
-            fd = self._f.id.get_vfd_handle() if self._f.id.valid else None
+            fd = f.id.get_vfd_handle() if f.id.valid else None
         except Exception:  # noqa: BLE001 - closed already, or a driver without a descriptor
             fd = None
         if isinstance(fd, int) and fd >= 0:
@@ -186,10 +191,12 @@ class Hdf5Target:
                 os.dup2(null, fd)
             finally:
                 os.close(null)
-        try:
-            self._f.close()
-        except Exception as exc:  # noqa: BLE001 - already failing; the file is removed next
-            logger.debug("closing the discarded HDF5 file %s: %s", self.path, exc)
+        for step in (f.flush, f.close):
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - already failing; the file goes next
+                logger.debug("%s of the discarded HDF5 file %s: %s", step.__name__,
+                             self.path, exc)
 
 
 def read_grouped(path, stack_keys) -> dict:
