@@ -268,6 +268,65 @@ def test_npy_directory(tmp_path):
         RawData.from_file(d)
 
 
+def _h5_scan(path, raw, diff3d):
+    """An HDF5 scan of ``raw``'s fields, its frames written by ``diff3d(file)``."""
+    with h5py.File(path, "w") as f:
+        for key in ("xcoords", "ycoords", "probeGuess"):
+            f[key] = getattr(raw, key)
+        diff3d(f)
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"])
+def test_an_hdf5_dataset_never_fully_written_is_refused(tmp_path, mmap_mode):
+    """HDF5 reads unwritten chunks (or unwritten contiguous storage) as the fill value:
+    frames of zeros that were grouped as data."""
+    raw = make_raw()
+
+    def half(f):
+        d = f.create_dataset("diff3d", shape=raw.diff3d.shape, dtype="f4", chunks=(16, 8, 8))
+        d[:50] = raw.diff3d[:50]
+
+    _h5_scan(tmp_path / "half.h5", raw, half)
+    with pytest.raises(io.ScanFileError, match=r"'diff3d' is incomplete: 4 of its 8 chunks "
+                       r"were never written \(the first holds rows 64\.\.79\)"):
+        RawData.from_file(tmp_path / "half.h5", mmap_mode=mmap_mode, backend="cpu")
+    _h5_scan(tmp_path / "none.h5", raw,
+             lambda f: f.create_dataset("diff3d", shape=raw.diff3d.shape, dtype="f4"))
+    with pytest.raises(io.ScanFileError, match="none of it was ever written"):
+        RawData.from_file(tmp_path / "none.h5", mmap_mode=mmap_mode, backend="cpu")
+
+    def whole(f):
+        d = f.create_dataset("diff3d", shape=raw.diff3d.shape, dtype="f4", chunks=(16, 8, 8))
+        d[:] = raw.diff3d
+
+    _h5_scan(tmp_path / "whole.h5", raw, whole)
+    back = RawData.from_file(tmp_path / "whole.h5", mmap_mode=mmap_mode, backend="cpu")
+    np.testing.assert_array_equal(back.diff3d[...], raw.diff3d)
+
+
+def test_a_virtual_hdf5_dataset_with_a_missing_source_is_refused(tmp_path):
+    """An Eiger/NeXus layout: frames in source files that a virtual dataset maps; HDF5
+    reads a missing source as the fill value."""
+    raw = make_raw()
+    layout = h5py.VirtualLayout(shape=raw.diff3d.shape, dtype="f4")
+    for i in range(2):
+        with h5py.File(tmp_path / f"data_{i}.h5", "w") as f:
+            f["data"] = raw.diff3d[60 * i:60 * (i + 1)]
+        layout[60 * i:60 * (i + 1)] = h5py.VirtualSource(f"data_{i}.h5", "data",
+                                                           shape=(60, 8, 8))
+    _h5_scan(tmp_path / "master.h5", raw,
+             lambda f: f.create_virtual_dataset("diff3d", layout, fillvalue=0))
+    back = RawData.from_file(tmp_path / "master.h5", backend="cpu")
+    np.testing.assert_array_equal(back.diff3d, raw.diff3d)
+    (tmp_path / "data_1.h5").rename(tmp_path / "elsewhere.h5")
+    with pytest.raises(io.ScanFileError, match="source file 'data_1.h5' is missing"):
+        RawData.from_file(tmp_path / "master.h5", backend="cpu")
+    with h5py.File(tmp_path / "data_1.h5", "w") as f:
+        f["other"] = raw.diff3d[60:]
+    with pytest.raises(io.ScanFileError, match="has no dataset 'data'"):
+        RawData.from_file(tmp_path / "master.h5", backend="cpu")
+
+
 def test_missing_optional_packages_say_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match=r'pip install "gpugroup\[hdf5\]"'):

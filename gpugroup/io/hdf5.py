@@ -17,7 +17,7 @@ import numpy as np
 from gpugroup._optional import require
 from gpugroup._xp import to_host
 from gpugroup.io.frames import read_stack, stat_input
-from gpugroup.schema import STACK_KEYS, check_storable
+from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
                 if not isinstance(obj, h5py.Dataset):
                     raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, not a "
                                      f"dataset; pass keys={{{field!r}: '/path/to/dataset'}}")
+                check_written(path, name, obj)
                 if mmap_mode is not None and field in STACK_KEYS:
                     out[field] = obj
                 else:
@@ -90,6 +91,61 @@ def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
         if not any(isinstance(v, h5py.Dataset) for v in out.values()):
             f.close()
     return out
+
+
+def check_written(path, name, ds) -> None:
+    """Refuse dataset ``name`` of ``path`` where part of it was never written, which HDF5
+    reads as its fill value (zeros that would pass for frames or positions): chunks or
+    contiguous storage never allocated, or a virtual dataset's source file or dataset
+    missing. (Storage allocated and filled with the fill value cannot be told apart.)"""
+    if ds.size == 0:
+        return
+    if ds.is_virtual:
+        _check_sources(path, name, ds)
+        return
+    if ds.chunks is None:
+        if ds.id.get_storage_size() == 0:
+            raise _unwritten(path, name, "none of it was ever written")
+        return
+    count = getattr(ds.id, "get_num_chunks", None)  # (h5py >= 3.0 with HDF5 >= 1.10.5)
+    expected = int(np.prod([-(-s // c) for s, c in zip(ds.shape, ds.chunks)]))
+    if count is None or count() >= expected:
+        return
+    stored = {ds.id.get_chunk_info(i).chunk_offset[0] for i in range(count())}
+    rows = ds.chunks[0]
+    first = next(a for a in range(0, ds.shape[0], rows) if a not in stored)
+    raise _unwritten(path, name, f"{expected - count()} of its {expected} chunks were "
+                     f"never written (the first holds rows {first}.."
+                     f"{min(first + rows, ds.shape[0]) - 1})")
+
+
+def _check_sources(path, name, ds) -> None:
+    """The source files and datasets of virtual dataset ``name`` (an Eiger/NeXus layout)
+    exist, looked for as HDF5 looks: beside ``path`` or from the working directory."""
+    h5py = require("h5py", "hdf5")
+    if os.environ.get("HDF5_VDS_PREFIX"):
+        return  # (HDF5 looks there first: leave it to HDF5)
+    seen = set()
+    for source in ds.virtual_sources():
+        file_name, dset = source.file_name, source.dset_name
+        if file_name == "." or "%" in file_name or (file_name, dset) in seen:
+            continue  # (this file, or a printf-style pattern of many files)
+        seen.add((file_name, dset))
+        found = [f for f in (os.path.join(os.path.dirname(os.path.abspath(path)), file_name),
+                             file_name) if os.path.isfile(f)]
+        if not found:
+            raise _unwritten(path, name, f"its source file {file_name!r} is missing",
+                             "put the source files back beside it")
+        with h5py.File(found[0], "r") as f:
+            if dset not in f:
+                raise _unwritten(path, name, f"its source file {found[0]!r} has no "
+                                 f"dataset {dset!r}", "put the source files back beside it")
+
+
+def _unwritten(path, name, what, fix="write it again in full") -> ScanFileError:
+    return ScanFileError(f"{path!r}: dataset {name!r} is incomplete: {what}; HDF5 reads "
+                         f"what was never written as its fill value (zeros that would pass "
+                         f"for data), so it is refused; {fix}")
 
 
 def _candidates(field, keys, cxi):
