@@ -327,6 +327,24 @@ def test_a_virtual_hdf5_dataset_with_a_missing_source_is_refused(tmp_path):
         RawData.from_file(tmp_path / "master.h5", backend="cpu")
 
 
+def test_an_hdf5_link_that_leads_nowhere_is_said_so(tmp_path):
+    raw = make_raw()
+    with h5py.File(tmp_path / "frames.h5", "w") as f:
+        f["data"] = raw.diff3d
+    _h5_scan(tmp_path / "linked.h5", raw,
+             lambda f: f.__setitem__("diff3d", h5py.ExternalLink("frames.h5", "/data")))
+    back = RawData.from_file(tmp_path / "linked.h5", backend="cpu")
+    np.testing.assert_array_equal(back.diff3d, raw.diff3d)
+    (tmp_path / "frames.h5").unlink()
+    with pytest.raises(io.ScanFileError, match=r"'diff3d' is an external link to '/data' "
+                       r"in 'frames.h5', which cannot be opened"):
+        RawData.from_file(tmp_path / "linked.h5", backend="cpu")
+    _h5_scan(tmp_path / "soft.h5", raw,
+             lambda f: f.__setitem__("diff3d", h5py.SoftLink("/entry/data")))
+    with pytest.raises(io.ScanFileError, match=r"'diff3d' is a link to '/entry/data'"):
+        RawData.from_file(tmp_path / "soft.h5", backend="cpu")
+
+
 def test_missing_optional_packages_say_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match=r'pip install "gpugroup\[hdf5\]"'):

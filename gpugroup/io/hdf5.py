@@ -68,6 +68,7 @@ def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
             for name in candidates:
                 obj = f.get(name)
                 if obj is None:
+                    _check_link(path, name, f)
                     continue
                 if not isinstance(obj, h5py.Dataset):
                     raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, not a "
@@ -91,6 +92,23 @@ def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
         if not any(isinstance(v, h5py.Dataset) for v in out.values()):
             f.close()
     return out
+
+
+def _check_link(path, name, f) -> None:
+    """Refuse ``name`` where it is a link that leads nowhere (its target missing), rather
+    than report the field as absent."""
+    h5py = require("h5py", "hdf5")
+    try:
+        link = f.get(name, getlink=True)
+    except (KeyError, OSError):  # (a missing group on the way)
+        return
+    if isinstance(link, h5py.ExternalLink):
+        raise ScanFileError(f"{path!r}: {name!r} is an external link to {link.path!r} in "
+                            f"{link.filename!r}, which cannot be opened (a missing or "
+                            f"moved file?); put that file where the link points")
+    if isinstance(link, h5py.SoftLink):
+        raise ScanFileError(f"{path!r}: {name!r} is a link to {link.path!r}, which is not "
+                            f"in the file; name the dataset with keys=")
 
 
 def check_written(path, name, ds) -> None:
