@@ -598,7 +598,9 @@ def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords"), *, xp=np,
             raise ValueError(f"{name} must be 1-D (one value per scan position), got shape "
                              f"{a.shape}{hint}")
         if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
-            raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}")
+            raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}; pass "
+                             f"numeric positions (numbers stored as text: "
+                             f"{name}.astype(float))")
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"{names[0]} has {x.shape[0]} entries but {names[1]} has {y.shape[0]}; "

@@ -45,6 +45,9 @@ def _frames_shape(name, a, n=None):
             f"{name} must be 3-D (n_frames, N, N), got shape {shape}; stack the frames along "
             f"axis 0"
         )
+    if 0 in shape[1:]:
+        raise ValueError(f"{name} frames are empty, shape {shape}; pass the detector frames "
+                         f"(n_frames, N, N) with N > 0")
     if shape[1] != shape[2]:
         hint = ""
         if shape[0] == shape[1] or (n is not None and shape[2] == n):
