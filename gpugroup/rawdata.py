@@ -24,7 +24,7 @@ from gpugroup.dataset import GroupedDataset
 from gpugroup.grouping import (SamplingOptions, _check_coordinates, check_bytes, check_count,
                                exact_rescale, neighbour_pool, sample_groups,
                                sample_with, select_members)
-from gpugroup.io.formats import HDF5_SUFFIXES
+from gpugroup.io.formats import HDF5_SUFFIXES, warn_two_frame_stacks
 from gpugroup.io.frames import StackRef, open_stack, stack_ref
 from gpugroup.io.grouped import check_lazy_output, check_row_order
 from gpugroup.keys import resolve_seed
@@ -301,8 +301,7 @@ class RawData:
         if "diff3d" not in data and "diffraction" in data:
             data["diff3d"] = data.pop("diffraction")
         elif "diffraction" in data:
-            logger.warning("%r holds both diff3d and diffraction: using diff3d, ignoring "
-                           "diffraction", source)
+            warn_two_frame_stacks(source)
         missing = [k for k in REQUIRED_KEYS + ("diff3d",) if k not in data]
         if missing:
             raise io.missing_fields_error(source, missing, found)

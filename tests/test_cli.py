@@ -946,3 +946,28 @@ def test_an_ignored_sigterm_stays_ignored():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert done.stdout.strip() == "survived True", done.stderr
+
+
+def test_damaged_npz_scans_are_one_error_line(scan_file, tmp_path, capsys):
+    """A damaged .npy header (its length field) or zip directory (a zip64 locator that
+    names another disk): one line naming the file, for group and convert alike."""
+    import zipfile
+
+    from gpugroup.io import npz
+
+    data = bytearray(scan_file.read_bytes())
+    with zipfile.ZipFile(scan_file) as zf, open(scan_file, "rb") as fh:
+        start = npz.member_data_offset(fh, zf.getinfo("diff3d.npy"))
+    header = bytearray(data)
+    header[start + 8] ^= 0xFF
+    locator = bytearray(data)
+    locator[locator.rfind(b"PK\x06\x07") + 16] = 0xFF
+    for name, damaged, says in (("header.npz", header, "(member 'diff3d'): its .npy header"),
+                                ("locator.npz", locator, "span multiple disks")):
+        path = tmp_path / name
+        path.write_bytes(damaged)
+        for cmd in (["group", str(path), "-o", str(tmp_path / "o.npz")],
+                    ["convert", str(path), str(tmp_path / "c.npz")]):
+            line = _error_line(capsys, main(cmd))
+            assert name in line and says in line and "write it again" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["header.npz", "locator.npz"]

@@ -4,6 +4,7 @@ the streaming NPZ writer, conversion, and frame reads at sorted unique indices."
 from __future__ import annotations
 
 import importlib
+import io as stdio
 import os
 import re
 import subprocess
@@ -770,3 +771,228 @@ def test_a_missing_grouped_output_is_called_one(tmp_path, suffix):
         pytest.importorskip({".h5": "h5py", ".zarr": "zarr"}[suffix])
     with pytest.raises(FileNotFoundError, match=r"grouped output '.*nope.*' does not exist"):
         open_grouped(str(tmp_path / f"nope{suffix}"))
+
+
+# ----------------------------------------------------------------------------- damaged NPZ
+def _fields(n=40):
+    return {k: np.asarray(v) for k, v in make_raw(n=n).to_dict().items()}
+
+
+def _zip_of(path, members: dict, compression=zipfile.ZIP_STORED):
+    """A zip of ``members`` (name -> bytes), written by zipfile (valid CRC-32s)."""
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _npy_bytes(array, version=None) -> bytes:
+    buf = stdio.BytesIO()
+    np.lib.format.write_array(buf, array, version=version)
+    return buf.getvalue()
+
+
+def _read_every_way(path, tmp_path):
+    """Read ``path`` as ``group`` does (frames mapped), into memory, and as ``convert``
+    does; the errors raised, by way (None where it was read)."""
+    errors = {}
+    for way in ("mmap", "memory", "convert"):
+        try:
+            if way == "convert":
+                convert(path, tmp_path / "converted.npz", slab_bytes=1000)
+            else:
+                io.read_scan(path, mmap_mode="r" if way == "mmap" else None)
+            errors[way] = None
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            errors[way] = exc
+    return errors
+
+
+def test_npy_format_3_members_and_files_are_read(tmp_path):
+    """Format 3.0 (2.0 with a UTF-8 header) reads as np.load reads it, in an NPZ (mapped,
+    in memory, converted) and as the files of a .npy directory."""
+    fields = _fields()
+    path = _zip_of(tmp_path / "v3.npz", {f"{k}.npy": _npy_bytes(v, (3, 0))
+                                         for k, v in fields.items()})
+    for mode in ("r", None):
+        back = RawData.from_file(path, mmap_mode=mode, backend="cpu")
+        assert isinstance(back.diff3d, np.memmap) == (mode == "r")
+        np.testing.assert_array_equal(back.diff3d, fields["diff3d"])
+        np.testing.assert_array_equal(back.xcoords, fields["xcoords"])
+    out = convert(path, tmp_path / "out.npz", slab_bytes=1000)
+    np.testing.assert_array_equal(np.load(out)["diff3d"], fields["diff3d"])
+    folder = tmp_path / "v3_dir"
+    folder.mkdir()
+    for k, v in fields.items():
+        (folder / f"{k}.npy").write_bytes(_npy_bytes(v, (3, 0)))
+    for mode in ("r", None):
+        back = RawData.from_file(folder, mmap_mode=mode, backend="cpu")
+        np.testing.assert_array_equal(back.diff3d, fields["diff3d"])
+
+
+def _damage_header(npy: bytes, how: str) -> bytes:
+    data = bytearray(npy)
+    if how == "length byte":  # the header then ends inside the data (tokenize failed)
+        data[8] ^= 0xFF
+    elif how == "length bytes":
+        data[8] ^= 0xFF
+        data[9] ^= 0xFF
+    elif how == "keys":
+        at = data.index(b"'descr'")
+        data[at:at + 7] = b"'dexcr'"
+    elif how == "version":
+        data[6] = 7
+    return bytes(data)
+
+
+@pytest.mark.parametrize("how", ["length byte", "length bytes", "keys", "version"])
+@pytest.mark.parametrize("member", ["diff3d", "xcoords"])
+def test_a_damaged_npy_header_names_the_file_and_member(tmp_path, how, member):
+    """(Damaged before the zip was written, so its CRC-32 agrees: the header is read.)"""
+    fields = _fields()
+    members = {f"{k}.npy": _npy_bytes(v) for k, v in fields.items()}
+    members[f"{member}.npy"] = _damage_header(members[f"{member}.npy"], how)
+    path = _zip_of(tmp_path / "bad.npz", members)
+    for way, exc in _read_every_way(path, tmp_path).items():
+        assert isinstance(exc, io.ScanFileError), (way, exc)
+        assert re.search(rf"'.*bad\.npz' \(member '{member}'\): its \.npy header is damaged "
+                         r".*The file is damaged: write it again", str(exc)), (way, exc)
+    assert not (tmp_path / "converted.npz").exists()
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for k, v in fields.items():
+        np.save(folder / f"{k}.npy", v)
+    damaged = folder / f"{member}.npy"
+    damaged.write_bytes(_damage_header(damaged.read_bytes(), how))
+    for mode in ("r", None):
+        with pytest.raises(io.ScanFileError, match=rf"{member}\.npy' \({member}\): its \.npy "
+                                                   r"header is damaged .*write it again"):
+            io.read_scan(folder, mmap_mode=mode)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("member, shape", [("xcoords", (10**13,)), ("xcoords", (20,)),
+                                           ("diff3d", (10**13, 8, 8)), ("diff3d", (39, 8, 8))])
+def test_a_header_shape_that_disagrees_with_the_member_size_is_damage(tmp_path, compression,
+                                                                     member, shape):
+    """Checked before anything is allocated: not 'out of memory', and no rows dropped."""
+    fields = _fields()
+    members = {f"{k}.npy": _npy_bytes(v) for k, v in fields.items()}
+    head = stdio.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {
+        "descr": fields[member].dtype.str, "fortran_order": False, "shape": shape})
+    members[f"{member}.npy"] = head.getvalue() + fields[member].tobytes()
+    path = _zip_of(tmp_path / "lies.npz", members, compression)
+    for way, exc in _read_every_way(path, tmp_path).items():
+        if way == "mmap" and member == "diff3d" and compression == zipfile.ZIP_DEFLATED:
+            assert "compressed" in str(exc)  # (never mapped: its own message)
+            continue
+        assert isinstance(exc, io.ScanFileError), (way, exc)
+        assert re.search(rf"lies\.npz' \(member '{member}'\): its \.npy header says shape "
+                         rf"{re.escape(str(shape))} .* but it holds .*damaged", str(exc)), exc
+
+
+def _central(data, member):
+    """Offset of ``member``'s entry in the central directory of zip bytes ``data``."""
+    import struct
+
+    i = data.find(b"PK\x01\x02")
+    while i != -1:
+        size = struct.unpack_from("<H", data, i + 28)[0]
+        if bytes(data[i + 46:i + 46 + size]).decode() == member:
+            return i
+        i = data.find(b"PK\x01\x02", i + 4)
+    raise AssertionError(member)
+
+
+def _damage_zip(src, dst, how):
+    """A copy of zip ``src`` with its directory damaged ``how``."""
+    import struct
+
+    data = bytearray(Path(src).read_bytes())
+    if how == "locator on another disk":  # an end-of-directory zip64 locator, disk 255
+        data[data.rfind(b"PK\x06\x07") + 16] = 0xFF
+    elif how == "extract version":
+        struct.pack_into("<H", data, _central(data, "xcoords.npy") + 6, 210)
+    elif how == "compression method":
+        struct.pack_into("<H", data, _central(data, "xcoords.npy") + 10, 99)
+    elif how.startswith("zip64 offset"):  # seeks past what an offset holds
+        at = _central(data, "xcoords.npy")
+        extra = at + 46 + struct.unpack_from("<H", data, at + 28)[0]
+        struct.pack_into("<Q", data, extra + 20, 2**64 - 1 if how.endswith("huge") else 2**63)
+    elif how == "directory offset":  # a directory before the file's start
+        struct.pack_into("<Q", data, data.rfind(b"PK\x06\x06") + 48, 2**63 + 7)
+    Path(dst).write_bytes(data)
+
+
+@pytest.mark.parametrize("how", ["locator on another disk", "extract version",
+                                 "compression method", "zip64 offset huge",
+                                 "zip64 offset", "directory offset"])
+def test_a_damaged_zip_directory_names_the_file(tmp_path, how):
+    good = tmp_path / "good.npz"
+    make_raw(n=40).to_file(good)  # gpugroup's writer: zip64, with a locator
+    _damage_zip(good, tmp_path / "bad.npz", how)
+    for way, exc in _read_every_way(tmp_path / "bad.npz", tmp_path).items():
+        assert isinstance(exc, io.ScanFileError), (way, how, exc)
+        assert "bad.npz" in str(exc) and "write it again" in str(exc), (way, how, exc)
+    assert not (tmp_path / "converted.npz").exists()
+
+
+@pytest.mark.parametrize("member", ["diff3d", "Y"])
+def test_convert_checks_the_crc_of_stored_frame_stacks(tmp_path, member):
+    """A mapped stack is not checked (reading it all would defeat the map); convert reads
+    every byte, so it checks, refuses, and leaves nothing behind."""
+    raw = make_raw(n=40, with_y=True)
+    path = tmp_path / "flipped.npz"
+    raw.to_file(path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        start = npz.member_data_offset(fh, zf.getinfo(f"{member}.npy"))
+    data[start + 128 + 100] ^= 0x01  # one bit of one frame
+    path.write_bytes(data)
+    io.read_scan(path, mmap_mode="r")  # (mapped: the documented trade-off)
+    for slab_bytes in (1000, 1 << 20):
+        with pytest.raises(io.ScanFileError, match=rf"flipped\.npz' \(member '{member}'\): "
+                                                   r"BadZipFile: Bad CRC-32.*write it again"):
+            convert(path, tmp_path / "out.npz", slab_bytes=slab_bytes)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["flipped.npz"]
+
+
+def _npy_dir(folder, fields):
+    folder.mkdir()
+    for k, v in fields.items():
+        np.save(folder / f"{k}.npy", v)
+    return folder
+
+
+def test_diff3d_and_diffraction_are_said_alike_in_a_npy_directory_and_an_npz(tmp_path,
+                                                                          caplog):
+    fields = _fields()
+    folder = _npy_dir(tmp_path / "dir", fields)
+    np.save(folder / "diffraction.npy", fields["diff3d"] + 1)
+    npz_path = tmp_path / "both.npz"
+    np.savez(npz_path, **fields, diffraction=fields["diff3d"] + 1)
+    with caplog.at_level("WARNING", logger="gpugroup"):
+        for scan in (folder, npz_path):
+            caplog.clear()
+            back = RawData.from_file(scan, mmap_mode="r", backend="cpu")
+            np.testing.assert_array_equal(back.diff3d, fields["diff3d"])
+            assert "both diff3d and diffraction: using diff3d" in caplog.text, scan
+            assert "not scan fields" not in caplog.text, scan
+
+
+def test_members_of_an_npz_that_are_no_npy_are_logged(tmp_path, caplog):
+    members = {f"{k}.npy": _npy_bytes(v) for k, v in _fields().items()}
+    path = _zip_of(tmp_path / "txt.npz", {**members, "Y.txt": b"notes", "sub/": b""})
+    with caplog.at_level("WARNING", logger="gpugroup"):
+        io.read_scan(path, mmap_mode="r")
+    assert "ignoring member ['Y.txt']: not .npy arrays" in caplog.text
+
+
+def test_a_npy_file_that_is_a_directory_is_named(tmp_path):
+    folder = _npy_dir(tmp_path / "dir", _fields())
+    (folder / "diff3d.npy").unlink()
+    (folder / "diff3d.npy").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"diff3d file '.*diff3d\.npy' is a directory, "
+                                                r"not a file: put the file itself there"):
+        io.read_scan(folder, mmap_mode="r")

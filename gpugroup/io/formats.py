@@ -11,12 +11,12 @@ directory of ``KEY.npy`` files is read here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from numpy.lib import format as npy_format
 
 from gpugroup.io import hdf5, npz, zarr_io
 from gpugroup.io.frames import open_regular, remember_opened, stat_identity
@@ -72,6 +72,14 @@ def warn_ignored(path, names) -> None:
                        sorted(names), ", ".join(SCAN_FIELDS))
 
 
+def warn_two_frame_stacks(path) -> None:
+    """Log that scan ``path`` holds diff3d and its alias diffraction, and that diff3d is
+    the one used (whatever the format)."""
+    logger.warning("%r holds both diff3d and diffraction: using diff3d, ignoring "
+                   "diffraction (two frame stacks, under the field's name and its alias)",
+                   path)
+
+
 def _read_npy(f, field, mmap_mode):
     """One ``.npy`` file of a scan directory, from one open file: read whole, or (with
     ``mmap_mode``) memory-mapped from that file's descriptor, its identity noted."""
@@ -81,25 +89,15 @@ def _read_npy(f, field, mmap_mode):
                 f"cannot read {f!r} ({field}): it is not a .npy file (no NumPy header: "
                 f"truncated, or another format); write it with numpy.save")
         fh.seek(0)
-        try:
-            shape, fortran, dtype = npz.read_npy_header(fh)
-        except (ValueError, EOFError, OSError) as exc:
-            raise ScanFileError(f"cannot read {f!r} ({field}): a damaged .npy header "
-                                f"({exc}); write it again with numpy.save") from exc
+        where = f"{f!r} ({field})"
+        shape, fortran, dtype = npz.read_npy_header(fh, where, os.fstat(fh.fileno()).st_size)
         if dtype.hasobject:
             raise ScanFileError(
                 f"cannot read {f!r} ({field}): it holds Python objects (a pickled object "
                 f"array), which gpugroup never unpickles; save {field} as a numeric array")
-        offset = fh.tell()
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        size = os.fstat(fh.fileno()).st_size
-        if offset + nbytes > size:
-            raise ScanFileError(f"cannot read {f!r} ({field}): truncated ({size} bytes, "
-                                f"{offset + nbytes} needed for shape {shape} {dtype})")
-        if mmap_mode is None or nbytes == 0:
-            fh.seek(0)
-            return npy_format.read_array(fh, allow_pickle=False)
-        stack = np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
+        if mmap_mode is None or math.prod(shape) == 0:
+            return npz.read_npy_data(fh, shape, fortran, dtype, where)
+        stack = np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=fh.tell(), shape=shape,
                           order="F" if fortran else "C")  # from the open file, not by name
         remember_opened(stack, stat_identity(os.fstat(fh.fileno())))
         return stack
@@ -123,7 +121,11 @@ def read_npy_dir(path, keys, mmap_mode):
                 used.add(os.path.basename(f))
                 break
     data["_datasets"] = sorted(p for p in os.listdir(path) if p.endswith(".npy"))
-    warn_ignored(path, [p[:-4] for p in data["_datasets"] if p not in used])
+    unused = [p[:-4] for p in data["_datasets"] if p not in used]
+    if "diffraction" in unused and "diff3d" in data:
+        unused.remove("diffraction")
+        warn_two_frame_stacks(path)
+    warn_ignored(path, unused)
     return data
 
 

@@ -472,18 +472,24 @@ def _nonblocking(path, flags):
     return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
 
 
+def _directory_error(path, what):
+    return IsADirectoryError(f"{what} {path!r} is a directory, not a file: put the file "
+                             f"itself there (or give its own path)")
+
+
 def open_regular(path, what: str = "scan file"):
     """``path`` opened for binary reading, after checking (on the open descriptor) that
     it is a regular file: opened without blocking, so a FIFO is refused, not waited on.
     Read everything of one scan through this one file object (memory maps included), so
     that a file replaced meanwhile is never mixed in."""
     path = os.fspath(path)
-    stat_input(path, what)
+    if stat.S_ISDIR(stat_input(path, what).st_mode):
+        raise _directory_error(path, what)
     fh = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 - returned to the caller
     try:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise (IsADirectoryError(f"{what} {path!r} is a directory")
+            raise (_directory_error(path, what)
                    if stat.S_ISDIR(st.st_mode) else _not_regular(path, st.st_mode, what))
         try:
             os.set_blocking(fh.fileno(), True)

@@ -8,9 +8,12 @@ header. :class:`NpzWriter` writes such archives member by member and slab by sla
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import functools
 import io
 import logging
+import math
 import os
 import pickle
 import struct
@@ -37,14 +40,6 @@ CONVERT_HINT = ("convert it once to an uncompressed file: `gpugroup convert {pat
                 "gpugroup.rawdata.convert({path!r}, 'OUT.npz')")
 
 
-def _open_error(path, exc, member=None, what="scan file"):
-    where = f" (member {member!r})" if member else ""
-    return OSError(
-        f"cannot read {what} {path!r}{where}: {type(exc).__name__}: {exc}. It must be an "
-        f"NPZ archive written by numpy.savez (is it truncated or another format?)"
-    )
-
-
 def member_data_offset(fh, info: zipfile.ZipInfo) -> int:
     """File offset of the first byte of member ``info``'s (stored) data."""
     fh.seek(info.header_offset)
@@ -56,18 +51,120 @@ def member_data_offset(fh, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 
-def read_npy_header(fh):
-    """(shape, fortran order, dtype) from the ``.npy`` header at ``fh``'s position."""
-    return _read_npy_header(fh)
+#: The ``.npy`` format versions (numpy.lib.format): the header-length field and the
+#: header's encoding. 3.0 is 2.0 with a UTF-8 header.
+_NPY_VERSIONS = {(1, 0): ("<H", "latin1"), (2, 0): ("<I", "latin1"), (3, 0): ("<I", "utf8")}
+_NPY_MAGIC = b"\x93NUMPY"
+#: Longest header text read (NumPy's own limit for headers it parses safely).
+_MAX_HEADER = 10000
+#: Bytes per read of an array's data.
+_PIECE = 16 << 20
+#: What zipfile raises for a damaged archive or member (a bad CRC-32, a damaged stream,
+#: a central directory that points anywhere: wrong versions, seeks before the start, sizes
+#: too large for an offset, unknown methods).
+_DAMAGED = (zipfile.BadZipFile, EOFError, zlib.error, RuntimeError, ValueError,
+            OverflowError, OSError)
 
 
-def _read_npy_header(fh):
-    version = npy_format.read_magic(fh)
-    if version == (1, 0):
-        return npy_format.read_array_header_1_0(fh)
-    if version == (2, 0):
-        return npy_format.read_array_header_2_0(fh)
-    return npy_format._read_array_header(fh, version)  # (3, 0): utf-8 header, same layout
+def _damaged(where, problem) -> ScanFileError:
+    return ScanFileError(f"cannot read {where}: {problem}. The file is damaged: write it "
+                         f"again from its source")
+
+
+def _where(path, key, what="scan file") -> str:
+    return f"{what} {path!r} (member {key!r})"
+
+
+@contextlib.contextmanager
+def _reading(where):
+    """Errors of a damaged archive or member raised inside, as one naming ``where``."""
+    try:
+        yield
+    except (ScanFileError, CompressedMemberError):
+        raise
+    except _DAMAGED as exc:
+        raise _damaged(where, f"{type(exc).__name__}: {exc}") from exc
+
+
+def read_npy_header(fh, where, size):
+    """(shape, fortran order, dtype) of the ``.npy`` (format 1.0, 2.0 or 3.0) at ``fh``'s
+    position, ``fh`` left at its first data byte.
+
+    ``size`` is the ``.npy``'s whole size (header and data: the file's size, a zip
+    member's uncompressed size); the data the header describes must fill it exactly
+    (Python-object arrays aside). ``where`` names the file (and member) in errors.
+
+    Raises
+    ------
+    ScanFileError
+        The header is damaged or disagrees with ``size``.
+    """
+    try:
+        shape, fortran, dtype, used = _parse_npy_header(fh)
+    except ValueError as exc:
+        raise _damaged(where, f"its .npy header is damaged ({exc})") from None
+    if not dtype.hasobject:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if used + nbytes != size:
+            raise _damaged(where, f"its .npy header says shape {shape} {dtype} "
+                                  f"({nbytes} bytes of data) but it holds {size - used}")
+    return shape, fortran, dtype
+
+
+def _parse_npy_header(fh):
+    """(shape, fortran order, dtype, header bytes) of the ``.npy`` header at ``fh``;
+    ValueError saying what is wrong with it."""
+    head = fh.read(len(_NPY_MAGIC) + 2)
+    if len(head) < len(_NPY_MAGIC) + 2 or not head.startswith(_NPY_MAGIC):
+        raise ValueError(f"it does not start with the .npy magic bytes (got {head!r})")
+    version = (head[-2], head[-1])
+    if version not in _NPY_VERSIONS:
+        raise ValueError(f"unknown format version {version[0]}.{version[1]} (1.0, 2.0 and "
+                         f"3.0 exist)")
+    length_format, encoding = _NPY_VERSIONS[version]
+    field = fh.read(struct.calcsize(length_format))
+    if len(field) < struct.calcsize(length_format):
+        raise ValueError("it ends inside the header")
+    (length,) = struct.unpack(length_format, field)
+    if length > _MAX_HEADER:
+        raise ValueError(f"its header-length field says {length} bytes (at most "
+                         f"{_MAX_HEADER})")
+    text = fh.read(length)
+    if len(text) < length:
+        raise ValueError(f"its header-length field says {length} bytes, {len(text)} follow")
+    try:
+        header = ast.literal_eval(text.decode(encoding))
+    except (UnicodeDecodeError, SyntaxError, ValueError, TypeError, MemoryError,
+            RecursionError):
+        raise ValueError(f"the header {text[:80]!r} is not the dict NumPy writes") from None
+    keys = set(header) if isinstance(header, dict) else None
+    if keys != {"descr", "fortran_order", "shape"}:
+        raise ValueError(f"the header {header!r:.80} is not a dict of exactly descr, "
+                         f"fortran_order and shape")
+    shape, fortran = header["shape"], header["fortran_order"]
+    if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"shape {shape!r:.80} is not a tuple of non-negative ints")
+    if type(fortran) is not bool:
+        raise ValueError(f"fortran_order {fortran!r:.80} is not True or False")
+    try:
+        dtype = npy_format.descr_to_dtype(header["descr"])
+    except (TypeError, ValueError, IndexError, KeyError, RecursionError):
+        raise ValueError(f"descr {header['descr']!r:.80} is no NumPy dtype") from None
+    return shape, fortran, dtype, len(head) + len(field) + length
+
+
+def read_npy_data(fh, shape, fortran, dtype, where):
+    """The array that follows a ``.npy`` header at ``fh``, read into memory in pieces
+    (``where`` names the file, and member, in errors)."""
+    out = np.empty(math.prod(shape), dtype=dtype)
+    flat = out.view(np.uint8) if out.nbytes else out
+    done = 0
+    while done < out.nbytes:
+        n = fh.readinto(flat[done:done + _PIECE])
+        if not n:
+            raise _damaged(where, f"its data end after {done} of {out.nbytes} bytes")
+        done += n
+    return out.reshape(shape, order="F" if fortran else "C")
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -84,18 +181,18 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def object_member_value(fileobj, path, key):
-    """The value of a 0-d object ``.npy`` member (``fileobj`` at its start): a 0-d str
-    array for a string (PtychoPINN's ``_metadata`` JSON), None for a stored None (an
-    optional field PtychoPINN's ``to_file`` wrote as None: treat it as absent).
+def object_member_value(fileobj, path, key, shape):
+    """The value of a 0-d object ``.npy`` member (``fileobj`` after its header, which gave
+    ``shape``): a 0-d str array for a string (PtychoPINN's ``_metadata`` JSON), None for a
+    stored None (an optional field PtychoPINN's ``to_file`` wrote as None: treat it as
+    absent).
 
     Raises
     ------
     ScanFileError
         The member holds anything else (nothing is unpickled beyond NumPy's own array).
     """
-    shape, _, dtype = _read_npy_header(fileobj)
-    if dtype.hasobject and shape == ():
+    if shape == ():
         try:
             value = _ArrayOnlyUnpickler(fileobj).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as exc:
@@ -112,19 +209,23 @@ class CompressedMemberError(ValueError):
     """A compressed NPZ member was asked to be memory-mapped."""
 
 
-def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r"):
+def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r", what="scan file"):
     """An ``np.memmap`` over the uncompressed ``.npy`` member ``info`` of zip ``path``.
+
+    Its CRC-32 is not checked: that would read the whole member, which mapping it avoids
+    (``convert`` reads every byte and checks it).
 
     Raises
     ------
     ValueError
         The member is compressed or encrypted, or holds Python objects.
-    OSError
-        The member is truncated.
+    ScanFileError
+        The member's header is damaged or disagrees with its size.
     """
-    key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+    key = info.filename.removesuffix(".npy")
     if info.flag_bits & 0x1:
-        raise ValueError(f"{path!r}: member {key!r} is encrypted; it cannot be memory-mapped")
+        raise ScanFileError(f"{path!r}: member {key!r} is encrypted; it cannot be "
+                            f"memory-mapped")
     if info.compress_type != zipfile.ZIP_STORED:
         method = {zipfile.ZIP_DEFLATED: "deflate (np.savez_compressed)", zipfile.ZIP_BZIP2:
                   "bzip2", zipfile.ZIP_LZMA: "lzma"}.get(info.compress_type,
@@ -133,21 +234,15 @@ def memmap_member(path, fh, info: zipfile.ZipInfo, mmap_mode: str = "r"):
             f"{path!r}: member {key!r} is compressed ({method}) and cannot be memory-mapped; "
             + CONVERT_HINT.format(path=path) + ", or pass mmap_mode=None to load it into memory"
         )
-    start = member_data_offset(fh, info)
-    fh.seek(start)
-    shape, fortran, dtype = _read_npy_header(fh)
+    fh.seek(member_data_offset(fh, info))
+    shape, fortran, dtype = read_npy_header(fh, _where(path, key, what), info.file_size)
     if dtype.hasobject:
         raise _object_member_error(path, key)
-    offset = fh.tell()
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if offset + nbytes > start + info.file_size:
-        raise OSError(f"{path!r}: member {key!r} is truncated ({info.file_size} bytes stored, "
-                      f"{offset - start + nbytes} needed)")
-    if nbytes == 0:
+    if math.prod(shape) == 0:
         return np.zeros(shape, dtype=dtype, order="F" if fortran else "C")
     # From the open file object (its descriptor), never by name again: the file at
     # ``path`` may have been replaced since it was opened.
-    return np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=offset, shape=shape,
+    return np.memmap(fh, dtype=dtype, mode=mmap_mode, offset=fh.tell(), shape=shape,
                      order="F" if fortran else "C")
 
 
@@ -156,7 +251,8 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS, what="scan file") -> d
     (``stack_keys``) are memory-mapped and the small members are read.
 
     Everything comes from one open file (the maps too, from its descriptor), so a file
-    replaced at ``path`` meanwhile is never mixed in.
+    replaced at ``path`` meanwhile is never mixed in. Members read are checked against
+    their CRC-32; memory-mapped ones are not (see :func:`memmap_member`).
 
     Raises
     ------
@@ -165,21 +261,18 @@ def read_npz(path, mmap_mode=None, stack_keys=STACK_KEYS, what="scan file") -> d
     ValueError
         ``mmap_mode`` given and a stack member is compressed (the message says how to
         convert the file); a member holding Python objects (never unpickled).
+    ScanFileError
+        A damaged archive or member (both an OSError and a ValueError).
     """
     path = os.fspath(path)
     if mmap_mode not in (None, "r", "r+", "c"):
         raise ValueError(f"mmap_mode must be None, 'r', 'r+' or 'c', got {mmap_mode!r}")
     with open_regular(path, what) as fh:
-        if not zipfile.is_zipfile(fh):
-            # np.load would guess "pickled data" for any bytes that are not npy/npz
-            raise OSError(f"cannot read {what} {path!r}: it is not a zip archive. It must "
-                          f"be an NPZ archive written by numpy.savez (is it truncated or "
-                          f"another format?)")
-        fh.seek(0)
         if mmap_mode is None:
             return _read_members(path, fh, (), None, what)
         return _remembered(fh, _read_members(
-            path, fh, stack_keys, lambda info: memmap_member(path, fh, info, mmap_mode), what))
+            path, fh, stack_keys, lambda info: memmap_member(path, fh, info, mmap_mode, what),
+            what))
 
 
 def _remembered(fh, members: dict) -> dict:
@@ -207,40 +300,54 @@ def _holds_objects(zf, info) -> bool:
         return False
     try:
         with zf.open(info) as member:
-            return _read_npy_header(member)[2].hasobject
-    except (ValueError, RuntimeError, NotImplementedError):
+            return _parse_npy_header(member)[2].hasobject
+    except _DAMAGED:
         return False  # no .npy header or no readable member: the stack's opener says why
+
+
+def _read_member(member, path, key, size, what):
+    """The value of the ``.npy`` member ``member`` (open, at its start; ``size`` bytes),
+    read whole and checked against its CRC-32; None for a stored None."""
+    where = _where(path, key, what)
+    shape, fortran, dtype = read_npy_header(member, where, size)
+    if dtype.hasobject:  # PtychoPINN's _metadata JSON string or a stored None only
+        return object_member_value(member, path, key, shape)
+    value = read_npy_data(member, shape, fortran, dtype, where)
+    member.read(1)  # past the end, where zipfile checks the CRC-32 (a bad one raises)
+    return value
 
 
 def _read_members(path, fh, stack_keys, open_stack, what="scan file") -> dict:
     """``.npy`` members of zip ``path`` (open as ``fh``; a ``what``, for errors) by key:
-    ``open_stack(info)`` for the frame stacks in ``stack_keys``, small members read whole."""
-    out = {}
-    try:
+    ``open_stack(info)`` for the frame stacks in ``stack_keys``, small members read whole.
+    Other members are logged as ignored."""
+    out, ignored = {}, []
+    with _reading(f"{what} {path!r}"):
+        if not zipfile.is_zipfile(fh):
+            # np.load would guess "pickled data" for any bytes that are not npy/npz
+            raise ScanFileError(f"cannot read {what} {path!r}: it is not a zip archive. It "
+                                f"must be an NPZ archive written by numpy.savez (is it "
+                                f"truncated or another format?)")
+        fh.seek(0)
         with zipfile.ZipFile(fh) as zf:
             for info in zf.infolist():
                 if not info.filename.endswith(".npy"):
+                    if not info.is_dir():
+                        ignored.append(info.filename)
                     continue
                 key = info.filename[:-4]
-                if key in stack_keys and not _holds_objects(zf, info):
-                    out[key] = open_stack(info)
-                    continue
-                with zf.open(info) as member:
-                    try:
-                        out[key] = npy_format.read_array(member, allow_pickle=False)
-                    except ValueError as exc:
-                        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
-                            # PtychoPINN's _metadata JSON string or a stored None only
-                            with zf.open(info) as again:
-                                value = object_member_value(again, path, key)
-                            if value is not None:
-                                out[key] = value
-                            continue
-                        raise _open_error(path, exc, key, what) from exc
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
-        raise _open_error(path, exc, what=what) from exc
+                with _reading(_where(path, key, what)):
+                    if key in stack_keys and not _holds_objects(zf, info):
+                        out[key] = open_stack(info)
+                        continue
+                    with zf.open(info) as member:
+                        value = _read_member(member, path, key, info.file_size, what)
+                    if value is not None:
+                        out[key] = value
+    if ignored:
+        logger.warning("%r: ignoring %s %s: not .npy arrays (gpugroup reads the KEY.npy "
+                       "members of an NPZ archive; store data in it with numpy.savez)", path,
+                       "member" if len(ignored) == 1 else "members", sorted(ignored))
     return out
 
 
@@ -494,52 +601,102 @@ class NpzWriter:
             os.close(self._fd)
 
 
-class ZipMemberStack:
-    """A (compressed) ``.npy`` member read sequentially in row slabs: ``m[a:b]``.
+class _PositionalFile(io.RawIOBase):
+    """Descriptor ``fd`` read with a position of its own (``os.preadv``): it neither moves
+    nor follows the offset shared with other descriptors of the same open file (a ``dup``,
+    the scan's own file object)."""
 
-    For streaming conversion of ``np.savez_compressed`` archives in bounded memory;
-    slabs are cheapest in increasing order (going back reopens the member). ``file``, when
-    given, is the archive already open (the stack keeps a duplicate of its descriptor, so
-    it reads the file its scan was opened from, whatever is at ``path`` later).
+    def __init__(self, fd):
+        self._fd, self._pos = fd, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = os.preadv(self._fd, [buffer], self._pos)
+        self._pos += n
+        return n
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos,
+                io.SEEK_END: os.fstat(self._fd).st_size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def close(self):
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+class ZipMemberStack:
+    """A ``.npy`` member read sequentially in row slabs: ``m[a:b]``.
+
+    For streaming conversion in bounded memory; slabs are cheapest in increasing order
+    (going back reopens the member). Read to its end, the member is checked against its
+    CRC-32, stored and compressed members alike. A Fortran-ordered member (rare) is read
+    whole at the first slab. ``file``, when given, is the archive already open (the stack
+    keeps a duplicate of its descriptor, so it reads the file its scan was opened from,
+    whatever is at ``path`` later).
     """
 
-    def __init__(self, path, name, file=None):
+    def __init__(self, path, name, file=None, what="scan file"):
         self.path = path
         self.name = name
-        self._file = (open(path, "rb") if file is None  # noqa: SIM115 - kept open
-                      else os.fdopen(os.dup(file.fileno()), "rb"))
+        self._key, self._what = name.removesuffix(".npy"), what
+        self._where = _where(path, self._key, what)
+        fd = os.open(path, os.O_RDONLY) if file is None else os.dup(file.fileno())
+        self._file = io.BufferedReader(_PositionalFile(fd))
         self._finalizer = weakref.finalize(self, self._file.close)
-        with zipfile.ZipFile(self._file) as zf, zf.open(name) as fh:
-            self.shape, self.fortran, self.dtype = _read_npy_header(fh)
+        self._zf = self._fh = self._whole = None
+        self._reopen()
         self.ndim = len(self.shape)
-        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._zf = self._fh = None
-        self._pos = 0
+        self._row = math.prod(self.shape[1:]) * self.dtype.itemsize
 
     def _reopen(self):
         self.close()
-        self._zf = zipfile.ZipFile(self._file)
-        self._fh = self._zf.open(self.name)
-        _read_npy_header(self._fh)
+        with _reading(self._where):
+            self._zf = zipfile.ZipFile(self._file)
+            info = self._zf.getinfo(self.name)
+            self._fh = self._zf.open(info)
+            self.shape, self.fortran, self.dtype = read_npy_header(self._fh, self._where,
+                                                                   info.file_size)
         self._pos = 0
+
+    def _read(self, rows) -> bytes:
+        """The next ``rows`` rows' bytes; at the member's end zipfile checks its CRC-32."""
+        with _reading(self._where):
+            data = self._fh.read(rows * self._row)
+            self._pos += rows
+            if self._pos == self.shape[0]:
+                self._fh.read(1)  # past the end: a bad CRC-32 raises here
+        if len(data) != rows * self._row:
+            raise _damaged(self._where, f"it ends {rows * self._row - len(data)} bytes early")
+        return data
 
     def __getitem__(self, key):
         if self.fortran:
-            with zipfile.ZipFile(self._file) as zf, zf.open(self.name) as fh:
-                return npy_format.read_array(fh, allow_pickle=False)[key]
+            if self._whole is None:
+                self.close()
+                with _reading(self._where), zipfile.ZipFile(self._file) as zf, \
+                        zf.open(self.name) as member:
+                    self._whole = _read_member(member, self.path, self._key,
+                                               zf.getinfo(self.name).file_size, self._what)
+            return self._whole[key]
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("ZipMemberStack reads row slabs: m[a:b]")
         a, b, _ = key.indices(int(self.shape[0]))
         if self._fh is None or a < self._pos:
             self._reopen()
-        skip = (a - self._pos) * self._row
-        while skip:
-            skip -= len(self._fh.read(min(skip, 16 << 20)))
-        want = (b - a) * self._row
-        data = self._fh.read(want)
-        if len(data) != want:
-            raise OSError(f"{self.path!r}: member {self.name!r} is truncated")
-        self._pos = b
+        while self._pos < a:  # skip to row a, at most _PIECE bytes at a time
+            self._read(min(a - self._pos, max(1, _PIECE // max(1, self._row))))
+        data = self._read(b - a)
         return np.frombuffer(data, dtype=self.dtype).reshape((b - a,) + tuple(self.shape[1:]))
 
     def close(self):
@@ -550,16 +707,13 @@ class ZipMemberStack:
 
 
 def read_npz_streaming(path) -> dict:
-    """Members of ``path`` by key for copying: stored stacks memory-mapped, compressed
-    stacks as :class:`ZipMemberStack`, small members read."""
+    """Members of ``path`` by key for copying: frame stacks as :class:`ZipMemberStack`
+    (stored or compressed; read through, each is checked against its CRC-32), small
+    members read."""
     path = os.fspath(path)
     with open_regular(path) as fh:
-        def open_stack(info):
-            if info.compress_type == zipfile.ZIP_STORED:
-                return memmap_member(path, fh, info, "r")
-            return ZipMemberStack(path, info.filename, fh)
-
-        return _remembered(fh, _read_members(path, fh, STACK_KEYS, open_stack))
+        return _read_members(path, fh, STACK_KEYS,
+                             lambda info: ZipMemberStack(path, info.filename, fh))
 
 
 class NpzTarget:
