@@ -830,6 +830,24 @@ def test_npy_format_3_members_and_files_are_read(tmp_path):
         np.testing.assert_array_equal(back.diff3d, fields["diff3d"])
 
 
+def test_npy_headers_written_by_python_2_are_read(tmp_path):
+    """Python 2 wrote the shape's ints as longs, "(120L, 8L, 8L)"; NumPy still reads it."""
+    fields = _fields()
+
+    def py2(npy: bytes) -> bytes:
+        n = int.from_bytes(npy[8:10], "little")
+        text = re.sub(r"(\d+)(?=[,)])", r"\1L", npy[10:10 + n].decode("latin1")).rstrip()
+        text += " " * (63 - (10 + len(text)) % 64) + "\n"
+        return npy[:8] + len(text).to_bytes(2, "little") + text.encode("latin1") + npy[10 + n:]
+
+    path = _zip_of(tmp_path / "py2.npz", {f"{k}.npy": py2(_npy_bytes(v, (1, 0)))
+                                          for k, v in fields.items()})
+    assert b"L, 8L, 8L)" in path.read_bytes()
+    for mode in ("r", None):
+        back = RawData.from_file(path, mmap_mode=mode, backend="cpu")
+        np.testing.assert_array_equal(back.diff3d, fields["diff3d"])
+
+
 def _damage_header(npy: bytes, how: str) -> bytes:
     data = bytearray(npy)
     if how == "length byte":  # the header then ends inside the data (tokenize failed)

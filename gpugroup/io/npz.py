@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import struct
 import threading
 import time
@@ -133,7 +134,8 @@ def _parse_npy_header(fh):
     if len(text) < length:
         raise ValueError(f"its header-length field says {length} bytes, {len(text)} follow")
     try:
-        header = ast.literal_eval(text.decode(encoding))
+        # (Python 2 wrote long ints as "10L": NumPy still reads such files, so do we)
+        header = ast.literal_eval(re.sub(r"\b(\d+)L\b", r"\1", text.decode(encoding)))
     except (UnicodeDecodeError, SyntaxError, ValueError, TypeError, MemoryError,
             RecursionError):
         raise ValueError(f"the header {text[:80]!r} is not the dict NumPy writes") from None
