@@ -333,24 +333,23 @@ def to_zarr(grouped: dict, path, *, overwrite=True, check_space=True) -> dict:
                                      meta=np.empty((0,) * arr.ndim, arr.dtype))
                 group_bytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
                 rows = _zarr_rows(block, group_bytes)
-                targets.append(_Guarded(g.create_array(
-                    key, shape=arr.shape, dtype=arr.dtype,
-                    chunks=(rows,) + tuple(arr.shape[1:]), compressors=None, fill_value=0,
-                    config=zarr_io.WRITE_ALL_CHUNKS), guard))
+                targets.append(_Guarded(zarr_io.create_array(
+                    g, key, shape=arr.shape, dtype=arr.dtype,
+                    chunks=(rows,) + tuple(arr.shape[1:])), guard))
                 sources.append(arr)
             scale = grouped.get("norm_scale")
             if hasattr(scale, "__dask_graph__"):
-                targets.append(_Guarded(g.create_array("norm_scale", shape=(),
-                                                       dtype=np.float64), guard))
+                targets.append(_Guarded(zarr_io.create_array(g, "norm_scale", shape=(),
+                                                             dtype=np.float64), guard))
                 sources.append(scale)
             else:
-                g.create_array("norm_scale", data=np.asarray(float(scale), np.float64))
+                zarr_io.create_array(g, "norm_scale", data=np.asarray(float(scale), np.float64))
             da.store(sources, targets, lock=False, compute=True)
             for key, value in grouped.items():
                 if key in GROUPED_STACKS or key == "norm_scale" or value is None:
                     continue
                 data = seed_array(value) if key == "seed" else np.asarray(value)
-                g.create_array(key, data=data, compressors=None)
+                zarr_io.create_array(g, key, data=data)
             inode = held.enter_context(pinned_output(path, tmp))
         return open_published(path, inode)
 

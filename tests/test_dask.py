@@ -171,6 +171,21 @@ def test_to_zarr_stores_a_seed_above_2_63(tmp_path, scans):
 
 
 @needs("zarr")
+@pytest.mark.parametrize("norm_scale", [None, 1.5])
+def test_to_zarr_writes_chunks_that_hold_only_zeros(tmp_path, norm_scale):
+    """zarr leaves out chunks equal to the fill value unless told otherwise; every array
+    to_zarr writes (nn_indices [[0]] and seed 0 here) has all its chunks, so the run that
+    wrote the store reads it back, and every array checks."""
+    raw = make_raw(n=100)
+    lazy = gdask.grouped_arrays(raw, 8, K=4, nsamples=1, seed=0, gridsize=1,
+                                sequential_sampling=True, norm_scale=norm_scale)
+    out = gdask.to_zarr(lazy, tmp_path / "g.zarr")
+    assert out["seed"] == 0 and out["nn_indices"].tolist() == [[0]]
+    assert out["coords_offsets"].shape == (1, 1, 2, 1)
+    assert os.path.isfile(tmp_path / "g.zarr" / "seed" / "c")
+
+
+@needs("zarr")
 def test_to_zarr_is_atomic(tmp_path, monkeypatch):
     raw = make_raw(n=100)
     real = gdask._assemble_block

@@ -1014,3 +1014,168 @@ def test_a_npy_file_that_is_a_directory_is_named(tmp_path):
     with pytest.raises(IsADirectoryError, match=r"diff3d file '.*diff3d\.npy' is a directory, "
                                                 r"not a file: put the file itself there"):
         io.read_scan(folder, mmap_mode="r")
+
+
+# ----------------------------------------------------------------------------- Zarr checks
+def _zarr_scan(path, raw, zarr_format=3, separator="/", compressors=None):
+    """``raw`` as a Zarr store written by zarr itself (every chunk written), frames 16 per
+    chunk, in the given format and chunk key separator."""
+    g = zarr.open_group(path, mode="w", zarr_format=zarr_format)
+    encoding = {"name": "v2" if zarr_format == 2 else "default", "separator": separator}
+    for key, value in raw.to_dict().items():
+        if key != "_metadata":
+            g.create_array(key, data=value, chunks=(16,) + value.shape[1:] if key == "diff3d"
+                           else value.shape, compressors=compressors,
+                           chunk_key_encoding=encoding, config={"write_empty_chunks": True})
+    return path
+
+
+@pytest.mark.parametrize("zarr_format, separator, compressors", [
+    (3, "/", None), (3, "/", "auto"), (3, ".", None), (2, ".", "auto"), (2, "/", None)])
+def test_a_stray_file_does_not_hide_a_missing_zarr_chunk(tmp_path, zarr_format, separator,
+                                                         compressors):
+    """Only files named as chunks count: a .DS_Store beside the chunks (one file more)
+    must not make a missing chunk read as zeros."""
+    store = _zarr_scan(tmp_path / "s.zarr", make_raw(), zarr_format, separator, compressors)
+    key = zarr.open_array(store, path="diff3d").metadata.encode_chunk_key((3, 0, 0))
+    (store / "diff3d" / key).unlink()
+    (store / "diff3d" / ".DS_Store").write_bytes(b"\0" * 64)
+    for mmap_mode in (None, "r"):
+        with pytest.raises(io.ScanFileError, match=rf"'/diff3d' of .*s\.zarr' is missing "
+                                                   rf"chunk {re.escape(repr(key))} \(1 of 8"):
+            RawData.from_file(store, mmap_mode=mmap_mode, backend="cpu")
+
+
+def test_a_missing_chunk_of_a_0d_zarr_array_is_an_error(tmp_path):
+    """seed and norm_scale are 0-d arrays: one chunk each, checked like any other."""
+    from gpugroup.io.grouped import open_grouped
+
+    out = tmp_path / "g.zarr"
+    make_raw().generate_grouped_data(8, K=7, nsamples=20, gridsize=2, seed=1, out=out)
+    assert open_grouped(out)["seed"] == 1
+    for key in ("seed", "norm_scale"):
+        (out / key / "c").unlink()
+    with pytest.raises(io.ScanFileError, match=r"'/norm_scale' of .*g\.zarr' is missing "
+                                               r"chunk 'c' \(1 of 1 chunks\)"):
+        open_grouped(out)
+
+
+def _sharded_scan(path, raw, written=(slice(None),), index_location="end"):
+    """``raw`` as Zarr with diff3d sharded (16 frames per inner chunk, 64 per shard), only
+    the ``written`` rows of it written (zarr leaves the other inner chunks out)."""
+    g = zarr.open_group(path, mode="w")
+    for key, value in raw.to_dict().items():
+        if key not in ("_metadata", "diff3d"):
+            g.create_array(key, data=value, config={"write_empty_chunks": True})
+    d = g.create_array("diff3d", shape=raw.diff3d.shape, dtype=raw.diff3d.dtype,
+                       chunks=(16,) + raw.diff3d.shape[1:],
+                       shards={"shape": (64,) + raw.diff3d.shape[1:],
+                               "index_location": index_location})
+    for rows in written:
+        d[rows] = raw.diff3d[rows]
+    return path
+
+
+def test_a_shard_lacking_inner_chunks_is_an_error(tmp_path):
+    """A shard file holds several inner chunks; one its index lacks is read as fill values
+    by zarr: the shard indexes (only they) are read and a missing inner chunk refused."""
+    raw = make_raw(n=128)
+    store = _sharded_scan(tmp_path / "part.zarr", raw, (slice(0, 32), slice(64, None)))
+    for mmap_mode in (None, "r"):
+        with pytest.raises(io.ScanFileError,
+                           match=r"'/diff3d' of .*part\.zarr' is missing inner chunk "
+                                 r"\(2, 0, 0\) \(in shard 'c/0/0/0'\) \(2 of 8 inner chunks\) "
+                                 r"\(also \(3, 0, 0\)\)"):
+            RawData.from_file(store, mmap_mode=mmap_mode, backend="cpu")
+    # whole shards read, the index at either end, and a last shard past the array's end
+    for name, n, loc in (("full", 128, "end"), ("start", 128, "start"), ("edge", 100, "end")):
+        back = RawData.from_file(_sharded_scan(tmp_path / f"{name}.zarr", make_raw(n=n),
+                                               index_location=loc), backend="cpu")
+        np.testing.assert_array_equal(back.diff3d, make_raw(n=n).diff3d)
+    shard = tmp_path / "full.zarr" / "diff3d" / "c" / "1" / "0" / "0"
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size - 100)
+    with pytest.raises(io.ScanFileError, match=r"shard 'c/1/0/0' is damaged .*write it again"):
+        RawData.from_file(tmp_path / "full.zarr", backend="cpu")
+
+
+def test_a_shard_index_that_cannot_be_read_exactly_is_refused(tmp_path):
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    store = tmp_path / "big.zarr"
+    _zarr_scan(store, make_raw(n=128))
+    index = ShardingCodec(chunk_shape=(16, 8, 8),
+                          index_codecs=[BytesCodec(endian="big"), Crc32cCodec()])
+    zarr.create_array(store, name="diff3d", data=make_raw(n=128).diff3d, chunks=(64, 8, 8),
+                      serializer=index, compressors=None, overwrite=True)
+    with pytest.raises(io.ScanFileError, match=r"'/diff3d' of .*big\.zarr' is sharded in a "
+                                               r"layout whose shard index gpugroup does not "
+                                               r"read.*Rewrite the array unsharded"):
+        RawData.from_file(store, backend="cpu")
+
+
+@pytest.mark.parametrize("case", ["json", "json-v2", "codec", "root", "grouped-member"])
+def test_damaged_zarr_metadata_names_the_store_and_the_array(tmp_path, case):
+    from gpugroup.io.grouped import open_grouped
+
+    store = tmp_path / "d.zarr"
+    if case == "grouped-member":
+        make_raw().generate_grouped_data(8, K=7, nsamples=20, gridsize=2, seed=1, out=store)
+        (store / "coords_nn" / "zarr.json").write_text('{"shape": [20 1]}')
+        with pytest.raises(io.ScanFileError, match=r"cannot open Zarr array '/coords_nn' of "
+                                                   r".*d\.zarr'.*JSONDecodeError.*write it "
+                                                   r"again"):
+            open_grouped(store)
+        return
+    _zarr_scan(store, make_raw(), 2 if case == "json-v2" else 3)
+    if case == "root":
+        (store / "zarr.json").unlink()
+        match = r"'.*d\.zarr' is not a Zarr store: it has no zarr.json .*write it again"
+    else:
+        doc = store / "diff3d" / (".zarray" if case == "json-v2" else "zarr.json")
+        text = doc.read_text()
+        doc.write_text(text.replace('"bytes"', '"nosuchcodec"') if case == "codec"
+                       else text[:40])
+        match = (r"cannot open Zarr array '/diff3d' of '.*d\.zarr': "
+                 + ("UnknownCodecError" if case == "codec" else "JSONDecodeError")
+                 + r".*install the package that provides it.*write it again")
+    for mmap_mode in (None, "r"):
+        with pytest.raises(io.ScanFileError, match=match):
+            RawData.from_file(store, mmap_mode=mmap_mode, backend="cpu")
+
+
+def test_a_damaged_chunk_of_a_grouped_output_names_the_store(tmp_path):
+    """open_grouped's stacks are zarr arrays: a chunk that does not decode is an error
+    naming the store, the rows and what to do, not zarr's bare message."""
+    from gpugroup.io.grouped import open_grouped
+
+    out = tmp_path / "g.zarr"
+    make_raw().generate_grouped_data(8, K=7, nsamples=40, gridsize=2, seed=1, out=out)
+    X = open_grouped(out)["X_full"]
+    chunk = out / "X_full" / X.metadata.encode_chunk_key((0, 0, 0, 0))
+    with open(chunk, "r+b") as fh:
+        fh.truncate(10)
+    X = open_grouped(out)["X_full"]
+    for read in (lambda: X[0:4], lambda: X.oindex[[1, 2]], lambda: X[3]):
+        with pytest.raises(io.ScanFileError, match=r"cannot read frames \d\.\.\d of Zarr array "
+                                                   r".*g\.zarr/X_full.*truncated or damaged.*"
+                                                   r"write it again"):
+            read()
+    assert X[-1].shape == (8, 8, 4)  # other chunks still read
+    with pytest.raises(IndexError):  # a bad selection stays zarr's own error
+        X[10**6]
+
+
+def test_zarr_arrays_that_are_no_scan_field_are_logged(tmp_path, caplog):
+    """As NPZ members are: an ``objectguess`` typo is said, not silently left out."""
+    raw = make_raw()
+    store = _zarr_scan(tmp_path / "s.zarr", raw)
+    with caplog.at_level("WARNING", logger="gpugroup"):
+        io.read_scan(store)
+        assert caplog.text == ""
+        zarr.open_group(store, mode="a").create_array("objectguess", data=np.ones((4, 4)))
+        io.read_scan(store)
+        assert "ignoring member ['objectguess']: not scan fields" in caplog.text
+        caplog.clear()
+        io.read_scan(store, keys={"objectGuess": "objectguess"})  # named: used
+        assert caplog.text == ""

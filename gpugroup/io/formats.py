@@ -64,8 +64,8 @@ def npz_fields(path, data, keys):
 
 
 def warn_ignored(path, names) -> None:
-    """Log the members of a scan archive that are no scan field (a typo, or data that a
-    conversion would drop)."""
+    """Log the members of a scan archive (or arrays of a Zarr store) that are no scan field
+    (a typo, or data that a conversion would drop)."""
     if names:
         logger.warning("%r: ignoring %s %s: not scan fields (%s); name them with keys=... if "
                        "they are", path, "member" if len(names) == 1 else "members",
@@ -140,7 +140,11 @@ def _read_hdf5(path, keys, mmap_mode):
 
 
 def _read_zarr(path, keys, mmap_mode):
-    return zarr_io.read(path, keys, SCAN_FIELDS, mmap_mode)
+    data = zarr_io.read(path, keys, SCAN_FIELDS, mmap_mode)
+    named = {name.strip("/") for name in keys.values()}
+    warn_ignored(path, [k for k in data["_datasets"]
+                        if k not in SCAN_FIELDS + ("diffraction",) and k not in named])
+    return data
 
 
 def _refuse_single_npy(path, keys, mmap_mode):
@@ -169,7 +173,7 @@ OUTPUT_SUFFIXES = tuple(s for f in FORMATS.values() for s in f.written)
 
 def looks_like_zarr(path) -> bool:
     """Whether the directory ``path`` holds a Zarr store's metadata."""
-    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
+    return zarr_io.has_root_metadata(path)
 
 
 def format_of(path) -> str:

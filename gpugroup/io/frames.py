@@ -152,11 +152,22 @@ def read_stack(stack, key=()):
     except (MemoryError, ScanFileError):
         raise
     except Exception as exc:
-        rows = ""
-        if isinstance(key, slice) and stack.shape:
-            a, b, _ = key.indices(stack.shape[0])
-            rows = f"frames {a}..{b - 1} of "
-        raise read_error(stack, exc, rows) from exc
+        raise read_error(stack, exc, selected_rows(stack, key)) from exc
+
+
+def selected_rows(stack, selection) -> str:
+    """``"frames a..b of "`` for a read of ``selection`` of ``stack`` whose first axis is a
+    slice or int indices, else ``""``: what :func:`read_error` says was being read."""
+    first = selection[0] if isinstance(selection, tuple) and selection else selection
+    if not stack.shape or first is Ellipsis:
+        return ""
+    if isinstance(first, slice):
+        a, b, _ = first.indices(stack.shape[0])
+        return f"frames {a}..{b - 1} of "
+    idx = np.asarray(first)
+    if idx.dtype.kind in "iu" and idx.size:
+        return f"frames {int(idx.min())}..{int(idx.max())} of "
+    return ""
 
 
 def read_error(stack, exc, rows="") -> ScanFileError:
@@ -169,6 +180,9 @@ def read_error(stack, exc, rows="") -> ScanFileError:
     if _is_zarr(stack):
         _settle_zarr_tasks()
     hint = "is the file truncated or damaged?"
+    if _is_zarr(stack):
+        hint = ("is a chunk file truncated or damaged? Restore the store from its source, "
+                "or write it again: convert the scan again, or group again for an output")
     if _is_h5py(stack):
         hint += (" Or compressed with a filter this h5py lacks (Eiger/bitshuffle/LZ4): "
                  "pip install hdf5plugin, then import hdf5plugin before reading")
@@ -283,15 +297,28 @@ def chunk_grid(arr):
     return tuple(-(-int(n) // max(1, int(c))) for n, c in zip(arr.shape, inner))
 
 
-def missing_chunk_message(arr, keys, count=None, store=None) -> str:
-    """The error for chunk files ``keys`` of Zarr array ``arr`` that are missing (``count``
-    of them in all, when known; ``store`` names the store)."""
-    name = "/" + arr.path if arr.path else "/"
+def zarr_name(key, store=None) -> str:
+    """``Zarr array '/key' of 'store'``, for error messages (``store``: its path, or None)."""
     where = f" of {os.fspath(store)!r}" if store is not None else ""
-    total = int(np.prod(chunk_grid(arr), dtype=np.int64))
-    many = f" ({count} of {total} chunks)" if count else ""
+    return f"Zarr array {'/' + str(key).strip('/')!r}{where}"
+
+
+def missing_chunk_message(arr, keys, count=None, store=None, shard=None) -> str:
+    """The error for chunk files ``keys`` of Zarr array ``arr`` that are missing (``count``
+    of them in all, when known; ``store`` names the store). With ``shard`` (the key of a
+    shard file), ``keys`` are positions in the array's chunk grid of inner chunks that
+    shard indexes lack, the first one in that shard."""
+    if shard is None:
+        what, grid = "chunk", chunk_grid(arr)
+        first = repr(keys[0])
+    else:
+        what = "inner chunk"
+        grid = tuple(-(-int(n) // max(1, int(c))) for n, c in zip(arr.shape, arr.chunks))
+        first = f"{keys[0]!r} (in shard {shard!r})"
+    total = int(np.prod(grid, dtype=np.int64))
+    many = f" ({count} of {total} {what}s)" if count else ""
     also = f" (also {', '.join(repr(k) for k in keys[1:])})" if len(keys) > 1 else ""
-    return (f"Zarr array {name!r}{where} is missing chunk {keys[0]!r}{many}{also}: zarr "
+    return (f"{zarr_name(arr.path, store)} is missing {what} {first}{many}{also}: zarr "
             f"would read it as fill values, which are not data. Restore the store from its "
             f"source (or convert the original scan again); a store written by a program "
             f"that skips all-fill chunks must be written with "

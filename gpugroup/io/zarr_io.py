@@ -2,7 +2,8 @@
 
 Frame stacks are written unsharded and uncompressed with 1-16 frames (or groups) per
 chunk: scattered reads stay cheap, and such chunk files are raw bytes that
-:mod:`gpugroup.io.frames` reads directly.
+:mod:`gpugroup.io.frames` reads directly. Every chunk is written, all-zero ones included,
+so that a chunk missing from a store is an error (:func:`check_chunks`), never fill values.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from gpugroup.io.frames import (
     check_unchanged,
     chunk_grid,
     missing_chunk_message,
+    read_error,
     read_stack,
     remember_opened,
+    selected_rows,
     stat_input,
+    zarr_name,
 )
 from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
@@ -33,11 +37,58 @@ def _open_group(path, mode, what="scan file"):
         stat_input(path, what)  # a missing store said as for every format
     try:
         return zarr.open_group(path, mode=mode)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as exc:  # zarr's GroupNotFoundError
+        if mode != "r" or not os.path.isdir(path) or has_root_metadata(path):
+            raise  # (gone meanwhile: a store being replaced)
+        raise ScanFileError(
+            f"{what} {path!r} is not a Zarr store: it has no zarr.json (Zarr 3) or .zgroup "
+            f"(Zarr 2) at its top. A damaged or partly copied store? Copy it again from its "
+            f"source, or write it again (convert the scan again, or group again for an "
+            f"output)") from exc
     except Exception as exc:  # zarr raises several types for a non-store directory
         raise OSError(f"cannot open {path!r} as a Zarr group: {type(exc).__name__}: {exc}. "
-                      f"Is it a .zarr directory (written by zarr or gpugroup)?") from exc
+                      f"Is it a .zarr directory (written by zarr or gpugroup)? If so, its "
+                      f"metadata is damaged: copy it again from its source, or write it "
+                      f"again") from exc
+
+
+def has_root_metadata(path) -> bool:
+    """Whether the directory ``path`` holds a Zarr group's metadata (Zarr 3 or 2)."""
+    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
+
+
+def _open_member(g, name, path):
+    """``g[name]`` of the group ``g`` at ``path``, or None when there is none; metadata
+    zarr cannot read (a damaged document, a codec it lacks) is a ScanFileError naming the
+    store and the array."""
+    try:
+        return g[name]
+    except KeyError:
+        return None
+    except Exception as exc:  # zarr raises many types for bad metadata
+        raise _metadata_error(path, name, exc) from exc
+
+
+def _array_keys(g, path) -> list:
+    """The names of the arrays of the group ``g`` at ``path``, sorted; one whose metadata
+    zarr cannot read is named in the error (each is then opened alone to find it)."""
+    try:
+        return sorted(g.array_keys())
+    except Exception as exc:  # zarr raises many types for bad metadata
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                if os.path.isdir(os.path.join(path, name)):
+                    _open_member(g, name, path)
+        raise _metadata_error(path, None, exc) from exc
+
+
+def _metadata_error(path, name, exc) -> ScanFileError:
+    what = zarr_name(name, path) if name is not None else f"Zarr store {path!r}"
+    return ScanFileError(
+        f"cannot open {what}: {type(exc).__name__}: {exc}. Its metadata (zarr.json, or "
+        f".zarray in Zarr 2) is damaged, or names a codec this zarr lacks (install the "
+        f"package that provides it); restore the store from its source, or write it again "
+        f"(convert the scan again, or group again for an output)")
 
 
 #: Attempts at opening a store consistently while another process replaces it.
@@ -95,9 +146,8 @@ def _read_once(path, keys, wanted, mmap_mode):
         names = (keys[field],) if field in keys else (
             (field, "diffraction") if field == "diff3d" else (field,))
         for name in names:
-            try:
-                obj = g[name.strip("/")]
-            except KeyError:
+            obj = _open_member(g, name.strip("/"), path)
+            if obj is None:
                 continue
             if not isinstance(obj, zarr.Array):
                 raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, not an "
@@ -110,7 +160,7 @@ def _read_once(path, keys, wanted, mmap_mode):
             break
     if "_metadata" in g.attrs:
         out["_metadata"] = np.array(str(g.attrs["_metadata"]))
-    out["_datasets"] = sorted(g.array_keys())
+    out["_datasets"] = _array_keys(g, path)
     return out
 
 
@@ -124,27 +174,104 @@ def _array_directory(arr):
 
 
 def check_chunks(arr, store=None, limit: int = 3) -> None:
-    """Raise ScanFileError naming the array and chunk when a chunk file of ``arr`` (in a
-    local store) is missing: zarr would read it as fill values, which are not data.
-    (gpugroup writes every chunk, empty ones included.)"""
+    """Raise ScanFileError naming the array and chunk when a chunk of ``arr`` (in a local
+    store) is missing: zarr would read it as fill values, which are not data. (gpugroup
+    writes every chunk, empty ones included.) The files there are matched against the
+    array's chunk keys (so a stray ``.DS_Store`` stands for none); a sharded array's shard
+    indexes are read as well (:func:`_check_shards`)."""
     directory = _array_directory(arr)
-    if directory is None or not arr.shape or 0 in arr.shape:
+    if directory is None or 0 in arr.shape:
         return
-    grid = chunk_grid(arr)
-    expected = int(np.prod(grid, dtype=np.int64))
-    found = sum(len([f for f in files if f not in ("zarr.json", ".zarray", ".zattrs")])
-                for _, _, files in os.walk(directory))
-    if found >= expected:
-        return
-    missing = []
+    grid = chunk_grid(arr)  # () for a 0-d array: one chunk
+    found = _files_under(directory)
+    missing, count = [], 0
     for coords in itertools.product(*(range(n) for n in grid)):
         key = arr.metadata.encode_chunk_key(coords)
-        if not os.path.exists(os.path.join(directory, *key.split("/"))):
-            missing.append(key)
-            if len(missing) >= limit:
-                break
-    if missing:
-        raise ScanFileError(missing_chunk_message(arr, missing, expected - found, store))
+        if key not in found:
+            count += 1
+            if len(missing) < limit:
+                missing.append(key)
+    if count:
+        raise ScanFileError(missing_chunk_message(arr, missing, count, store))
+    if arr.shards is not None:
+        _check_shards(arr, directory, grid, store, limit)
+
+
+def _files_under(directory) -> set:
+    """The paths of the files under ``directory``, relative to it, ``/``-separated (as
+    zarr's chunk keys)."""
+    out, start = set(), len(os.path.join(directory, ""))
+    for folder, _, files in os.walk(directory):
+        prefix = folder[start:].replace(os.sep, "/")
+        out.update(f"{prefix}/{name}" if prefix else name for name in files)
+    return out
+
+
+def _check_shards(arr, directory, grid, store, limit) -> None:
+    """Raise ScanFileError when a shard's index (read alone, not the data) lacks an inner
+    chunk that holds part of the array (zarr would read fill values), or points past the
+    end of its file; or when the index is not one read exactly here: the default layout of
+    the Zarr 3 sharding spec (little-endian offset/length pairs, then an optional crc32c),
+    no nested sharding, no filters before the shards."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    codec = arr.metadata.codecs[0]
+    index = tuple(type(c) for c in getattr(codec, "index_codecs", ()))
+    if (not isinstance(codec, ShardingCodec) or index[:1] != (BytesCodec,)
+            or index[1:] not in ((), (Crc32cCodec,))
+            or getattr(codec.index_codecs[0].endian, "value", None) != "little"
+            or any(isinstance(c, ShardingCodec) for c in codec.codecs)):
+        raise ScanFileError(
+            f"{zarr_name(arr.path, store)} is sharded in a layout whose shard index gpugroup "
+            f"does not read (filters before the shards, nested sharding, or index codecs "
+            f"other than bytes (little-endian) and crc32c), so it cannot check that every "
+            f"inner chunk was written: zarr reads a missing one as fill values, which are "
+            f"not data. Rewrite the array unsharded, or sharded with the default shard index")
+    per_shard = tuple(int(s) // int(c) for s, c in zip(arr.shards, arr.chunks))
+    chunks = tuple(-(-int(n) // int(c)) for n, c in zip(arr.shape, arr.chunks))
+    entries = int(np.prod(per_shard, dtype=np.int64))
+    index_bytes = 16 * entries + 4 * (len(index) - 1)
+    missing, count, shard = [], 0, None
+    for coords in itertools.product(*(range(n) for n in grid)):
+        key = arr.metadata.encode_chunk_key(coords)
+        try:
+            empty = _empty_inner_chunks(os.path.join(directory, *key.split("/")), entries,
+                                        index_bytes, codec.index_location.value == "start")
+        except ValueError as exc:
+            raise ScanFileError(f"{zarr_name(arr.path, store)}: shard {key!r} is damaged "
+                                f"({exc}: truncated?); restore the store from its source, or "
+                                f"write it again") from None
+        first = [c * p for c, p in zip(coords, per_shard)]
+        # only inner chunks that hold part of the array need be there
+        empty = empty.reshape(per_shard)[tuple(slice(0, n - f) for n, f in zip(chunks, first))]
+        count += int(empty.sum())
+        if shard is None and empty.any():
+            shard = key
+        missing.extend(tuple(int(i) for i in np.add(first, pos))
+                       for pos in np.argwhere(empty)[:limit - len(missing)])
+    if count:
+        raise ScanFileError(missing_chunk_message(arr, missing, count, store, shard))
+
+
+#: The index entry of an inner chunk that was never written (Zarr 3 sharding spec).
+_NO_CHUNK = 2**64 - 1
+
+
+def _empty_inner_chunks(path, entries, index_bytes, at_start):
+    """Which of the ``entries`` inner chunks the shard file ``path`` lacks, from its index
+    (``index_bytes`` long, at its start or end). Raises ValueError for an index that points
+    past the end of the file."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size < index_bytes:
+            raise ValueError(f"{size} bytes, shorter than its index")
+        fh.seek(0 if at_start else size - index_bytes)
+        table = np.frombuffer(fh.read(16 * entries), "<u8")
+    offset, length = table[0::2], table[1::2]
+    end = np.add(offset, length, dtype=np.float64)  # (garbage would wrap in uint64)
+    if not np.all((offset == _NO_CHUNK) | (end <= (size if at_start else size - index_bytes))):
+        raise ValueError(f"its index points past the end of its {size} bytes")
+    return offset == _NO_CHUNK
 
 
 def checked(arr):
@@ -162,11 +289,18 @@ def _checked_class():
     class CheckedArray(zarr.Array):
         """A ``zarr.Array`` whose reads check, before and after, that its store is still
         the one it was opened from (another run replacing a ``.zarr`` removes the old one;
-        zarr would then read the new store's chunks by name, or fill values)."""
+        zarr would then read the new store's chunks by name, or fill values). A read that
+        fails (a damaged chunk) raises :func:`~gpugroup.io.frames.read_error`."""
 
         def _checked(self, read, *args, **kwargs):
             check_unchanged(self)
-            out = read(*args, **kwargs)
+            try:
+                out = read(*args, **kwargs)
+            except (MemoryError, ScanFileError, IndexError, TypeError):
+                raise  # (IndexError, TypeError: a selection zarr refuses, not the store)
+            except Exception as exc:
+                selection = args[0] if args else kwargs.get("selection", ())
+                raise read_error(self, exc, selected_rows(self, selection)) from exc
             check_unchanged(self)
             return out
 
@@ -217,9 +351,8 @@ class ZarrTarget:
 
     def create(self, key, shape, dtype, chunk_rows=None):
         rows = int(chunk_rows) if chunk_rows else default_chunk_rows(shape, dtype)
-        arr = self._g.create_array(key, shape=tuple(shape), dtype=dtype,
-                                   chunks=(rows,) + tuple(shape[1:]), compressors=None,
-                                   fill_value=0, config=WRITE_ALL_CHUNKS)
+        arr = create_array(self._g, key, shape=tuple(shape), dtype=dtype,
+                           chunks=(rows,) + tuple(shape[1:]))
         return _ZarrSink(arr, self._lock)
 
     def put(self, key, array):
@@ -229,7 +362,7 @@ class ZarrTarget:
         if array.dtype.kind == "U":
             self._g.attrs[key] = str(array)
         else:
-            self._g.create_array(key, data=array, compressors=None, config=WRITE_ALL_CHUNKS)
+            create_array(self._g, key, data=array)
 
     def close(self):
         pass  # every write is already on disk
@@ -241,6 +374,14 @@ class ZarrTarget:
 #: zarr skips chunks that hold only the fill value unless told otherwise; gpugroup writes
 #: every chunk, so that a missing chunk file is always an error (see :func:`check_chunks`).
 WRITE_ALL_CHUNKS = {"write_empty_chunks": True}
+
+
+def create_array(group, key, **kwargs):
+    """``group.create_array(key, **kwargs)`` as gpugroup writes every Zarr array:
+    uncompressed, fill value 0, every chunk written (:data:`WRITE_ALL_CHUNKS`)."""
+    if "data" not in kwargs:
+        kwargs.setdefault("fill_value", 0)
+    return group.create_array(key, compressors=None, config=WRITE_ALL_CHUNKS, **kwargs)
 
 
 def default_chunk_rows(shape, dtype, target_bytes=1 << 20):
@@ -258,8 +399,8 @@ def read_grouped(path, stack_keys) -> dict:
     def read_once():
         g = _open_group(path, "r", "grouped output")
         out = {}
-        for key in g.array_keys():
-            arr = g[key]
+        for key in _array_keys(g, path):
+            arr = _open_member(g, key, path)
             check_chunks(arr, path)
             out[key] = checked(arr) if key in stack_keys else read_stack(arr)
         out.update(dict(g.attrs))
