@@ -15,6 +15,8 @@ STACK_KEYS = ("diff3d", "diffraction", "Y", "X_full")
 SCAN_FIELDS = ("xcoords", "ycoords", "xcoords_start", "ycoords_start", "diff3d", "probeGuess",
                "scan_index", "objectGuess", "Y", "norm_Y_I")
 REQUIRED_FIELDS = ("xcoords", "ycoords", "diff3d", "probeGuess")
+#: What every grouped output holds, and no scan does: how the two are told apart.
+GROUPED_MARKS = ("nn_indices", "X_full")
 
 
 class ScanFileError(OSError, ValueError):

@@ -1166,6 +1166,26 @@ def test_a_damaged_chunk_of_a_grouped_output_names_the_store(tmp_path):
         X[10**6]
 
 
+def test_hdf5_datasets_that_are_no_scan_field_are_logged(tmp_path, caplog):
+    """As NPZ members are: a top-level ``objectguess`` typo is said; a CXI file's own
+    entries are not."""
+    raw = make_raw()
+    path = tmp_path / "s.h5"
+    raw.to_file(path)
+    with caplog.at_level("WARNING", logger="gpugroup"):
+        io.read_scan(path)
+        assert caplog.text == ""
+        with h5py.File(path, "a") as f:
+            f["objectguess"] = np.ones((4, 4))
+            f["entry/notes"] = np.ones(3)  # deeper down: a layout's own
+        io.read_scan(path)
+        assert "ignoring member ['objectguess']: not scan fields" in caplog.text
+        assert "notes" not in caplog.text
+        caplog.clear()
+        io.read_scan(path, keys={"objectGuess": "/objectguess"})  # named: used
+        assert caplog.text == ""
+
+
 def test_zarr_arrays_that_are_no_scan_field_are_logged(tmp_path, caplog):
     """As NPZ members are: an ``objectguess`` typo is said, not silently left out."""
     raw = make_raw()

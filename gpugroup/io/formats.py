@@ -20,7 +20,7 @@ import numpy as np
 
 from gpugroup.io import hdf5, npz, zarr_io
 from gpugroup.io.frames import open_regular, remember_opened, stat_identity
-from gpugroup.schema import SCAN_FIELDS, STACK_KEYS, ScanFileError
+from gpugroup.schema import GROUPED_MARKS, SCAN_FIELDS, STACK_KEYS, ScanFileError
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ def npz_fields(path, data, keys):
 
 def warn_ignored(path, names) -> None:
     """Log the members of a scan archive (or arrays of a Zarr store) that are no scan field
-    (a typo, or data that a conversion would drop)."""
-    if names:
+    (a typo, or data that a conversion would drop); not those of a grouped output, which
+    is no scan (reading it as one says so)."""
+    if names and not set(GROUPED_MARKS) <= set(names):
         logger.warning("%r: ignoring %s %s: not scan fields (%s); name them with keys=... if "
                        "they are", path, "member" if len(names) == 1 else "members",
                        sorted(names), ", ".join(SCAN_FIELDS))
@@ -136,15 +137,25 @@ def _read_npz(path, keys, mmap_mode):
 
 
 def _read_hdf5(path, keys, mmap_mode):
-    return hdf5.read(path, keys, SCAN_FIELDS, mmap_mode, cxi=path.lower().endswith(".cxi"))
+    cxi = path.lower().endswith(".cxi")
+    data = hdf5.read(path, keys, SCAN_FIELDS, mmap_mode, cxi=cxi)
+    if not cxi:  # (a CXI file's top holds its own entries, cxi_version and the like)
+        _warn_unknown(path, [n[1:] for n in data["_datasets"] if n.count("/") == 1], keys)
+    return data
 
 
 def _read_zarr(path, keys, mmap_mode):
     data = zarr_io.read(path, keys, SCAN_FIELDS, mmap_mode)
-    named = {name.strip("/") for name in keys.values()}
-    warn_ignored(path, [k for k in data["_datasets"]
-                        if k not in SCAN_FIELDS + ("diffraction",) and k not in named])
+    _warn_unknown(path, data["_datasets"], keys)
     return data
+
+
+def _warn_unknown(path, names, keys) -> None:
+    """:func:`warn_ignored` for the top-level arrays ``names`` of an HDF5 file or Zarr store
+    that are no scan field and not named in ``keys``."""
+    named = {name.strip("/") for name in keys.values()}
+    warn_ignored(path, [k for k in names
+                        if k not in SCAN_FIELDS + ("diffraction",) and k not in named])
 
 
 def _refuse_single_npy(path, keys, mmap_mode):

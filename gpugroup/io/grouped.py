@@ -11,12 +11,10 @@ import numpy as np
 
 from gpugroup.io.formats import FORMATS, output_format
 from gpugroup.io.frames import opened_identity
-from gpugroup.schema import ScanFileError
+from gpugroup.schema import GROUPED_MARKS, ScanFileError
 
 #: Grouped entries stored as on-disk arrays; the rest are small and read back whole.
 GROUPED_STACKS = ("diffraction", "X_full", "Y")
-#: What every grouped output holds, and no scan does: how the two are told apart.
-GROUPED_MARKS = ("nn_indices", "X_full")
 _ORDER = ("nn_indices", "diffraction", "X_full", "norm_scale", "coords_nn", "coords_offsets",
           "coords_relative", "coords_start_nn", "coords_start_offsets",
           "coords_start_relative", "Y", "objectGuess", "seed")

@@ -26,8 +26,7 @@ from gpugroup.io.frames import (
     remember_opened,
     stat_input,
 )
-from gpugroup.io.grouped import GROUPED_MARKS
-from gpugroup.schema import REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS
+from gpugroup.schema import GROUPED_MARKS, REQUIRED_FIELDS, SCAN_FIELDS, STACK_KEYS
 
 #: Default bytes per slab when copying stacks (memory bound of ``write_scan``/``convert``).
 DEFAULT_SLAB_BYTES = 64 << 20
