@@ -1032,14 +1032,19 @@ def test_inputs_are_not_modified():
     np.testing.assert_array_equal(sid, s0)
 
 
-@pytest.mark.parametrize("scale", [1e-160, 1e150, 1e155])
+@pytest.mark.parametrize("scale", [1e-160, 1e-162, 1e-300, 1e150, 1e155])
 def test_extreme_finite_coordinates_give_reference_or_clear_error(scale):
     """Finite coordinates whose squared differences overflow (or underflow) float64.
 
     DESIGN 3.2 defines d2 in float64 for any finite input, so the groups are defined (the
     reference computes them: overflowing d2 are +inf ties broken by p). The package must
     return them or raise a clear ValueError - never an IndexError from the kNN engine.
+    One documented addition (docs/determinism.md): a scan spanning less than 2**-256 is
+    first scaled by a power of two (exact), so its groups are the reference's of the
+    scaled positions - which differ from the unscaled reference's where d2 underflows.
     """
+    from gpugroup.grouping import exact_rescale
+
     x, y = jittered_scan(200, seed=1)
     x, y = x * scale, y * scale
     try:
@@ -1047,7 +1052,9 @@ def test_extreme_finite_coordinates_give_reference_or_clear_error(scale):
     except ValueError as exc:
         assert "coord" in str(exc), exc
         return
-    assert got.tolist() == ref.sample_groups(x, y, 200, 9, 4, 1)
+    sx, sy = exact_rescale(x, y)
+    assert (sx is x) == (scale > 1)  # (scaled: every tiny case here spans < 2**-256)
+    assert got.tolist() == ref.sample_groups(sx, sy, 200, 9, 4, 1)
 
 
 def test_seed_keys_in_threads_equal_one_thread():
