@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpugroup import keys
+from gpugroup._xp import is_device_array, to_host
 from gpugroup.backends import get_backend
 from gpugroup.backends.base import position_runs
 from gpugroup.schema import index_dtype
@@ -587,7 +588,9 @@ def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords"), *, xp=np,
         if np.ma.is_masked(a):  # np.asarray would drop the mask, grouping masked positions
             raise ValueError(f"{name} is a masked array with {np.ma.count_masked(a)} masked "
                              f"value(s); drop those positions from every field (or fill them)")
-    x, y = np.asarray(xcoords), np.asarray(ycoords)
+    # device arrays stay on the device for a device xp, else come to the host
+    x, y = (a if xp is not np and is_device_array(a) else to_host(a)
+            for a in (xcoords, ycoords))
     for name, a in zip(names, (x, y)):
         if a.ndim != 1:
             hint = ""
@@ -597,7 +600,7 @@ def _check_coordinates(xcoords, ycoords, names=("xcoords", "ycoords"), *, xp=np,
                         f"so, for the command line)")
             raise ValueError(f"{name} must be 1-D (one value per scan position), got shape "
                              f"{a.shape}{hint}")
-        if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        if not np.issubdtype(a.dtype, np.number) or np.dtype(a.dtype).kind == "c":
             raise ValueError(f"{name} must hold real numbers, got dtype {a.dtype}; pass "
                              f"numeric positions (numbers stored as text: "
                              f"{name}.astype(float))")

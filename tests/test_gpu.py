@@ -97,6 +97,16 @@ def test_gpu_small_batches_equal_default(gpu_backend):
     np.testing.assert_array_equal(a, b)
 
 
+def test_device_coordinates_are_taken_by_every_backend(cp, gpu_backend):
+    """CuPy coordinates (positions already on the GPU) give the groups of the host ones,
+    on the GPU backend without a trip to the host, and on the CPU backend."""
+    x, y = jittered_scan(800, seed=4)
+    want = sample_groups(x, y, 200, 7, 4, seed=3, backend="cpu")
+    for backend in (gpu_backend, "cpu"):
+        got = sample_groups(cp.asarray(x), cp.asarray(y), 200, 7, 4, seed=3, backend=backend)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_gpu_device_output_is_cupy_and_equal(cp, gpu_backend):
     x, y = jittered_scan(1000, seed=3)
     host = sample_groups(x, y, 300, 7, 4, seed=8, backend="cpu")
