@@ -3,6 +3,7 @@ the streaming NPZ writer, conversion, and frame reads at sorted unique indices."
 
 from __future__ import annotations
 
+import errno
 import importlib
 import io as stdio
 import os
@@ -291,6 +292,14 @@ def test_an_hdf5_dataset_never_fully_written_is_refused(tmp_path, mmap_mode):
     with pytest.raises(io.ScanFileError, match=r"'diff3d' is incomplete: 4 of its 8 chunks "
                        r"were never written \(the first holds rows 64\.\.79\)"):
         RawData.from_file(tmp_path / "half.h5", mmap_mode=mmap_mode, backend="cpu")
+    def half_frames(f):  # chunks that split each frame: the first half of each written
+        d = f.create_dataset("diff3d", shape=raw.diff3d.shape, dtype="f4", chunks=(1, 4, 8))
+        d[:, :4] = raw.diff3d[:, :4]
+
+    _h5_scan(tmp_path / "split.h5", raw, half_frames)
+    with pytest.raises(io.ScanFileError, match=r"120 of its 240 chunks were never written "
+                       r"\(the first holds rows 0\.\.0\)"):
+        RawData.from_file(tmp_path / "split.h5", mmap_mode=mmap_mode, backend="cpu")
     _h5_scan(tmp_path / "none.h5", raw,
              lambda f: f.create_dataset("diff3d", shape=raw.diff3d.shape, dtype="f4"))
     with pytest.raises(io.ScanFileError, match="none of it was ever written"):
@@ -889,11 +898,12 @@ def test_a_damaged_npy_header_names_the_file_and_member(tmp_path, how, member):
 
 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
-@pytest.mark.parametrize("member, shape", [("xcoords", (10**13,)), ("xcoords", (20,)),
-                                           ("diff3d", (10**13, 8, 8)), ("diff3d", (39, 8, 8))])
+@pytest.mark.parametrize("member, shape", [("xcoords", (10**13,)), ("xcoords", (200,)),
+                                           ("diff3d", (10**13, 8, 8)), ("diff3d", (121, 8, 8))])
 def test_a_header_shape_that_disagrees_with_the_member_size_is_damage(tmp_path, compression,
                                                                      member, shape):
-    """Checked before anything is allocated: not 'out of memory', and no rows dropped."""
+    """More data than the member holds: checked before anything is allocated, so not
+    'out of memory'."""
     fields = _fields()
     members = {f"{k}.npy": _npy_bytes(v) for k, v in fields.items()}
     head = stdio.BytesIO()
@@ -908,6 +918,34 @@ def test_a_header_shape_that_disagrees_with_the_member_size_is_damage(tmp_path, 
         assert isinstance(exc, io.ScanFileError), (way, exc)
         assert re.search(rf"lies\.npz' \(member '{member}'\): its \.npy header says shape "
                          rf"{re.escape(str(shape))} .* but it holds .*damaged", str(exc)), exc
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_bytes_after_the_data_are_left_as_numpy_leaves_them(tmp_path, compression):
+    """np.save into a longer existing file, or padding another tool writes: NumPy reads
+    the array the header describes, and so does gpugroup."""
+    fields = _fields()
+    members = {f"{k}.npy": _npy_bytes(v) + bytes(64) for k, v in fields.items()}
+    path = _zip_of(tmp_path / "padded.npz", members, compression)
+    for mode in ("r", None) if compression == zipfile.ZIP_STORED else (None,):
+        back = RawData.from_file(path, mmap_mode=mode, backend="cpu")
+        np.testing.assert_array_equal(back.diff3d, np.load(path)["diff3d"])
+        np.testing.assert_array_equal(back.xcoords, fields["xcoords"])
+
+
+def test_an_io_error_of_the_system_is_not_called_damage(tmp_path, monkeypatch):
+    """EIO (a failing disk), EACCES: the system's error with its errno, not 'the file is
+    damaged: write it again'."""
+    path = tmp_path / "s.npz"
+    make_raw(n=40).to_file(path)
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(npz, "read_npy_data", failing)
+    with pytest.raises(OSError) as info:
+        io.read_scan(path)
+    assert info.value.errno == errno.EIO and not isinstance(info.value, io.ScanFileError)
 
 
 def _central(data, member):
@@ -1046,8 +1084,11 @@ def test_a_stray_file_does_not_hide_a_missing_zarr_chunk(tmp_path, zarr_format, 
             RawData.from_file(store, mmap_mode=mmap_mode, backend="cpu")
 
 
-def test_a_missing_chunk_of_a_0d_zarr_array_is_an_error(tmp_path):
-    """seed and norm_scale are 0-d arrays: one chunk each, checked like any other."""
+def test_missing_chunks_of_small_zarr_arrays_are_read_as_zarr_reads_them(tmp_path, caplog):
+    """zarr's own writers leave out chunks equal to the fill value (a scan_index of zeros,
+    the seed 0 of a grouped output written before every chunk was): the small fields are
+    read as zarr reads them, the fill value, and that is logged; a missing chunk of a
+    frame stack stays an error."""
     from gpugroup.io.grouped import open_grouped
 
     out = tmp_path / "g.zarr"
@@ -1055,9 +1096,48 @@ def test_a_missing_chunk_of_a_0d_zarr_array_is_an_error(tmp_path):
     assert open_grouped(out)["seed"] == 1
     for key in ("seed", "norm_scale"):
         (out / key / "c").unlink()
-    with pytest.raises(io.ScanFileError, match=r"'/norm_scale' of .*g\.zarr' is missing "
-                                               r"chunk 'c' \(1 of 1 chunks\)"):
-        open_grouped(out)
+    with caplog.at_level("WARNING", logger="gpugroup"):
+        back = open_grouped(out)
+    assert back["seed"] == 0 and back["norm_scale"] == 0.0
+    assert "'/seed' of" in caplog.text and "read as its fill value 0" in caplog.text
+    scan = tmp_path / "s.zarr"
+    raw = make_raw()  # its scan_index is all zeros
+    g = zarr.open_group(scan, mode="w")
+    for key, value in raw.to_dict().items():
+        if key != "_metadata":
+            g.create_array(key, data=value)  # zarr's defaults: write_empty_chunks False
+    assert not (scan / "scan_index" / "c").exists()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpugroup"):
+        back = RawData.from_file(scan, backend="cpu")
+    np.testing.assert_array_equal(back.scan_index, raw.scan_index)
+    assert "'/scan_index' of" in caplog.text
+    (scan / "diff3d" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(io.ScanFileError, match="'/diff3d' of .* is missing chunk"):
+        RawData.from_file(scan, backend="cpu")
+
+
+def test_a_system_error_opening_a_zarr_store_is_not_called_damage(tmp_path, monkeypatch):
+    store = _zarr_scan(tmp_path / "s.zarr", make_raw())
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(zarr, "open_group", failing)
+    with pytest.raises(OSError) as info:
+        io.read_scan(store)
+    assert info.value.errno == errno.EIO and "damaged" not in str(info.value)
+
+
+def test_zarr_chunks_behind_a_linked_directory_are_found(tmp_path):
+    """zarr follows a symbolic link to a chunk directory (data moved to another disk), and
+    so does the missing-chunk check."""
+    raw = make_raw()
+    store = _zarr_scan(tmp_path / "s.zarr", raw)
+    (store / "diff3d" / "c").rename(tmp_path / "elsewhere")
+    (store / "diff3d" / "c").symlink_to(tmp_path / "elsewhere")
+    back = RawData.from_file(store, mmap_mode="r", backend="cpu")
+    np.testing.assert_array_equal(back.diff3d[...], raw.diff3d)
 
 
 def _sharded_scan(path, raw, written=(slice(None),), index_location="end"):

@@ -381,9 +381,9 @@ def test_a_disk_too_full_for_the_lock_file_names_the_output(tmp_path, monkeypatc
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
-    with pytest.raises(OSError, match="No space left on device while writing") as info:
-        with atomic.atomic_path(tmp_path / "g.npz"):
-            pass
+    with pytest.raises(OSError, match="No space left on device while writing") as info, \
+            atomic.atomic_path(tmp_path / "g.npz"):
+        pass
     assert info.value.errno == errno.ENOSPC and str(tmp_path / "g.npz") in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -957,6 +957,47 @@ def test_a_store_moved_aside_by_a_killed_run_is_put_back_or_removed(tmp_path, wh
     atomic.sweep_leftovers(str(tmp_path), "g.zarr")
     assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
     assert (out / "zarr.json").read_text() == expected
+
+
+def _moved_aside(directory, base, store=True):
+    """A killed run's leftovers while replacing ``base``: its unlocked lock file and the
+    earlier ``base`` moved aside (a Zarr store, or a plain directory)."""
+    from gpugroup.io import atomic
+
+    lock, part = _dead_leftover(directory, base)
+    part.unlink()
+    old = directory / (lock.name[:-len(atomic._LOCK)] + atomic._OLD)
+    old.mkdir()
+    (old / ("zarr.json" if store else "notes.txt")).write_text("old")
+    return lock, old
+
+
+def test_a_sweep_leaves_a_moved_aside_store_while_a_run_writes_that_name(tmp_path):
+    """Without RENAME_EXCHANGE a running writer leaves the name empty between its two
+    renames: another run's sweep must not put a killed run's older store there then (the
+    writer would find the name taken and lose its output); a later sweep finishes."""
+    from gpugroup.io import atomic
+
+    with atomic.atomic_path(tmp_path / "g.zarr") as tmp:
+        (Path(tmp) / "zarr.json").write_text("new")
+        lock, old = _moved_aside(tmp_path, "g.zarr")
+        atomic.sweep_leftovers(str(tmp_path), "g.zarr")  # this run is writing g.zarr
+        assert old.exists() and lock.exists() and not (tmp_path / "g.zarr").exists()
+    assert (tmp_path / "g.zarr" / "zarr.json").read_text() == "new"
+    atomic.sweep_leftovers(str(tmp_path), "g.zarr")
+    assert [p.name for p in tmp_path.iterdir()] == ["g.zarr"]
+
+
+def test_a_moved_aside_directory_that_is_no_store_is_never_removed(tmp_path):
+    from gpugroup.io import atomic
+
+    (tmp_path / "g.zarr").mkdir()
+    (tmp_path / "g.zarr" / "zarr.json").write_text("current")
+    lock, old = _moved_aside(tmp_path, "g.zarr", store=False)
+    atomic.sweep_leftovers(str(tmp_path), "g.zarr")
+    kept = old.with_name(old.name[:-len(atomic._OLD)] + atomic._KEPT)
+    assert (kept / "notes.txt").read_text() == "old" and not lock.exists()
+    assert (tmp_path / "g.zarr" / "zarr.json").read_text() == "current"
 
 
 def test_an_old_store_that_cannot_go_back_is_kept_where_no_sweep_removes_it(tmp_path):

@@ -283,57 +283,72 @@ def sweep_leftovers(directory, base) -> None:
     """Clear what runs writing ``base`` in ``directory`` and killed on this host left
     behind: those whose lock no running process holds. Their temporary outputs are
     removed; a store moved aside to be replaced goes back to ``base`` if nothing took its
-    place, else it is removed. A lock file without a host name (its run was killed before
-    writing one) is removed alone. Where the filesystem has no locks nothing is removed."""
+    place (once no run writing ``base`` is running: one may be between its renames), else
+    it is removed (or, not a store, kept aside). A lock file without a host name (its run
+    was killed before writing one) is removed alone. Where the filesystem has no locks
+    nothing is removed."""
     own = re.compile(re.escape(f".{base}.") + r"[a-z0-9_]{8}" + re.escape(_LOCK))
     try:
         names = os.listdir(directory)
     except OSError:
         return
-    for name in names:
-        if not own.fullmatch(name):
-            continue
-        lock = os.path.join(directory, name)
-        with _held_guard:
-            if lock in _held:
+    dead, live = [], False  # (fd, lock) of killed runs; whether a run is writing base
+    try:
+        for name in names:
+            if not own.fullmatch(name):
                 continue
-            try:  # for writing: NFS locks only a file open for writing
-                fd = os.open(lock, os.O_RDWR)
-            except OSError:
+            lock = os.path.join(directory, name)
+            with _held_guard:
+                if lock in _held:
+                    live = True
+                    continue
+                try:  # for writing: NFS locks only a file open for writing
+                    fd = os.open(lock, os.O_RDWR)
+                except OSError:
+                    continue
+            if _try_lock(fd) and _names_open_file(lock, fd):
+                dead.append((fd, lock))
                 continue
-        try:
-            if not _try_lock(fd) or not _names_open_file(lock, fd):
-                continue  # a running writer's, or removed meanwhile
+            live = live or _names_open_file(lock, fd)  # (not: removed meanwhile)
+            os.close(fd)
+        for fd, lock in dead:
             host = os.pread(fd, len(_HOST) + 1, 0)
-            if host == _HOST:
-                _recover(lock[:-len(_LOCK)], os.path.join(directory, base))
-            elif host:
-                continue  # another host's
+            if host and (host != _HOST or not _recover(lock[:-len(_LOCK)],
+                                                       os.path.join(directory, base), live)):
+                continue  # another host's, or left for a later sweep
             with contextlib.suppress(OSError):  # (while locked: a writer that waited for
                 os.unlink(lock)  # this lock finds it gone and makes another)
-        finally:
+    finally:
+        for fd, _ in dead:
             os.close(fd)
 
 
-def _recover(stem, path) -> None:
-    """Clear the leftovers ``stem + _OLD`` and ``stem + _PART`` of a killed run writing
-    ``path``."""
-    old = stem + _OLD
-    if os.path.lexists(old):
-        if os.path.lexists(path):
-            logger.warning("removing %s, the earlier %r that a run killed while replacing "
-                           "it had moved aside", old, path)
-            _remove(old)
-        else:
-            logger.warning("putting back %r, moved aside as %s by a run killed while "
-                           "replacing it", path, old)
-            _put_back(old, path)
+def _recover(stem, path, live) -> bool:
+    """Clear the leftovers ``stem + _PART`` and ``stem + _OLD`` of a killed run writing
+    ``path``; False when the moved-aside store is left for a later sweep (``live``: a run
+    writing ``path`` is running, and ``path`` is missing)."""
     part = stem + _PART
     if os.path.lexists(part):
         logger.warning("removing %s, the temporary output of an earlier run writing %r "
                        "that was killed before it could clean up", part,
                        os.path.basename(path))
         _remove(part)
+    old = stem + _OLD
+    if not os.path.lexists(old):
+        return True
+    if not os.path.lexists(path):
+        if live:
+            return False
+        logger.warning("putting back %r, moved aside as %s by a run killed while replacing "
+                       "it", path, old)
+        _put_back(old, path)
+    elif _replaceable(old):
+        logger.warning("removing %s, the earlier %r that a run killed while replacing it "
+                       "had moved aside", old, path)
+        _remove(old)
+    else:
+        _keep(old, path)
+    return True
 
 
 @contextlib.contextmanager
@@ -548,10 +563,16 @@ def _put_back(old, path) -> None:
                 raise FileExistsError(path)
             os.rename(old, path)
     except FileExistsError:
-        kept = os.path.splitext(old)[0] + _KEPT
-        os.rename(old, kept)
-        logger.warning("%r appeared meanwhile; the earlier contents of that name are kept "
-                       "as %r", path, kept)
+        _keep(old, path)
+
+
+def _keep(old, path) -> None:
+    """Rename the moved-aside ``old`` to a name no sweep removes (``path`` was taken
+    meanwhile, and it is not gpugroup's to remove)."""
+    kept = os.path.splitext(old)[0] + _KEPT
+    os.rename(old, kept)
+    logger.warning("%r appeared meanwhile; the earlier contents of that name are kept as %r",
+                   path, kept)
 
 
 def write_error(exc, path):

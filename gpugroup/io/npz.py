@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import functools
 import io
 import logging
@@ -78,11 +79,22 @@ def _where(path, key, what="scan file") -> str:
 
 @contextlib.contextmanager
 def _reading(where):
-    """Errors of a damaged archive or member raised inside, as one naming ``where``."""
+    """Errors of a damaged archive or member raised inside, as one naming ``where``. An
+    error of the system (no permission, an I/O error: an errno other than EINVAL, which a
+    seek to a damaged offset gives) passes as it is, and a compression method zipfile
+    lacks (or a damaged directory's version field) is said so."""
     try:
         yield
     except (ScanFileError, CompressedMemberError):
         raise
+    except OSError as exc:
+        if exc.errno not in (None, errno.EINVAL):
+            raise
+        raise _damaged(where, f"{type(exc).__name__}: {exc}") from exc
+    except NotImplementedError as exc:
+        raise ScanFileError(f"cannot read {where}: {exc}: a zip version or compression "
+                            f"method Python's zipfile does not read (or a damaged "
+                            f"directory); write it again with numpy.savez") from exc
     except _DAMAGED as exc:
         raise _damaged(where, f"{type(exc).__name__}: {exc}") from exc
 
@@ -92,13 +104,14 @@ def read_npy_header(fh, where, size):
     position, ``fh`` left at its first data byte.
 
     ``size`` is the ``.npy``'s whole size (header and data: the file's size, a zip
-    member's uncompressed size); the data the header describes must fill it exactly
-    (Python-object arrays aside). ``where`` names the file (and member) in errors.
+    member's uncompressed size); the data the header describes must fit in it (Python-
+    object arrays aside; bytes after the data are left, as NumPy leaves them). ``where``
+    names the file (and member) in errors.
 
     Raises
     ------
     ScanFileError
-        The header is damaged or disagrees with ``size``.
+        The header is damaged, or describes more data than ``size`` holds.
     """
     try:
         shape, fortran, dtype, used = _parse_npy_header(fh)
@@ -106,7 +119,7 @@ def read_npy_header(fh, where, size):
         raise _damaged(where, f"its .npy header is damaged ({exc})") from None
     if not dtype.hasobject:
         nbytes = math.prod(shape) * dtype.itemsize
-        if used + nbytes != size:
+        if used + nbytes > size:  # (bytes after the data are left, as NumPy leaves them)
             raise _damaged(where, f"its .npy header says shape {shape} {dtype} "
                                   f"({nbytes} bytes of data) but it holds {size - used}")
     return shape, fortran, dtype
@@ -134,8 +147,7 @@ def _parse_npy_header(fh):
     if len(text) < length:
         raise ValueError(f"its header-length field says {length} bytes, {len(text)} follow")
     try:
-        # (Python 2 wrote long ints as "10L": NumPy still reads such files, so do we)
-        header = ast.literal_eval(re.sub(r"\b(\d+)L\b", r"\1", text.decode(encoding)))
+        header = _literal(text.decode(encoding))
     except (UnicodeDecodeError, SyntaxError, ValueError, TypeError, MemoryError,
             RecursionError):
         raise ValueError(f"the header {text[:80]!r} is not the dict NumPy writes") from None
@@ -153,6 +165,15 @@ def _parse_npy_header(fh):
     except (TypeError, ValueError, IndexError, KeyError, RecursionError):
         raise ValueError(f"descr {header['descr']!r:.80} is no NumPy dtype") from None
     return shape, fortran, dtype, len(head) + len(field) + length
+
+
+def _literal(text):
+    """The Python literal ``text``; failing that, read with Python 2's long ints ("10L",
+    which NumPy still reads) as ints."""
+    try:
+        return ast.literal_eval(text)
+    except SyntaxError:
+        return ast.literal_eval(re.sub(r"\b(\d+)L\b", r"\1", text))
 
 
 def read_npy_data(fh, shape, fortran, dtype, where):

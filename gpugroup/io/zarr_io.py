@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import os
 import threading
 
@@ -30,6 +31,7 @@ from gpugroup.io.frames import (
 )
 from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
+logger = logging.getLogger(__name__)
 
 def _open_group(path, mode, what="scan file"):
     zarr = require("zarr", "zarr")
@@ -46,6 +48,8 @@ def _open_group(path, mode, what="scan file"):
             f"source, or write it again (convert the scan again, or group again for an "
             f"output)") from exc
     except Exception as exc:  # zarr raises several types for a non-store directory
+        if _system_error(exc):
+            raise
         raise OSError(f"cannot open {path!r} as a Zarr group: {type(exc).__name__}: {exc}. "
                       f"Is it a .zarr directory (written by zarr or gpugroup)? If so, its "
                       f"metadata is damaged: copy it again from its source, or write it "
@@ -66,7 +70,15 @@ def _open_member(g, name, path):
     except KeyError:
         return None
     except Exception as exc:  # zarr raises many types for bad metadata
+        if _system_error(exc):
+            raise
         raise _metadata_error(path, name, exc) from exc
+
+
+def _system_error(exc) -> bool:
+    """Whether ``exc`` is an error of the system (no permission, an I/O error), to pass on
+    as it is rather than call the store damaged."""
+    return isinstance(exc, OSError) and exc.errno is not None
 
 
 def _array_keys(g, path) -> list:
@@ -75,6 +87,8 @@ def _array_keys(g, path) -> list:
     try:
         return sorted(g.array_keys())
     except Exception as exc:  # zarr raises many types for bad metadata
+        if _system_error(exc):
+            raise
         if os.path.isdir(path):
             for name in sorted(os.listdir(path)):
                 if os.path.isdir(os.path.join(path, name)):
@@ -152,7 +166,7 @@ def _read_once(path, keys, wanted, mmap_mode):
             if not isinstance(obj, zarr.Array):
                 raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, not an "
                                  f"array; pass keys={{{field!r}: 'path/to/array'}}")
-            check_chunks(obj, path)
+            check_chunks(obj, path, strict=field in STACK_KEYS)
             if mmap_mode is not None and field in STACK_KEYS:
                 out[field] = checked(obj)
             else:
@@ -173,12 +187,16 @@ def _array_directory(arr):
     return os.path.join(os.fspath(root), arr.path) if arr.path else os.fspath(root)
 
 
-def check_chunks(arr, store=None, limit: int = 3) -> None:
+def check_chunks(arr, store=None, limit: int = 3, strict: bool = True) -> None:
     """Raise ScanFileError naming the array and chunk when a chunk of ``arr`` (in a local
     store) is missing: zarr would read it as fill values, which are not data. (gpugroup
     writes every chunk, empty ones included.) The files there are matched against the
     array's chunk keys (so a stray ``.DS_Store`` stands for none); a sharded array's shard
-    indexes are read as well (:func:`_check_shards`)."""
+    indexes are read as well (:func:`_check_shards`).
+
+    Not ``strict`` (the small fields, where zarr's own writers leave out chunks equal to
+    the fill value: a scan_index of zeros, a seed of 0), a missing chunk is logged and
+    read as zarr reads it, as the fill value."""
     directory = _array_directory(arr)
     if directory is None or 0 in arr.shape:
         return
@@ -192,25 +210,40 @@ def check_chunks(arr, store=None, limit: int = 3) -> None:
             if len(missing) < limit:
                 missing.append(key)
     if count:
-        raise ScanFileError(missing_chunk_message(arr, missing, count, store))
-    if arr.shards is not None:
-        _check_shards(arr, directory, grid, store, limit)
+        message = missing_chunk_message(arr, missing, count, store)
+    elif arr.shards is not None:
+        message = _check_shards(arr, directory, grid, store, limit)
+    else:
+        return
+    if message is not None and strict:
+        raise ScanFileError(message)
+    if message is not None:
+        logger.warning("%s has chunks that were never written: read as its fill value %r, "
+                       "as zarr reads them (its writer left out chunks equal to it; if the "
+                       "store was copied in part, copy it again)", zarr_name(arr.path, store),
+                       np.asarray(arr.fill_value).tolist())
 
 
 def _files_under(directory) -> set:
     """The paths of the files under ``directory``, relative to it, ``/``-separated (as
     zarr's chunk keys)."""
-    out, start = set(), len(os.path.join(directory, ""))
-    for folder, _, files in os.walk(directory):
+    out, start, seen = set(), len(os.path.join(directory, "")), set()
+    for folder, folders, files in os.walk(directory, followlinks=True):  # (zarr follows)
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:  # a link back up: a loop
+            folders.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         prefix = folder[start:].replace(os.sep, "/")
         out.update(f"{prefix}/{name}" if prefix else name for name in files)
     return out
 
 
-def _check_shards(arr, directory, grid, store, limit) -> None:
-    """Raise ScanFileError when a shard's index (read alone, not the data) lacks an inner
-    chunk that holds part of the array (zarr would read fill values), or points past the
-    end of its file; or when the index is not one read exactly here: the default layout of
+def _check_shards(arr, directory, grid, store, limit):
+    """The missing-chunk message (None: none missing) when a shard's index (read alone,
+    not the data) lacks an inner chunk that holds part of the array (zarr would read fill
+    values). Raise ScanFileError when an index points past the end of its file, or is not
+    one read exactly here: the default layout of
     the Zarr 3 sharding spec (little-endian offset/length pairs, then an optional crc32c),
     no nested sharding, no filters before the shards."""
     from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
@@ -249,8 +282,7 @@ def _check_shards(arr, directory, grid, store, limit) -> None:
             shard = key
         missing.extend(tuple(int(i) for i in np.add(first, pos))
                        for pos in np.argwhere(empty)[:limit - len(missing)])
-    if count:
-        raise ScanFileError(missing_chunk_message(arr, missing, count, store, shard))
+    return missing_chunk_message(arr, missing, count, store, shard) if count else None
 
 
 #: The index entry of an inner chunk that was never written (Zarr 3 sharding spec).
@@ -401,7 +433,7 @@ def read_grouped(path, stack_keys) -> dict:
         out = {}
         for key in _array_keys(g, path):
             arr = _open_member(g, key, path)
-            check_chunks(arr, path)
+            check_chunks(arr, path, strict=key in stack_keys)
             out[key] = checked(arr) if key in stack_keys else read_stack(arr)
         out.update(dict(g.attrs))
         return out
