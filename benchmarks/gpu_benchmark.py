@@ -206,6 +206,13 @@ class Device:
         if not self.cpu_only:
             self.xp.cuda.Device().synchronize()
 
+    def free_bytes(self) -> int:
+        """Memory free for arrays: the card's, or the host's for the NumPy stand-in."""
+        if self.cpu_only:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        self.xp.get_default_memory_pool().free_all_blocks()
+        return int(self.xp.cuda.runtime.memGetInfo()[0])
+
 
 def _slug(name: str) -> str:
     low = name.lower()
@@ -495,6 +502,15 @@ def bench_assembly(dev: Device, report: Report, args):
     for i, B in enumerate(args.assembly_nsamples):
         if i and time.perf_counter() > args.deadline:
             report.data["notes"].append(f"assembly nsamples={B} skipped: deadline")
+            continue
+        # diffraction and X_full of B groups of 4 64x64 float32 frames, two calls' worth
+        # alive at once, and the frames: more than is free would end in the OOM killer
+        need, free = 4 * B * 4 * 64 * 64 * 4 + args.assembly_n * 64 * 64 * 4, dev.free_bytes()
+        if need > free:
+            note = (f"assembly nsamples={B} skipped: needs about {need / 2**30:.1f} GiB, "
+                    f"{free / 2**30:.1f} GiB free")
+            report.data["notes"].append(note)
+            print(f"[bench] {note}", flush=True)
             continue
         assembly_for(dev, report, args, B, full=i == 0)
 
