@@ -368,9 +368,19 @@ cuda = types.SimpleNamespace(
         getDeviceProperties=lambda i: {"name": b"devicelike (NumPy)", "totalGlobalMem": 2**34,
                                        "major": 0, "minor": 0},
         runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0,
-        deviceGetAttribute=lambda *a: 0),
+        deviceGetAttribute=lambda *a: 0,
+        memGetInfo=lambda: (2**33, 2**34)),  # (free, total): 8 of 16 GiB
     nvrtc=types.SimpleNamespace(getVersion=lambda: (12, 8)),
 )
+
+
+class _MemoryPool:
+    def free_all_blocks(self):
+        pass
+
+
+def get_default_memory_pool():
+    return _MemoryPool()
 
 
 def install(monkeypatch, cuml=None):

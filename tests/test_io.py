@@ -1129,6 +1129,45 @@ def test_a_system_error_opening_a_zarr_store_is_not_called_damage(tmp_path, monk
     assert info.value.errno == errno.EIO and "damaged" not in str(info.value)
 
 
+def test_zarr_gaps_that_zarr_would_fill_are_named(tmp_path):
+    """A chunk replaced by a link to nothing is a missing chunk; a required field's
+    missing chunk (positions all 0) is an error, not a warning; an array directory whose
+    metadata is gone is said so, not reported as an absent field."""
+    raw = make_raw()
+    store = _zarr_scan(tmp_path / "s.zarr", raw)
+    chunk = store / "diff3d" / "c" / "3" / "0" / "0"
+    chunk.unlink()
+    chunk.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(io.ScanFileError, match="'/diff3d' of .* is missing chunk 'c/3/0/0'"):
+        RawData.from_file(store, backend="cpu")
+    store = _zarr_scan(tmp_path / "t.zarr", raw)
+    (store / "xcoords" / "c" / "0").unlink()
+    with pytest.raises(io.ScanFileError, match="'/xcoords' of .* is missing chunk 'c/0'"):
+        RawData.from_file(store, backend="cpu")
+    store = _zarr_scan(tmp_path / "u.zarr", raw)
+    (store / "diff3d" / "zarr.json").unlink()
+    with pytest.raises(io.ScanFileError, match="'/diff3d' of .* has data but no metadata"):
+        RawData.from_file(store, backend="cpu")
+
+
+def test_hdf5_names_that_are_not_utf8_and_damaged_metadata(tmp_path, monkeypatch):
+    raw = make_raw()
+    path = tmp_path / "s.h5"
+    raw.to_file(path)
+    with h5py.File(path, "a") as f:
+        f.create_dataset(b"caf\xe9", data=[1])  # valid HDF5: names are bytes
+    np.testing.assert_array_equal(RawData.from_file(path, backend="cpu").diff3d, raw.diff3d)
+    from gpugroup.io import hdf5
+
+    def damaged(f, limit=40):
+        raise RuntimeError("Object visitation failed (wrong B-tree signature)")
+
+    monkeypatch.setattr(hdf5, "_dataset_names", damaged)
+    with pytest.raises(io.ScanFileError, match=r"s\.h5'.*wrong B-tree signature.*metadata "
+                                               r"is damaged"):
+        RawData.from_file(path, backend="cpu")
+
+
 def test_zarr_chunks_behind_a_linked_directory_are_found(tmp_path):
     """zarr follows a symbolic link to a chunk directory (data moved to another disk), and
     so does the missing-chunk check."""

@@ -7,6 +7,7 @@ objects when asked (``mmap_mode="r"``); the small fields are read.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -65,35 +66,53 @@ def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
     f = _open(path)
     out = {}
     try:
-        for field in wanted:
-            candidates = _candidates(field, keys, cxi)
-            for name in candidates:
-                obj = f.get(name)
-                if obj is None:
-                    _check_link(path, name, f)
-                    continue
-                if not isinstance(obj, h5py.Dataset):
-                    raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, not a "
-                                     f"dataset; pass keys={{{field!r}: '/path/to/dataset'}}")
-                check_written(path, name, obj)
-                if mmap_mode is not None and field in STACK_KEYS:
-                    out[field] = obj
-                else:
-                    out[field] = read_stack(obj)
-                break
-        if cxi and ("xcoords" not in out or "ycoords" not in out) and CXI_TRANSLATION in f:
-            t = np.asarray(read_stack(f[CXI_TRANSLATION]), dtype=np.float64)
-            logger.info("%s: positions from %s (columns x, y, units as stored)", path,
-                        CXI_TRANSLATION)
-            out.setdefault("xcoords", t[:, 0])
-            out.setdefault("ycoords", t[:, 1])
-        if "_metadata" in f.attrs:
-            out["_metadata"] = np.array(str(f.attrs["_metadata"]))
-        out["_datasets"] = _dataset_names(f)
+        with _metadata_errors(path):  # (damaged metadata: h5py raises many kinds)
+            for field in wanted:
+                candidates = _candidates(field, keys, cxi)
+                for name in candidates:
+                    obj = f.get(name)
+                    if obj is None:
+                        _check_link(path, name, f)
+                        continue
+                    if not isinstance(obj, h5py.Dataset):
+                        raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, "
+                                         f"not a dataset; pass keys={{{field!r}: "
+                                         f"'/path/to/dataset'}}")
+                    check_written(path, name, obj)
+                    if mmap_mode is not None and field in STACK_KEYS:
+                        out[field] = obj
+                    else:
+                        out[field] = read_stack(obj)
+                    break
+            if cxi and ("xcoords" not in out or "ycoords" not in out) and CXI_TRANSLATION in f:
+                t = np.asarray(read_stack(f[CXI_TRANSLATION]), dtype=np.float64)
+                logger.info("%s: positions from %s (columns x, y, units as stored)", path,
+                            CXI_TRANSLATION)
+                out.setdefault("xcoords", t[:, 0])
+                out.setdefault("ycoords", t[:, 1])
+            if "_metadata" in f.attrs:
+                out["_metadata"] = np.array(str(f.attrs["_metadata"]))
+            out["_datasets"] = _dataset_names(f)
     finally:
         if not any(isinstance(v, h5py.Dataset) for v in out.values()):
             f.close()
     return out
+
+
+@contextlib.contextmanager
+def _metadata_errors(path):
+    """What h5py raises for damaged metadata of ``path`` (KeyError, RuntimeError,
+    TypeError, an OSError without errno) as a ScanFileError naming the file."""
+    try:
+        yield
+    except (ScanFileError, MemoryError):
+        raise
+    except (KeyError, RuntimeError, TypeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the system's (no permission, an I/O error)
+        raise ScanFileError(f"cannot read {path!r}: {type(exc).__name__}: {exc} (its HDF5 "
+                            f"metadata is damaged?); copy the file again from its source, "
+                            f"or write it again") from exc
 
 
 def _check_link(path, name, f) -> None:
@@ -188,8 +207,9 @@ def _dataset_names(f, limit=40):
     names = []
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Dataset):
-            names.append("/" + name)
+        if isinstance(obj, h5py.Dataset):  # (a name that is not UTF-8 comes as bytes)
+            names.append("/" + (name.decode("utf-8", "backslashreplace")
+                                if isinstance(name, bytes) else name))
         return None if len(names) < limit else True
 
     f.visititems(visit)

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from gpugroup.io.frames import (
     stat_input,
     zarr_name,
 )
-from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
+from gpugroup.schema import REQUIRED_FIELDS, STACK_KEYS, ScanFileError, check_storable
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,14 @@ def _open_group(path, mode, what="scan file"):
 
 def has_root_metadata(path) -> bool:
     """Whether the directory ``path`` holds a Zarr group's metadata (Zarr 3 or 2)."""
-    return any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zgroup"))
+    return has_metadata(path)
+
+
+def has_metadata(path, array: bool = False) -> bool:
+    """Whether the directory ``path`` holds a Zarr group's metadata, or with ``array``
+    an array's (Zarr 3 or 2)."""
+    return any(os.path.exists(os.path.join(path, m))
+               for m in ("zarr.json", ".zarray" if array else ".zgroup"))
 
 
 def _open_member(g, name, path):
@@ -66,8 +74,17 @@ def _open_member(g, name, path):
     zarr cannot read (a damaged document, a codec it lacks) is a ScanFileError naming the
     store and the array."""
     try:
-        return g[name]
+        with warnings.catch_warnings():  # (zarr warns of a directory it does not know)
+            warnings.simplefilter("ignore", UserWarning)
+            return g[name]
     except KeyError:
+        folder = os.path.join(os.fspath(path), name)
+        if os.path.isdir(folder) and not has_metadata(folder, array=True) and os.listdir(
+                folder):
+            raise ScanFileError(
+                f"{zarr_name(name, path)} has data but no metadata (zarr.json, or .zarray "
+                f"in Zarr 2): a damaged or partly copied store? Copy it again from its "
+                f"source, or write it again") from None
         return None
     except Exception as exc:  # zarr raises many types for bad metadata
         if _system_error(exc):
@@ -166,7 +183,7 @@ def _read_once(path, keys, wanted, mmap_mode):
             if not isinstance(obj, zarr.Array):
                 raise ValueError(f"{path!r}: {name!r} (for {field!r}) is a group, not an "
                                  f"array; pass keys={{{field!r}: 'path/to/array'}}")
-            check_chunks(obj, path, strict=field in STACK_KEYS)
+            check_chunks(obj, path, strict=field in STACK_KEYS + REQUIRED_FIELDS)
             if mmap_mode is not None and field in STACK_KEYS:
                 out[field] = checked(obj)
             else:
@@ -194,9 +211,9 @@ def check_chunks(arr, store=None, limit: int = 3, strict: bool = True) -> None:
     array's chunk keys (so a stray ``.DS_Store`` stands for none); a sharded array's shard
     indexes are read as well (:func:`_check_shards`).
 
-    Not ``strict`` (the small fields, where zarr's own writers leave out chunks equal to
-    the fill value: a scan_index of zeros, a seed of 0), a missing chunk is logged and
-    read as zarr reads it, as the fill value."""
+    Not ``strict`` (a scan's optional fields and a grouped output's small arrays, where
+    zarr's own writers leave out chunks equal to the fill value: a scan_index of zeros, a
+    seed of 0), a missing chunk is logged and read as zarr reads it, as the fill value."""
     directory = _array_directory(arr)
     if directory is None or 0 in arr.shape:
         return
@@ -226,16 +243,22 @@ def check_chunks(arr, store=None, limit: int = 3, strict: bool = True) -> None:
 
 def _files_under(directory) -> set:
     """The paths of the files under ``directory``, relative to it, ``/``-separated (as
-    zarr's chunk keys)."""
-    out, start, seen = set(), len(os.path.join(directory, "")), set()
-    for folder, folders, files in os.walk(directory, followlinks=True):  # (zarr follows)
+    zarr's chunk keys); links followed, as zarr follows them (a link to nothing is no
+    file)."""
+    out, seen, todo = set(), set(), [("", directory)]
+    while todo:
+        prefix, folder = todo.pop()
         st = os.stat(folder)
         if (st.st_dev, st.st_ino) in seen:  # a link back up: a loop
-            folders.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        prefix = folder[start:].replace(os.sep, "/")
-        out.update(f"{prefix}/{name}" if prefix else name for name in files)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                key = f"{prefix}/{entry.name}" if prefix else entry.name
+                if entry.is_dir():
+                    todo.append((key, entry.path))
+                elif entry.is_file():
+                    out.add(key)
     return out
 
 
