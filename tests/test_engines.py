@@ -678,3 +678,33 @@ def test_cpu_backend_builds_a_forest_on_several_cores(monkeypatch):
     assert cpu.BACKEND.build_index(x, y).slabs == 1
     monkeypatch.setattr(cpu, "cpu_count", lambda: 64)
     assert cpu.BACKEND.build_index(x, y).slabs == 2000 // 300
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1e-70, 1.0, 1e21, 1e60])
+def test_grid_floors_prove_rows_complete_at_any_scale(scale):
+    """The grid's float32 sort keys are taken of d2 times a power of two near the cells'
+    scale: at positions in units of 1e-20 or 1e21 the keys of d2 itself all rounded to 0
+    or saturated, so no floor proved a row complete and every row widened to the whole
+    scan (correct groups, brute-force speed)."""
+    from gpugroup.backends.engines import GridIndex
+    from gpugroup.simulate import jittered_scan
+
+    x, y = jittered_scan(4000, seed=2)[:2]
+    x, y = x * scale, y * scale
+    rows = np.arange(0, 4000, 7)
+    cand, floor = GridIndex(x, y, xp=np).query(rows, 9)
+    dx, dy = x[cand] - x[rows][:, None], y[cand] - y[rows][:, None]
+    kth = (dx * dx + dy * dy).max(axis=1)
+    assert (floor > kth).mean() > 0.9
+    assert (floor <= _exact_next(x, y, rows, cand)).all()  # and floors stay lower bounds
+
+
+def _exact_next(x, y, rows, cand):
+    """The exact d2 from each row to its nearest point not among its candidates."""
+    out = np.empty(len(rows))
+    for i, (r, c) in enumerate(zip(rows, cand)):
+        dx, dy = x - x[r], y - y[r]
+        d2 = dx * dx + dy * dy
+        d2[c] = np.inf
+        out[i] = d2.min()
+    return out

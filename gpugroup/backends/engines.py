@@ -367,6 +367,11 @@ class _Level:
                 [xp.zeros(1, dtype=xp.int64), xp.cumsum(full, dtype=xp.int64)])
         self.xs = index.x[order]
         self.ys = index.y[order]
+        #: A power of two that brings squared distances of a few cells near 1 before their
+        #: float32 sort keys are taken: keys of far smaller or larger d2 (positions in
+        #: units of 1e-20 or 1e21) would all round to 0 or saturate, and tie. Exact: the
+        #: keys only order candidates and give floors, divided back by the same power.
+        self.key_scale = 2.0 ** max(-1000, min(1000, -2 * math.frexp(h)[1]))
 
     def _occupied_cells(self):
         """Start (in the sorted points) and point count of each occupied cell."""
@@ -490,7 +495,7 @@ class _Level:
         d2 = dx * dx
         d2 += dy * dy  # separately rounded products and sum, as grouping computes d2
         del dx, dy
-        low = _low_float32(xp, d2)
+        low = _low_float32(xp, d2 * self.key_scale)
         del d2
         bits = xp.where(valid, low.view(xp.uint32).astype(xp.uint64), xp.uint64(_NO_KEY))
         key = (r_off.astype(xp.uint64) << xp.uint64(32)) | bits
@@ -501,7 +506,7 @@ class _Level:
         cand = self.perm[xp.take_along_axis(pos, top[:, :kq], axis=1)]
         if T > kq:
             nxt = xp.take_along_axis(low, top[:, kq : kq + 1], axis=1)[:, 0].astype(xp.float64)
-            block_floor = xp.where(cnt > kq, nxt, xp.inf)
+            block_floor = xp.where(cnt > kq, nxt / self.key_scale, xp.inf)
         else:
             block_floor = xp.full(m, xp.inf)
         return cand, xp.minimum(block_floor, self._edge_floor(ux, uy, cx, cy, R))
