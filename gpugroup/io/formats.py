@@ -184,7 +184,7 @@ OUTPUT_SUFFIXES = tuple(s for f in FORMATS.values() for s in f.written)
 
 def looks_like_zarr(path) -> bool:
     """Whether the directory ``path`` holds a Zarr store's metadata."""
-    return zarr_io.has_root_metadata(path)
+    return zarr_io.has_metadata(path)
 
 
 def format_of(path) -> str:

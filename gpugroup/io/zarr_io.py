@@ -41,7 +41,7 @@ def _open_group(path, mode, what="scan file"):
     try:
         return zarr.open_group(path, mode=mode)
     except FileNotFoundError as exc:  # zarr's GroupNotFoundError
-        if mode != "r" or not os.path.isdir(path) or has_root_metadata(path):
+        if mode != "r" or not os.path.isdir(path) or has_metadata(path):
             raise  # (gone meanwhile: a store being replaced)
         raise ScanFileError(
             f"{what} {path!r} is not a Zarr store: it has no zarr.json (Zarr 3) or .zgroup "
@@ -55,11 +55,6 @@ def _open_group(path, mode, what="scan file"):
                       f"Is it a .zarr directory (written by zarr or gpugroup)? If so, its "
                       f"metadata is damaged: copy it again from its source, or write it "
                       f"again") from exc
-
-
-def has_root_metadata(path) -> bool:
-    """Whether the directory ``path`` holds a Zarr group's metadata (Zarr 3 or 2)."""
-    return has_metadata(path)
 
 
 def has_metadata(path, array: bool = False) -> bool:
