@@ -372,6 +372,8 @@ class _Level:
         #: units of 1e-20 or 1e21) would all round to 0 or saturate, and tie. Exact: the
         #: keys only order candidates and give floors, divided back by the same power.
         self.key_scale = 2.0 ** max(-1000, min(1000, -2 * math.frexp(h)[1]))
+        self.key_cap = _F32_MAX / self.key_scale  # (d2 beyond it: the largest key, no
+        # float64 overflow in the product)
 
     def _occupied_cells(self):
         """Start (in the sorted points) and point count of each occupied cell."""
@@ -495,7 +497,7 @@ class _Level:
         d2 = dx * dx
         d2 += dy * dy  # separately rounded products and sum, as grouping computes d2
         del dx, dy
-        low = _low_float32(xp, d2 * self.key_scale)
+        low = _low_float32(xp, xp.minimum(d2, self.key_cap) * self.key_scale)
         del d2
         bits = xp.where(valid, low.view(xp.uint32).astype(xp.uint64), xp.uint64(_NO_KEY))
         key = (r_off.astype(xp.uint64) << xp.uint64(32)) | bits
