@@ -170,6 +170,13 @@ def selected_rows(stack, selection) -> str:
     return ""
 
 
+def system_error(exc) -> bool:
+    """Whether ``exc`` is an error of the system (no permission, an I/O error: an OSError
+    with an errno other than EINVAL, which a seek to a damaged offset gives), to pass on as
+    it is rather than call the file damaged."""
+    return isinstance(exc, OSError) and exc.errno not in (None, errno.EINVAL)
+
+
 def read_error(stack, exc, rows="") -> ScanFileError:
     """The error for ``exc`` raised reading ``rows`` (e.g. ``"frames 0..9 of "``; all of
     it by default) of ``stack``: which file and array, what failed, and what to do.

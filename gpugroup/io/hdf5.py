@@ -19,7 +19,7 @@ import numpy as np
 
 from gpugroup._optional import require
 from gpugroup._xp import to_host
-from gpugroup.io.frames import read_stack, stat_input
+from gpugroup.io.frames import read_stack, stat_input, system_error
 from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
 logger = logging.getLogger(__name__)
@@ -102,14 +102,14 @@ def read(path, keys: dict, wanted, mmap_mode=None, cxi=False) -> dict:
 @contextlib.contextmanager
 def _metadata_errors(path):
     """What h5py raises for damaged metadata of ``path`` (KeyError, RuntimeError,
-    TypeError, an OSError without errno) as a ScanFileError naming the file."""
+    TypeError, an OSError that is not the system's) as a ScanFileError naming the file."""
     try:
         yield
     except (ScanFileError, MemoryError):
         raise
     except (KeyError, RuntimeError, TypeError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise  # the system's (no permission, an I/O error)
+        if system_error(exc):
+            raise
         raise ScanFileError(f"cannot read {path!r}: {type(exc).__name__}: {exc} (its HDF5 "
                             f"metadata is damaged?); copy the file again from its source, "
                             f"or write it again") from exc

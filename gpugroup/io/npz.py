@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import errno
 import functools
 import io
 import logging
@@ -29,7 +28,12 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from gpugroup._xp import to_host
-from gpugroup.io.frames import open_regular, remember_opened, stat_identity
+from gpugroup.io.frames import (
+    open_regular,
+    remember_opened,
+    stat_identity,
+    system_error,
+)
 from gpugroup.schema import STACK_KEYS, ScanFileError, check_storable
 
 logger = logging.getLogger(__name__)
@@ -80,15 +84,15 @@ def _where(path, key, what="scan file") -> str:
 @contextlib.contextmanager
 def _reading(where):
     """Errors of a damaged archive or member raised inside, as one naming ``where``. An
-    error of the system (no permission, an I/O error: an errno other than EINVAL, which a
-    seek to a damaged offset gives) passes as it is, and a compression method zipfile
+    error of the system (:func:`~gpugroup.io.frames.system_error`) passes as it is, and a
+    compression method zipfile
     lacks (or a damaged directory's version field) is said so."""
     try:
         yield
     except (ScanFileError, CompressedMemberError):
         raise
     except OSError as exc:
-        if exc.errno not in (None, errno.EINVAL):
+        if system_error(exc):
             raise
         raise _damaged(where, f"{type(exc).__name__}: {exc}") from exc
     except NotImplementedError as exc:

@@ -28,6 +28,7 @@ from gpugroup.io.frames import (
     remember_opened,
     selected_rows,
     stat_input,
+    system_error,
     zarr_name,
 )
 from gpugroup.schema import REQUIRED_FIELDS, STACK_KEYS, ScanFileError, check_storable
@@ -49,7 +50,7 @@ def _open_group(path, mode, what="scan file"):
             f"source, or write it again (convert the scan again, or group again for an "
             f"output)") from exc
     except Exception as exc:  # zarr raises several types for a non-store directory
-        if _system_error(exc):
+        if system_error(exc):
             raise
         raise OSError(f"cannot open {path!r} as a Zarr group: {type(exc).__name__}: {exc}. "
                       f"Is it a .zarr directory (written by zarr or gpugroup)? If so, its "
@@ -82,15 +83,9 @@ def _open_member(g, name, path):
                 f"source, or write it again") from None
         return None
     except Exception as exc:  # zarr raises many types for bad metadata
-        if _system_error(exc):
+        if system_error(exc):
             raise
         raise _metadata_error(path, name, exc) from exc
-
-
-def _system_error(exc) -> bool:
-    """Whether ``exc`` is an error of the system (no permission, an I/O error), to pass on
-    as it is rather than call the store damaged."""
-    return isinstance(exc, OSError) and exc.errno is not None
 
 
 def _array_keys(g, path) -> list:
@@ -99,7 +94,7 @@ def _array_keys(g, path) -> list:
     try:
         return sorted(g.array_keys())
     except Exception as exc:  # zarr raises many types for bad metadata
-        if _system_error(exc):
+        if system_error(exc):
             raise
         if os.path.isdir(path):
             for name in sorted(os.listdir(path)):
